@@ -1,0 +1,121 @@
+"""The MindSkip configuration: which layers get a router, what the router gates, and how."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+GRANULARITIES = ("attn", "mlp", "block")
+PACKED_MODES = ("auto", "on", "off")
+CONFIG_FORMAT_VERSION = 1
+
+
+def default_layers(num_layers: int) -> list[int]:
+    """The paper's choice: the last half of the layers except the very last one.
+
+    32 layers give 15..30 (16 layers), 30 layers give 14..28 (15 layers).
+    """
+    if num_layers < 2:
+        raise ValueError(f"MindSkip needs a model with at least 2 decoder layers, got {num_layers}")
+    return list(range(num_layers // 2 - 1, num_layers - 1))
+
+
+@dataclass
+class MindSkipConfig:
+    """How a model is converted to MindSkip.
+
+    Every field is validated on construction; :meth:`to_json` / :meth:`from_json` round-trip it.
+    """
+
+    granularity: str = field(
+        default="attn",
+        metadata={"help": "What a router gates: 'attn' (the attention sublayer, MindSkip), 'mlp' or 'block'."},
+    )
+    layers: list[int] | None = field(
+        default=None,
+        metadata={"help": "Decoder-layer indices that get a router. None: the last half except the last layer."},
+    )
+    threshold: float = field(
+        default=0.5,
+        metadata={"help": "A sequence runs the gated sublayer when sigmoid(router) >= threshold; in (0, 1)."},
+    )
+    packed_attention: str = field(
+        default="auto",
+        metadata={
+            "help": "Run kept sequences through variable-length FlashAttention with padding removed: 'auto' "
+            "(on CUDA when a varlen kernel is available and no KV cache is being written), 'on' or 'off'."
+        },
+    )
+    train_all_sequences: bool = field(
+        default=True,
+        metadata={
+            "help": "In training mode, compute the gated sublayer for every sequence so the straight-through "
+            "gradient reaches the router for skipped sequences too (the paper's eqs. 3-4). False computes only "
+            "kept sequences (cheaper; skipped sequences then get no task-loss gradient)."
+        },
+    )
+
+    pool_padding: bool = field(
+        default=False,
+        metadata={
+            "help": "Average the router input over padding tokens too, as the paper's reference code does. "
+            "Makes a sequence's routing depend on the rest of its batch; kept only to reproduce that code."
+        },
+    )
+
+    def __post_init__(self):
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
+            raise ValueError(f"threshold must be a number in (0, 1), got {self.threshold!r}")
+        self.threshold = float(self.threshold)
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        if self.packed_attention not in PACKED_MODES:
+            raise ValueError(f"packed_attention must be one of {PACKED_MODES}, got {self.packed_attention!r}")
+        for name in ("train_all_sequences", "pool_padding"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.layers is not None:
+            layers = list(self.layers)
+            if not layers:
+                raise ValueError("layers must name at least one decoder layer (or be None for the default)")
+            for idx in layers:
+                if isinstance(idx, bool) or not isinstance(idx, int):
+                    raise ValueError(f"layers must be integers, got {idx!r}")
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"layers has duplicates: {layers}")
+            self.layers = sorted(layers)
+
+    def resolve_layers(self, num_layers: int) -> list[int]:
+        """The layer indices for a model with ``num_layers`` decoder layers, checked against that count."""
+        if self.layers is None:
+            return default_layers(num_layers)
+        bad = [i for i in self.layers if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(
+                f"layer index {bad[0]} is out of range: the model has {num_layers} decoder layers (0..{num_layers - 1})"
+            )
+        return list(self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MindSkipConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"a MindSkip config must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown MindSkip config field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> MindSkipConfig:
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,311 @@
+"""The MindSkip decoder layer: a router in front of a stock Hugging Face decoder layer.
+
+Per sequence, with ``keep = 1[sigmoid(router(mean over real tokens of norm(x))) >= threshold]``:
+
+* granularity ``attn``:  ``h = x + keep * Attn(norm(x))``, then the MLP as usual;
+* granularity ``mlp``:   the attention as usual, then ``out = h + keep * MLP(norm(h))``;
+* granularity ``block``: both sublayers gated by the same decision.
+
+At inference a skipped sequence does not enter the gated sublayer at all: the kept rows are
+gathered (or packed with their padding removed for variable-length FlashAttention), run, and
+scatter-added into the residual stream with the compiled ops. The decision is made once per
+sequence at prefill and stored in the KV cache (see :mod:`mindskip_ext.cache`); decode steps
+reuse it, and the attention KV of a skipped sequence is never written.
+
+In training mode the routers learn through the straight-through estimator: the gate is
+``keep + score - score.detach()``. With ``train_all_sequences`` (the default) the gated sublayer
+is computed for every sequence so that skipped sequences also send a gradient to the router.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import attention as _attention
+from . import ops
+from .architectures import ArchSpec
+from .cache import Decision, routing_slot
+from .config import MindSkipConfig
+
+# Name of the keyword argument that carries the per-forward MindSkip state from the patched decoder
+# forward down to the MindSkip layers (through the stock decoder's **kwargs).
+STATE_KWARG = "mindskip_state"
+
+
+@dataclass
+class LayerRouting:
+    """What one MindSkip layer decided in one forward."""
+
+    score: torch.Tensor  # (B,) fp32 router probability (differentiable in training)
+    keep: torch.Tensor  # (B,) bool
+    gate: torch.Tensor | None  # (B,) straight-through gate when gradients are recorded, else None
+    num_kept: int
+    batch_size: int
+
+    @property
+    def capacity(self) -> float:
+        return self.num_kept / self.batch_size if self.batch_size else 0.0
+
+
+@dataclass
+class RoutingRecord:
+    """The routing decisions made during one forward call (the forward's own data, never module state)."""
+
+    layers: dict[int, LayerRouting] = field(default_factory=dict)
+
+    def capacity(self) -> dict[int, float]:
+        return {idx: r.capacity for idx, r in sorted(self.layers.items())}
+
+    def overall_capacity(self) -> float:
+        """Kept fraction over all (MindSkip layer, sequence) pairs."""
+        kept = sum(r.num_kept for r in self.layers.values())
+        total = sum(r.batch_size for r in self.layers.values())
+        return kept / total if total else 1.0
+
+    def gates(self) -> dict[int, torch.Tensor]:
+        """Straight-through gates per layer (only when the forward recorded gradients)."""
+        return {idx: r.gate for idx, r in sorted(self.layers.items()) if r.gate is not None}
+
+
+@dataclass
+class ForwardState:
+    padding_mask: torch.Tensor | None  # (B, T) for the tokens of this forward; None = all real
+    record: RoutingRecord
+
+
+def _select_rows(t, rows: torch.Tensor, batch: int):
+    """Rows of a per-batch tensor (masks, positions); tensors broadcast over the batch pass through."""
+    if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch:
+        return t.index_select(0, rows)
+    return t
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class MindSkipDecoderLayer(nn.Module):
+    """Wraps one decoder layer; ``base_layer`` is the untouched original (given back by ``unload``)."""
+
+    def __init__(self, base_layer: nn.Module, layer_idx: int, spec: ArchSpec, config: MindSkipConfig, hidden_size: int):
+        super().__init__()
+        self.base_layer = base_layer
+        self.layer_idx = layer_idx
+        self.spec = spec
+        self.granularity = config.granularity
+        self.threshold = config.threshold
+        self.packed_attention = config.packed_attention
+        self.train_all_sequences = config.train_all_sequences
+        self.pool_padding = config.pool_padding
+        param = next(base_layer.parameters())
+        self.router = nn.Linear(hidden_size, 1, bias=True, device=param.device, dtype=torch.float32)
+        nn.init.zeros_(self.router.weight)
+        nn.init.zeros_(self.router.bias)
+
+    @property
+    def gates_attention(self) -> bool:
+        return self.granularity in ("attn", "block")
+
+    @property
+    def gates_mlp(self) -> bool:
+        return self.granularity in ("mlp", "block")
+
+    def extra_repr(self) -> str:
+        return f"layer_idx={self.layer_idx}, granularity={self.granularity!r}, threshold={self.threshold}"
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # Stock decoders read attributes such as `attention_type` off their layers.
+            return getattr(super().__getattr__("base_layer"), name)
+
+    # ------------------------------------------------------------------ routing
+
+    def _decide(self, normed, state: ForwardState | None, slot):
+        """The routing of this batch: reused from the cache slot, or made now (prefill / no cache)."""
+        batch = normed.shape[0]
+        if slot is not None and slot.mindskip_decision is not None:
+            decision = slot.mindskip_decision
+            if decision.from_training:
+                raise RuntimeError(
+                    f"the KV cache of MindSkip layer {self.layer_idx} was filled by a training-mode forward, which "
+                    "computes every sequence and stores no compact KV; call model.eval() before generating"
+                )
+            if decision.batch_size != batch:
+                raise ValueError(
+                    f"MindSkip layer {self.layer_idx}: the cache holds decisions for {decision.batch_size} sequences "
+                    f"but this step has {batch}"
+                )
+            return decision, None
+        mask = state.padding_mask if state is not None and not self.pool_padding else None
+        score, keep, order, num_kept = ops.router_gate(
+            normed, mask, self.router.weight, self.router.bias, self.threshold
+        )
+        # The one host sync of a MindSkip layer: the kept count sizes the gathered batch.
+        decision = Decision(keep=keep, order=order, num_kept=int(num_kept.item()))
+        gate = ops.straight_through(score, keep) if score.requires_grad else None
+        routing = LayerRouting(score=score, keep=keep, gate=gate, num_kept=decision.num_kept, batch_size=batch)
+        if state is not None:
+            state.record.layers[self.layer_idx] = routing
+        if slot is not None:
+            slot.mindskip_decision = decision
+        return decision, routing
+
+    # ------------------------------------------------------------------ sublayers
+
+    def _attn_module(self):
+        return getattr(self.base_layer, self.spec.attn)
+
+    def _run_attention(self, normed, rows, batch, attention_mask, position_ids, position_embeddings, cache, kwargs):
+        if rows is not None:
+            attention_mask = _select_rows(attention_mask, rows, batch)
+            position_ids = _select_rows(position_ids, rows, batch)
+            if position_embeddings is not None:
+                position_embeddings = tuple(_select_rows(t, rows, batch) for t in position_embeddings)
+        out, _ = self._attn_module()(
+            hidden_states=normed,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        return out
+
+    def _run_mlp(self, h):
+        norm = getattr(self.base_layer, self.spec.post_attn_norm)
+        return getattr(self.base_layer, self.spec.mlp)(norm(h))
+
+    def _packed_backend(self, normed, cache, kwargs) -> str | None:
+        """The varlen backend for the packed path, or None to use the gathered-rows path."""
+        if self.packed_attention == "off" or cache is not None or kwargs.get("output_attentions"):
+            return None
+        attn = self._attn_module()
+        if getattr(attn, "sliding_window", None) is not None:
+            return None
+        if self.training and getattr(attn, "attention_dropout", 0.0):
+            return None
+        fast = _attention.best_fast_backend(normed.device, normed.dtype)
+        if self.packed_attention == "on":
+            return fast or "reference"
+        return fast
+
+    def _packed_attention(self, normed, mask, decision, position_embeddings, backend):
+        """Attention of the kept sequences, packed without padding: ``(total_tokens, D)`` plus the plan."""
+        batch, seqlen = normed.shape[:2]
+        cu_seqlens, token_index, max_len = ops.pack_plan(mask, decision.order, decision.num_kept, seqlen)
+        total = int(cu_seqlens[-1].item())
+        packed = ops.pack_rows(normed, token_index, total)
+        attn = self._attn_module()
+        head_dim = attn.head_dim
+        q = attn.q_proj(packed).view(total, -1, head_dim)
+        k = attn.k_proj(packed).view(total, -1, head_dim)
+        v = attn.v_proj(packed).view(total, -1, head_dim)
+        if self.spec.q_norm is not None:
+            q = getattr(attn, self.spec.q_norm)(q)
+            k = getattr(attn, self.spec.k_norm)(k)
+        cos, sin = position_embeddings
+        if cos.shape[0] == batch and batch > 1:
+            cos, sin = ops.pack_rows(cos, token_index, total), ops.pack_rows(sin, token_index, total)
+        else:
+            positions = token_index[:total] % seqlen
+            cos, sin = cos[0].index_select(0, positions), sin[0].index_select(0, positions)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        out = _attention.varlen_causal_attention(q, k, v, cu_seqlens, max_len, attn.scaling, backend)
+        return attn.o_proj(out.reshape(total, -1)), token_index
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        use_cache=False,
+        position_embeddings=None,
+        **kwargs,
+    ):
+        state: ForwardState | None = kwargs.pop(STATE_KWARG, None)
+        if hidden_states.dim() != 3:
+            raise ValueError(f"hidden_states must be (batch, seq, hidden), got shape {tuple(hidden_states.shape)}")
+        x = hidden_states
+        batch, seqlen = x.shape[:2]
+        normed = getattr(self.base_layer, self.spec.input_norm)(x)
+        slot = routing_slot(past_key_values, self.layer_idx, compact=self.gates_attention) if past_key_values is not None else None
+        decision, routing = self._decide(normed, state, slot)
+        gate = routing.gate if routing is not None else None
+        ste = gate is not None and self.training
+        full = ste and self.train_all_sequences
+        k = decision.num_kept
+        rows = decision.order[:k] if 0 < k < batch else None
+        attn_kwargs = dict(kwargs, use_cache=use_cache)
+
+        # ---- attention sublayer
+        if not self.gates_attention:
+            a = self._run_attention(normed, None, batch, attention_mask, position_ids, position_embeddings, past_key_values, attn_kwargs)
+            h = x + a
+        elif full:
+            # Every sequence is computed so the straight-through gradient reaches all of them. This layer's
+            # cache slot gets no KV (a training-mode cache is not meant for decoding); mark it as such.
+            if slot is not None:
+                decision.from_training = True
+            a = self._run_attention(normed, None, batch, attention_mask, position_ids, position_embeddings, None, attn_kwargs)
+            h = x + gate.view(batch, 1, 1).to(a.dtype) * a
+        elif k == 0:
+            if slot is not None:
+                slot.skip_tokens(seqlen)
+            h = x
+        else:
+            backend = self._packed_backend(normed, past_key_values, kwargs)
+            if backend is not None:
+                mask = state.padding_mask if state is not None else None
+                packed_out, token_index = self._packed_attention(normed, mask, decision, position_embeddings, backend)
+                if ste:
+                    seq_of_token = torch.div(token_index[: packed_out.shape[0]], seqlen, rounding_mode="floor")
+                    packed_out = packed_out * gate.index_select(0, seq_of_token).unsqueeze(-1).to(packed_out.dtype)
+                h = ops.unpack_add_rows(x.clone(), packed_out, token_index)
+            elif rows is None:  # every sequence kept
+                a = self._run_attention(normed, None, batch, attention_mask, position_ids, position_embeddings, past_key_values, attn_kwargs)
+                h = x + (gate.view(batch, 1, 1).to(a.dtype) * a if ste else a)
+            else:
+                sub = ops.gather_kept(normed, decision.order, k)
+                a = self._run_attention(sub, rows, batch, attention_mask, position_ids, position_embeddings, past_key_values, attn_kwargs)
+                if ste:
+                    a = gate.index_select(0, rows).view(k, 1, 1).to(a.dtype) * a
+                h = ops.scatter_add_kept(x.clone(), a, decision.order)
+
+        # ---- MLP sublayer
+        if not self.gates_mlp:
+            out = h + self._run_mlp(h)
+        elif full:
+            out = h + gate.view(batch, 1, 1).to(h.dtype) * self._run_mlp(h)
+        elif k == 0:
+            out = h
+        elif rows is None:
+            m = self._run_mlp(h)
+            out = h + (gate.view(batch, 1, 1).to(m.dtype) * m if ste else m)
+        else:
+            m = self._run_mlp(ops.gather_kept(h, decision.order, k))
+            if ste:
+                m = gate.index_select(0, rows).view(k, 1, 1).to(m.dtype) * m
+            out = ops.scatter_add_kept(h.clone() if h is x else h, m, decision.order)
+
+        self._fire_base_hooks(hidden_states, out)
+        return out
+
+    def _fire_base_hooks(self, hidden_states, out):
+        """Run forward hooks registered on the wrapped layer (e.g. transformers' output_hidden_states capture)."""
+        base = self.base_layer
+        for hook_id, hook in list(base._forward_hooks.items()):
+            if hook_id in base._forward_hooks_with_kwargs:
+                hook(base, (hidden_states,), {}, out)
+            else:
+                hook(base, (hidden_states,), out)

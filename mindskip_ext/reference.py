@@ -1,0 +1,103 @@
+"""Plain-PyTorch reference of every op in :mod:`mindskip_ext.ops`.
+
+These functions define what the compiled kernels must compute. They are written for clarity,
+not speed, and the tests compare the kernels against them. Each one takes the same arguments,
+in the same order, as its counterpart in ``ops``.
+
+Conventions shared by all ops
+-----------------------------
+* ``order`` is a permutation of ``range(B)`` (int64) that lists the kept sequences first, in
+  ascending index order, then the skipped ones, also ascending. ``k`` is the number kept.
+* ``mask`` is a ``(B, T)`` padding mask (nonzero = real token) or ``None`` (every token real).
+* A sequence with no real token pools to a zero vector, so its score is ``sigmoid(bias)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "router_gate",
+    "gather_kept",
+    "scatter_add_kept",
+    "pack_plan",
+    "pack_kept",
+    "unpack_add_kept",
+]
+
+
+def _real_token_mask(mask: torch.Tensor | None, batch: int, seqlen: int, device) -> torch.Tensor:
+    if mask is None:
+        return torch.ones(batch, seqlen, dtype=torch.bool, device=device)
+    return mask != 0
+
+
+def router_gate(hidden, mask, weight, bias, threshold):
+    """Masked mean over real tokens, then ``score = sigmoid(w . mean + b)`` in fp32, ``keep = score >= threshold``.
+
+    Returns ``score (B,) fp32``, ``keep (B,) bool``, ``order (B,) int64`` and ``num_kept (1,) int64``.
+    Differentiable through ``score`` (w.r.t. ``hidden``, ``weight`` and ``bias``).
+    """
+    batch, seqlen = hidden.shape[0], hidden.shape[1]
+    real = _real_token_mask(mask, batch, seqlen, hidden.device).to(torch.float32)
+    count = real.sum(dim=1)
+    summed = (hidden.to(torch.float32) * real.unsqueeze(-1)).sum(dim=1)
+    mean = summed / count.clamp_min(1.0).unsqueeze(-1)
+    bias_t = torch.as_tensor(bias, dtype=torch.float32, device=hidden.device).reshape(())
+    logit = mean @ weight.to(torch.float32).reshape(-1) + bias_t
+    score = torch.sigmoid(logit)
+    keep = score.detach() >= threshold
+    # Stable sort on "not kept" puts kept rows first, each group in ascending index order.
+    order = torch.sort((~keep).to(torch.int8), stable=True).indices.to(torch.int64)
+    num_kept = keep.sum().reshape(1).to(torch.int64)
+    return score, keep, order, num_kept
+
+
+def gather_kept(x, order, k):
+    """The first ``k`` rows named by ``order``: ``(B, T, ...) -> (k, T, ...)``, contiguous."""
+    return x.index_select(0, order[:k]).contiguous()
+
+
+def scatter_add_kept(residual, y, order):
+    """``residual[order[j]] += y[j]`` for ``j < y.shape[0]``, in place. Returns ``residual``."""
+    k = y.shape[0]
+    rows = order[:k]
+    updated = (residual.index_select(0, rows).to(torch.float32) + y.to(torch.float32)).to(residual.dtype)
+    residual.index_copy_(0, rows, updated)
+    return residual
+
+
+def pack_plan(mask, order, k, seqlen):
+    """Where each real token of the kept sequences goes in a packed ``(total, ...)`` layout.
+
+    Returns ``cu_seqlens (k+1,) int32`` (cumulative real lengths of the kept sequences, in ``order``),
+    ``token_index (k*seqlen,) int64`` whose first ``total = cu_seqlens[-1]`` entries are the flat
+    ``b * seqlen + t`` source positions of the packed tokens (the rest is unspecified), and
+    ``max_len (1,) int32``.
+    """
+    device = order.device
+    rows = order[:k]
+    batch = order.shape[0]
+    real = _real_token_mask(mask, batch, seqlen, device)[rows]  # (k, T)
+    lengths = real.sum(dim=1).to(torch.int32)
+    cu_seqlens = torch.zeros(k + 1, dtype=torch.int32, device=device)
+    cu_seqlens[1:] = torch.cumsum(lengths, 0)
+    flat = rows.unsqueeze(1) * seqlen + torch.arange(seqlen, device=device).unsqueeze(0)
+    picked = flat[real]
+    token_index = torch.zeros(k * seqlen, dtype=torch.int64, device=device)
+    token_index[: picked.numel()] = picked
+    max_len = (lengths.max() if k > 0 else torch.zeros((), dtype=torch.int32, device=device)).reshape(1)
+    return cu_seqlens, token_index, max_len.to(torch.int32)
+
+
+def pack_kept(x, token_index, total):
+    """Rows of ``x.view(B*T, ...)`` named by ``token_index[:total]``: ``(total, ...)``."""
+    flat = x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+    return flat.index_select(0, token_index[:total]).contiguous()
+
+
+def unpack_add_kept(residual, packed, token_index):
+    """``residual.view(B*T, ...)[token_index[i]] += packed[i]`` for ``i < packed.shape[0]``, in place."""
+    flat = residual.view(residual.shape[0] * residual.shape[1], *residual.shape[2:])
+    scatter_add_kept(flat, packed, token_index)
+    return residual
