@@ -19,6 +19,7 @@ is computed for every sequence so that skipped sequences also send a gradient to
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -70,10 +71,30 @@ class RoutingRecord:
         return {idx: r.gate for idx, r in sorted(self.layers.items()) if r.gate is not None}
 
 
-@dataclass
 class ForwardState:
-    padding_mask: torch.Tensor | None  # (B, T) for the tokens of this forward; None = all real
-    record: RoutingRecord
+    """Per-call data the patched decoder forward hands to its MindSkip layers."""
+
+    def __init__(self, attention_mask: torch.Tensor | None, num_tokens: int, record: RoutingRecord):
+        if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):
+            shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+            raise ValueError(
+                f"MindSkip routes on the 2D padding mask (batch, sequence); got attention_mask of shape {shape}. "
+                "Pass the tokenizer's attention_mask rather than a prepared 4D mask."
+            )
+        self._attention_mask = attention_mask
+        self._num_tokens = num_tokens
+        self.record = record
+
+    @functools.cached_property
+    def padding_mask(self) -> torch.Tensor | None:
+        """``(B, T)`` real-token mask of this forward's tokens, or None when every token is real.
+
+        Computed on first use only: decode steps reuse cached decisions and never need it.
+        """
+        if self._attention_mask is None:
+            return None
+        step = self._attention_mask[:, -self._num_tokens :]
+        return None if bool(step.all()) else step
 
 
 def _select_rows(t, rows: torch.Tensor, batch: int):

@@ -61,20 +61,6 @@ def _model_signature(hf_model) -> dict:
     }
 
 
-def _padding_for_step(mask, num_tokens: int):
-    """The padding mask of the tokens of this forward, or None when every token is real."""
-    if mask is None:
-        return None
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(
-            f"MindSkip routes on the 2D padding mask (batch, sequence); got attention_mask of shape {shape}. "
-            "Pass the tokenizer's attention_mask rather than a prepared 4D mask."
-        )
-    step = mask[:, -num_tokens:]
-    return None if bool(step.all()) else step
-
-
 def _patch_decoder_forward(decoder: nn.Module, owner: MindSkipModel) -> None:
     """Give ``decoder`` an instance-level forward that passes MindSkip's per-call state to the layers."""
     inner = decoder.forward
@@ -89,7 +75,7 @@ def _patch_decoder_forward(decoder: nn.Module, owner: MindSkipModel) -> None:
         if tokens is None:
             tokens = bound.get("inputs_embeds")
         num_tokens = tokens.shape[1] if tokens is not None else 0
-        kwargs[STATE_KWARG] = ForwardState(_padding_for_step(bound.get("attention_mask"), num_tokens), record)
+        kwargs[STATE_KWARG] = ForwardState(bound.get("attention_mask"), num_tokens, record)
         out = inner(*args, **kwargs)
         mindskip = owner_ref()
         if mindskip is not None and record.layers:
