@@ -10,6 +10,7 @@ Conventions shared by all ops
   ascending index order, then the skipped ones, also ascending. ``k`` is the number kept.
 * ``mask`` is a ``(B, T)`` padding mask (nonzero = real token) or ``None`` (every token real).
 * A sequence with no real token pools to a zero vector, so its score is ``sigmoid(bias)``.
+* Row indices (``order[:k]``, ``token_index[:total]``) are distinct; the in-place adds rely on it.
 """
 
 from __future__ import annotations
@@ -36,15 +37,17 @@ def router_gate(hidden, mask, weight, bias, threshold):
     """Masked mean over real tokens, then ``score = sigmoid(w . mean + b)`` in fp32, ``keep = score >= threshold``.
 
     Returns ``score (B,) fp32``, ``keep (B,) bool``, ``order (B,) int64`` and ``num_kept (1,) int64``.
-    Differentiable through ``score`` (w.r.t. ``hidden``, ``weight`` and ``bias``).
+    Differentiable through ``score`` (w.r.t. ``hidden``, ``weight`` and ``bias``). fp64 ``hidden`` is
+    computed in fp64 (and gives an fp64 ``score``) so that gradients can be checked numerically.
     """
     batch, seqlen = hidden.shape[0], hidden.shape[1]
-    real = _real_token_mask(mask, batch, seqlen, hidden.device).to(torch.float32)
+    compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    real = _real_token_mask(mask, batch, seqlen, hidden.device).to(compute)
     count = real.sum(dim=1)
-    summed = (hidden.to(torch.float32) * real.unsqueeze(-1)).sum(dim=1)
+    summed = (hidden.to(compute) * real.unsqueeze(-1)).sum(dim=1)
     mean = summed / count.clamp_min(1.0).unsqueeze(-1)
-    bias_t = torch.as_tensor(bias, dtype=torch.float32, device=hidden.device).reshape(())
-    logit = mean @ weight.to(torch.float32).reshape(-1) + bias_t
+    bias_t = torch.as_tensor(0.0 if bias is None else bias, dtype=compute, device=hidden.device).reshape(())
+    logit = mean @ weight.to(compute).reshape(-1) + bias_t
     score = torch.sigmoid(logit)
     keep = score.detach() >= threshold
     # Stable sort on "not kept" puts kept rows first, each group in ascending index order.
@@ -59,10 +62,12 @@ def gather_kept(x, order, k):
 
 
 def scatter_add_kept(residual, y, order):
-    """``residual[order[j]] += y[j]`` for ``j < y.shape[0]``, in place. Returns ``residual``."""
+    """``residual[order[j]] += y[j]`` for ``j < y.shape[0]``, in place, computed in fp32 (fp64 for
+    fp64) and rounded once. Returns ``residual``."""
     k = y.shape[0]
     rows = order[:k]
-    updated = (residual.index_select(0, rows).to(torch.float32) + y.to(torch.float32)).to(residual.dtype)
+    compute = torch.float64 if residual.dtype == torch.float64 else torch.float32
+    updated = (residual.index_select(0, rows).to(compute) + y.to(compute)).to(residual.dtype)
     residual.index_copy_(0, rows, updated)
     return residual
 

@@ -1,0 +1,210 @@
+// CPU router gate: z_b = bias + (1/n_b) * sum_t m_bt (w . x_bt), score = sigmoid(z), keep =
+// score >= threshold, order = stable kept-first permutation, num_kept = sum(keep).
+//
+// One pass over hidden. The (b, token-chunk) work items are fixed by the shape alone, and the
+// partial sums are combined in a fixed order, so results do not depend on the thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+#include "../common.h"
+#include "simd.h"
+
+namespace mindskip::cpu {
+namespace {
+
+constexpr const char* kOp = "mindskip::router_gate";
+constexpr const char* kBackwardOp = "mindskip::router_gate_backward";
+
+// Tokens per work item: about 32K elements, so a chunk is worth scheduling but B * chunks still
+// spreads over the threads when B is small.
+int64_t chunk_tokens(int64_t seqlen, int64_t dim) {
+  return std::clamp<int64_t>(32768 / std::max<int64_t>(dim, 1), 1, std::max<int64_t>(seqlen, 1));
+}
+
+template <typename acc_t>
+acc_t sigmoid(acc_t z) {
+  return acc_t(1) / (acc_t(1) + std::exp(-z));
+}
+
+template <typename scalar_t, typename acc_t>
+void router_gate_kernel(const scalar_t* hidden, const bool* mask, const acc_t* weight,
+                        acc_t bias, acc_t threshold, int64_t batch, int64_t seqlen, int64_t dim,
+                        acc_t* score, bool* keep, int64_t* order, int64_t* num_kept) {
+  const int64_t chunk = chunk_tokens(seqlen, dim);
+  const int64_t chunks = seqlen == 0 ? 0 : (seqlen + chunk - 1) / chunk;
+  std::vector<acc_t> partial(static_cast<size_t>(batch * chunks), acc_t(0));
+  at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / chunks;
+      const int64_t t0 = (item % chunks) * chunk;
+      const int64_t t1 = std::min(seqlen, t0 + chunk);
+      acc_t sum = 0;
+      for (int64_t t = t0; t < t1; ++t) {
+        if (mask == nullptr || mask[b * seqlen + t]) {
+          sum += dot(hidden + (b * seqlen + t) * dim, weight, dim);
+        }
+      }
+      partial[item] = sum;
+    }
+  });
+
+  int64_t kept = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    acc_t sum = 0;
+    for (int64_t c = 0; c < chunks; ++c) {
+      sum += partial[b * chunks + c];
+    }
+    int64_t real = seqlen;
+    if (mask != nullptr) {
+      real = std::count(mask + b * seqlen, mask + (b + 1) * seqlen, true);
+    }
+    const acc_t z = bias + (real > 0 ? sum / static_cast<acc_t>(real) : acc_t(0));
+    score[b] = sigmoid(z);
+    keep[b] = score[b] >= threshold;
+    kept += keep[b];
+  }
+  int64_t next_kept = 0;
+  int64_t next_skipped = kept;
+  for (int64_t b = 0; b < batch; ++b) {
+    order[keep[b] ? next_kept++ : next_skipped++] = b;
+  }
+  num_kept[0] = kept;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_gate_cpu(
+    const at::Tensor& hidden_in, const std::optional<at::Tensor>& mask_in,
+    const at::Tensor& weight_in, const at::Tensor& bias_in, double threshold) {
+  check_router_inputs(hidden_in, weight_in, bias_in, threshold, kOp);
+  const int64_t batch = hidden_in.size(0), seqlen = hidden_in.size(1), dim = hidden_in.size(2);
+  const at::Tensor mask = real_token_mask(mask_in, batch, seqlen, hidden_in, kOp, "hidden");
+  const at::Tensor hidden = hidden_in.contiguous();
+  const at::ScalarType acc_type = compute_dtype(hidden.scalar_type());
+  const at::Tensor weight = weight_in.reshape({dim}).to(acc_type).contiguous();
+  const at::Tensor bias = bias_in.to(acc_type);
+
+  const auto opts = hidden.options();
+  at::Tensor score = at::empty({batch}, opts.dtype(acc_type));
+  at::Tensor keep = at::empty({batch}, opts.dtype(at::kBool));
+  at::Tensor order = at::empty({batch}, opts.dtype(at::kLong));
+  at::Tensor num_kept = at::empty({1}, opts.dtype(at::kLong));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "router_gate", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    router_gate_kernel<scalar_t, acc_t>(
+        hidden.const_data_ptr<scalar_t>(), mask.defined() ? mask.const_data_ptr<bool>() : nullptr,
+        weight.const_data_ptr<acc_t>(), bias.item<acc_t>(), static_cast<acc_t>(threshold), batch,
+        seqlen, dim, score.mutable_data_ptr<acc_t>(), keep.mutable_data_ptr<bool>(),
+        order.mutable_data_ptr<int64_t>(), num_kept.mutable_data_ptr<int64_t>());
+  });
+  return {score, keep, order, num_kept};
+}
+
+// d score_b / d z_b = s (1 - s); z_b = b + (1/n_b) sum_t m_bt (w . x_bt). With
+// coef_b = grad_b s_b (1 - s_b) / n_b:
+//   grad_hidden[b, t] = coef_b m_bt w,  grad_weight = sum_bt coef_b m_bt x_bt,
+//   grad_bias = sum_b grad_b s_b (1 - s_b).
+template <typename scalar_t, typename acc_t>
+void router_gate_backward_kernel(const acc_t* grad_score, const scalar_t* hidden,
+                                 const bool* mask, const acc_t* weight, const acc_t* score,
+                                 int64_t batch, int64_t seqlen, int64_t dim,
+                                 scalar_t* grad_hidden, acc_t* grad_weight, acc_t* grad_bias) {
+  std::vector<acc_t> coef(static_cast<size_t>(batch));
+  acc_t bias_sum = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    const acc_t dz = grad_score[b] * score[b] * (acc_t(1) - score[b]);
+    const int64_t real =
+        mask == nullptr ? seqlen : std::count(mask + b * seqlen, mask + (b + 1) * seqlen, true);
+    coef[b] = real > 0 ? dz / static_cast<acc_t>(real) : acc_t(0);
+    bias_sum += dz;
+  }
+  *grad_bias = bias_sum;
+
+  // Every real token of sequence b gets the same gradient row coef_b * w; padding gets zeros.
+  std::vector<scalar_t> rows(static_cast<size_t>(batch * dim));
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t d = 0; d < dim; ++d) {
+      rows[b * dim + d] = static_cast<scalar_t>(coef[b] * weight[d]);
+    }
+  }
+  const int64_t row_grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(dim, 1));
+  at::parallel_for(0, batch * seqlen, row_grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      scalar_t* out = grad_hidden + r * dim;
+      if (mask == nullptr || mask[r]) {
+        std::copy_n(rows.data() + (r / seqlen) * dim, dim, out);
+      } else {
+        std::fill_n(out, dim, scalar_t(0));
+      }
+    }
+  });
+
+  // Columns split across threads; each column sums its rows in order (deterministic).
+  at::parallel_for(0, dim, 256, [&](int64_t d0, int64_t d1) {
+    std::vector<acc_t> acc(static_cast<size_t>(d1 - d0), acc_t(0));
+    for (int64_t r = 0; r < batch * seqlen; ++r) {
+      const acc_t c = coef[r / seqlen];
+      if (c == acc_t(0) || (mask != nullptr && !mask[r])) {
+        continue;
+      }
+      const scalar_t* x = hidden + r * dim;
+      for (int64_t d = d0; d < d1; ++d) {
+        acc[d - d0] += c * static_cast<acc_t>(x[d]);
+      }
+    }
+    std::copy(acc.begin(), acc.end(), grad_weight + d0);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> router_gate_backward_cpu(
+    const at::Tensor& grad_score_in, const at::Tensor& hidden_in,
+    const std::optional<at::Tensor>& mask_in, const at::Tensor& weight_in,
+    const at::Tensor& score_in) {
+  TORCH_CHECK(hidden_in.dim() == 3 && is_kernel_float(hidden_in.scalar_type()), kBackwardOp,
+              ": hidden must be a floating (B, T, D) tensor, got ", hidden_in.scalar_type(), " ",
+              hidden_in.sizes());
+  const int64_t batch = hidden_in.size(0), seqlen = hidden_in.size(1), dim = hidden_in.size(2);
+  TORCH_CHECK(weight_in.numel() == dim, kBackwardOp, ": weight has ", weight_in.numel(),
+              " elements but hidden has D = ", dim);
+  TORCH_CHECK(grad_score_in.numel() == batch && score_in.numel() == batch, kBackwardOp,
+              ": grad_score and score must have B = ", batch, " elements");
+  for (const at::Tensor* t : {&grad_score_in, &weight_in, &score_in}) {
+    check_same_device(*t, hidden_in, kBackwardOp, "every input", "hidden");
+  }
+  const at::Tensor mask = real_token_mask(mask_in, batch, seqlen, hidden_in, kBackwardOp, "hidden");
+  const at::Tensor hidden = hidden_in.contiguous();
+  const at::ScalarType acc_type = compute_dtype(hidden.scalar_type());
+  const at::Tensor grad_score = grad_score_in.reshape({batch}).to(acc_type).contiguous();
+  const at::Tensor score = score_in.reshape({batch}).to(acc_type).contiguous();
+  const at::Tensor weight = weight_in.reshape({dim}).to(acc_type).contiguous();
+
+  at::Tensor grad_hidden = at::empty_like(hidden);
+  at::Tensor grad_weight = at::empty({dim}, hidden.options().dtype(acc_type));
+  at::Tensor grad_bias = at::empty({}, hidden.options().dtype(acc_type));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "router_gate_backward", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    router_gate_backward_kernel<scalar_t, acc_t>(
+        grad_score.const_data_ptr<acc_t>(), hidden.const_data_ptr<scalar_t>(),
+        mask.defined() ? mask.const_data_ptr<bool>() : nullptr, weight.const_data_ptr<acc_t>(),
+        score.const_data_ptr<acc_t>(), batch, seqlen, dim, grad_hidden.mutable_data_ptr<scalar_t>(),
+        grad_weight.mutable_data_ptr<acc_t>(), grad_bias.mutable_data_ptr<acc_t>());
+  });
+  return {grad_hidden, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mindskip, CPU, m) {
+  m.impl("router_gate", &router_gate_cpu);
+  m.impl("router_gate_backward", &router_gate_backward_cpu);
+}
+
+}  // namespace mindskip::cpu

@@ -1,0 +1,352 @@
+// CUDA regroup ops. gather_kept / pack_kept share one row-gather kernel and scatter_add_kept_ /
+// unpack_add_kept_ one row scatter-add kernel: a "row" is a whole sequence or a single token.
+// Both move 16 bytes per thread access when the rows allow it, and are one pass over the data.
+// pack_plan is three small kernels: per-row real-token counts, a scan into cu_seqlens, and a
+// per-row block scan that writes the token indices.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/macros/Macros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "../common.h"
+#include "utils.cuh"
+
+namespace mindskip::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kItems = 4;  // vectors per thread per block tile
+constexpr int64_t kTile = kThreads * kItems;
+
+// ---------------------------------------------------------------------------------------------
+// Row kernels. Block x handles tile (x % tiles) of output row (x / tiles).
+
+// dst[i] = src[index[i]], rows of `width` words of type V.
+template <typename V>
+__global__ void __launch_bounds__(kThreads)
+    gather_rows_kernel(const V* __restrict__ src, V* __restrict__ dst,
+                       const int64_t* __restrict__ index, int64_t src_rows, int64_t width,
+                       int64_t tiles) {
+  const int64_t row = blockIdx.x / tiles;
+  const int64_t first = (blockIdx.x % tiles) * kTile + threadIdx.x;
+  const int64_t from = index[row];
+  CUDA_KERNEL_ASSERT(from >= 0 && from < src_rows);
+  const V* in = src + from * width;
+  V* out = dst + row * width;
+  V values[kItems];
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int64_t v = first + i * kThreads;
+    if (v < width) values[i] = in[v];
+  }
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int64_t v = first + i * kThreads;
+    if (v < width) out[v] = values[i];
+  }
+}
+
+// dst[index[i]] += src[i] in opmath precision, rows of `width` vectors of kVec elements.
+template <typename scalar_t, int kVec>
+__global__ void __launch_bounds__(kThreads)
+    scatter_add_rows_kernel(scalar_t* __restrict__ dst, const scalar_t* __restrict__ src,
+                            const int64_t* __restrict__ index, int64_t dst_rows, int64_t width,
+                            int64_t tiles) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t row = blockIdx.x / tiles;
+  const int64_t first = (blockIdx.x % tiles) * kTile + threadIdx.x;
+  const int64_t to = index[row];
+  CUDA_KERNEL_ASSERT(to >= 0 && to < dst_rows);
+  scalar_t* out = dst + to * width * kVec;
+  const scalar_t* in = src + row * width * kVec;
+  if constexpr (kVec == 1) {
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int64_t v = first + i * kThreads;
+      if (v < width) {
+        out[v] = static_cast<scalar_t>(static_cast<acc_t>(out[v]) + static_cast<acc_t>(in[v]));
+      }
+    }
+  } else {
+    Pack<scalar_t, kVec> a[kItems], b[kItems];
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int64_t v = first + i * kThreads;
+      if (v < width) {
+        a[i] = load_pack<scalar_t, kVec>(out + v * kVec);
+        b[i] = load_pack<scalar_t, kVec>(in + v * kVec);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int64_t v = first + i * kThreads;
+      if (v < width) {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          a[i].v[j] = static_cast<scalar_t>(static_cast<acc_t>(a[i].v[j]) +
+                                            static_cast<acc_t>(b[i].v[j]));
+        }
+        store_pack<scalar_t, kVec>(out + v * kVec, a[i]);
+      }
+    }
+  }
+}
+
+int64_t row_blocks(int64_t rows, int64_t width, int64_t* tiles, const char* op) {
+  *tiles = std::max<int64_t>(1, (width + kTile - 1) / kTile);
+  TORCH_CHECK(rows * *tiles <= INT32_MAX, op, ": too many rows (", rows, ") for one launch");
+  return rows * *tiles;
+}
+
+template <typename V>
+void launch_gather(const char* src, char* dst, const int64_t* index, int64_t count,
+                   int64_t src_rows, int64_t row_bytes, cudaStream_t stream, const char* op) {
+  const int64_t width = row_bytes / static_cast<int64_t>(sizeof(V));
+  int64_t tiles = 0;
+  const int64_t blocks = row_blocks(count, width, &tiles, op);
+  gather_rows_kernel<V><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      reinterpret_cast<const V*>(src), reinterpret_cast<V*>(dst), index, src_rows, width, tiles);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// out[i] = src[index[i]] for i < count; rows of row_bytes bytes, any dtype. Uses the widest
+// word (16, 8, 4, 2 or 1 bytes) that divides the row and both base pointers.
+void gather_rows(const at::Tensor& src, const at::Tensor& out, const int64_t* index,
+                 int64_t count, int64_t src_rows, int64_t row_bytes, const char* op) {
+  if (count == 0 || row_bytes == 0) {
+    return;
+  }
+  const char* in = static_cast<const char*>(src.const_data_ptr());
+  char* dst = static_cast<char*>(out.mutable_data_ptr());
+  const auto fits = [&](int64_t bytes) {
+    return row_bytes % bytes == 0 && reinterpret_cast<uintptr_t>(in) % bytes == 0 &&
+           reinterpret_cast<uintptr_t>(dst) % bytes == 0;
+  };
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (fits(16)) {
+    launch_gather<uint4>(in, dst, index, count, src_rows, row_bytes, stream, op);
+  } else if (fits(8)) {
+    launch_gather<uint2>(in, dst, index, count, src_rows, row_bytes, stream, op);
+  } else if (fits(4)) {
+    launch_gather<uint32_t>(in, dst, index, count, src_rows, row_bytes, stream, op);
+  } else if (fits(2)) {
+    launch_gather<uint16_t>(in, dst, index, count, src_rows, row_bytes, stream, op);
+  } else {
+    launch_gather<uint8_t>(in, dst, index, count, src_rows, row_bytes, stream, op);
+  }
+}
+
+// dst[index[i]] += src[i] for i < count (distinct indices); rows of row_elems elements.
+void scatter_add_rows(const at::Tensor& dst, const at::Tensor& src, const int64_t* index,
+                      int64_t count, int64_t dst_rows, int64_t row_elems, const char* op) {
+  if (count == 0 || row_elems == 0) {
+    return;
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dst.scalar_type(), "scatter_add_rows", [&] {
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    scalar_t* out = dst.mutable_data_ptr<scalar_t>();
+    const scalar_t* in = src.const_data_ptr<scalar_t>();
+    const bool vector = row_elems % kVec == 0 && aligned16(out) && aligned16(in);
+    const int64_t width = vector ? row_elems / kVec : row_elems;
+    int64_t tiles = 0;
+    const int64_t blocks = row_blocks(count, width, &tiles, op);
+    const auto kernel = vector ? scatter_add_rows_kernel<scalar_t, kVec>
+                               : scatter_add_rows_kernel<scalar_t, 1>;
+    kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(out, in, index, dst_rows,
+                                                                   width, tiles);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ops.
+
+at::Tensor gather_kept_cuda(const at::Tensor& x_in, const at::Tensor& order_in, int64_t k) {
+  constexpr const char* op = "mindskip::gather_kept";
+  TORCH_CHECK(x_in.dim() >= 1, op, ": x must have a batch dimension, got a 0-d tensor");
+  const int64_t batch = x_in.size(0);
+  check_order(order_in, batch, x_in, op, "x");
+  check_count(k, batch, op, "k", "B");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor order = order_in.contiguous();
+  at::Tensor out = at::empty(with_leading(k, x.sizes().slice(1)), x.options());
+  const int64_t row_bytes = (batch == 0 ? 0 : x.numel() / batch) * x.element_size();
+  gather_rows(x, out, order.const_data_ptr<int64_t>(), k, batch, row_bytes, op);
+  return out;
+}
+
+void scatter_add_kept_cuda(const at::Tensor& residual, const at::Tensor& y_in,
+                           const at::Tensor& order_in) {
+  constexpr const char* op = "mindskip::scatter_add_kept_";
+  TORCH_CHECK(residual.dim() >= 1, op, ": residual must have a batch dimension, got a 0-d tensor");
+  TORCH_CHECK(y_in.dim() == residual.dim(), op, ": y must have the rank of residual (",
+              residual.dim(), "), got shape ", y_in.sizes());
+  check_same_device(y_in, residual, op, "y", "residual");
+  check_same_row_shape(y_in, 1, residual, 1, op, "y", "residual");
+  check_scatter_dtypes(residual, y_in, op, "residual", "y");
+  const int64_t batch = residual.size(0);
+  check_order(order_in, batch, residual, op, "residual");
+  const int64_t k = y_in.size(0);
+  check_count(k, batch, op, "y.size(0)", "B");
+  const c10::cuda::CUDAGuard guard(residual.device());
+  const at::Tensor y = y_in.contiguous();
+  const at::Tensor order = order_in.contiguous();
+  const int64_t row_elems = batch == 0 ? 0 : residual.numel() / batch;
+  scatter_add_rows(residual, y, order.const_data_ptr<int64_t>(), k, batch, row_elems, op);
+}
+
+__global__ void __launch_bounds__(kThreads)
+    pack_lengths_kernel(const bool* __restrict__ mask, const int64_t* __restrict__ order,
+                        int64_t batch, int64_t seqlen, int* __restrict__ lengths) {
+  __shared__ int scratch[kWarpSize];
+  const int64_t b = order[blockIdx.x];
+  CUDA_KERNEL_ASSERT(b >= 0 && b < batch);
+  int count = 0;
+  for (int64_t t = threadIdx.x; t < seqlen; t += blockDim.x) {
+    count += mask == nullptr || mask[b * seqlen + t];
+  }
+  count = block_sum(count, scratch);
+  if (threadIdx.x == 0) {
+    lengths[blockIdx.x] = count;
+  }
+}
+
+__global__ void __launch_bounds__(1024)
+    pack_offsets_kernel(const int* __restrict__ lengths, int64_t k,
+                        int* __restrict__ cu_seqlens, int* __restrict__ max_len) {
+  __shared__ int scratch[kWarpSize];
+  int running = 0;
+  int longest = 0;
+  for (int64_t base = 0; base < k; base += blockDim.x) {
+    const int64_t j = base + threadIdx.x;
+    const int length = j < k ? lengths[j] : 0;
+    int tile_total = 0;
+    const int before = running + block_exclusive_scan(length, &tile_total, scratch);
+    if (j < k) {
+      cu_seqlens[j + 1] = before + length;
+    }
+    longest = max(longest, length);
+    running += tile_total;
+  }
+  longest = block_max(longest, scratch);
+  if (threadIdx.x == 0) {
+    cu_seqlens[0] = 0;
+    max_len[0] = longest;
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    pack_index_kernel(const bool* __restrict__ mask, const int64_t* __restrict__ order,
+                      const int* __restrict__ cu_seqlens, int64_t seqlen,
+                      int64_t* __restrict__ token_index) {
+  __shared__ int scratch[kWarpSize];
+  const int64_t base = order[blockIdx.x] * seqlen;
+  int64_t pos = cu_seqlens[blockIdx.x];
+  for (int64_t t0 = 0; t0 < seqlen; t0 += blockDim.x) {
+    const int64_t t = t0 + threadIdx.x;
+    const int real = t < seqlen && (mask == nullptr || mask[base + t]) ? 1 : 0;
+    int tile_total = 0;
+    const int before = block_exclusive_scan(real, &tile_total, scratch);
+    if (real) {
+      token_index[pos + before] = base + t;
+    }
+    pos += tile_total;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_plan_cuda(
+    const std::optional<at::Tensor>& mask_in, const at::Tensor& order_in, int64_t k,
+    int64_t seqlen) {
+  constexpr const char* op = "mindskip::pack_plan";
+  TORCH_CHECK(order_in.dim() == 1, op, ": order must have shape (B,), got ", order_in.sizes());
+  const int64_t batch = order_in.size(0);
+  check_order(order_in, batch, order_in, op, "order");
+  check_count(k, batch, op, "k", "B");
+  TORCH_CHECK(seqlen >= 0, op, ": seqlen must be non-negative, got ", seqlen);
+  const c10::cuda::CUDAGuard guard(order_in.device());
+  const at::Tensor mask = real_token_mask(mask_in, batch, seqlen, order_in, op, "order");
+  const at::Tensor order = order_in.contiguous();
+  const bool* mask_ptr = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
+
+  const auto opts = order.options();
+  at::Tensor cu_seqlens = at::empty({k + 1}, opts.dtype(at::kInt));
+  at::Tensor token_index = at::zeros({k * seqlen}, opts.dtype(at::kLong));
+  at::Tensor max_len = at::empty({1}, opts.dtype(at::kInt));
+  at::Tensor lengths = at::empty({k}, opts.dtype(at::kInt));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (k > 0) {
+    pack_lengths_kernel<<<static_cast<unsigned>(k), kThreads, 0, stream>>>(
+        mask_ptr, order.const_data_ptr<int64_t>(), batch, seqlen, lengths.mutable_data_ptr<int>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  pack_offsets_kernel<<<1, 1024, 0, stream>>>(lengths.const_data_ptr<int>(), k,
+                                              cu_seqlens.mutable_data_ptr<int>(),
+                                              max_len.mutable_data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (k > 0 && seqlen > 0) {
+    pack_index_kernel<<<static_cast<unsigned>(k), kThreads, 0, stream>>>(
+        mask_ptr, order.const_data_ptr<int64_t>(), cu_seqlens.const_data_ptr<int>(), seqlen,
+        token_index.mutable_data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {cu_seqlens, token_index, max_len};
+}
+
+at::Tensor pack_kept_cuda(const at::Tensor& x_in, const at::Tensor& index_in, int64_t total) {
+  constexpr const char* op = "mindskip::pack_kept";
+  TORCH_CHECK(x_in.dim() >= 2, op, ": x must have shape (B, T, ...), got rank ", x_in.dim());
+  check_index(index_in, total, x_in, op, "token_index", "x");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor token_index = index_in.contiguous();
+  const int64_t tokens = x.size(0) * x.size(1);
+  at::Tensor out = at::empty(with_leading(total, x.sizes().slice(2)), x.options());
+  const int64_t row_bytes = (tokens == 0 ? 0 : x.numel() / tokens) * x.element_size();
+  gather_rows(x, out, token_index.const_data_ptr<int64_t>(), total, tokens, row_bytes, op);
+  return out;
+}
+
+void unpack_add_kept_cuda(const at::Tensor& residual, const at::Tensor& packed_in,
+                          const at::Tensor& index_in) {
+  constexpr const char* op = "mindskip::unpack_add_kept_";
+  TORCH_CHECK(residual.dim() >= 2, op, ": residual must have shape (B, T, ...), got rank ",
+              residual.dim());
+  TORCH_CHECK(packed_in.dim() == residual.dim() - 1, op,
+              ": packed must have shape (total, ...) with rank ", residual.dim() - 1, ", got ",
+              packed_in.sizes());
+  check_same_device(packed_in, residual, op, "packed", "residual");
+  check_same_row_shape(packed_in, 1, residual, 2, op, "packed", "residual");
+  check_scatter_dtypes(residual, packed_in, op, "residual", "packed");
+  const int64_t total = packed_in.size(0);
+  check_index(index_in, total, residual, op, "token_index", "residual");
+  const c10::cuda::CUDAGuard guard(residual.device());
+  const at::Tensor packed = packed_in.contiguous();
+  const at::Tensor token_index = index_in.contiguous();
+  const int64_t tokens = residual.size(0) * residual.size(1);
+  const int64_t row_elems = tokens == 0 ? 0 : residual.numel() / tokens;
+  scatter_add_rows(residual, packed, token_index.const_data_ptr<int64_t>(), total, tokens,
+                   row_elems, op);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mindskip, CUDA, m) {
+  m.impl("gather_kept", &gather_kept_cuda);
+  m.impl("scatter_add_kept_", &scatter_add_kept_cuda);
+  m.impl("pack_plan", &pack_plan_cuda);
+  m.impl("pack_kept", &pack_kept_cuda);
+  m.impl("unpack_add_kept_", &unpack_add_kept_cuda);
+}
+
+}  // namespace mindskip::cuda

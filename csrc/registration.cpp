@@ -1,0 +1,48 @@
+// The schema of every mindskip op, in one place. Kernels are registered per backend in
+// csrc/cpu/*.cpp and csrc/cuda/*.cu; fake kernels and autograd live in mindskip_ext/ops.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(mindskip, m) {
+  // Fused router: masked mean over real tokens, score = sigmoid(w . mean + b), keep = score >=
+  // threshold, order = stable kept-first permutation, num_kept = (1,) count. No host sync.
+  m.def(
+      "router_gate(Tensor hidden, Tensor? mask, Tensor weight, Tensor bias, float threshold)"
+      " -> (Tensor score, Tensor keep, Tensor order, Tensor num_kept)",
+      {at::Tag::pt2_compliant_tag});
+  // Gradient of router_gate through `score` (w.r.t. hidden, weight and bias).
+  m.def(
+      "router_gate_backward(Tensor grad_score, Tensor hidden, Tensor? mask, Tensor weight,"
+      " Tensor score) -> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)",
+      {at::Tag::pt2_compliant_tag});
+  // x (B, T, ...) -> x[order[:k]] (k, T, ...), contiguous.
+  m.def("gather_kept(Tensor x, Tensor order, SymInt k) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  // residual[order[j]] += y[j] for j < y.size(0), in place, fp32 accumulation.
+  m.def("scatter_add_kept_(Tensor(a!) residual, Tensor y, Tensor order) -> ()",
+        {at::Tag::pt2_compliant_tag});
+  // Varlen layout of the kept sequences' real tokens: cu_seqlens (k+1) int32, token_index
+  // (k*seqlen) int64 (flat b*seqlen+t source rows, zero-filled past the total), max_len (1) int32.
+  m.def(
+      "pack_plan(Tensor? mask, Tensor order, SymInt k, SymInt seqlen)"
+      " -> (Tensor cu_seqlens, Tensor token_index, Tensor max_len)",
+      {at::Tag::pt2_compliant_tag});
+  // x.view(B*T, ...)[token_index[:total]] -> (total, ...).
+  m.def("pack_kept(Tensor x, Tensor token_index, SymInt total) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  // residual.view(B*T, ...)[token_index[i]] += packed[i] for i < packed.size(0), in place.
+  m.def("unpack_add_kept_(Tensor(a!) residual, Tensor packed, Tensor token_index) -> ()",
+        {at::Tag::pt2_compliant_tag});
+}
+
+#ifdef MINDSKIP_PYTHON_MODULE
+// `import mindskip_ext._C` loads this library, which runs the registrations above. The module
+// itself is empty: the ops are reached through torch.ops.mindskip.
+#include <Python.h>
+
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "mindskip_ext compiled ops (see torch.ops.mindskip)", -1,
+      nullptr};
+  return PyModule_Create(&module_def);
+}
+#endif

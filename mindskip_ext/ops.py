@@ -1,0 +1,302 @@
+"""Public op API: thin wrappers over the compiled ``torch.ops.mindskip.*`` ops.
+
+Importing this module loads ``mindskip_ext._C`` (checking it was built for the running torch)
+and registers, next to each wrapper, the op's fake kernel (for ``torch.compile`` and
+``torch.library.opcheck``) and its autograd. :mod:`mindskip_ext.reference` holds the
+plain-PyTorch semantics the kernels match.
+
+Conventions: ``order`` is a ``(B,)`` int64 permutation of ``range(B)`` listing the kept
+sequences first (each group in ascending index order) and ``k`` is the number kept;
+``mask`` is a ``(B, T)`` padding mask (bool, int or float; nonzero = real token) or ``None``.
+Row indices (``order[:k]``, ``token_index[:total]``) must be distinct.
+
+Gradients
+---------
+``router_gate`` is differentiable through ``score`` only (w.r.t. ``hidden``, ``weight`` and a
+tensor ``bias``); ``keep``, ``order`` and ``num_kept`` carry no gradient. For the
+straight-through estimator multiply the sublayer output by ``straight_through(score, keep)``,
+whose value is the 0/1 keep decision and whose gradient w.r.t. ``score`` is 1.
+``gather_kept`` / ``scatter_add_kept`` and ``pack_rows`` / ``unpack_add_rows`` are each other's
+backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _extension
+
+_extension.load()
+
+_ops = torch.ops.mindskip
+
+__all__ = [
+    "router_gate",
+    "straight_through",
+    "gather_kept",
+    "scatter_add_kept",
+    "pack_plan",
+    "pack_rows",
+    "unpack_add_rows",
+    "pack_kept",
+    "unpack_add_kept",
+]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# router_gate
+
+
+def router_gate(hidden, mask, weight, bias, threshold):
+    """Fused router: per sequence, ``score = sigmoid(w . mean_real_tokens(hidden) + bias)``.
+
+    Args:
+        hidden: ``(B, T, D)`` float32, float16, bfloat16 (or float64, computed in float64).
+        mask: ``(B, T)`` padding mask, nonzero = real token, or ``None``. A sequence with no
+            real token pools to zero, so its score is ``sigmoid(bias)``.
+        weight: ``(D,)`` or ``(1, D)`` router weight.
+        bias: a float, a 0-d / 1-element tensor on ``hidden``'s device, or ``None`` (no bias).
+        threshold: ``tau`` in (0, 1); ``keep = score >= tau``.
+
+    Returns:
+        ``score (B,)`` float32 (float64 for float64 ``hidden``), ``keep (B,)`` bool, ``order
+        (B,)`` int64 (stable, kept first) and ``num_kept (1,)`` int64. No host sync: read ``k =
+        int(num_kept)`` where the count is needed. Only ``score`` carries gradient.
+    """
+    if not isinstance(bias, torch.Tensor):
+        bias = torch.full((), 0.0 if bias is None else float(bias), dtype=_compute_dtype(hidden.dtype), device=hidden.device)
+    return _ops.router_gate(hidden, mask, weight, bias, float(threshold))
+
+
+@torch.library.register_fake("mindskip::router_gate")
+def _router_gate_fake(hidden, mask, weight, bias, threshold):
+    batch = hidden.shape[0]
+    score = hidden.new_empty((batch,), dtype=_compute_dtype(hidden.dtype))
+    keep = hidden.new_empty((batch,), dtype=torch.bool)
+    order = hidden.new_empty((batch,), dtype=torch.int64)
+    num_kept = hidden.new_empty((1,), dtype=torch.int64)
+    return score, keep, order, num_kept
+
+
+@torch.library.register_fake("mindskip::router_gate_backward")
+def _router_gate_backward_fake(grad_score, hidden, mask, weight, score):
+    acc = _compute_dtype(hidden.dtype)
+    return (
+        torch.empty_like(hidden, memory_format=torch.contiguous_format),
+        hidden.new_empty((hidden.shape[2],), dtype=acc),
+        hidden.new_empty((), dtype=acc),
+    )
+
+
+def _router_gate_setup_context(ctx, inputs, output):
+    hidden, mask, weight, bias, _ = inputs
+    ctx.save_for_backward(hidden, mask, weight, output[0])
+    ctx.bias_shape = bias.shape
+    ctx.bias_dtype = bias.dtype
+
+
+def _router_gate_backward(ctx, grad_score, _grad_keep, _grad_order, _grad_num_kept):
+    hidden, mask, weight, score = ctx.saved_tensors
+    grad_hidden, grad_weight, grad_bias = _ops.router_gate_backward(
+        grad_score, hidden, mask, weight, score
+    )
+    return (
+        grad_hidden if ctx.needs_input_grad[0] else None,
+        None,
+        grad_weight.reshape(weight.shape).to(weight.dtype) if ctx.needs_input_grad[2] else None,
+        grad_bias.reshape(ctx.bias_shape).to(ctx.bias_dtype) if ctx.needs_input_grad[3] else None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "mindskip::router_gate", _router_gate_backward, setup_context=_router_gate_setup_context
+)
+
+
+def straight_through(score, keep):
+    """Value of ``keep`` (0/1, in ``score``'s dtype) with ``d out / d score = 1``."""
+    return keep.to(score.dtype) + (score - score.detach())
+
+
+# ---------------------------------------------------------------------------------------------
+# gather_kept / scatter_add_kept
+
+
+def gather_kept(x, order, k):
+    """The kept rows ``x[order[:k]]``: ``(B, T, ...) -> (k, T, ...)``, contiguous. Any dtype."""
+    return _ops.gather_kept(x, order, k)
+
+
+@torch.library.register_fake("mindskip::gather_kept")
+def _gather_kept_fake(x, order, k):
+    return x.new_empty((k, *x.shape[1:]))
+
+
+def _gather_kept_setup_context(ctx, inputs, output):
+    x, order, _ = inputs
+    ctx.save_for_backward(order)
+    ctx.x_shape = x.shape
+
+
+def _gather_kept_backward(ctx, grad):
+    (order,) = ctx.saved_tensors
+    grad_x = grad.new_zeros(ctx.x_shape)
+    _ops.scatter_add_kept_(grad_x, grad, order)
+    return grad_x, None, None
+
+
+torch.library.register_autograd(
+    "mindskip::gather_kept", _gather_kept_backward, setup_context=_gather_kept_setup_context
+)
+
+
+@torch.library.register_fake("mindskip::scatter_add_kept_")
+def _scatter_add_kept_fake(residual, y, order):
+    return None
+
+
+class _ScatterAddKept(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, residual, y, order):
+        _ops.scatter_add_kept_(residual, y, order)
+        ctx.mark_dirty(residual)
+        ctx.save_for_backward(order)
+        ctx.k = y.shape[0]
+        return residual
+
+    @staticmethod
+    def backward(ctx, grad):
+        (order,) = ctx.saved_tensors
+        grad_y = _ops.gather_kept(grad, order, ctx.k) if ctx.needs_input_grad[1] else None
+        return grad, grad_y, None
+
+
+def scatter_add_kept(residual, y, order):
+    """``residual[order[j]] += y[j]`` for ``j < y.shape[0]``, in place, accumulated in fp32.
+
+    Rows of ``residual`` not named in ``order[:k]`` are never read or written. ``y`` is cast to
+    ``residual``'s dtype first if they differ. Always returns ``residual`` (the same tensor);
+    differentiable w.r.t. both ``residual`` and ``y``.
+    """
+    y = y.to(residual.dtype)
+    if torch.is_grad_enabled() and (residual.requires_grad or y.requires_grad):
+        return _ScatterAddKept.apply(residual, y, order)
+    _ops.scatter_add_kept_(residual, y, order)
+    return residual
+
+
+# ---------------------------------------------------------------------------------------------
+# packed (varlen) layout
+
+
+@torch.library.register_fake("mindskip::pack_plan")
+def _pack_plan_fake(mask, order, k, seqlen):
+    cu_seqlens = order.new_empty((k + 1,), dtype=torch.int32)
+    token_index = order.new_empty((k * seqlen,), dtype=torch.int64)
+    max_len = order.new_empty((1,), dtype=torch.int32)
+    return cu_seqlens, token_index, max_len
+
+
+def _pack_plan_host(mask, order, k, seqlen):
+    """The plan plus ``(total, max_len)`` read back in one host sync."""
+    cu_seqlens, token_index, max_len = _ops.pack_plan(mask, order, k, seqlen)
+    total, longest = torch.cat([cu_seqlens[-1:], max_len]).tolist()
+    return cu_seqlens, token_index, total, longest
+
+
+def pack_plan(mask, order, k, seqlen):
+    """Where the real tokens of the kept sequences go in a packed ``(total, ...)`` layout.
+
+    Returns ``cu_seqlens (k+1,) int32`` (cumulative real lengths in ``order``), ``token_index
+    (k*seqlen,) int64`` whose first ``total = cu_seqlens[-1]`` entries are the flat
+    ``b * seqlen + t`` source rows (the rest is zero) and ``max_len`` as a Python int. This is
+    the one place the regroup path syncs with the host.
+    """
+    cu_seqlens, token_index, _, longest = _pack_plan_host(mask, order, k, seqlen)
+    return cu_seqlens, token_index, longest
+
+
+def pack_rows(x, token_index, total):
+    """Rows of ``x.view(B*T, ...)`` named by ``token_index[:total]``: ``(total, ...)``."""
+    return _ops.pack_kept(x, token_index, total)
+
+
+@torch.library.register_fake("mindskip::pack_kept")
+def _pack_kept_fake(x, token_index, total):
+    return x.new_empty((total, *x.shape[2:]))
+
+
+def _pack_kept_setup_context(ctx, inputs, output):
+    x, token_index, _ = inputs
+    ctx.save_for_backward(token_index)
+    ctx.x_shape = x.shape
+
+
+def _pack_kept_backward(ctx, grad):
+    (token_index,) = ctx.saved_tensors
+    grad_x = grad.new_zeros(ctx.x_shape)
+    _ops.unpack_add_kept_(grad_x, grad, token_index)
+    return grad_x, None, None
+
+
+torch.library.register_autograd(
+    "mindskip::pack_kept", _pack_kept_backward, setup_context=_pack_kept_setup_context
+)
+
+
+@torch.library.register_fake("mindskip::unpack_add_kept_")
+def _unpack_add_kept_fake(residual, packed, token_index):
+    return None
+
+
+class _UnpackAddRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, residual, packed, token_index):
+        _ops.unpack_add_kept_(residual, packed, token_index)
+        ctx.mark_dirty(residual)
+        ctx.save_for_backward(token_index)
+        ctx.total = packed.shape[0]
+        return residual
+
+    @staticmethod
+    def backward(ctx, grad):
+        (token_index,) = ctx.saved_tensors
+        grad_packed = _ops.pack_kept(grad, token_index, ctx.total) if ctx.needs_input_grad[1] else None
+        return grad, grad_packed, None
+
+
+def unpack_add_rows(residual, packed, token_index):
+    """``residual.view(B*T, ...)[token_index[i]] += packed[i]`` for ``i < packed.shape[0]``.
+
+    In place, fp32 accumulation, other rows untouched; ``packed`` is cast to ``residual``'s dtype
+    if they differ. Returns ``residual``; differentiable w.r.t. ``residual`` and ``packed``.
+    """
+    packed = packed.to(residual.dtype)
+    if torch.is_grad_enabled() and (residual.requires_grad or packed.requires_grad):
+        return _UnpackAddRows.apply(residual, packed, token_index)
+    _ops.unpack_add_kept_(residual, packed, token_index)
+    return residual
+
+
+def pack_kept(x, mask, order, k):
+    """Real tokens of the kept sequences, packed: ``(packed (total, ...), cu_seqlens, max_len)``.
+
+    The layout FlashAttention's varlen interface takes; ``max_len`` is a Python int. One host
+    sync (for ``total`` and ``max_len`` together).
+    """
+    cu_seqlens, token_index, total, longest = _pack_plan_host(mask, order, k, x.shape[1])
+    return pack_rows(x, token_index, total), cu_seqlens, longest
+
+
+def unpack_add_kept(residual, packed, mask, order, k):
+    """Add a :func:`pack_kept` layout back into the kept rows of ``residual``, in place.
+
+    No host sync (the packed length is ``packed.shape[0]``). Returns ``residual``.
+    """
+    _, token_index, _ = _ops.pack_plan(mask, order, k, residual.shape[1])
+    return unpack_add_rows(residual, packed, token_index)

@@ -1,0 +1,529 @@
+"""The compiled ops (mindskip_ext.ops) against the plain-PyTorch reference, plus opcheck,
+gradcheck, torch.compile and input validation. Every test runs on CPU, and on CUDA when present."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from mindskip_ext import ops
+from mindskip_ext import reference as ref
+
+FLOATS = [torch.float32, torch.float16, torch.bfloat16]
+MASKS = ["none", "right", "left", "holes", "empty_row"]
+
+
+def make_mask(kind: str, batch: int, seqlen: int, device, dtype=torch.bool, seed: int = 0):
+    """Padding patterns: none, right / left padding, random holes, and one all-padding row."""
+    if kind == "none":
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, seqlen + 1, (batch,), generator=gen)
+    pos = torch.arange(seqlen)
+    if kind == "right":
+        real = pos[None, :] < lengths[:, None]
+    elif kind == "left":
+        real = pos[None, :] >= (seqlen - lengths)[:, None]
+    elif kind == "holes":
+        real = torch.rand(batch, seqlen, generator=gen) < 0.6
+        real[:, 0] = True
+    elif kind == "empty_row":
+        real = pos[None, :] < lengths[:, None]
+        real[batch // 2] = False
+    else:
+        raise AssertionError(kind)
+    return real.to(device=device, dtype=dtype)
+
+
+def randn(*shape, dtype=torch.float32, device="cpu", seed=0, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+
+def stable_kept_first(keep: torch.Tensor) -> torch.Tensor:
+    idx = torch.arange(keep.numel(), device=keep.device)
+    return torch.cat([idx[keep], idx[~keep]])
+
+
+def check_router(out, expected, threshold, atol):
+    score, keep, order, num_kept = out
+    e_score = expected[0]
+    assert score.dtype == e_score.dtype and score.shape == e_score.shape
+    torch.testing.assert_close(score, e_score, atol=atol, rtol=0)
+    assert keep.dtype == torch.bool and order.dtype == torch.int64 and num_kept.dtype == torch.int64
+    assert num_kept.shape == (1,)
+    # The decision is exact except for scores within rounding of the threshold.
+    clear = (e_score - threshold).abs() > 4 * atol
+    assert torch.equal(keep[clear], expected[1][clear])
+    assert torch.equal(keep, score >= threshold)
+    assert torch.equal(order, stable_kept_first(keep))
+    assert int(num_kept) == int(keep.sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# router_gate correctness
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 8), (3, 7, 33), (5, 1, 1), (16, 9, 257), (2, 13, 4099), (64, 3, 64), (33, 31, 130)]
+)
+@pytest.mark.parametrize("mask_kind", MASKS)
+def test_router_gate_matches_reference(device, dtype, shape, mask_kind):
+    batch, seqlen, dim = shape
+    hidden = randn(batch, seqlen, dim, dtype=dtype, device=device, seed=1)
+    weight = randn(dim, device=device, seed=2, scale=dim**-0.5)
+    mask = make_mask(mask_kind, batch, seqlen, device)
+    out = ops.router_gate(hidden, mask, weight, 0.1, 0.5)
+    check_router(out, ref.router_gate(hidden, mask, weight, 0.1, 0.5), 0.5, atol=2e-6)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.int32, torch.uint8, torch.float32, torch.bfloat16])
+def test_router_gate_mask_dtypes_agree(device, mask_dtype):
+    hidden = randn(6, 11, 40, device=device, seed=3)
+    weight = randn(40, device=device, seed=4)
+    mask = make_mask("holes", 6, 11, device, dtype=mask_dtype)
+    expected = ops.router_gate(hidden, mask.bool(), weight, 0.0, 0.5)
+    for got, want in zip(ops.router_gate(hidden, mask, weight, 0.0, 0.5), expected):
+        assert torch.equal(got, want)
+
+
+def test_router_gate_padding_never_changes_the_decision(device):
+    """Whatever sits in padded positions, the scores are those of the real tokens only."""
+    hidden = randn(4, 9, 24, device=device, seed=5)
+    mask = make_mask("empty_row", 4, 9, device)
+    weight = randn(24, device=device, seed=6)
+    noisy = hidden.masked_fill(~mask[..., None], 1e4)
+    a = ops.router_gate(hidden, mask, weight, 0.3, 0.5)
+    b = ops.router_gate(noisy, mask, weight, 0.3, 0.5)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    # The all-padding sequence pools to zero: its score is sigmoid(bias).
+    assert a[0][2].item() == pytest.approx(torch.sigmoid(torch.tensor(0.3)).item(), abs=1e-7)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_router_gate_none_all_and_exactly_at_threshold(device, dtype):
+    hidden = randn(7, 5, 16, dtype=dtype, device=device, seed=7)
+    weight = randn(16, device=device, seed=8)
+    _, keep, order, num_kept = ops.router_gate(hidden, None, torch.zeros_like(weight), -20.0, 0.5)
+    assert not keep.any() and int(num_kept) == 0 and torch.equal(order, torch.arange(7, device=device))
+    _, keep, order, num_kept = ops.router_gate(hidden, None, torch.zeros_like(weight), 20.0, 0.5)
+    assert keep.all() and int(num_kept) == 7 and torch.equal(order, torch.arange(7, device=device))
+    # Zero weight and zero bias give exactly sigmoid(0) = 0.5, and 0.5 >= 0.5 keeps.
+    score, keep, _, num_kept = ops.router_gate(hidden, None, torch.zeros_like(weight), 0.0, 0.5)
+    assert torch.all(score == 0.5) and keep.all() and int(num_kept) == 7
+
+
+def test_router_gate_weight_and_bias_forms_agree(device):
+    hidden = randn(5, 6, 12, device=device, seed=9)
+    weight = randn(12, device=device, seed=10)
+    expected = ops.router_gate(hidden, None, weight, 0.25, 0.5)
+    forms = [
+        (weight.reshape(1, 12), 0.25),
+        (weight, torch.tensor(0.25, device=device)),
+        (weight, torch.tensor([0.25], device=device)),
+        (weight.double(), torch.tensor([0.25], dtype=torch.float64, device=device)),
+    ]
+    for w, b in forms:
+        for got, want in zip(ops.router_gate(hidden, None, w, b, 0.5), expected):
+            assert torch.equal(got, want)
+
+
+def test_router_gate_float64_computes_in_float64(device):
+    hidden = randn(3, 4, 8, dtype=torch.float64, device=device, seed=11)
+    weight = randn(8, dtype=torch.float64, device=device, seed=12)
+    out = ops.router_gate(hidden, None, weight, 0.0, 0.5)
+    assert out[0].dtype == torch.float64
+    check_router(out, ref.router_gate(hidden, None, weight, 0.0, 0.5), 0.5, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_router_gate_low_precision_error_within_2x_of_pytorch(device, dtype):
+    """Against an fp32 reference on the fp32 data, our error is at most ~2x PyTorch's own error
+    (the eager composition run in the low-precision dtype)."""
+    batch, seqlen, dim = 16, 64, 512
+    x32 = randn(batch, seqlen, dim, device=device, seed=13)
+    w32 = randn(dim, device=device, seed=14, scale=dim**-0.5)
+    mask = make_mask("right", batch, seqlen, device)
+    truth = ref.router_gate(x32, mask, w32, 0.0, 0.5)[0]
+    ours = ops.router_gate(x32.to(dtype), mask, w32, 0.0, 0.5)[0]
+    real = mask.to(dtype)
+    xl = x32.to(dtype)
+    mean = (xl * real[..., None]).sum(1) / real.sum(1, keepdim=True)
+    theirs = torch.sigmoid(mean @ w32.to(dtype)).float()
+    our_err = (ours - truth).abs().max().item()
+    torch_err = (theirs - truth).abs().max().item()
+    assert our_err <= 2 * torch_err + 1e-6, (our_err, torch_err)
+
+
+def test_router_gate_does_not_depend_on_thread_count():
+    hidden = randn(3, 257, 300, seed=15)
+    weight = randn(300, seed=16)
+    mask = make_mask("holes", 3, 257, "cpu")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.router_gate(hidden, mask, weight, 0.0, 0.5)
+    finally:
+        torch.set_num_threads(threads)
+    for got, want in zip(ops.router_gate(hidden, mask, weight, 0.0, 0.5), one):
+        assert torch.equal(got, want)
+
+
+def test_straight_through_passes_the_gradient_to_the_score(device):
+    hidden = randn(4, 3, 8, device=device, seed=17)
+    weight = randn(8, device=device, seed=18).requires_grad_()
+    score, keep, _, _ = ops.router_gate(hidden, None, weight, 0.0, 0.5)
+    gate = ops.straight_through(score, keep)
+    assert torch.equal(gate, keep.float())
+    assert not keep.requires_grad
+    (grad,) = torch.autograd.grad(gate.sum(), weight, retain_graph=True)
+    (want,) = torch.autograd.grad(score.sum(), weight)
+    assert torch.equal(grad, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# gather_kept / scatter_add_kept
+
+
+def make_order(batch: int, k: int, device, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    keep = torch.zeros(batch, dtype=torch.bool)
+    keep[torch.randperm(batch, generator=gen)[:k]] = True
+    return stable_kept_first(keep).to(device)
+
+
+@pytest.mark.parametrize("dtype", [*FLOATS, torch.float64, torch.int64, torch.bool, torch.uint8])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (5, 3, 7), (8, 1, 64), (6, 17, 129), (3, 5, 4, 16)])
+def test_gather_kept_matches_reference(device, dtype, shape):
+    batch = shape[0]
+    x = randn(*shape, device=device, seed=20, scale=3).to(dtype)
+    for k in sorted({0, 1, batch // 2, batch}):
+        order = make_order(batch, k, device, seed=k)
+        got = ops.gather_kept(x, order, k)
+        assert got.is_contiguous()
+        assert torch.equal(got, ref.gather_kept(x, order, k))
+
+
+@pytest.mark.parametrize("dtype", [*FLOATS, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (5, 3, 7), (8, 1, 64), (6, 17, 129), (64, 2, 24), (3, 5, 4, 16)])
+def test_scatter_add_kept_matches_reference_exactly(device, dtype, shape):
+    batch = shape[0]
+    for k in sorted({0, 1, batch // 2, batch}):
+        order = make_order(batch, k, device, seed=k)
+        residual = randn(*shape, dtype=dtype, device=device, seed=21)
+        y = randn(k, *shape[1:], dtype=dtype, device=device, seed=22)
+        expected = ref.scatter_add_kept(residual.clone(), y, order)
+        out = ops.scatter_add_kept(residual, y, order)
+        assert out is residual
+        assert torch.equal(residual, expected)  # fp32 accumulation, one rounding: bit-exact
+
+
+def test_scatter_add_kept_leaves_other_rows_untouched(device):
+    residual = randn(6, 4, 8, device=device, seed=23)
+    residual[1] = float("nan")
+    residual[4] = float("inf")
+    order = torch.tensor([0, 2, 1, 3, 4, 5], device=device)
+    before = residual.clone()
+    ops.scatter_add_kept(residual, torch.ones(2, 4, 8, device=device), order)
+    assert torch.equal(residual[[0, 2]], before[[0, 2]] + 1)
+    assert torch.equal(residual[[1, 3, 4, 5]].isnan(), before[[1, 3, 4, 5]].isnan())
+    assert torch.equal(residual[[3, 4, 5]], before[[3, 4, 5]])
+
+
+def test_scatter_add_kept_casts_y_to_the_residual_dtype(device):
+    residual = randn(4, 3, 8, dtype=torch.bfloat16, device=device, seed=24)
+    y = randn(2, 3, 8, device=device, seed=25)
+    order = make_order(4, 2, device)
+    expected = ref.scatter_add_kept(residual.clone(), y.bfloat16(), order)
+    assert torch.equal(ops.scatter_add_kept(residual, y, order), expected)
+
+
+def test_scatter_add_kept_is_in_place_under_autograd(device):
+    x = randn(5, 3, 4, device=device, seed=26, dtype=torch.float64).requires_grad_()
+    y = randn(2, 3, 4, device=device, seed=27, dtype=torch.float64).requires_grad_()
+    order = make_order(5, 2, device)
+    residual = x * 1.0
+    out = ops.scatter_add_kept(residual, y, order)
+    assert out is residual
+    torch.testing.assert_close(out, ref.scatter_add_kept((x * 1.0).detach(), y.detach(), order))
+    weights = randn(5, 3, 4, device=device, seed=28, dtype=torch.float64)
+    gx, gy = torch.autograd.grad((out * weights).sum(), (x, y))
+    assert torch.equal(gx, weights)
+    assert torch.equal(gy, weights[order[:2]])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_scatter_add_low_precision_error_matches_pytorch(device, dtype):
+    residual = randn(8, 16, 96, device=device, seed=29)
+    y = randn(4, 16, 96, device=device, seed=30)
+    order = make_order(8, 4, device)
+    truth = ref.scatter_add_kept(residual.clone(), y, order)
+    ours = ops.scatter_add_kept(residual.to(dtype), y.to(dtype), order).float()
+    theirs = residual.to(dtype).index_add(0, order[:4], y.to(dtype)).float()
+    assert (ours - truth).abs().max() <= 2 * (theirs - truth).abs().max() + 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# packed layout
+
+
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("shape", [(1, 1), (4, 7), (9, 33), (64, 5), (3, 1100)])
+def test_pack_plan_matches_reference(device, mask_kind, shape):
+    batch, seqlen = shape
+    mask = make_mask(mask_kind, batch, seqlen, device, seed=batch)
+    for k in sorted({0, 1, batch // 2, batch}):
+        order = make_order(batch, k, device, seed=k + 1)
+        cu, index, max_len = torch.ops.mindskip.pack_plan(mask, order, k, seqlen)
+        e_cu, e_index, e_max = ref.pack_plan(mask, order, k, seqlen)
+        assert cu.dtype == torch.int32 and index.dtype == torch.int64 and max_len.dtype == torch.int32
+        assert torch.equal(cu, e_cu) and torch.equal(index, e_index) and torch.equal(max_len, e_max)
+        assert ops.pack_plan(mask, order, k, seqlen)[2] == int(e_max)
+
+
+@pytest.mark.parametrize("dtype", [*FLOATS, torch.float64])
+@pytest.mark.parametrize("mask_kind", ["none", "left", "holes", "empty_row"])
+@pytest.mark.parametrize("inner", [(1,), (24,), (37,), (3, 8)])
+def test_pack_and_unpack_match_reference(device, dtype, mask_kind, inner):
+    batch, seqlen, k = 6, 9, 4
+    x = randn(batch, seqlen, *inner, dtype=dtype, device=device, seed=31)
+    mask = make_mask(mask_kind, batch, seqlen, device, seed=3)
+    order = make_order(batch, k, device, seed=4)
+    packed, cu, max_len = ops.pack_kept(x, mask, order, k)
+    e_cu, e_index, e_max = ref.pack_plan(mask, order, k, seqlen)
+    total = int(e_cu[-1])
+    assert torch.equal(cu, e_cu) and max_len == int(e_max)
+    assert torch.equal(packed, ref.pack_kept(x, e_index, total))
+
+    residual = randn(batch, seqlen, *inner, dtype=dtype, device=device, seed=32)
+    update = randn(total, *inner, dtype=dtype, device=device, seed=33)
+    expected = ref.unpack_add_kept(residual.clone(), update, e_index)
+    out = ops.unpack_add_kept(residual, update, mask, order, k)
+    assert out is residual and torch.equal(out, expected)
+
+
+def test_pack_rows_unpack_add_rows_round_trip(device):
+    x = randn(5, 6, 2, 8, device=device, seed=34)
+    mask = make_mask("holes", 5, 6, device)
+    order = make_order(5, 3, device)
+    _, index, _ = ops.pack_plan(mask, order, 3, 6)
+    total = int(mask[order[:3]].sum())
+    packed = ops.pack_rows(x, index, total)
+    assert packed.shape == (total, 2, 8)
+    rebuilt = ops.unpack_add_rows(torch.zeros_like(x), packed, index)
+    selected = torch.zeros(5, 6, dtype=torch.bool, device=device)
+    selected[order[:3]] = mask[order[:3]]
+    assert torch.equal(rebuilt, x * selected[..., None, None])
+
+
+# ---------------------------------------------------------------------------------------------
+# opcheck, gradcheck, torch.compile
+
+
+def opcheck_cases(device):
+    hidden = randn(4, 5, 24, device=device, seed=40).requires_grad_()
+    weight = randn(24, device=device, seed=41).requires_grad_()
+    bias = torch.tensor([0.1], device=device, requires_grad=True)
+    mask = make_mask("empty_row", 4, 5, device)
+    order = make_order(4, 2, device)
+    x = randn(4, 5, 24, device=device, seed=42).requires_grad_()
+    cu, index, _ = torch.ops.mindskip.pack_plan(mask, order, 2, 5)
+    total = int(cu[-1])
+    m = torch.ops.mindskip
+    return [
+        (m.router_gate.default, (hidden, mask, weight, bias, 0.5)),
+        (m.router_gate.default, (hidden, None, weight, bias, 0.5)),
+        (m.router_gate_backward.default, (randn(4, device=device), hidden.detach(), mask, weight.detach(), randn(4, device=device).sigmoid())),
+        (m.gather_kept.default, (x, order, 2)),
+        (m.scatter_add_kept_.default, (randn(4, 5, 24, device=device), randn(2, 5, 24, device=device), order)),
+        (m.pack_plan.default, (mask, order, 2, 5)),
+        (m.pack_plan.default, (None, order, 3, 5)),
+        (m.pack_kept.default, (x, index, total)),
+        (m.unpack_add_kept_.default, (randn(4, 5, 24, device=device), randn(total, 24, device=device), index)),
+    ]
+
+
+def test_opcheck_every_op(device):
+    seen = set()
+    for op, args in opcheck_cases(device):
+        torch.library.opcheck(op, args)
+        seen.add(op.name())
+    defined = {name for name in torch._C._dispatch_get_all_op_names() if name.startswith("mindskip::")}
+    assert len(defined) == 7
+    assert defined <= seen, f"ops without an opcheck case: {defined - seen}"
+
+
+def test_gradcheck_router_gate_through_score():
+    hidden = randn(3, 4, 5, dtype=torch.float64, seed=50).requires_grad_()
+    weight = randn(5, dtype=torch.float64, seed=51).requires_grad_()
+    bias = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    mask = make_mask("empty_row", 3, 4, "cpu")
+    for m in (mask, None):
+        assert torch.autograd.gradcheck(lambda h, w, b: ops.router_gate(h, m, w, b, 0.5)[0], (hidden, weight, bias))
+    # A (1, D) weight (nn.Linear(D, 1).weight) and a (1,) bias get gradients of their own shape.
+    w2 = weight.detach().reshape(1, 5).requires_grad_()
+    b2 = bias.detach().reshape(1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda h, w, b: ops.router_gate(h, mask, w, b, 0.5)[0], (hidden, w2, b2))
+
+
+def test_gradcheck_regroup_ops():
+    order = make_order(5, 3, "cpu", seed=1)
+    x = randn(5, 3, 4, dtype=torch.float64, seed=52).requires_grad_()
+    y = randn(3, 3, 4, dtype=torch.float64, seed=53).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: ops.gather_kept(t, order, 3), (x,))
+    assert torch.autograd.gradcheck(lambda r, v: ops.scatter_add_kept(r * 1.0, v, order), (x, y))
+    mask = make_mask("holes", 5, 3, "cpu")
+    _, index, _ = ops.pack_plan(mask, order, 3, 3)
+    total = int(mask[order[:3]].sum())
+    packed = randn(total, 4, dtype=torch.float64, seed=54).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: ops.pack_rows(t, index, total), (x,))
+    assert torch.autograd.gradcheck(lambda r, p: ops.unpack_add_rows(r * 1.0, p, index), (x, packed))
+    assert torch.autograd.gradcheck(lambda t: ops.pack_kept(t, mask, order, 3)[0], (x,))
+    assert torch.autograd.gradcheck(lambda r, p: ops.unpack_add_kept(r * 1.0, p, mask, order, 3), (x, packed))
+
+
+def mindskip_block(hidden, mask, weight, bias, residual, k):
+    """A MindSkip-style step: route, run a sublayer on the kept rows, add back in place."""
+    score, keep, order, num_kept = ops.router_gate(hidden, mask, weight, bias, 0.5)
+    kept = ops.gather_kept(hidden, order, k)
+    gate = ops.straight_through(score, keep)
+    update = torch.tanh(kept) * gate.index_select(0, order[:k]).view(k, 1, 1)
+    out = ops.scatter_add_kept(residual * 1.0, update, order)
+    _, index, _ = torch.ops.mindskip.pack_plan(mask, order, k, hidden.shape[1])
+    total = 2  # any count up to the real tokens of the kept rows
+    packed = ops.pack_rows(out, index, total)
+    return ops.unpack_add_rows(out, packed.sin(), index), num_kept
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(device, backend):
+    torch._dynamo.reset()
+    hidden = randn(6, 5, 16, device=device, seed=60).requires_grad_()
+    weight = randn(16, device=device, seed=61).requires_grad_()
+    bias = torch.tensor(0.0, device=device)
+    mask = make_mask("right", 6, 5, device)
+    residual = randn(6, 5, 16, device=device, seed=62)
+    k = int(ops.router_gate(hidden, mask, weight, bias, 0.5)[3])
+    assert 0 < k
+    compiled = torch.compile(mindskip_block, fullgraph=True, backend=backend)
+    got, got_kept = compiled(hidden, mask, weight, bias, residual, k)
+    want, want_kept = mindskip_block(hidden, mask, weight, bias, residual, k)
+    torch.testing.assert_close(got, want)
+    assert torch.equal(got_kept, want_kept)
+    g_got = torch.autograd.grad(got.sum(), (hidden, weight))
+    g_want = torch.autograd.grad(want.sum(), (hidden, weight))
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+
+def router_args(device, **overrides):
+    args = dict(
+        hidden=randn(2, 3, 4, device=device),
+        mask=torch.ones(2, 3, dtype=torch.bool, device=device),
+        weight=randn(4, device=device),
+        bias=0.0,
+        threshold=0.5,
+    )
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(hidden=torch.zeros(2, 4)), r"hidden must have shape \(B, T, D\), got rank 2"),
+        (dict(hidden=torch.zeros(2, 3, 4, dtype=torch.int32)), "hidden must be float32, float16, bfloat16 or float64, got Int"),
+        (dict(weight=torch.zeros(5)), "weight has D = 5 but hidden has D = 4"),
+        (dict(weight=torch.zeros(2, 4)), r"weight must have shape \(D,\) or \(1, D\)"),
+        (dict(mask=torch.ones(2, 4, dtype=torch.bool)), r"mask must have shape \(B, T\) = \(2, 3\)"),
+        (dict(mask=torch.ones(3, dtype=torch.bool)), r"mask must have shape \(B, T\)"),
+        (dict(bias=torch.zeros(2)), "bias must be a 0-d or 1-element tensor"),
+        (dict(threshold=0.0), r"threshold must lie strictly between 0 and 1, got 0"),
+        (dict(threshold=1.0), r"threshold must lie strictly between 0 and 1, got 1"),
+        (dict(threshold=-0.5), r"threshold must lie strictly between 0 and 1"),
+    ],
+)
+def test_router_gate_rejects_bad_input(device, overrides, message):
+    args = router_args(device, **{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in overrides.items()})
+    with pytest.raises(RuntimeError, match=message):
+        ops.router_gate(**args)
+
+
+def test_ops_reject_mixed_devices():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    args = router_args("cuda", mask=torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="mask is on cpu but hidden is on cuda"):
+        ops.router_gate(**args)
+    args = router_args("cuda", weight=randn(4))
+    with pytest.raises(RuntimeError, match="weight is on cpu but hidden is on cuda"):
+        ops.router_gate(**args)
+    with pytest.raises(RuntimeError, match="order is on cpu but x is on cuda"):
+        ops.gather_kept(randn(3, 2, device="cuda"), torch.arange(3), 1)
+
+
+def test_regroup_ops_reject_bad_input(device):
+    x = randn(4, 3, 8, device=device)
+    order = torch.arange(4, device=device)
+    m = torch.ops.mindskip
+    cases = [
+        (lambda: ops.gather_kept(x, order[:3], 1), r"order must have shape \(B,\) = \(4,\)"),
+        (lambda: ops.gather_kept(x, order.int(), 1), "order must be int64, got Int"),
+        (lambda: ops.gather_kept(x, order, 5), r"k = 5 is out of range \[0, B = 4\]"),
+        (lambda: ops.gather_kept(x, order, -1), r"k = -1 is out of range"),
+        (lambda: ops.scatter_add_kept(x, randn(2, 3, 7, device=device), order), "trailing dimensions must match"),
+        (lambda: ops.scatter_add_kept(x, randn(5, 3, 8, device=device), order), r"y.size\(0\) = 5 is out of range"),
+        (lambda: ops.scatter_add_kept(x.transpose(1, 2), randn(2, 8, 3, device=device), order), "residual must be contiguous"),
+        (lambda: ops.scatter_add_kept(x.int(), randn(2, 3, 8, device=device).int(), order), "residual must be float32"),
+        (lambda: m.scatter_add_kept_(x, randn(2, 3, 8, device=device).half(), order), "y is Half but residual is Float"),
+        (lambda: ops.pack_plan(torch.ones(4, 2, device=device), order, 2, 3), r"mask must have shape \(B, T\) = \(4, 3\)"),
+        (lambda: ops.pack_plan(None, order, 7, 3), r"k = 7 is out of range"),
+        (lambda: ops.pack_rows(x, torch.zeros(3, dtype=torch.long, device=device), 4), r"the row count = 4 is out of range"),
+        (lambda: ops.pack_rows(x[0, 0], order, 1), r"x must have shape \(B, T, ...\)"),
+        (lambda: ops.unpack_add_rows(x, randn(2, 7, device=device), order), "trailing dimensions must match"),
+    ]
+    if device.type == "cpu":  # out-of-range rows are a device-side assert on CUDA
+        bad = torch.tensor([0, 9, 1, 2], device=device)
+        cases.append((lambda: ops.gather_kept(x, bad, 2), r"order\[1\] = 9 is out of range \[0, 4\)"))
+        cases.append((lambda: ops.pack_rows(x, torch.tensor([12], device=device), 1), r"token_index\[0\] = 12 is out of range \[0, 12\)"))
+    for fn, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            fn()
+
+
+# ---------------------------------------------------------------------------------------------
+# The portable CPU path (no AVX) gives the same answers.
+
+
+def test_portable_cpu_path_matches_reference():
+    script = textwrap.dedent(
+        """
+        import torch
+        from mindskip_ext import ops, reference as ref
+        torch.manual_seed(0)
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            h = torch.randn(5, 7, 37).to(dtype)
+            w = torch.randn(37) * 0.2
+            mask = torch.rand(5, 7) < 0.7
+            got, want = ops.router_gate(h, mask, w, 0.1, 0.5), ref.router_gate(h, mask, w, 0.1, 0.5)
+            torch.testing.assert_close(got[0], want[0], atol=2e-6, rtol=0)
+            order = torch.tensor([3, 1, 0, 2, 4])
+            r, y = torch.randn(5, 7, 37).to(dtype), torch.randn(2, 7, 37).to(dtype)
+            assert torch.equal(ops.scatter_add_kept(r.clone(), y, order), ref.scatter_add_kept(r.clone(), y, order))
+        print("ok")
+        """
+    )
+    env = dict(os.environ, MINDSKIP_CPU_SIMD="0")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

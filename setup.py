@@ -1,0 +1,148 @@
+"""Builds mindskip_ext and its compiled ops, mindskip_ext._C.
+
+Install against the torch that will run it:
+
+    pip install --no-build-isolation -e .        # or: bash scripts/install.sh
+
+Environment variables (all optional):
+
+    MINDSKIP_CUDA          auto (default): compile the CUDA kernels when torch is a CUDA build
+                           and a CUDA toolkit is found; 1: compile them or fail; 0: CPU only.
+    TORCH_CUDA_ARCH_LIST   GPU architectures to compile for (default "8.0;9.0+PTX"; no GPU is
+                           needed at build time).
+    CUDA_HOME              CUDA toolkit folder (default: the toolkit of the nvcc on PATH).
+    MAX_JOBS               parallel compile jobs (default: torch's choice, about the CPU count).
+
+The build writes mindskip_ext/_build_info.py (torch and CUDA versions it had); importing
+mindskip_ext checks it against the running torch.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+
+
+def nvcc_cuda_home() -> str | None:
+    """The toolkit folder of the nvcc on PATH, asked of nvcc itself (it may be a wrapper script)."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        out = subprocess.run(
+            [nvcc, "--dryrun", "-x", "cu", "-E", os.devnull],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.MULTILINE)
+    home = Path(match.group(1).strip()) if match else Path(nvcc).resolve().parent.parent
+    home = home.resolve()
+    return str(home) if (home / "include" / "cuda_runtime.h").is_file() else None
+
+
+# torch.utils.cpp_extension reads CUDA_HOME when it is imported, so settle it first.
+if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
+    found = nvcc_cuda_home()
+    if found is not None:
+        os.environ["CUDA_HOME"] = found
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
+
+
+def want_cuda() -> bool:
+    mode = os.environ.get("MINDSKIP_CUDA", "auto").strip().lower()
+    if mode not in {"auto", "1", "0"}:
+        raise SystemExit(f"MINDSKIP_CUDA must be auto, 1 or 0, got {mode!r}")
+    if mode == "0":
+        return False
+    problem = None
+    if torch.version.cuda is None:
+        problem = f"torch {torch.__version__} is not a CUDA build"
+    elif cpp_extension.CUDA_HOME is None:
+        problem = "no CUDA toolkit found (put nvcc on PATH or set CUDA_HOME)"
+    if problem is None:
+        return True
+    if mode == "1":
+        raise SystemExit(f"MINDSKIP_CUDA=1 but the CUDA kernels cannot be built: {problem}")
+    print(f"mindskip_ext: building CPU kernels only ({problem})")
+    return False
+
+
+def nvcc_version(cuda_home: str) -> str | None:
+    out = subprocess.run(
+        [str(Path(cuda_home) / "bin" / "nvcc"), "--version"], capture_output=True, text=True
+    )
+    match = re.search(r"release (\d+\.\d+)", out.stdout)
+    return match.group(1) if match else None
+
+
+def write_build_info(with_cuda: bool) -> None:
+    info = {
+        "TORCH_VERSION": torch.__version__,
+        "TORCH_CUDA_VERSION": torch.version.cuda,
+        "WITH_CUDA": with_cuda,
+        "CUDA_HOME": cpp_extension.CUDA_HOME if with_cuda else None,
+        "NVCC_VERSION": nvcc_version(cpp_extension.CUDA_HOME) if with_cuda else None,
+        "CUDA_ARCH_LIST": os.environ["TORCH_CUDA_ARCH_LIST"] if with_cuda else None,
+    }
+    lines = ['"""Written by setup.py: what mindskip_ext._C was built with. Do not edit."""', ""]
+    lines += [f"{key} = {value!r}" for key, value in info.items()]
+    (ROOT / "mindskip_ext" / "_build_info.py").write_text("\n".join(lines) + "\n")
+
+
+def relative_sources(folder: str, pattern: str) -> list[str]:
+    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / folder).glob(pattern))
+
+
+def extension(with_cuda: bool):
+    sources = ["csrc/registration.cpp", *relative_sources("cpu", "*.cpp")]
+    # No -std flag: torch.utils.cpp_extension picks the standard its headers need (C++17 or later).
+    cxx = ["-O3", "-DMINDSKIP_PYTHON_MODULE"]
+    if not with_cuda:
+        return cpp_extension.CppExtension("mindskip_ext._C", sources, extra_compile_args={"cxx": cxx})
+    sources += relative_sources("cuda", "*.cu")
+    nvcc = ["-O3", "-lineinfo"]
+    return cpp_extension.CUDAExtension(
+        "mindskip_ext._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc}
+    )
+
+
+with_cuda = want_cuda()
+write_build_info(with_cuda)
+
+setup(
+    name="mindskip_ext",
+    version="0.1.0",
+    description="MindSkip dynamic-depth attention for Hugging Face models, with compiled router and regroup kernels",
+    packages=["mindskip_ext"],
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.10",
+        "transformers>=5.17,<6",
+        "safetensors",
+        "numpy",
+        "tqdm",
+        "datasets",
+    ],
+    extras_require={
+        "eval": ["lm-eval>=0.4.5"],
+        "gguf": ["gguf", "accelerate"],
+        "bench": ["matplotlib"],
+        "test": ["pytest", "expecttest"],
+    },
+    entry_points={"console_scripts": ["mindskip = mindskip_ext.cli:main"]},
+    ext_modules=[extension(with_cuda)],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    zip_safe=False,
+)
