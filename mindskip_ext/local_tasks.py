@@ -78,12 +78,14 @@ def write_tasks(
     limit: int | None = None,
     mmlu_limit: int | None = None,
     num_fewshot: dict[str, int] | None = None,
+    mmlu_subjects: list[str] | None = None,
     seed: int = 1234,
 ) -> LocalTasks:
     """Write lm-eval task configs for ``tasks`` from the data files under ``data_dir`` into ``output_dir``.
 
     ``limit`` keeps a seeded random subset of at most that many scored items per task; ``mmlu_limit`` does
-    the same per MMLU subject (all 57 subjects are kept). Few-shot pools are never subsampled.
+    the same per MMLU subject; ``mmlu_subjects`` keeps only those subjects (default: all 57). Few-shot
+    pools are never subsampled.
     Each task's config carries its shot count: :data:`PAPER_SHOTS`, or ``num_fewshot[task]`` when given
     (only tasks with a few-shot pool, HellaSwag, MMLU and GSM8K, can take more than 0).
     """
@@ -120,7 +122,7 @@ def write_tasks(
     for task in tasks:
         rng = random.Random(f"{seed}-{task}")
         if task == MMLU_GROUP:
-            _mmlu(data_dir / "eval" / "mmlu", output_dir, mmlu_limit, shots[task], rng, result)
+            _mmlu(data_dir / "eval" / "mmlu", output_dir, mmlu_limit, mmlu_subjects, shots[task], rng, result)
             continue
         scored, fewshot, config = writers[task](data_dir / "eval")
         result.totals[task] = len(scored)
@@ -138,6 +140,7 @@ def write_tasks(
         "seed": seed,
         "limit": limit,
         "mmlu_limit": mmlu_limit,
+        "mmlu_subjects": result.subjects,
         "sizes": result.sizes,
         "totals": result.totals,
         "num_fewshot": shots,
@@ -288,11 +291,16 @@ def _gsm8k(eval_dir: Path):
     return test, train, config
 
 
-def _mmlu(folder: Path, output_dir: Path, per_subject: int | None, shots: int, rng: random.Random,
-          result: LocalTasks) -> None:
+def _mmlu(folder: Path, output_dir: Path, per_subject: int | None, only: list[str] | None, shots: int,
+          rng: random.Random, result: LocalTasks) -> None:
     subjects = sorted(p.name[: -len("_test.csv")] for p in (folder / "test").glob("*_test.csv"))
     if not subjects:
         raise FileNotFoundError(f"{folder / 'test'} has no <subject>_test.csv files")
+    if only is not None:
+        unknown = sorted(set(only) - set(subjects))
+        if unknown or not only:
+            raise ValueError(f"unknown MMLU subject(s) {unknown or only}; known: {', '.join(subjects)}")
+        subjects = sorted(set(only))
     subtasks = []
     scored = total = 0
     for subject in subjects:

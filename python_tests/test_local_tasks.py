@@ -157,6 +157,14 @@ def test_oracle_scores_through_simple_evaluate(written, loaded, invert):
         assert all("Answer:" not in c.split("\n")[0] for c in contexts["local_piqa"])  # 0-shot: one question
 
 
+def test_mmlu_subject_selection(data_dir, tmp_path):
+    written = local_tasks.write_tasks(data_dir, tmp_path, tasks=["local_mmlu"], mmlu_limit=3,
+                                      mmlu_subjects=["virology", "anatomy"])
+    assert written.subjects == ["anatomy", "virology"] and written.sizes == {"local_mmlu": 6}
+    loaded = written.task_manager().load(["local_mmlu"])
+    assert sorted(loaded["group_map"]["local_mmlu"]) == ["local_mmlu_anatomy", "local_mmlu_virology"]
+
+
 def test_fewshot_override_and_bad_arguments(data_dir, tmp_path):
     written = local_tasks.write_tasks(data_dir, tmp_path, tasks=["local_hellaswag"], limit=2,
                                       num_fewshot={"local_hellaswag": 0})
@@ -168,6 +176,8 @@ def test_fewshot_override_and_bad_arguments(data_dir, tmp_path):
         local_tasks.write_tasks(data_dir, tmp_path, tasks=["piqa"])
     with pytest.raises(ValueError, match="limit must be a positive integer"):
         local_tasks.write_tasks(data_dir, tmp_path, limit=0)
+    with pytest.raises(ValueError, match="unknown MMLU subject"):
+        local_tasks.write_tasks(data_dir, tmp_path, tasks=["local_mmlu"], mmlu_subjects=["astrology"])
     with pytest.raises(FileNotFoundError, match="no eval/ folder"):
         local_tasks.write_tasks(tmp_path / "nowhere", tmp_path / "out")
 
