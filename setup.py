@@ -87,7 +87,7 @@ def nvcc_version(cuda_home: str) -> str | None:
     return match.group(1) if match else None
 
 
-def write_build_info(with_cuda: bool) -> None:
+def write_build_info(with_cuda: bool, package_dir: Path) -> None:
     info = {
         "TORCH_VERSION": torch.__version__,
         "TORCH_CUDA_VERSION": torch.version.cuda,
@@ -98,7 +98,19 @@ def write_build_info(with_cuda: bool) -> None:
     }
     lines = ['"""Written by setup.py: what mindskip_ext._C was built with. Do not edit."""', ""]
     lines += [f"{key} = {value!r}" for key, value in info.items()]
-    (ROOT / "mindskip_ext" / "_build_info.py").write_text("\n".join(lines) + "\n")
+    package_dir.mkdir(parents=True, exist_ok=True)
+    (package_dir / "_build_info.py").write_text("\n".join(lines) + "\n")
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """Builds _C, then records what it was built with next to it (only when it is built, so
+    metadata-only runs of setup.py never leave a record that disagrees with the library)."""
+
+    def run(self):
+        super().run()
+        in_source = self.inplace or getattr(self, "editable_mode", False)
+        package_dir = ROOT / "mindskip_ext" if in_source else Path(self.build_lib) / "mindskip_ext"
+        write_build_info(WITH_CUDA, package_dir)
 
 
 def relative_sources(folder: str, pattern: str) -> list[str]:
@@ -118,8 +130,7 @@ def extension(with_cuda: bool):
     )
 
 
-with_cuda = want_cuda()
-write_build_info(with_cuda)
+WITH_CUDA = want_cuda()
 
 setup(
     name="mindskip_ext",
@@ -142,7 +153,7 @@ setup(
         "test": ["pytest"],
     },
     entry_points={"console_scripts": ["mindskip = mindskip_ext.cli:main"]},
-    ext_modules=[extension(with_cuda)],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    ext_modules=[extension(WITH_CUDA)],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,
 )
