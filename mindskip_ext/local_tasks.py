@@ -75,7 +75,7 @@ def write_tasks(
     data_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
     tasks: list[str] | tuple[str, ...] = TASKS,
-    limit: int | None = None,
+    limit: int | dict[str, int | None] | None = None,
     mmlu_limit: int | None = None,
     num_fewshot: dict[str, int] | None = None,
     mmlu_subjects: list[str] | None = None,
@@ -83,8 +83,8 @@ def write_tasks(
 ) -> LocalTasks:
     """Write lm-eval task configs for ``tasks`` from the data files under ``data_dir`` into ``output_dir``.
 
-    ``limit`` keeps a seeded random subset of at most that many scored items per task; ``mmlu_limit`` does
-    the same per MMLU subject; ``mmlu_subjects`` keeps only those subjects (default: all 57). Few-shot
+    ``limit`` keeps a seeded random subset of at most that many scored items per task (a dict: per task, tasks
+    it does not name are not subsampled); MMLU is subsampled per subject with ``mmlu_limit``; ``mmlu_subjects`` keeps only those subjects (default: all 57). Few-shot
     pools are never subsampled.
     Each task's config carries its shot count: :data:`PAPER_SHOTS`, or ``num_fewshot[task]`` when given
     (only tasks with a few-shot pool, HellaSwag, MMLU and GSM8K, can take more than 0).
@@ -93,7 +93,11 @@ def write_tasks(
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown local task(s) {unknown}; known: {', '.join(TASKS)}")
-    for name, value in (("limit", limit), ("mmlu_limit", mmlu_limit)):
+    limits = dict(limit) if isinstance(limit, dict) else {task: limit for task in tasks}
+    stray = sorted(set(limits) - set(tasks))
+    if stray:
+        raise ValueError(f"limit names {stray}, which are not among the tasks {list(tasks)}")
+    for name, value in [*((f"limit[{t!r}]", v) for t, v in limits.items()), ("mmlu_limit", mmlu_limit)]:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
     shots = {task: PAPER_SHOTS[task] for task in tasks}
@@ -126,7 +130,7 @@ def write_tasks(
             continue
         scored, fewshot, config = writers[task](data_dir / "eval")
         result.totals[task] = len(scored)
-        scored = _subsample(scored, limit, rng)
+        scored = _subsample(scored, limits.get(task), rng)
         result.sizes[task] = len(scored)
         files = {"test": _write_jsonl(output_dir / f"{task}.jsonl", scored)}
         if fewshot is not None:
@@ -138,7 +142,7 @@ def write_tasks(
     manifest = {
         "data_dir": str(data_dir.resolve()),
         "seed": seed,
-        "limit": limit,
+        "limit": limits,
         "mmlu_limit": mmlu_limit,
         "mmlu_subjects": result.subjects,
         "sizes": result.sizes,

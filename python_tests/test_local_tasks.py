@@ -157,6 +157,11 @@ def test_oracle_scores_through_simple_evaluate(written, loaded, invert):
         assert all("Answer:" not in c.split("\n")[0] for c in contexts["local_piqa"])  # 0-shot: one question
 
 
+def test_per_task_limits(data_dir, tmp_path):
+    written = local_tasks.write_tasks(data_dir, tmp_path, tasks=["local_rte", "local_boolq"], limit={"local_boolq": 5})
+    assert written.sizes == {"local_rte": 277, "local_boolq": 5}
+
+
 def test_mmlu_subject_selection(data_dir, tmp_path):
     written = local_tasks.write_tasks(data_dir, tmp_path, tasks=["local_mmlu"], mmlu_limit=3,
                                       mmlu_subjects=["virology", "anatomy"])
@@ -174,8 +179,10 @@ def test_fewshot_override_and_bad_arguments(data_dir, tmp_path):
         local_tasks.write_tasks(data_dir, tmp_path, tasks=["local_piqa"], num_fewshot={"local_piqa": 3})
     with pytest.raises(ValueError, match="unknown local task"):
         local_tasks.write_tasks(data_dir, tmp_path, tasks=["piqa"])
-    with pytest.raises(ValueError, match="limit must be a positive integer"):
+    with pytest.raises(ValueError, match=r"limit\['local_piqa'\] must be a positive integer"):
         local_tasks.write_tasks(data_dir, tmp_path, limit=0)
+    with pytest.raises(ValueError, match="limit names \\['local_gsm8k'\\]"):
+        local_tasks.write_tasks(data_dir, tmp_path, tasks=["local_rte"], limit={"local_gsm8k": 3})
     with pytest.raises(ValueError, match="unknown MMLU subject"):
         local_tasks.write_tasks(data_dir, tmp_path, tasks=["local_mmlu"], mmlu_subjects=["astrology"])
     with pytest.raises(FileNotFoundError, match="no eval/ folder"):
