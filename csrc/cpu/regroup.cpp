@@ -8,9 +8,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <tuple>
 #include <vector>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #include "../common.h"
 #include "simd.h"
@@ -29,12 +34,31 @@ void check_rows_in_range(const int64_t* index, int64_t count, int64_t rows, cons
   }
 }
 
-// dst[i] = src[index[i]] for i < count; rows of row_bytes bytes (any dtype).
+// A fresh output is first touched by the copy that fills it. On Linux, ask for transparent huge
+// pages on its 2 MiB-aligned interior, so that first touch costs one page fault per 2 MiB instead
+// of one per 4 KiB (several times faster for large outputs). Only a hint: no effect when THP is off.
+void advise_huge_pages(void* ptr, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (bytes < static_cast<int64_t>(2 * kHuge)) {
+    return;
+  }
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(ptr) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(ptr) + bytes) & ~(kHuge - 1);
+  if (end > begin) {
+    madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+  }
+#endif
+}
+
+// dst[i] = src[index[i]] for i < count; rows of row_bytes bytes (any dtype). dst is a fresh
+// allocation of count * row_bytes bytes.
 void gather_rows(const char* src, char* dst, const int64_t* index, int64_t count,
                  int64_t row_bytes) {
   if (count == 0 || row_bytes == 0) {
     return;
   }
+  advise_huge_pages(dst, count * row_bytes);
   const int64_t tiles = (row_bytes + kTileBytes - 1) / kTileBytes;
   at::parallel_for(0, count * tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {

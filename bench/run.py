@@ -1,0 +1,65 @@
+"""The one benchmark entry point.
+
+    python bench/run.py --quick                 # every section, small and fast (< 1 min on CPU)
+    python bench/run.py --only micro --device cuda
+
+Results are appended to bench/results/<device-slug>.jsonl and summarised in
+bench/results/<device-slug>.md (see bench/common.py for the row schema).
+
+Sections are modules in bench/ with ``run(args, writer)`` (and optionally
+``add_arguments(parser)``); register a new one in SECTIONS below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+# section name -> module in bench/ defining run(args, writer)
+SECTIONS: dict[str, str] = {
+    "micro": "micro",
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections (default: all of {', '.join(SECTIONS)})")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
+    parser.add_argument("--results-dir", type=Path, default=common.RESULTS_DIR, help="where the .jsonl/.md files go")
+    for module in _modules(SECTIONS):
+        if hasattr(module, "add_arguments"):
+            module.add_arguments(parser)
+    args = parser.parse_args(argv)
+    args.sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in args.sections if s not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    return args
+
+
+def _modules(names):
+    return [importlib.import_module(SECTIONS[name]) for name in names]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = common.resolve_device(args.device)
+    writer = common.Writer(device, args.results_dir)
+    print(f"# {common.device_name(device)}; {common.env_summary()}; sections: {', '.join(args.sections)}")
+    for name, module in zip(args.sections, _modules(args.sections)):
+        print(f"## {name}")
+        module.run(args, writer)
+    jsonl, markdown = writer.finish()
+    print(f"wrote {len(writer.rows)} rows to {jsonl} and the table {markdown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
