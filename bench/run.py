@@ -4,7 +4,8 @@
     python bench/run.py --only micro --device cuda
 
 Results are appended to bench/results/<device-slug>.jsonl and summarised in
-bench/results/<device-slug>.md (see bench/common.py for the row schema).
+bench/results/<device-slug>.md (see bench/common.py for the row schema); --quick runs go to
+bench/results/quick/ so a smoke run never mixes with the recorded numbers.
 
 Sections are modules in bench/ with ``run(args, writer)`` (and optionally
 ``add_arguments(parser)``); register a new one in SECTIONS below.
@@ -32,12 +33,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections (default: all of {', '.join(SECTIONS)})")
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
-    parser.add_argument("--results-dir", type=Path, default=common.RESULTS_DIR, help="where the .jsonl/.md files go")
+    parser.add_argument("--results-dir", type=Path, default=None, help="where the .jsonl/.md files go (default: bench/results, or bench/results/quick with --quick)")
     for module in _modules(SECTIONS):
         if hasattr(module, "add_arguments"):
             module.add_arguments(parser)
     args = parser.parse_args(argv)
     args.sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    if args.results_dir is None:
+        args.results_dir = common.RESULTS_DIR / "quick" if args.quick else common.RESULTS_DIR
     unknown = [s for s in args.sections if s not in SECTIONS]
     if unknown:
         parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
