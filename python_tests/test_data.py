@@ -8,7 +8,7 @@ import random
 import pytest
 
 from mindskip_ext import data as D
-from tiny import DATA_DIR, tiny_tokenizer
+from tiny import DATA_DIR, one_thread, tiny_tokenizer  # noqa: F401 (one_thread: autouse fixture)
 
 ALPACA = DATA_DIR / "alpaca_small.json"
 CHAT = DATA_DIR / "chat_small.jsonl"

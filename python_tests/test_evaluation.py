@@ -11,7 +11,7 @@ import mindskip_ext as msk
 from mindskip_ext import data as D
 from mindskip_ext.evaluation import CapacityMeter, evaluate_dataset, evaluate_examples
 from mindskip_ext.layer import LayerRouting, RoutingRecord
-from tiny import DATA_DIR, tiny_model, tiny_tokenizer
+from tiny import DATA_DIR, one_thread, tiny_model, tiny_tokenizer  # noqa: F401 (one_thread: autouse fixture)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,220 @@
+"""Router-Tuning: settings checks, target-capacity control, the L1 penalty, frozen base, checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import mindskip_ext as msk
+from mindskip_ext import data as D
+from mindskip_ext.evaluation import evaluate_examples
+from mindskip_ext.model import CONFIG_NAME, WEIGHTS_NAME
+from mindskip_ext.training import (
+    CHECKPOINT_DIR,
+    LATEST_NAME,
+    LOG_NAME,
+    SUMMARY_NAME,
+    CapacityController,
+    RouterTuner,
+    RouterTuningConfig,
+    calibrate_capacity,
+    lr_lambda,
+)
+from tiny import one_thread, tiny_model, tiny_tokenizer  # noqa: F401 (one_thread: autouse fixture)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def split(tok):
+    examples = D.prepare_examples(tok, D.synthetic_instructions(1000, seed=11), 128).examples
+    return D.split_heldout(examples, 0.3, seed=0)
+
+
+def converted(tok, seed=0, **config):
+    return msk.get_mindskip_model(tiny_model(tokenizer=tok, layers=8, seed=seed), msk.MindSkipConfig(**config))
+
+
+def tuner(tok, split, out, model=None, **settings):
+    settings = {"batch_size": 16, "max_steps": 60, "save_every": 0, **settings}
+    model = model if model is not None else converted(tok)
+    return RouterTuner(model, split[0], split[1], RouterTuningConfig(**settings), out, D.pad_token_id(tok), progress=False)
+
+
+# ----------------------------------------------------------------------------------- settings
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({}, "exactly one"),
+        ({"target_capacity": 0.5, "l1_lambda": 0.1}, "exactly one"),
+        ({"target_capacity": 0.0}, r"\(0, 1\]"),
+        ({"target_capacity": 1.5}, r"\(0, 1\]"),
+        ({"target_capacity": float("nan")}, r"\(0, 1\]"),
+        ({"l1_lambda": -1.0}, ">= 0"),
+        ({"target_capacity": 0.5, "schedule": "step"}, "schedule"),
+        ({"target_capacity": 0.5, "batch_size": 0}, "batch_size"),
+        ({"target_capacity": 0.5, "max_steps": 0}, "max_steps"),
+        ({"target_capacity": 0.5, "heldout_fraction": 1.0}, "heldout_fraction"),
+    ],
+)
+def test_bad_settings_fail_before_training(settings, message):
+    with pytest.raises(ValueError, match=message):
+        RouterTuningConfig(**settings)
+
+
+def test_full_capacity_target_is_allowed():
+    assert RouterTuningConfig(target_capacity=1).target_capacity == 1.0
+
+
+def test_lr_schedule_warms_up_and_decays():
+    f = lr_lambda("cosine", 4, 20)
+    assert [f(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == 1.0 and f(12) == pytest.approx(0.5) and f(20) == pytest.approx(0.0)
+    assert lr_lambda("linear", 0, 10)(5) == pytest.approx(0.5)
+    assert lr_lambda("constant", 2, 10)(9) == 1.0
+
+
+def test_controller_integrates_and_scales():
+    ctl = CapacityController(target=0.5, integral_gain=0.1, proportional_gain=2.0)
+    assert ctl.coefficient(1.0) == 0.0  # no measured gate pressure yet
+    ctl.observe_scale(4.0)
+    assert ctl.coefficient(0.75) == pytest.approx(4.0 * 2.0 * 0.25)
+    ctl.step(1.0)
+    assert ctl.integral == pytest.approx(0.05)
+    ctl.step(0.0)
+    ctl.step(0.0)
+    assert ctl.integral == pytest.approx(-0.05)  # below target: the multiplier turns negative and raises capacity
+    ctl.observe_scale(float("nan"))
+    ctl.observe_scale(14.0)
+    assert ctl.scale == pytest.approx(0.9 * 4.0 + 0.1 * 14.0)
+    for _ in range(10_000):
+        ctl.step(1.0)
+    assert ctl.integral == 20.0
+    restored = CapacityController(0.5, 0.1, 2.0)
+    restored.load_state_dict(ctl.state_dict())
+    assert restored.coefficient(0.3) == ctl.coefficient(0.3)
+
+
+# ----------------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("target, full_ste", [(0.5, True), (0.3, False)])
+def test_target_capacity_lands_on_heldout(tok, split, tmp_path, target, full_ste):
+    model = converted(tok, train_all_sequences=full_ste)
+    base_before = {k: v.clone() for k, v in model.base_model.state_dict().items() if "router" not in k}
+    summary = tuner(tok, split, tmp_path, model=model, target_capacity=target, max_steps=80).train()
+    assert abs(summary["heldout"]["capacity"] - target) <= 0.05
+    assert abs(summary["calibration"]["capacity"] - target) <= 0.01
+    # Only the routers were trained.
+    for k, v in model.base_model.state_dict().items():
+        if "router" not in k:
+            assert torch.equal(v, base_before[k]), k
+    assert summary["trainable_parameters"] == sum(p.numel() for p in model.router_parameters())
+    # The router directory reloads onto a fresh base model with the same routing.
+    reloaded = msk.MindSkipModel.from_pretrained(tiny_model(tokenizer=tok, layers=8), tmp_path)
+    again = evaluate_examples(reloaded, split[1], D.pad_token_id(tok), 16)
+    assert again["capacity"] == summary["heldout"]["capacity"]
+    assert (tmp_path / WEIGHTS_NAME).stat().st_size < 1024 * len(model.routers)
+
+
+def test_l1_penalty_lowers_capacity_with_lambda(tok, split, tmp_path):
+    strong = tuner(tok, split, tmp_path / "strong", l1_lambda=5.0).train()
+    none = tuner(tok, split, tmp_path / "none", l1_lambda=0.0).train()
+    assert strong["calibration"] is None
+    assert strong["heldout"]["capacity"] < 0.2
+    assert none["heldout"]["capacity"] > strong["heldout"]["capacity"] + 0.3
+
+
+def test_reference_settings_run(tok, split, tmp_path):
+    """The reference code's procedure: unmasked mean pooling, kept-only compute, fixed lambda."""
+    model = converted(tok, pool_padding=True, train_all_sequences=False)
+    summary = tuner(tok, split, tmp_path, model=model, l1_lambda=0.5, max_steps=10, grad_accum=2).train()
+    assert summary["steps"] == 10 and math.isfinite(summary["heldout"]["loss"])
+    saved = json.loads((tmp_path / CONFIG_NAME).read_text())["mindskip_config"]
+    assert saved["pool_padding"] is True and saved["train_all_sequences"] is False
+
+
+def test_log_and_summary(tok, split, tmp_path):
+    summary = tuner(tok, split, tmp_path, target_capacity=0.5, max_steps=20, log_every=5, eval_every=10).train()
+    lines = [json.loads(line) for line in (tmp_path / LOG_NAME).read_text().splitlines()]
+    steps = [e for e in lines if "ce" in e]
+    assert [e["step"] for e in steps] == [5, 10, 15, 20]
+    for e in steps:
+        assert set(e["capacity_per_layer"]) == {"3", "4", "5", "6"}
+        assert e["tokens_per_s"] > 0 and math.isfinite(e["loss"]) and "multiplier" in e
+    assert any("heldout" in e and e["step"] == 10 for e in lines)
+    assert lines[-1]["final"] is True
+    assert json.loads((tmp_path / SUMMARY_NAME).read_text())["steps"] == summary["steps"] == 20
+    assert not (tmp_path / CHECKPOINT_DIR).exists()  # removed after a finished run
+
+
+def test_a_model_with_trainable_base_weights_is_refused(tok, split, tmp_path):
+    model = converted(tok)
+    next(model.base_model.parameters()).requires_grad_(True)
+    with pytest.raises(ValueError, match="only the router parameters"):
+        tuner(tok, split, tmp_path, model=model, target_capacity=0.5)
+    with pytest.raises(TypeError, match="MindSkipModel"):
+        RouterTuner(tiny_model(tokenizer=tok), split[0], split[1], RouterTuningConfig(target_capacity=0.5), tmp_path, 0)
+
+
+def test_calibration_hits_the_target_on_its_own_examples(tok, split):
+    model = converted(tok)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        for router in model.routers.values():
+            router.weight.copy_(torch.randn(router.weight.shape, generator=gen))
+    result = calibrate_capacity(model, split[0][:300], 0.3, D.pad_token_id(tok))
+    assert abs(result["capacity"] - 0.3) <= 0.005
+    assert evaluate_examples(model, split[0][:300], D.pad_token_id(tok))["capacity"] == pytest.approx(result["capacity"])
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+
+
+def test_resume_after_a_crash_gives_the_same_routers(tok, split, tmp_path, monkeypatch):
+    settings = {"target_capacity": 0.5, "max_steps": 20, "save_every": 5}
+    straight = tuner(tok, split, tmp_path / "straight", **settings)
+    straight.train()
+
+    crashing = tuner(tok, split, tmp_path / "crash", **settings)
+    original = RouterTuner._train_step
+
+    def crash_at_12(self, step):
+        if step == 12:
+            raise RuntimeError("simulated crash")
+        return original(self, step)
+
+    monkeypatch.setattr(RouterTuner, "_train_step", crash_at_12)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashing.train()
+    monkeypatch.setattr(RouterTuner, "_train_step", original)
+    root = tmp_path / "crash" / CHECKPOINT_DIR
+    assert (root / LATEST_NAME).read_text() == "step-00000010"
+    (root / "step-00000099").mkdir()  # a half-written newer folder is ignored: `latest` moves last
+    (root / "step-00000099" / WEIGHTS_NAME).write_bytes(b"partial")
+
+    resumed = tuner(tok, split, tmp_path / "crash", **settings)
+    summary = resumed.train(resume=True)
+    assert summary["resumed_from_step"] == 10 and summary["steps"] == 20
+    for idx, router in straight.model.routers.items():
+        other = resumed.model.routers[idx]
+        assert torch.allclose(router.weight, other.weight, atol=1e-6)
+        assert torch.allclose(router.bias, other.bias, atol=1e-6)
+    logged = [json.loads(line)["step"] for line in (tmp_path / "crash" / LOG_NAME).read_text().splitlines()]
+    assert logged[:2] == [10, 20]  # the first run's line for step 10, then the resumed run's
+
+
+def test_resume_refuses_a_different_run(tok, split, tmp_path, monkeypatch):
+    first = tuner(tok, split, tmp_path, target_capacity=0.5, max_steps=10, save_every=5, keep_checkpoints=True)
+    first.train()
+    other = tuner(tok, split, tmp_path, target_capacity=0.5, max_steps=10, save_every=5, batch_size=8)
+    with pytest.raises(ValueError, match="batch_size"):
+        other.train(resume=True)
