@@ -11,7 +11,6 @@
 #include <cstdint>
 #include <cstring>
 #include <tuple>
-#include <vector>
 
 #ifdef __linux__
 #include <sys/mman.h>

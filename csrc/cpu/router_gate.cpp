@@ -4,6 +4,7 @@
 // One pass over hidden. The (b, token-chunk) work items are fixed by the shape alone, and the
 // partial sums are combined in a fixed order, so results do not depend on the thread count.
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -98,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_gate_cpu(
   at::Tensor num_kept = at::empty({1}, opts.dtype(at::kLong));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "router_gate", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = at::opmath_type<scalar_t>;  // float, or double for double
     router_gate_kernel<scalar_t, acc_t>(
         hidden.const_data_ptr<scalar_t>(), mask.defined() ? mask.const_data_ptr<bool>() : nullptr,
         weight.const_data_ptr<acc_t>(), bias.item<acc_t>(), static_cast<acc_t>(threshold), batch,
@@ -190,7 +191,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_gate_backward_cpu(
   at::Tensor grad_weight = at::empty({dim}, hidden.options().dtype(acc_type));
   at::Tensor grad_bias = at::empty({}, hidden.options().dtype(acc_type));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "router_gate_backward", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = at::opmath_type<scalar_t>;  // float, or double for double
     router_gate_backward_kernel<scalar_t, acc_t>(
         grad_score.const_data_ptr<acc_t>(), hidden.const_data_ptr<scalar_t>(),
         mask.defined() ? mask.const_data_ptr<bool>() : nullptr, weight.const_data_ptr<acc_t>(),

@@ -15,7 +15,6 @@
 
 #include <algorithm>
 #include <tuple>
-#include <vector>
 
 #include "../common.h"
 #include "utils.cuh"

@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <type_traits>
 
 #include "../common.h"
 #include "utils.cuh"
