@@ -1,0 +1,227 @@
+"""Section `e2e`: a whole model, prefill and decode, against the unconverted model and the ideal.
+
+For every (batch B, prompt length T) point of the grid:
+
+* ``hf``: the unconverted model with its best attention implementation;
+* ``mindskip``: MindSkip on the paper's layers (last half except the last), routers set to keep
+  exactly a fraction ``f`` of the (layer, sequence) pairs of this batch, for each ``f`` of the sweep;
+* ``attn-drop``: static Attention-Drop of the same share of attention sublayers.
+
+Metrics, separately: prefill time (one forward writing the KV cache), decode tokens/s of
+``generate()`` with a fixed number of new tokens, time to last token, KV-cache bytes and (CUDA)
+peak allocated memory.
+
+The ideal speedup is estimated from the dense run itself: the attention sublayers of the MindSkip
+layers are timed (hooks on a separate instrumented run), and the ideal time is the dense time minus
+``(1 - f)`` of that attention time: what MindSkip would take if skipped work cost exactly nothing and
+the rest ran as fast as in the dense model. ``frac_of_ideal`` = measured speedup / ideal speedup.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+
+import torch
+from transformers import DynamicCache
+
+import mindskip_ext as msk
+from common import synchronize, time_ms
+from mindskip_ext.cache import kv_bytes
+from routing import build_model, calibrate_routers, force_static_drop
+
+GPU_GRID = dict(batches=(1, 8, 32, 64), lengths=(512, 2048, 8192), fractions=(1.0, 0.75, 0.5, 0.25))
+CPU_GRID = dict(batches=(1, 4, 8), lengths=(128, 512), fractions=(1.0, 0.75, 0.5, 0.25))
+QUICK_GRID = dict(batches=(4,), lengths=(256,), fractions=(1.0, 0.5))
+
+
+def add_arguments(parser):
+    group = parser.add_argument_group("e2e section")
+    group.add_argument("--e2e-shape", default=None, help="model shape (default: llama3-8b on GPU, cpu-small on CPU)")
+    group.add_argument("--e2e-batches", default=None, help="comma-separated batch sizes")
+    group.add_argument("--e2e-lengths", default=None, help="comma-separated prompt lengths")
+    group.add_argument("--e2e-fractions", default=None, help="comma-separated kept fractions")
+    group.add_argument("--new-tokens", type=int, default=None, help="tokens generated per sequence (default 32; 8 with --quick)")
+    group.add_argument("--mem-fraction", type=float, default=0.85, help="skip GPU points whose estimated memory exceeds this share")
+
+
+def _ints(text, default):
+    return tuple(int(v) for v in text.split(",")) if text else default
+
+
+def _floats(text, default):
+    return tuple(float(v) for v in text.split(",")) if text else default
+
+
+def _median(values):
+    return statistics.median(values)
+
+
+class AttentionTimer:
+    """Times the attention sublayers of the given layers: prefill (q_len > 1) and decode steps apart."""
+
+    def __init__(self, model, layer_indices, device):
+        self.device = device
+        self.handles = []
+        self.prefill_ms = 0.0
+        self.decode_ms = 0.0
+        self._open = []
+        for idx in layer_indices:
+            attn = model.model.layers[idx].self_attn
+            self.handles.append(attn.register_forward_pre_hook(self._start, with_kwargs=True))
+            self.handles.append(attn.register_forward_hook(self._stop, with_kwargs=True))
+
+    def _now(self):
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def _start(self, module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        self._open.append((hidden.shape[1] > 1, self._now()))
+
+    def _stop(self, module, args, kwargs, output):
+        self._open[-1] = (*self._open[-1], self._now())
+
+    def collect(self):
+        synchronize(self.device)
+        for is_prefill, start, end in self._open:
+            ms = start.elapsed_time(end) if self.device.type == "cuda" else (end - start) * 1e3
+            if is_prefill:
+                self.prefill_ms += ms
+            else:
+                self.decode_ms += ms
+        self._open.clear()
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _estimate_bytes(cfg, batch, seqlen, new_tokens, dtype_bytes):
+    """Rough peak beyond the weights: the dense KV cache plus the largest prefill activations."""
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * batch * (seqlen + new_tokens) * dtype_bytes
+    acts = batch * seqlen * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * dtype_bytes
+    return kv + acts
+
+
+def run(args, writer):
+    device = writer.device
+    on_gpu = device.type == "cuda"
+    grid = QUICK_GRID if args.quick else (GPU_GRID if on_gpu else CPU_GRID)
+    batches = _ints(args.e2e_batches, grid["batches"])
+    lengths = _ints(args.e2e_lengths, grid["lengths"])
+    fractions = _floats(args.e2e_fractions, grid["fractions"])
+    new_tokens = args.new_tokens or (8 if args.quick else 32)
+    shape = args.e2e_shape or ("llama3-8b" if on_gpu else "cpu-small")
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    reps = 3 if args.quick else 5
+    model = build_model(shape, device, dtype, max_len=max(lengths) + new_tokens + 8)
+    cfg = model.config
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    layer_ids = msk.MindSkipConfig().resolve_layers(cfg.num_hidden_layers)
+    gen = torch.Generator().manual_seed(0)
+    skipped = []
+
+    for seqlen in lengths:
+        for batch in batches:
+            params = dict(shape=shape, B=batch, T=seqlen, new_tokens=new_tokens)
+            if on_gpu:
+                need = weight_bytes + _estimate_bytes(cfg, batch, seqlen, new_tokens, 2)
+                total = torch.cuda.get_device_properties(device).total_memory
+                if need > args.mem_fraction * total:
+                    reason = f"needs ~{need / 2**30:.0f} GiB of {total / 2**30:.0f} GiB"
+                    skipped.append((batch, seqlen, reason))
+                    print(f"skip B={batch} T={seqlen}: {reason}")
+                    continue
+            ids = torch.randint(1, cfg.vocab_size, (batch, seqlen), generator=gen).to(device)
+            _run_point(model, ids, params, layer_ids, fractions, new_tokens, reps, writer)
+            gc.collect()
+            if on_gpu:
+                torch.cuda.empty_cache()
+    for batch, seqlen, reason in skipped:
+        print(f"skipped point B={batch} T={seqlen}: {reason}")
+    del model
+
+
+def _measure(model, ids, new_tokens, reps, device):
+    """prefill times, generate times, KV bytes and peak memory for one provider."""
+
+    def prefill():
+        model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+
+    def generate():
+        return model.generate(
+            input_ids=ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+            return_dict_in_generate=True,
+        )
+
+    with torch.no_grad():
+        prefill_times = time_ms(prefill, device, reps=reps)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        out = generate()
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        held = sum(kv_bytes(out.past_key_values).values())
+        del out
+        generate_times = time_ms(generate, device, reps=reps, warmup=0)
+    return prefill_times, generate_times, held, peak
+
+
+def _run_point(model, ids, params, layer_ids, fractions, new_tokens, reps, writer):
+    device = writer.device
+    batch = ids.shape[0]
+    decode_tokens = batch * (new_tokens - 1)
+
+    # Dense model, then the attention time of the MindSkip layers from an instrumented run.
+    d_pre, d_gen, d_kv, d_peak = _measure(model, ids, new_tokens, reps, device)
+    pre_ms, gen_ms = _median(d_pre), _median(d_gen)
+    dec_ms = gen_ms - pre_ms
+    timer = AttentionTimer(model, layer_ids, device)
+    with torch.no_grad():
+        model.generate(input_ids=ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    timer.collect()
+    timer.remove()
+    attn_pre, attn_dec = timer.prefill_ms, timer.decode_ms
+    base_metrics = dict(kv_bytes=d_kv, peak_bytes=d_peak)
+    writer.add("e2e", "prefill", "hf", params, d_pre, attn_share=attn_pre / pre_ms, **base_metrics)
+    writer.add("e2e", "decode", "hf", params, [t - pre_ms for t in d_gen],
+               tokens_per_s=decode_tokens / (dec_ms / 1e3), attn_share=attn_dec / max(dec_ms, 1e-9))
+    writer.add("e2e", "ttlt", "hf", params, d_gen)
+
+    wrapped = msk.get_mindskip_model(model, msk.MindSkipConfig(layers=layer_ids))
+
+    def report(provider, p, kept, times):
+        m_pre, m_gen, m_kv, m_peak = times
+        mp, mg = _median(m_pre), _median(m_gen)
+        md = mg - mp
+        ideal_pre = pre_ms - (1 - kept) * attn_pre
+        ideal_dec = dec_ms - (1 - kept) * attn_dec
+        for name, dense, ours, ideal, samples, extra in (
+            ("prefill", pre_ms, mp, ideal_pre, m_pre, dict(kv_bytes=m_kv, kv_ratio=m_kv / d_kv, peak_bytes=m_peak)),
+            ("decode", dec_ms, md, ideal_dec, [t - mp for t in m_gen], dict(tokens_per_s=decode_tokens / (md / 1e3),
+                                                                             ideal_tokens_per_s=decode_tokens / (ideal_dec / 1e3))),
+            ("ttlt", gen_ms, mg, ideal_pre + ideal_dec, m_gen, {}),
+        ):
+            speedup, ideal_speedup = dense / ours, dense / ideal
+            writer.add("e2e", name, provider, p, samples, speedup_vs_hf=speedup, ideal_speedup=ideal_speedup,
+                       frac_of_ideal=speedup / ideal_speedup, **extra)
+
+    for fraction in fractions:
+        with torch.no_grad():
+            capacity = calibrate_routers(
+                wrapped, fraction, ids.shape[0],
+                lambda: wrapped(input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1),
+            )
+        kept = sum(capacity.values()) / len(capacity)
+        report("mindskip", dict(params, kept=round(kept, 4)), kept, _measure(wrapped, ids, new_tokens, reps, device))
+        if fraction < 1.0:
+            dropped = force_static_drop(wrapped, round((1 - fraction) * len(layer_ids)))
+            kept_static = 1 - len(dropped) / len(layer_ids)
+            report("attn-drop", dict(params, kept=round(kept_static, 4)), kept_static,
+                   _measure(wrapped, ids, new_tokens, reps, device))
+    wrapped.unload()

@@ -1,0 +1,105 @@
+"""Section `layer`: one decoder layer at kept fractions 0 .. 1 against the unconverted layer.
+
+Prefill shapes (B x T, no cache) and decode shapes (B x 1 with a KV cache of length T). The
+MindSkip layer's router keeps exactly round(f * B) sequences; the unconverted layer is the same
+module (``base_layer``) called directly.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+import mindskip_ext as msk
+from common import time_ms
+from mindskip_ext.layer import STATE_KWARG, ForwardState, RoutingRecord
+from routing import build_model
+
+FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def add_arguments(parser):
+    group = parser.add_argument_group("layer section")
+    group.add_argument("--layer-shape", default=None, help="model shape (default: llama3-8b on GPU, cpu-small on CPU)")
+    group.add_argument("--layer-batch", type=int, default=None, help="batch size (default: 16 on CPU, 32 on GPU)")
+    group.add_argument("--layer-len", type=int, default=None, help="prompt / KV length T (default: 512 on CPU, 2048 on GPU)")
+
+
+def _calibrate_layer(layer, normed, count):
+    logits = normed.float().mean(dim=1) @ layer.router.weight.float().reshape(-1)
+    ordered = logits.sort(descending=True).values
+    if count <= 0:
+        bias = -(ordered[0].item() + 1.0)
+    elif count >= len(ordered):
+        bias = -(ordered[-1].item() - 1.0)
+    else:
+        bias = -(ordered[count - 1].item() + ordered[count].item()) / 2
+    layer.router.bias.fill_(bias)
+
+
+def run(args, writer):
+    device = writer.device
+    on_gpu = device.type == "cuda"
+    shape = args.layer_shape or ("llama3-8b" if on_gpu else "cpu-small")
+    batch = args.layer_batch or (32 if on_gpu else (4 if args.quick else 16))
+    seqlen = args.layer_len or (2048 if on_gpu else (128 if args.quick else 512))
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    reps = 5 if args.quick else 20
+    model = build_model(shape, device, dtype, max_len=seqlen + 8)
+    cfg = model.config
+    wrapped = msk.get_mindskip_model(model, msk.MindSkipConfig(layers=[cfg.num_hidden_layers // 2]))
+    layer = next(iter(wrapped.mindskip_layers.values()))
+    base = layer.base_layer
+    rotary = model.model.rotary_emb
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(batch, seqlen, cfg.hidden_size, generator=gen).to(device, dtype)
+    x1 = torch.randn(batch, 1, cfg.hidden_size, generator=gen).to(device, dtype)
+    pos = torch.arange(seqlen, device=device)[None]
+    pos1 = torch.full((1, 1), seqlen, device=device)
+    pe, pe1 = rotary(x, pos), rotary(x1, pos1)
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.randn(layer.router.weight.shape, generator=gen).to(layer.router.weight))
+        normed = base.input_layernorm(x)
+
+    def call(module, hidden, pe_, pos_, cache, mindskip):
+        kwargs = dict(attention_mask=None, position_ids=pos_, past_key_values=cache, use_cache=cache is not None,
+                      position_embeddings=pe_)
+        if mindskip:
+            kwargs[STATE_KWARG] = ForwardState(None, hidden.shape[1], RoutingRecord())
+        return module(hidden, **kwargs)
+
+    params = dict(shape=shape, B=batch, T=seqlen, dtype=str(dtype).replace("torch.", ""))
+    with torch.no_grad():
+        dense_prefill = time_ms(lambda: call(base, x, pe, pos, None, False), device, reps=reps)
+        dense_cache = DynamicCache()
+        call(base, x, pe, pos, dense_cache, False)
+
+        def dense_step():
+            call(base, x1, pe1, pos1, dense_cache, False)
+            dense_cache.crop(-1)
+
+        dense_decode = time_ms(dense_step, device, reps=reps * 5)
+        writer.add("layer", "prefill", "hf", params, dense_prefill)
+        writer.add("layer", "decode", "hf", params, dense_decode)
+        prefill_ms = sorted(dense_prefill)[len(dense_prefill) // 2]
+        decode_ms = sorted(dense_decode)[len(dense_decode) // 2]
+
+        for fraction in FRACTIONS:
+            count = round(fraction * batch)
+            _calibrate_layer(layer, normed, count)
+            kept = round(count / batch, 4)
+            p = dict(params, kept=kept)
+            t = time_ms(lambda: call(layer, x, pe, pos, None, True), device, reps=reps)
+            med = sorted(t)[len(t) // 2]
+            writer.add("layer", "prefill", "mindskip", p, t, speedup_vs_hf=prefill_ms / med)
+            cache = DynamicCache()
+            call(layer, x, pe, pos, cache, True)
+
+            def step():
+                call(layer, x1, pe1, pos1, cache, True)
+                cache.crop(-1)
+
+            t = time_ms(step, device, reps=reps * 5)
+            med = sorted(t)[len(t) // 2]
+            writer.add("layer", "decode", "mindskip", p, t, speedup_vs_hf=decode_ms / med)
+    del wrapped, model

@@ -1,0 +1,91 @@
+"""Plots of the e2e section: speedup against kept fraction, and decode tokens/s against batch size.
+
+    python bench/plot.py bench/results/<device-slug>.jsonl      # writes <device-slug>-e2e.png beside it
+
+Uses the latest row of each (name, provider, params) in the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def latest_e2e_rows(path: Path) -> list[dict]:
+    latest = {}
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if row["section"] == "e2e":
+            latest[json.dumps([row["name"], row["provider"], row["params"]], sort_keys=True)] = row
+    return list(latest.values())
+
+
+def plot(jsonl: Path, out: Path | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = latest_e2e_rows(jsonl)
+    if not rows:
+        raise SystemExit(f"{jsonl} has no e2e rows")
+    out = out or jsonl.with_name(jsonl.stem + "-e2e.png")
+    device = rows[-1]["device_name"]
+
+    def pick(name, provider, **where):
+        return [r for r in rows if r["name"] == name and r["provider"] == provider
+                and all(r["params"].get(k) == v for k, v in where.items())]
+
+    # The point with the most work (largest B*T) that has a fraction sweep.
+    swept = {(r["params"]["B"], r["params"]["T"]) for r in pick("prefill", "mindskip")}
+    batch, seqlen = max(swept, key=lambda bt: (bt[0] * bt[1], bt[1]))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for ax, name in zip(axes[:2], ("prefill", "decode")):
+        for provider, style in (("mindskip", "o-"), ("attn-drop", "s--")):
+            pts = sorted((r["params"]["kept"], r["metrics"]["speedup_vs_hf"]) for r in pick(name, provider, B=batch, T=seqlen))
+            if pts:
+                ax.plot(*zip(*pts), style, label=f"{provider} (measured)")
+        ideal = sorted((r["params"]["kept"], r["metrics"]["ideal_speedup"]) for r in pick(name, "mindskip", B=batch, T=seqlen))
+        ax.plot(*zip(*ideal), "k:", label="ideal (skipped attention free)")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xlabel("kept fraction of (layer, sequence) pairs")
+        ax.set_ylabel("speedup vs unconverted HF model")
+        ax.set_title(f"{name}, B={batch}, T={seqlen}")
+        ax.legend()
+
+    ax = axes[2]
+    lengths = sorted({r["params"]["T"] for r in pick("decode", "hf")})
+    seqlen_d = lengths[-1]
+    dense = sorted((r["params"]["B"], r["metrics"]["tokens_per_s"]) for r in pick("decode", "hf", T=seqlen_d))
+    half = [r for r in pick("decode", "mindskip", T=seqlen_d) if abs(r["params"]["kept"] - 0.5) < 0.07]
+    ax.plot(*zip(*dense), "k^-", label="unconverted HF")
+    if half:
+        ax.plot(*zip(*sorted((r["params"]["B"], r["metrics"]["tokens_per_s"]) for r in half)), "o-", label="MindSkip, 50% kept")
+        ax.plot(*zip(*sorted((r["params"]["B"], r["metrics"]["ideal_tokens_per_s"]) for r in half)), "k:", label="ideal, 50% kept")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"decode throughput, T={seqlen_d}")
+    ax.legend()
+    fig.suptitle(f"MindSkip end to end on {device}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("jsonl", type=Path)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    print(plot(args.jsonl, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
