@@ -25,6 +25,8 @@ import common  # noqa: E402
 # section name -> module in bench/ defining run(args, writer)
 SECTIONS: dict[str, str] = {
     "micro": "micro",
+    "layer": "layer",
+    "e2e": "e2e",
 }
 
 

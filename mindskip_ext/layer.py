@@ -219,8 +219,7 @@ class MindSkipDecoderLayer(nn.Module):
     def _packed_attention(self, normed, mask, decision, position_embeddings, backend):
         """Attention of the kept sequences, packed without padding: ``(total_tokens, D)`` plus the plan."""
         batch, seqlen = normed.shape[:2]
-        cu_seqlens, token_index, max_len = ops.pack_plan(mask, decision.order, decision.num_kept, seqlen)
-        total = int(cu_seqlens[-1].item())
+        cu_seqlens, token_index, total, max_len = ops.pack_plan(mask, decision.order, decision.num_kept, seqlen)
         packed = ops.pack_rows(normed, token_index, total)
         attn = self._attn_module()
         head_dim = attn.head_dim

@@ -202,23 +202,17 @@ def _pack_plan_fake(mask, order, k, seqlen):
     return cu_seqlens, token_index, max_len
 
 
-def _pack_plan_host(mask, order, k, seqlen):
-    """The plan plus ``(total, max_len)`` read back in one host sync."""
-    cu_seqlens, token_index, max_len = _ops.pack_plan(mask, order, k, seqlen)
-    total, longest = torch.cat([cu_seqlens[-1:], max_len]).tolist()
-    return cu_seqlens, token_index, total, longest
-
-
 def pack_plan(mask, order, k, seqlen):
     """Where the real tokens of the kept sequences go in a packed ``(total, ...)`` layout.
 
     Returns ``cu_seqlens (k+1,) int32`` (cumulative real lengths in ``order``), ``token_index
     (k*seqlen,) int64`` whose first ``total = cu_seqlens[-1]`` entries are the flat
-    ``b * seqlen + t`` source rows (the rest is zero) and ``max_len`` as a Python int. This is
-    the one place the regroup path syncs with the host.
+    ``b * seqlen + t`` source rows (the rest is zero), and ``total`` and ``max_len`` as Python
+    ints, read back together: this is the one place the regroup path syncs with the host.
     """
-    cu_seqlens, token_index, _, longest = _pack_plan_host(mask, order, k, seqlen)
-    return cu_seqlens, token_index, longest
+    cu_seqlens, token_index, max_len = _ops.pack_plan(mask, order, k, seqlen)
+    total, longest = torch.cat([cu_seqlens[-1:], max_len]).tolist()
+    return cu_seqlens, token_index, total, longest
 
 
 def pack_rows(x, token_index, total):
@@ -289,7 +283,7 @@ def pack_kept(x, mask, order, k):
     The layout FlashAttention's varlen interface takes; ``max_len`` is a Python int. One host
     sync (for ``total`` and ``max_len`` together).
     """
-    cu_seqlens, token_index, total, longest = _pack_plan_host(mask, order, k, x.shape[1])
+    cu_seqlens, token_index, total, longest = pack_plan(mask, order, k, x.shape[1])
     return pack_rows(x, token_index, total), cu_seqlens, longest
 
 

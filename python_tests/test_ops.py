@@ -285,7 +285,7 @@ def test_pack_plan_matches_reference(device, mask_kind, shape):
         e_cu, e_index, e_max = ref.pack_plan(mask, order, k, seqlen)
         assert cu.dtype == torch.int32 and index.dtype == torch.int64 and max_len.dtype == torch.int32
         assert torch.equal(cu, e_cu) and torch.equal(index, e_index) and torch.equal(max_len, e_max)
-        assert ops.pack_plan(mask, order, k, seqlen)[2] == int(e_max)
+        assert ops.pack_plan(mask, order, k, seqlen)[2:] == (int(e_cu[-1]), int(e_max))
 
 
 @pytest.mark.parametrize("dtype", [*FLOATS, torch.float64])
@@ -313,7 +313,7 @@ def test_pack_rows_unpack_add_rows_round_trip(device):
     x = randn(5, 6, 2, 8, device=device, seed=34)
     mask = make_mask("holes", 5, 6, device)
     order = make_order(5, 3, device)
-    _, index, _ = ops.pack_plan(mask, order, 3, 6)
+    _, index, _, _ = ops.pack_plan(mask, order, 3, 6)
     total = int(mask[order[:3]].sum())
     packed = ops.pack_rows(x, index, total)
     assert packed.shape == (total, 2, 8)
@@ -380,7 +380,7 @@ def test_gradcheck_regroup_ops():
     assert torch.autograd.gradcheck(lambda t: ops.gather_kept(t, order, 3), (x,))
     assert torch.autograd.gradcheck(lambda r, v: ops.scatter_add_kept(r * 1.0, v, order), (x, y))
     mask = make_mask("holes", 5, 3, "cpu")
-    _, index, _ = ops.pack_plan(mask, order, 3, 3)
+    _, index, _, _ = ops.pack_plan(mask, order, 3, 3)
     total = int(mask[order[:3]].sum())
     packed = randn(total, 4, dtype=torch.float64, seed=54).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: ops.pack_rows(t, index, total), (x,))
