@@ -291,7 +291,7 @@ class MindSkipDecoderLayer(nn.Module):
                 if ste:
                     seq_of_token = torch.div(token_index[: packed_out.shape[0]], seqlen, rounding_mode="floor")
                     packed_out = packed_out * gate.index_select(0, seq_of_token).unsqueeze(-1).to(packed_out.dtype)
-                h = ops.unpack_add_rows(x.clone(), packed_out, token_index)
+                h = ops.unpack_add_rows(x.clone(memory_format=torch.contiguous_format), packed_out, token_index)
             elif rows is None:  # every sequence kept
                 a = self._run_attention(normed, None, batch, attention_mask, position_ids, position_embeddings, past_key_values, attn_kwargs)
                 h = x + (gate.view(batch, 1, 1).to(a.dtype) * a if ste else a)
@@ -300,7 +300,7 @@ class MindSkipDecoderLayer(nn.Module):
                 a = self._run_attention(sub, rows, batch, attention_mask, position_ids, position_embeddings, past_key_values, attn_kwargs)
                 if ste:
                     a = gate.index_select(0, rows).view(k, 1, 1).to(a.dtype) * a
-                h = ops.scatter_add_kept(x.clone(), a, decision.order)
+                h = ops.scatter_add_kept(x.clone(memory_format=torch.contiguous_format), a, decision.order)
 
         # ---- MLP sublayer
         if not self.gates_mlp:
@@ -316,7 +316,7 @@ class MindSkipDecoderLayer(nn.Module):
             m = self._run_mlp(ops.gather_kept(h, decision.order, k))
             if ste:
                 m = gate.index_select(0, rows).view(k, 1, 1).to(m.dtype) * m
-            out = ops.scatter_add_kept(h.clone() if h is x else h, m, decision.order)
+            out = ops.scatter_add_kept(h, m, decision.order)  # h is this layer's own tensor here, never x
 
         self._fire_base_hooks(hidden_states, out)
         return out
