@@ -1,0 +1,89 @@
+"""bench/replicate.py end to end in its ``--smoke`` configuration (a tiny config model, a handful of items).
+
+Needs the shared data folder (``../shared/data`` beside the clone; ``$MINDSKIP_DATA`` overrides) and skips,
+saying so, without it. The full replication is an experiment, not a test.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("MINDSKIP_DATA", REPO.parent / "shared" / "data"))
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("replicate", REPO / "bench" / "replicate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def replicate():
+    return _load_script()
+
+
+@pytest.fixture(scope="module")
+def smoke(replicate, tmp_path_factory):
+    if not (DATA_DIR / "eval").is_dir():
+        pytest.skip(f"the shared data folder is absent ({DATA_DIR}); CI has it at ../shared/data beside the clone")
+    out = tmp_path_factory.mktemp("replication")
+    assert replicate.main(["--smoke", "--data-dir", str(DATA_DIR), "--output", str(out)]) == 0
+    return out, json.loads((out / "replication.json").read_text())
+
+
+def test_smoke_run_writes_table_json_and_plot(smoke, replicate):
+    out, result = smoke
+    assert sorted(p.name for p in out.iterdir()) == ["replication.json", "replication.md", "replication_figure2.png"]
+    assert (out / "replication_figure2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = (out / "replication.md").read_text()
+    for row in ("| MindSkip | Block |", "| MindSkip | MLP |", "| MindSkip | Attn |", "| Attention-Drop | 50.0% |",
+                "| ours |", "| reference |", "Scored items", "Wall-clock per stage"):
+        assert row in markdown, row
+    assert set(result["timings"]) >= {"load model", "evaluate dense", "train mindskip-attn", "total"}
+
+
+def test_smoke_run_numbers(smoke, replicate):
+    _, result = smoke
+    models, meta = result["models"], result["meta"]
+    num_layers = meta["num_layers"]
+    assert {"dense", "mindskip-attn", "mindskip-mlp", "mindskip-block", "reference-attn"} <= set(models)
+    for name, entry in models.items():
+        assert set(entry["tasks"]) == set(replicate.TASKS), name
+        for task, got in entry["tasks"].items():
+            assert 0.0 <= got["score"] <= 1.0 and got["metric"] == replicate.METRIC[task]
+        assert math.isfinite(entry["wikitext2"]["perplexity"]) and entry["wikitext2"]["perplexity"] > 1.0
+        assert math.isclose(entry["avg"], sum(t["score"] for t in entry["tasks"].values()) / len(replicate.TASKS))
+    assert all(t["capacity"] is None for t in models["dense"]["tasks"].values())  # the unconverted model
+    for name in ("mindskip-attn", "mindskip-mlp", "mindskip-block", "reference-attn"):
+        entry = models[name]
+        assert entry["layers"] == list(range(num_layers // 2 - 1, num_layers - 1))
+        assert abs(entry["calibration"]["capacity"] - replicate.TARGET_CAPACITY) <= 0.05, name
+        assert all(0.0 <= t["capacity"] <= 1.0 for t in entry["tasks"].values())
+    assert models["reference-attn"]["mindskip_config"]["pool_padding"] is True
+    assert models["reference-attn"]["mindskip_config"]["train_all_sequences"] is False
+    assert models["reference-attn"]["tuning"]["l1_lambda"] == meta["findings"]["reference_lambda"]
+    assert models["mindskip-attn"]["tuning"]["target_capacity"] == replicate.TARGET_CAPACITY
+    drops = {e["n"]: e for e in models.values() if e["kind"] == "attention-drop"}
+    assert {round(r * num_layers) for r in replicate.SWEEP} <= set(drops)
+    for n, entry in drops.items():
+        assert len(entry["dropped_layers"]) == n and entry["skip_ratio"] == n / num_layers
+        assert all(t["capacity"] == 0.0 for t in entry["tasks"].values())  # dropped layers never run attention
+    ratio = meta["findings"]["attn_skip_ratio"]
+    assert min(e["skip_ratio"] for e in drops.values()) <= ratio <= max(e["skip_ratio"] for e in drops.values())
+    assert meta["items"]["local_piqa"] == replicate.PRESETS["smoke"].task_limit["local_piqa"]
+
+
+def test_missing_data_dir_is_a_clear_error(replicate, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        replicate.parse_args(["--smoke", "--data-dir", str(tmp_path / "nowhere")])
+    assert "shared data folder" in capsys.readouterr().err
