@@ -31,6 +31,12 @@ SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {}
 # any local path / hub id.
 DEMO_DEFAULT_MODEL = "tiny"
 DEMO_TINY = "tiny"
+# How much the demo does: the tiny model is cheap; a real model (e.g. SmolLM2-135M, about 150 Router-
+# Tuning tokens/s per CPU core) gets fewer, smaller steps to stay within a few minutes on 2 CPU cores.
+DEMO_PLANS = {
+    "tiny": {"records": 1500, "steps": 200, "batch_size": 16, "lr": 1e-3, "calibration": 256, "repeats": 3},
+    "model": {"records": 240, "steps": 20, "batch_size": 8, "lr": 5e-3, "calibration": 96, "repeats": 3},
+}
 
 
 def subcommand(name: str):
@@ -144,6 +150,8 @@ def add_data_args(p: argparse.ArgumentParser, required: bool, help_text: str) ->
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="Show full tracebacks.")
     p.add_argument("--no-progress", action="store_true", help="No progress bars.")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 is often fastest on a busy machine).")
 
 
 # ----------------------------------------------------------------------------------- train
@@ -483,8 +491,8 @@ def _demo_parser(subparsers) -> None:
     add_model_args(p, required=False)
     p.set_defaults(model=DEMO_DEFAULT_MODEL)
     p.add_argument("--target-capacity", type=float, default=0.5)
-    p.add_argument("--steps", type=int, default=None, help="Router-Tuning steps (default: 200 tiny, 60 otherwise).")
-    p.add_argument("--records", type=int, default=None, help="Built-in records to use (default: 1500 tiny, 480 otherwise).")
+    p.add_argument("--steps", type=int, default=None, help="Router-Tuning steps (default: 200 tiny, 20 otherwise).")
+    p.add_argument("--records", type=int, default=None, help="Built-in records to use (default: 1500 tiny, 240 otherwise).")
     p.add_argument("--output", default=None, help="Router directory to write (default: a temporary folder).")
     p.add_argument("--tiny-steps", type=int, default=800, help="Training steps of the built-in tiny model.")
     p.add_argument("--seed", type=int, default=0)
@@ -540,7 +548,8 @@ def build_tiny_model(records: list[dict], steps: int = 800, seed: int = 0, progr
     return model.eval(), tokenizer
 
 
-def demo_model(name: str, device, dtype, attn: str, seed: int, progress: bool, tiny_steps: int = 800):
+def demo_model(name: str, device, dtype, attn: str, seed: int, progress: bool, tiny_steps: int = 800,
+               threads: int | None = None):
     """(model, tokenizer, label) for the demo; a fetchable name that cannot be fetched falls back to tiny.
 
     The tiny model is trained on its own draw of the built-in tasks (not the demo's records).
@@ -559,7 +568,8 @@ def demo_model(name: str, device, dtype, attn: str, seed: int, progress: bool, t
 
         # Its matrices are far too small for intra-op threads to pay; with other jobs on the cores,
         # threads spinning on each other make it ~10x slower.
-        torch.set_num_threads(1)
+        if threads is None:
+            torch.set_num_threads(1)
         t0 = time.perf_counter()
         records = synthetic_instructions(3000, seed=seed + 1)
         model, tokenizer = build_tiny_model(records, steps=tiny_steps, seed=seed, progress=progress)
@@ -618,11 +628,11 @@ def run_demo(args) -> int:
     progress = not args.no_progress
     device = pick_device(args.device)
     model, tokenizer, label = demo_model(
-        args.model, device, pick_dtype(args.dtype, device), args.attn_implementation, args.seed, progress, args.tiny_steps
+        args.model, device, pick_dtype(args.dtype, device), args.attn_implementation, args.seed, progress, args.tiny_steps,
+        args.threads,
     )
-    tiny = label.startswith("tiny")
-    # A real model gets fewer records: its templated sequences are longer and its layers wider.
-    records = D.synthetic_instructions(args.records or (1500 if tiny else 480), seed=args.seed)
+    plan = DEMO_PLANS["tiny" if label.startswith("tiny") else "model"]
+    records = D.synthetic_instructions(args.records or plan["records"], seed=args.seed)
     random.Random(args.seed).shuffle(records)
     n_held = max(32, len(records) // 5)
     held_records, train_records = records[:n_held], records[n_held:]
@@ -634,8 +644,8 @@ def run_demo(args) -> int:
 
     say(f"model: {label}; device: {device}; {len(train)} training / {len(held)} held-out sequences")
     before = evaluate_examples(model, held, pad, 16, bf16)
-    dense_forward = time_forward(model, held, pad)
-    dense_generate = time_generation(model, tokenizer, prompts, 16)
+    dense_forward = time_forward(model, held, pad, repeats=plan["repeats"])
+    dense_generate = time_generation(model, tokenizer, prompts, 16, repeats=plan["repeats"])
     say(f"before: held-out perplexity {before['perplexity']:.3f} (all attention layers run)")
 
     mindskip = get_mindskip_model(model, MindSkipConfig())
@@ -645,12 +655,12 @@ def run_demo(args) -> int:
     output = args.output or tempfile.mkdtemp(prefix="mindskip-demo-")
     config = RouterTuningConfig(
         target_capacity=args.target_capacity,
-        max_steps=args.steps or (200 if tiny else 60),
-        batch_size=16 if tiny else 8,
-        learning_rate=1e-3,
+        max_steps=args.steps or plan["steps"],
+        batch_size=plan["batch_size"],
+        learning_rate=plan["lr"],
         save_every=0,
         seed=args.seed,
-        calibration_sequences=256,
+        calibration_sequences=plan["calibration"],
     )
     summary = RouterTuner(mindskip, train, held, config, output, pad, progress=progress).train()
     after = summary["heldout"]
@@ -664,8 +674,8 @@ def run_demo(args) -> int:
     for prompt, completion, layers in zip(prompts[:3], completions, skipped):
         say(f"  {prompt!r}\n    -> {completion!r}\n    skipped attention in layers {layers}")
 
-    sparse_forward = time_forward(mindskip, held, pad)
-    sparse_generate = time_generation(mindskip, tokenizer, prompts, 16)
+    sparse_forward = time_forward(mindskip, held, pad, repeats=plan["repeats"])
+    sparse_generate = time_generation(mindskip, tokenizer, prompts, 16, repeats=plan["repeats"])
     say(f"speed on {device}: forward {dense_forward / sparse_forward:.2f}x, generation "
         f"{dense_generate / sparse_generate:.2f}x the unconverted model (>1 is faster)")
     result = {
@@ -709,6 +719,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "threads", None):
+            import torch
+
+            torch.set_num_threads(args.threads)
         return args.func(args)
     except KeyboardInterrupt:
         print(f"mindskip {args.command}: interrupted", file=sys.stderr)
