@@ -405,7 +405,7 @@ def _generate_parser(subparsers) -> None:
         "generate",
         help="Generate text and show which layers each sequence skipped.",
         description="Generate with a (MindSkip) model. Each --prompt is one sequence of a batch; without "
-        "--prompt, prompts are read from stdin, one per line. Prompts are wrapped in the chat template "
+        "--prompt, prompts are read from stdin, one per line (write \\n for a newline). Prompts are wrapped in the chat template "
         "(or the plain prompt format) unless --raw.",
     )
     add_model_args(p)
@@ -465,6 +465,7 @@ def run_generate(args) -> int:
     num_layers = len(model.routers) if args.routers else 0
     batches = [args.prompt] if args.prompt else ([line.strip()] for line in sys.stdin if line.strip())
     for prompts in batches:
+        prompts = [p.replace("\\n", "\n") for p in prompts]  # a literal \n in a prompt is a newline
         completions, skipped = generate_batch(model, tokenizer, prompts, args.max_new_tokens, args.raw)
         for i, (prompt, completion) in enumerate(zip(prompts, completions)):
             say(f"[{i}] {prompt}\n    -> {completion}")

@@ -228,3 +228,14 @@ def test_demo_falls_back_to_the_tiny_model_and_reports_everything(monkeypatch, t
     assert result["forward_speed_ratio"] > 0 and result["generate_speed_ratio"] > 0
     assert "skipped attention in layers" in stdout and "capacity per layer" in stdout
     assert (tmp_path / WEIGHTS_NAME).is_file()
+
+
+def test_generate_reads_prompts_from_stdin(model_dir, trained, monkeypatch):
+    import io
+
+    out, _ = trained
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Add the two numbers.\\n\\n2 3\n\nWhat is the first word?\\n\\ncat\n"))
+    code, stdout, _ = run_cli("generate", "--model", model_dir, "--routers", str(out), "--max-new-tokens", "2")
+    assert code == 0
+    assert "[0] Add the two numbers.\n\n2 3\n" in stdout and "[0] What is the first word?\n\ncat\n" in stdout
+    assert stdout.count("skipped attention in") == 2
