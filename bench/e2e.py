@@ -43,6 +43,7 @@ def add_arguments(parser):
     group.add_argument("--e2e-lengths", default=None, help="comma-separated prompt lengths")
     group.add_argument("--e2e-fractions", default=None, help="comma-separated kept fractions")
     group.add_argument("--new-tokens", type=int, default=None, help="tokens generated per sequence (default 32; 8 with --quick)")
+    group.add_argument("--e2e-reps", type=int, default=None, help="timed repetitions per measurement (default 5; 3 with --quick)")
     group.add_argument("--mem-fraction", type=float, default=0.85, help="skip GPU points whose estimated memory exceeds this share")
 
 
@@ -119,7 +120,7 @@ def run(args, writer):
     new_tokens = args.new_tokens or (8 if args.quick else 32)
     shape = args.e2e_shape or ("llama3-8b" if on_gpu else "cpu-small")
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    reps = 3 if args.quick else 5
+    reps = args.e2e_reps or (3 if args.quick else 5)
     model = build_model(shape, device, dtype, max_len=max(lengths) + new_tokens + 8)
     cfg = model.config
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
