@@ -637,6 +637,9 @@ def parse_args(argv=None):
     p.add_argument("--output", type=Path, default=None,
                    help="Results folder (default: bench/results; a temporary folder with --smoke).")
     p.add_argument("--work-dir", default=None, help="Routers and task files (default: a temporary folder).")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice). Use 1 when other jobs share the cores: "
+                        "multi-threaded ops slow down many-fold when a thread is descheduled.")
     args = p.parse_args(argv)
     args.preset = "smoke" if args.smoke else "full" if args.full else "default"
     if not (args.data_dir / "eval").is_dir():
@@ -645,11 +648,15 @@ def parse_args(argv=None):
     args.train_data = args.train_data or str(args.data_dir / ALPACA)
     if args.smoke and args.model:
         p.error("--smoke builds its own tiny model; drop --model")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be at least 1, got {args.threads}")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     output = args.output = args.output or (
         Path(tempfile.mkdtemp(prefix="mindskip-smoke-")) if args.smoke else ROOT / "bench" / "results")
     with tempfile.TemporaryDirectory(prefix="mindskip-replicate-") as tmp:
