@@ -7,13 +7,15 @@ module (``base_layer``) called directly.
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 from transformers import DynamicCache
 
 import mindskip_ext as msk
 from common import time_ms
 from mindskip_ext.layer import STATE_KWARG, ForwardState, RoutingRecord
-from routing import build_model
+from routing import build_model, keep_exactly
 
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -23,18 +25,6 @@ def add_arguments(parser):
     group.add_argument("--layer-shape", default=None, help="model shape (default: llama3-8b on GPU, cpu-small on CPU)")
     group.add_argument("--layer-batch", type=int, default=None, help="batch size (default: 16 on CPU, 32 on GPU)")
     group.add_argument("--layer-len", type=int, default=None, help="prompt / KV length T (default: 512 on CPU, 2048 on GPU)")
-
-
-def _calibrate_layer(layer, normed, count):
-    logits = normed.float().mean(dim=1) @ layer.router.weight.float().reshape(-1)
-    ordered = logits.sort(descending=True).values
-    if count <= 0:
-        bias = -(ordered[0].item() + 1.0)
-    elif count >= len(ordered):
-        bias = -(ordered[-1].item() - 1.0)
-    else:
-        bias = -(ordered[count - 1].item() + ordered[count].item()) / 2
-    layer.router.bias.fill_(bias)
 
 
 def run(args, writer):
@@ -68,38 +58,31 @@ def run(args, writer):
             kwargs[STATE_KWARG] = ForwardState(None, hidden.shape[1], RoutingRecord())
         return module(hidden, **kwargs)
 
+    def prefill_times(module, mindskip):
+        return time_ms(lambda: call(module, x, pe, pos, None, mindskip), device, reps=reps)
+
+    def decode_times(module, mindskip):
+        """One decode step against a KV cache of length T (the step's own entry is cropped after it)."""
+        cache = DynamicCache()
+        call(module, x, pe, pos, cache, mindskip)
+
+        def step():
+            call(module, x1, pe1, pos1, cache, mindskip)
+            cache.crop(-1)
+
+        return time_ms(step, device, reps=reps * 5)
+
     params = dict(shape=shape, B=batch, T=seqlen, dtype=str(dtype).replace("torch.", ""))
     with torch.no_grad():
-        dense_prefill = time_ms(lambda: call(base, x, pe, pos, None, False), device, reps=reps)
-        dense_cache = DynamicCache()
-        call(base, x, pe, pos, dense_cache, False)
-
-        def dense_step():
-            call(base, x1, pe1, pos1, dense_cache, False)
-            dense_cache.crop(-1)
-
-        dense_decode = time_ms(dense_step, device, reps=reps * 5)
-        writer.add("layer", "prefill", "hf", params, dense_prefill)
-        writer.add("layer", "decode", "hf", params, dense_decode)
-        prefill_ms = sorted(dense_prefill)[len(dense_prefill) // 2]
-        decode_ms = sorted(dense_decode)[len(dense_decode) // 2]
-
+        dense = {"prefill": prefill_times(base, False), "decode": decode_times(base, False)}
+        for name, times in dense.items():
+            writer.add("layer", name, "hf", params, times)
         for fraction in FRACTIONS:
             count = round(fraction * batch)
-            _calibrate_layer(layer, normed, count)
-            kept = round(count / batch, 4)
-            p = dict(params, kept=kept)
-            t = time_ms(lambda: call(layer, x, pe, pos, None, True), device, reps=reps)
-            med = sorted(t)[len(t) // 2]
-            writer.add("layer", "prefill", "mindskip", p, t, speedup_vs_hf=prefill_ms / med)
-            cache = DynamicCache()
-            call(layer, x, pe, pos, cache, True)
-
-            def step():
-                call(layer, x1, pe1, pos1, cache, True)
-                cache.crop(-1)
-
-            t = time_ms(step, device, reps=reps * 5)
-            med = sorted(t)[len(t) // 2]
-            writer.add("layer", "decode", "mindskip", p, t, speedup_vs_hf=decode_ms / med)
+            keep_exactly(layer, normed, count)
+            p = dict(params, kept=round(count / batch, 4))
+            for name, measure in (("prefill", prefill_times), ("decode", decode_times)):
+                times = measure(layer, True)
+                speedup = statistics.median(dense[name]) / statistics.median(times)
+                writer.add("layer", name, "mindskip", p, times, speedup_vs_hf=speedup)
     del wrapped, model

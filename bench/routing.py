@@ -54,6 +54,20 @@ def keep_counts(num_layers: int, batch: int, fraction: float) -> list[int]:
     return [total[i + 1] - total[i] for i in range(num_layers)]
 
 
+def keep_exactly(layer, normed: torch.Tensor, count: int) -> None:
+    """Set ``layer``'s router bias so that it keeps exactly ``count`` sequences of ``normed`` (B, T, D):
+    the bias sits halfway between the count-th and the next router logit (inputs without padding)."""
+    logits = normed.float().mean(dim=1) @ layer.router.weight.float().reshape(-1)
+    ordered = logits.sort(descending=True).values
+    if count <= 0:
+        bias = -(ordered[0].item() + 1.0)
+    elif count >= len(ordered):
+        bias = -(ordered[-1].item() - 1.0)
+    else:
+        bias = -(ordered[count - 1].item() + ordered[count].item()) / 2
+    layer.router.bias.fill_(bias)
+
+
 def calibrate_routers(model: msk.MindSkipModel, fraction: float, batch: int, run, seed: int = 0) -> dict[int, float]:
     """Give every router random weights and a bias that keeps an exact number of the ``batch`` sequences
     that ``run()`` feeds the model (one calibration forward). Returns the capacity of a routed run.
@@ -66,16 +80,7 @@ def calibrate_routers(model: msk.MindSkipModel, fraction: float, batch: int, run
     def set_bias(count):
         def hook(layer, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]
-            normed = getattr(layer.base_layer, layer.spec.input_norm)(x)
-            logits = normed.float().mean(dim=1) @ layer.router.weight.float().reshape(-1)
-            ordered = logits.sort(descending=True).values
-            if count <= 0:
-                bias = -(ordered[0].item() + 1.0)
-            elif count >= len(ordered):
-                bias = -(ordered[-1].item() - 1.0)
-            else:
-                bias = -(ordered[count - 1].item() + ordered[count].item()) / 2
-            layer.router.bias.fill_(bias)
+            keep_exactly(layer, getattr(layer.base_layer, layer.spec.input_norm)(x), count)
 
         return hook
 
