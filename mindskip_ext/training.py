@@ -462,7 +462,7 @@ class RouterTuner:
 
             bar = tqdm(total=self.total_steps, initial=self.step, desc="router-tuning", unit="step", dynamic_ncols=True)
         started = time.perf_counter()
-        window_tokens, window_time, total_tokens, last = 0, 0.0, 0, None
+        window_tokens, window_time, total_tokens, step_seconds, last = 0, 0.0, 0, 0.0, None
         try:
             while self.step < self.total_steps:
                 t0 = time.perf_counter()
@@ -472,6 +472,7 @@ class RouterTuner:
                 window_tokens += stats["tokens"]
                 window_time += dt
                 total_tokens += stats["tokens"]
+                step_seconds += dt
                 stats["tokens_per_s"] = stats["tokens"] / dt if dt > 0 else float("nan")
                 last = stats
                 if bar is not None:
@@ -527,7 +528,7 @@ class RouterTuner:
             "calibration": calibration,
             "heldout": heldout,
             "train_seconds": train_seconds,
-            "train_tokens_per_s": total_tokens / train_seconds if train_seconds > 0 else None,
+            "train_tokens_per_s": total_tokens / step_seconds if step_seconds > 0 else None,  # steps only, no evals
             "trainable_parameters": trainable,
             "total_parameters": total,
             "router_dir": str(self.output_dir),
