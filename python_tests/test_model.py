@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -304,6 +305,9 @@ def test_save_load_unload_roundtrip(tmp_path):
     wrapped.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
     assert (tmp_path / WEIGHTS_NAME).stat().st_size < 1024 * 2
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all((p.stat().st_mode & 0o777) == 0o666 & ~umask for p in tmp_path.iterdir())
 
     loaded = msk.MindSkipModel.from_pretrained(copy.deepcopy(pristine), tmp_path)
     assert torch.equal(logits_of(loaded, ids, mask), routed)
