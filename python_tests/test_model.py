@@ -291,6 +291,44 @@ def test_cuda_flash_varlen_path_matches_sdpa_path():
     assert err < 2e-2
 
 
+def _cuda_attn_impls():
+    impls = ["sdpa", "eager"]
+    try:
+        import flash_attn  # noqa: F401
+
+        impls.append("flash_attention_2")
+    except ImportError:
+        pass
+    return impls
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("attn", _cuda_attn_impls())
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_cuda_identity_skipping_and_compact_kv(attn, granularity):
+    dtype = torch.bfloat16 if attn == "flash_attention_2" else torch.float32
+    base = tiny_model("llama", attn, dtype=dtype).cuda()
+    _, ids, mask = padded_batch([7, 12, 3, 9, 12, 5], "left")
+    ids, mask = ids.cuda(), mask.cuda()
+    ref = logits_of(base, ids, mask)
+    model = msk.get_mindskip_model(base, msk.MindSkipConfig(granularity=granularity, packed_attention="off"))
+    assert torch.equal(logits_of(model, ids, mask), ref)
+    randomize_routers(model)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                         return_dict_in_generate=True)
+    capacity = model.last_capacity
+    assert any(0.0 < c < 1.0 for c in capacity.values()), capacity
+    held = kv_bytes(out.past_key_values)
+    for idx, frac in capacity.items():
+        expected = held[0] * frac if granularity in ("attn", "block") else held[0]
+        assert held[idx] == pytest.approx(expected, rel=1e-9)
+    if dtype == torch.float32:  # bf16 kernels depend on the batch shape; fp32 must be batch invariant
+        for i in range(ids.shape[0]):
+            real = mask[i].bool()
+            alone = model.generate(input_ids=ids[i:i + 1, real], max_new_tokens=4, do_sample=False)
+            assert torch.equal(alone[0, int(real.sum()):], out.sequences[i, ids.shape[1]:])
+
+
 # ---------------------------------------------------------------------------- save / load / unload
 
 
