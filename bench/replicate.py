@@ -248,7 +248,8 @@ def evaluate(run: Run, name: str, model, tokenizer, tasks_dir: Path, ppl_example
     entry["task_capacity"] = sum(capacities) / len(capacities) if capacities else None
     run.models[name] = entry
     if run.partial is not None:
-        run.partial.write_text(json.dumps({"timings": run.timings, "models": run.models}, indent=2, sort_keys=True) + "\n")
+        run.partial.write_text(json.dumps({"preset": run.preset, "timings": run.timings, "models": run.models},
+                                          indent=2, sort_keys=True) + "\n")
     say(f"{name}: avg {100 * entry['avg']:.1f}, WikiText-2 ppl {ppl['perplexity']:.2f}, "
         f"capacity {_fmt(entry['task_capacity'], '.3f')}")
     return entry
@@ -363,21 +364,28 @@ def replicate(args) -> Run:
         train_examples=len(train), heldout_examples=len(heldout), train_data_stats=prepared.stats,
     )
 
-    evaluate(run, "dense", base, tokenizer, written.path, ppl_examples, {"kind": "dense", "label": label})
+    if args.resume:
+        resume(run)
+    if "dense" not in run.models:
+        evaluate(run, "dense", base, tokenizer, written.path, ppl_examples, {"kind": "dense", "label": label})
 
     trained = {}
     for granularity in ("attn", "mlp", "block"):
         name = f"mindskip-{granularity}"
+        if name in run.models:
+            trained[granularity] = run.models[name]
+            continue
         model, entry = router_tune(run, name, base, tokenizer, granularity, "ours", train, heldout, work)
         evaluate(run, name, model, tokenizer, written.path, ppl_examples, {"kind": "mindskip", **entry})
         trained[granularity] = entry
         model.unload()
 
     lam = reference_lambda(trained["attn"])
-    model, entry = router_tune(run, "reference-attn", base, tokenizer, "attn", "reference", train, heldout, work,
-                               l1_lambda=lam)
-    evaluate(run, "reference-attn", model, tokenizer, written.path, ppl_examples, {"kind": "mindskip", **entry})
-    model.unload()
+    if "reference-attn" not in run.models:
+        model, entry = router_tune(run, "reference-attn", base, tokenizer, "attn", "reference", train, heldout, work,
+                                   l1_lambda=lam)
+        evaluate(run, "reference-attn", model, tokenizer, written.path, ppl_examples, {"kind": "mindskip", **entry})
+        model.unload()
 
     with run.stage("attention-drop scores"):
         scores = redundancy_scores(base, train[: sizes.drop_records], pad_token_id(tokenizer), "attn",
@@ -388,6 +396,8 @@ def replicate(args) -> Run:
     run.meta["attention_drop"] = {"similarity": {str(k): v for k, v in scores.items()}, "counts": counts,
                                   "calibration_sequences": min(len(train), sizes.drop_records)}
     for n in counts:
+        if f"attention-drop-{n}" in run.models:
+            continue
         dropped = select_dropped(scores, n)
         model = dropped_model(base, dropped, "attn")
         # Its routing does not depend on the input (always skip), so the converted model runs exactly through the
@@ -406,6 +416,23 @@ def replicate(args) -> Run:
     run.meta.update(load_average_end=os.getloadavg(), process_cpu_seconds=round(time.process_time() - cpu_started, 1),
                     cpu_share=round((time.process_time() - cpu_started) / run.timings["total"] / torch.get_num_threads(), 3))
     return run
+
+
+def resume(run: Run) -> None:
+    """Take the finished stages of an interrupted run from its partial results (same preset, same output folder)."""
+    if not run.partial.is_file():
+        raise SystemExit(f"--resume: no partial results at {run.partial}")
+    try:
+        saved = json.loads(run.partial.read_text())
+        models, timings = saved["models"], saved["timings"]
+    except (ValueError, KeyError) as err:
+        raise SystemExit(f"--resume: {run.partial} is not a partial replication result ({err})") from None
+    if saved.get("preset", run.preset) != run.preset:
+        raise SystemExit(f"--resume: {run.partial} is from the {saved['preset']!r} preset, not {run.preset!r}")
+    run.models.update(models)
+    run.timings.update({k: v for k, v in timings.items() if k.startswith(("train ", "evaluate "))})
+    run.meta["resumed"] = sorted(models)
+    say(f"resumed {', '.join(sorted(models))} from {run.partial}")
 
 
 def _skip_ratio(entry: dict, num_layers: int) -> float:
@@ -567,6 +594,8 @@ def render_markdown(run: Run) -> str:
         "",
         "## Wall-clock per stage (s)",
         "",
+        *([f"Resumed from an interrupted run: {', '.join(run.meta['resumed'])} (their stages' seconds are from that "
+           "run; `total` counts this run only).", ""] if run.meta.get("resumed") else []),
         "| Stage | Seconds |",
         "|---|---|",
         *(f"| {k} | {v:.0f} |" for k, v in run.timings.items()),
@@ -637,6 +666,8 @@ def parse_args(argv=None):
     p.add_argument("--output", type=Path, default=None,
                    help="Results folder (default: bench/results; a temporary folder with --smoke).")
     p.add_argument("--work-dir", default=None, help="Routers and task files (default: a temporary folder).")
+    p.add_argument("--resume", action="store_true",
+                   help="Reuse the models already evaluated in <output>/replication.partial.json (an interrupted run).")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice). Use 1 when other jobs share the cores: "
                         "multi-threaded ops slow down many-fold when a thread is descheduled.")

@@ -87,3 +87,37 @@ def test_missing_data_dir_is_a_clear_error(replicate, tmp_path, capsys):
     with pytest.raises(SystemExit):
         replicate.parse_args(["--smoke", "--data-dir", str(tmp_path / "nowhere")])
     assert "shared data folder" in capsys.readouterr().err
+
+
+def test_resume_reuses_finished_models_and_reruns_the_rest(smoke, replicate, tmp_path):
+    out, result = smoke
+    models = result["models"]
+    last_drop = max((e["n"], name) for name, e in models.items() if e["kind"] == "attention-drop")[1]
+    finished = {name: e for name, e in models.items() if name != last_drop}
+    (tmp_path / "replication.partial.json").write_text(
+        json.dumps({"preset": "smoke", "timings": {"evaluate dense": 1.0}, "models": finished}))
+    assert replicate.main(["--smoke", "--resume", "--data-dir", str(DATA_DIR), "--output", str(tmp_path)]) == 0
+    resumed = json.loads((tmp_path / "replication.json").read_text())
+    assert resumed["meta"]["resumed"] == sorted(finished)
+    assert f"evaluate {last_drop}" in resumed["timings"] and resumed["timings"]["evaluate dense"] == 1.0
+    for name, entry in finished.items():
+        assert resumed["models"][name] == entry, name
+    # The one stage run again reproduces the first run's numbers: evaluation is deterministic.
+    assert resumed["models"][last_drop]["tasks"] == models[last_drop]["tasks"]
+    assert "Resumed from an interrupted run" in (tmp_path / "replication.md").read_text()
+    assert not (tmp_path / "replication.partial.json").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no partial results"),
+    ("{not json", "not a partial replication result"),
+    (json.dumps({"preset": "default", "timings": {}, "models": {}}), "from the 'default' preset"),
+])
+def test_resume_rejects_a_missing_corrupt_or_foreign_partial(replicate, tmp_path, content, message):
+    partial = tmp_path / "replication.partial.json"
+    if content is not None:
+        partial.write_text(content)
+    run = replicate.Run("smoke", replicate.PRESETS["smoke"], partial=partial)
+    with pytest.raises(SystemExit, match=message):
+        replicate.resume(run)
+    assert run.models == {}
