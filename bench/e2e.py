@@ -7,14 +7,16 @@ For every (batch B, prompt length T) point of the grid:
   exactly a fraction ``f`` of the (layer, sequence) pairs of this batch, for each ``f`` of the sweep;
 * ``attn-drop``: static Attention-Drop of the same share of attention sublayers.
 
-Metrics, separately: prefill time (one forward writing the KV cache), decode tokens/s of
-``generate()`` with a fixed number of new tokens, time to last token, KV-cache bytes and (CUDA)
-peak allocated memory.
+Metrics, separately: prefill time (one forward writing the KV cache), decode time and tokens/s
+(``new_tokens - 1`` greedy steps on a prefilled cache), time to last token of ``generate()`` with a
+fixed number of new tokens, KV-cache bytes and (CUDA) peak allocated memory. The dense model is
+measured before and after the MindSkip runs of each point and its samples pooled.
 
-The ideal speedup is estimated from the dense run itself: the attention sublayers of the MindSkip
-layers are timed (hooks on a separate instrumented run), and the ideal time is the dense time minus
-``(1 - f)`` of that attention time: what MindSkip would take if skipped work cost exactly nothing and
-the rest ran as fast as in the dense model. ``frac_of_ideal`` = measured speedup / ideal speedup.
+The ideal speedup is estimated from the dense model itself: instrumented runs (hooks on the attention
+sublayers of the MindSkip layers) give the share ``a`` of prefill and of decode time spent there, and the
+ideal time is the dense time times ``1 - (1 - f) * a``: what MindSkip would take if skipped work cost
+exactly nothing and the rest ran as fast as in the dense model. ``frac_of_ideal`` = measured speedup /
+ideal speedup.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import gc
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
@@ -149,11 +152,57 @@ def run(args, writer):
     del model
 
 
+def _prefill(model, ids):
+    cache = DynamicCache()
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return cache, out.logits[:, -1].argmax(-1, keepdim=True)
+
+
+def _decode(model, state, steps):
+    cache, token = state
+    for _ in range(steps):
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+
+
+def _attention_shares(model, ids, new_tokens, layer_ids, device, reps):
+    """Share of prefill and of decode time spent in the attention sublayers of the MindSkip layers, from
+    instrumented runs (medians over ``reps``): a ratio, so it carries over to the uninstrumented timings."""
+    shares = {"prefill": [], "decode": []}
+    timer = AttentionTimer(model, layer_ids, device)
+    try:
+        with torch.no_grad():
+            for _ in range(reps + 1):  # the first is a warm-up
+                synchronize(device)
+                t0 = time.perf_counter()
+                state = _prefill(model, ids)
+                synchronize(device)
+                t1 = time.perf_counter()
+                _decode(model, state, new_tokens - 1)
+                synchronize(device)
+                totals = {"prefill": (t1 - t0) * 1e3, "decode": (time.perf_counter() - t1) * 1e3}
+                timer.collect()
+                attn = {"prefill": timer.prefill_ms, "decode": timer.decode_ms}
+                timer.prefill_ms = timer.decode_ms = 0.0
+                for phase in shares:
+                    shares[phase].append(attn[phase] / totals[phase])
+    finally:
+        timer.remove()
+    return {phase: _median(values[1:]) for phase, values in shares.items()}
+
+
 def _measure(model, ids, new_tokens, reps, device):
-    """prefill times, generate times, KV bytes and peak memory for one provider."""
+    """Prefill, decode and generate() times, KV bytes and peak memory for one provider.
+
+    Decode is timed directly: ``new_tokens - 1`` greedy steps on the cache of an untimed prefill, so its
+    number is not the difference of two noisy totals. ``generate()`` (time to last token) adds its own loop.
+    """
 
     def prefill():
-        model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+        return _prefill(model, ids)
+
+    def decode(state):
+        _decode(model, state, new_tokens - 1)
 
     def generate():
         return model.generate(
@@ -163,6 +212,7 @@ def _measure(model, ids, new_tokens, reps, device):
 
     with torch.no_grad():
         prefill_times = time_ms(prefill, device, reps=reps)
+        decode_times = time_ms(decode, device, reps=reps, setup=prefill)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         out = generate()
@@ -170,48 +220,34 @@ def _measure(model, ids, new_tokens, reps, device):
         held = sum(kv_bytes(out.past_key_values).values())
         del out
         generate_times = time_ms(generate, device, reps=reps, warmup=0)
-    return prefill_times, generate_times, held, peak
+    return Measured(prefill_times, decode_times, generate_times, held, peak)
+
+
+@dataclass
+class Measured:
+    prefill: list[float]
+    decode: list[float]
+    generate: list[float]
+    kv_bytes: int
+    peak_bytes: int | None
+
+    def merged(self, other: Measured) -> Measured:
+        return Measured(self.prefill + other.prefill, self.decode + other.decode, self.generate + other.generate,
+                        self.kv_bytes, max(self.peak_bytes or 0, other.peak_bytes or 0) or None)
 
 
 def _run_point(model, ids, params, layer_ids, fractions, new_tokens, reps, writer):
+    """The dense model is measured before and after the MindSkip runs, and its samples pooled, so a slow
+    drift of the machine (other tenants, clocks) does not favour either side."""
     device = writer.device
     batch = ids.shape[0]
     decode_tokens = batch * (new_tokens - 1)
 
-    # Dense model, then the attention time of the MindSkip layers from an instrumented run.
-    d_pre, d_gen, d_kv, d_peak = _measure(model, ids, new_tokens, reps, device)
-    pre_ms, gen_ms = _median(d_pre), _median(d_gen)
-    dec_ms = gen_ms - pre_ms
-    timer = AttentionTimer(model, layer_ids, device)
-    with torch.no_grad():
-        model.generate(input_ids=ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    timer.collect()
-    timer.remove()
-    attn_pre, attn_dec = timer.prefill_ms, timer.decode_ms
-    base_metrics = dict(kv_bytes=d_kv, peak_bytes=d_peak)
-    writer.add("e2e", "prefill", "hf", params, d_pre, attn_share=attn_pre / pre_ms, **base_metrics)
-    writer.add("e2e", "decode", "hf", params, [t - pre_ms for t in d_gen],
-               tokens_per_s=decode_tokens / (dec_ms / 1e3), attn_share=attn_dec / max(dec_ms, 1e-9))
-    writer.add("e2e", "ttlt", "hf", params, d_gen)
+    dense = _measure(model, ids, new_tokens, reps, device)
+    share = _attention_shares(model, ids, new_tokens, layer_ids, device, reps)
 
     wrapped = msk.get_mindskip_model(model, msk.MindSkipConfig(layers=layer_ids))
-
-    def report(provider, p, kept, times):
-        m_pre, m_gen, m_kv, m_peak = times
-        mp, mg = _median(m_pre), _median(m_gen)
-        md = mg - mp
-        ideal_pre = pre_ms - (1 - kept) * attn_pre
-        ideal_dec = dec_ms - (1 - kept) * attn_dec
-        for name, dense, ours, ideal, samples, extra in (
-            ("prefill", pre_ms, mp, ideal_pre, m_pre, dict(kv_bytes=m_kv, kv_ratio=m_kv / d_kv, peak_bytes=m_peak)),
-            ("decode", dec_ms, md, ideal_dec, [t - mp for t in m_gen], dict(tokens_per_s=decode_tokens / (md / 1e3),
-                                                                             ideal_tokens_per_s=decode_tokens / (ideal_dec / 1e3))),
-            ("ttlt", gen_ms, mg, ideal_pre + ideal_dec, m_gen, {}),
-        ):
-            speedup, ideal_speedup = dense / ours, dense / ideal
-            writer.add("e2e", name, provider, p, samples, speedup_vs_hf=speedup, ideal_speedup=ideal_speedup,
-                       frac_of_ideal=speedup / ideal_speedup, **extra)
-
+    runs = []
     for fraction in fractions:
         with torch.no_grad():
             capacity = calibrate_routers(
@@ -219,10 +255,32 @@ def _run_point(model, ids, params, layer_ids, fractions, new_tokens, reps, write
                 lambda: wrapped(input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1),
             )
         kept = sum(capacity.values()) / len(capacity)
-        report("mindskip", dict(params, kept=round(kept, 4)), kept, _measure(wrapped, ids, new_tokens, reps, device))
+        runs.append(("mindskip", kept, _measure(wrapped, ids, new_tokens, reps, device)))
         if fraction < 1.0:
             dropped = force_static_drop(wrapped, round((1 - fraction) * len(layer_ids)))
             kept_static = 1 - len(dropped) / len(layer_ids)
-            report("attn-drop", dict(params, kept=round(kept_static, 4)), kept_static,
-                   _measure(wrapped, ids, new_tokens, reps, device))
+            runs.append(("attn-drop", kept_static, _measure(wrapped, ids, new_tokens, reps, device)))
     wrapped.unload()
+    dense = dense.merged(_measure(model, ids, new_tokens, reps, device))
+
+    pre_ms, dec_ms, gen_ms = _median(dense.prefill), _median(dense.decode), _median(dense.generate)
+    writer.add("e2e", "prefill", "hf", params, dense.prefill, attn_share=share["prefill"], kv_bytes=dense.kv_bytes,
+               peak_bytes=dense.peak_bytes)
+    writer.add("e2e", "decode", "hf", params, dense.decode, tokens_per_s=decode_tokens / (dec_ms / 1e3),
+               attn_share=share["decode"])
+    writer.add("e2e", "ttlt", "hf", params, dense.generate)
+
+    for provider, kept, m in runs:
+        ideal_pre = pre_ms * (1 - (1 - kept) * share["prefill"])
+        ideal_dec = dec_ms * (1 - (1 - kept) * share["decode"])
+        md = _median(m.decode)
+        for name, base_ms, samples, ideal, extra in (
+            ("prefill", pre_ms, m.prefill, ideal_pre,
+             dict(kv_bytes=m.kv_bytes, kv_ratio=m.kv_bytes / dense.kv_bytes, peak_bytes=m.peak_bytes)),
+            ("decode", dec_ms, m.decode, ideal_dec,
+             dict(tokens_per_s=decode_tokens / (md / 1e3), ideal_tokens_per_s=decode_tokens / (ideal_dec / 1e3))),
+            ("ttlt", gen_ms, m.generate, ideal_pre + ideal_dec, {}),
+        ):
+            speedup, ideal_speedup = base_ms / _median(samples), base_ms / ideal
+            writer.add("e2e", name, provider, dict(params, kept=round(kept, 4)), samples, speedup_vs_hf=speedup,
+                       ideal_speedup=ideal_speedup, frac_of_ideal=speedup / ideal_speedup, **extra)
