@@ -1,0 +1,70 @@
+"""``python bench/run.py --quick`` end to end on CPU with small shapes: the smoke run CI does.
+
+Timings are not checked (performance is measured, never asserted); what is checked is that every
+section runs, every row has the schema of ``bench/common.py``, and the measured quantities that do not
+depend on timing (KV bytes, kept fractions) are right.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["--layer-batch", "4", "--layer-len", "16", "--e2e-batches", "4", "--e2e-lengths", "16", "--new-tokens", "3",
+         "--e2e-reps", "3"]
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--device", "cpu",
+                           "--results-dir", str(out), *SMALL], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (jsonl,) = out.glob("*.jsonl")
+    (markdown,) = out.glob("*.md")
+    assert markdown.read_text().strip()
+    return [json.loads(line) for line in jsonl.read_text().splitlines()]
+
+
+def test_every_section_writes_rows_with_the_schema(rows):
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import common
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    assert {r["section"] for r in rows} == {"micro", "layer", "e2e"}
+    for row in rows:
+        assert tuple(row) == common.ROW_FIELDS
+        assert row["device"] == "cpu"
+        assert 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+        for key, value in row["metrics"].items():
+            assert value is None or math.isfinite(value), (row["name"], key)
+
+
+def test_layer_rows_cover_every_kept_fraction(rows):
+    layer = [r for r in rows if r["section"] == "layer"]
+    kept = {r["params"]["kept"] for r in layer if r["provider"] == "mindskip"}
+    assert kept == {0.0, 0.25, 0.5, 0.75, 1.0}
+    assert {(r["name"], r["provider"]) for r in layer} >= {("prefill", "hf"), ("decode", "hf")}
+    assert all(r["metrics"]["speedup_vs_hf"] > 0 for r in layer if r["provider"] == "mindskip")
+
+
+def test_e2e_kv_bytes_follow_the_kept_fraction(rows):
+    e2e = {(r["name"], r["provider"], r["params"].get("kept")): r for r in rows if r["section"] == "e2e"}
+    dense_kv = e2e[("prefill", "hf", None)]["metrics"]["kv_bytes"]
+    assert dense_kv > 0
+    # 8-layer model, MindSkip on layers 3..6: keeping half of those layer-sequences stores 3/4 of the dense KV.
+    assert e2e[("prefill", "mindskip", 1.0)]["metrics"]["kv_ratio"] == 1.0
+    assert e2e[("prefill", "mindskip", 0.5)]["metrics"]["kv_ratio"] == pytest.approx(0.75)
+    assert e2e[("prefill", "attn-drop", 0.5)]["metrics"]["kv_ratio"] == pytest.approx(0.75)
+    for provider, kept in (("mindskip", 0.5), ("attn-drop", 0.5)):
+        decode = e2e[("decode", provider, kept)]["metrics"]
+        assert 1.0 <= decode["ideal_speedup"] < 2.0 and decode["tokens_per_s"] > 0
+    hf_decode = e2e[("decode", "hf", None)]["metrics"]
+    assert 0.0 < hf_decode["attn_share"] < 1.0
