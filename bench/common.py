@@ -93,36 +93,25 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn, device: torch.device, *, reps: int, warmup: int = 1, budget_s: float = 10.0, setup=None) -> list[float]:
+def time_ms(fn, device: torch.device, *, reps: int, warmup: int = 1, budget_s: float = 10.0) -> list[float]:
     """Wall times of ``fn()`` in ms: ``warmup`` untimed calls, then up to ``reps`` timed ones
-    (at least 3, stopping early once ``budget_s`` is spent). CUDA is timed with events.
-
-    With ``setup``, every call is ``fn(setup())`` and only ``fn`` is timed (e.g. decode steps after a prefill)."""
-
-    def prepared():
-        if setup is None:
-            return fn
-        arg = setup()
-        synchronize(device)
-        return lambda: fn(arg)
-
+    (at least 3, stopping early once ``budget_s`` is spent). CUDA is timed with events."""
     for _ in range(warmup):
-        prepared()()
+        fn()
     synchronize(device)
     times: list[float] = []
     started = time.perf_counter()
     for _ in range(reps):
-        run = prepared()
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            run()
+            fn()
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
         else:
             t0 = time.perf_counter()
-            run()
+            fn()
             times.append((time.perf_counter() - t0) * 1e3)
         if len(times) >= 3 and time.perf_counter() - started > budget_s:
             break

@@ -7,9 +7,9 @@ For every (batch B, prompt length T) point of the grid:
   exactly a fraction ``f`` of the (layer, sequence) pairs of this batch, for each ``f`` of the sweep;
 * ``attn-drop``: static Attention-Drop of the same share of attention sublayers.
 
-Metrics, separately: prefill time (one forward writing the KV cache), decode time and tokens/s
-(``new_tokens - 1`` greedy steps on a prefilled cache), time to last token of ``generate()`` with a
-fixed number of new tokens, KV-cache bytes and (CUDA) peak allocated memory. The dense model is
+Metrics, separately: prefill time (one forward writing the KV cache); for ``generate()`` with a fixed
+number of new tokens, its decode time and tokens/s (the time after the prefill's logits, taken inside
+the same call) and its time to last token; KV-cache bytes and (CUDA) peak allocated memory. The dense model is
 measured before and after the MindSkip runs of each point and its samples pooled.
 
 The ideal speedup is estimated from the dense model itself: instrumented runs (hooks on the attention
@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 import mindskip_ext as msk
 from common import synchronize, time_ms
@@ -153,73 +153,79 @@ def run(args, writer):
 
 
 def _prefill(model, ids):
-    cache = DynamicCache()
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return cache, out.logits[:, -1].argmax(-1, keepdim=True)
+    model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
 
 
-def _decode(model, state, steps):
-    cache, token = state
-    for _ in range(steps):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
+class _FirstStepClock(LogitsProcessor):
+    """Notes the time at which ``generate()`` first scores logits: the end of its prefill."""
+
+    def __init__(self, device):
+        self.device = device
+        self.at = None
+
+    def __call__(self, input_ids, scores):
+        if self.at is None:
+            synchronize(self.device)
+            self.at = time.perf_counter()
+        return scores
+
+
+def _generate(model, ids, new_tokens, device):
+    """One greedy ``generate()`` of exactly ``new_tokens``: (output, total ms, decode ms). Decode is the time after
+    the prefill's logits, i.e. the ``new_tokens - 1`` decode steps inside this same call."""
+    clock = _FirstStepClock(device)
+    synchronize(device)
+    start = time.perf_counter()
+    out = model.generate(
+        input_ids=ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+        return_dict_in_generate=True, logits_processor=LogitsProcessorList([clock]),
+    )
+    synchronize(device)
+    end = time.perf_counter()
+    return out, (end - start) * 1e3, (end - clock.at) * 1e3
 
 
 def _attention_shares(model, ids, new_tokens, layer_ids, device, reps):
-    """Share of prefill and of decode time spent in the attention sublayers of the MindSkip layers, from
-    instrumented runs (medians over ``reps``): a ratio, so it carries over to the uninstrumented timings."""
+    """Share of prefill and of ``generate()`` decode time spent in the attention sublayers of the MindSkip layers,
+    from instrumented runs (medians over ``reps``): a ratio, so it carries over to the uninstrumented timings."""
     shares = {"prefill": [], "decode": []}
     timer = AttentionTimer(model, layer_ids, device)
     try:
         with torch.no_grad():
             for _ in range(reps + 1):  # the first is a warm-up
                 synchronize(device)
-                t0 = time.perf_counter()
-                state = _prefill(model, ids)
+                start = time.perf_counter()
+                _prefill(model, ids)
                 synchronize(device)
-                t1 = time.perf_counter()
-                _decode(model, state, new_tokens - 1)
-                synchronize(device)
-                totals = {"prefill": (t1 - t0) * 1e3, "decode": (time.perf_counter() - t1) * 1e3}
+                prefill_ms = (time.perf_counter() - start) * 1e3
                 timer.collect()
-                attn = {"prefill": timer.prefill_ms, "decode": timer.decode_ms}
+                shares["prefill"].append(timer.prefill_ms / prefill_ms)
+                timer.prefill_ms = 0.0
+                _, _, decode_ms = _generate(model, ids, new_tokens, device)
+                timer.collect()
+                shares["decode"].append(timer.decode_ms / decode_ms)
                 timer.prefill_ms = timer.decode_ms = 0.0
-                for phase in shares:
-                    shares[phase].append(attn[phase] / totals[phase])
     finally:
         timer.remove()
     return {phase: _median(values[1:]) for phase, values in shares.items()}
 
 
 def _measure(model, ids, new_tokens, reps, device):
-    """Prefill, decode and generate() times, KV bytes and peak memory for one provider.
-
-    Decode is timed directly: ``new_tokens - 1`` greedy steps on the cache of an untimed prefill, so its
-    number is not the difference of two noisy totals. ``generate()`` (time to last token) adds its own loop.
-    """
-
-    def prefill():
-        return _prefill(model, ids)
-
-    def decode(state):
-        _decode(model, state, new_tokens - 1)
-
-    def generate():
-        return model.generate(
-            input_ids=ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-            return_dict_in_generate=True,
-        )
-
+    """Prefill time (one forward writing the cache), then ``generate()``: total and decode time of each call,
+    KV bytes and peak memory."""
     with torch.no_grad():
-        prefill_times = time_ms(prefill, device, reps=reps)
-        decode_times = time_ms(decode, device, reps=reps, setup=prefill)
+        prefill_times = time_ms(lambda: _prefill(model, ids), device, reps=reps)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        out = generate()
+        out, _, _ = _generate(model, ids, new_tokens, device)  # also the warm-up
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         held = sum(kv_bytes(out.past_key_values).values())
         del out
-        generate_times = time_ms(generate, device, reps=reps, warmup=0)
+        generate_times, decode_times = [], []
+        for _ in range(reps):
+            _, total, decode = _generate(model, ids, new_tokens, device)
+            generate_times.append(total)
+            decode_times.append(decode)
     return Measured(prefill_times, decode_times, generate_times, held, peak)
 
 
