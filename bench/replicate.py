@@ -631,7 +631,7 @@ def plot(run: Run, path: Path) -> None:
         if col == 2:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="lower left")
+    axes[0].legend(fontsize=8, loc="best")
     fig.suptitle(f"{run.meta['model']}: MindSkip vs Attention-Drop ({run.preset} run)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
