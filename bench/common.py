@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from mindskip_ext.cli import pick_device
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "bench" / "results"
 ROW_FIELDS = (
@@ -38,12 +40,10 @@ ROW_FIELDS = (
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for, but no CUDA device is available")
-    return device
+    try:
+        return pick_device(name)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
 
 
 def device_name(device: torch.device) -> str:

@@ -170,20 +170,12 @@ def machine() -> dict:
 
 def smoke_model(data_dir: Path, seed: int):
     """A random tiny Llama (8 layers, hidden 64) and a word tokenizer trained on the instruction file."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from mindskip_ext import data as D
+    from mindskip_ext.cli import word_llama
 
     records = json.loads((data_dir / ALPACA).read_text())
     tokenizer = D.train_word_tokenizer(D.tokenizer_corpus(records))
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=8,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.config._attn_implementation = "sdpa"
+    model = word_llama(tokenizer, intermediate_size=128, max_position_embeddings=4096, seed=seed)
     return model.eval(), tokenizer, "tiny random Llama (8 layers, hidden 64; --smoke)"
 
 

@@ -530,23 +530,32 @@ def _demo_parser(subparsers) -> None:
     p.set_defaults(func=run_demo)
 
 
+def word_llama(tokenizer, *, intermediate_size: int = 256, max_position_embeddings: int = 256, seed: int = 0):
+    """An untrained tiny Llama (8 layers, hidden 64, sdpa) sized to a word tokenizer, seeded with ``seed``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=intermediate_size, num_hidden_layers=8,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.config._attn_implementation = "sdpa"
+    return model
+
+
 def build_tiny_model(records: list[dict], steps: int = 800, seed: int = 0, progress: bool = True):
     """A tiny Llama (8 layers, hidden 64) with a word tokenizer, trained for ``steps`` on ``records``."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from . import data as D
     from .evaluation import token_nll
 
     tokenizer = D.train_word_tokenizer(D.tokenizer_corpus(records))
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=8,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.config._attn_implementation = "sdpa"
+    model = word_llama(tokenizer, seed=seed)
     examples = D.prepare_examples(tokenizer, records, 128).examples
     pad = D.pad_token_id(tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
