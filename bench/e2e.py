@@ -68,8 +68,6 @@ class AttentionTimer:
     def __init__(self, model, layer_indices, device):
         self.device = device
         self.handles = []
-        self.prefill_ms = 0.0
-        self.decode_ms = 0.0
         self._open = []
         for idx in layer_indices:
             attn = model.model.layers[idx].self_attn
@@ -90,15 +88,15 @@ class AttentionTimer:
     def _stop(self, module, args, kwargs, output):
         self._open[-1] = (*self._open[-1], self._now())
 
-    def collect(self):
+    def collect(self) -> dict[str, float]:
+        """Attention ms of the prefill and of the decode steps timed since the last call."""
         synchronize(self.device)
+        total = {"prefill": 0.0, "decode": 0.0}
         for is_prefill, start, end in self._open:
             ms = start.elapsed_time(end) if self.device.type == "cuda" else (end - start) * 1e3
-            if is_prefill:
-                self.prefill_ms += ms
-            else:
-                self.decode_ms += ms
+            total["prefill" if is_prefill else "decode"] += ms
         self._open.clear()
+        return total
 
     def remove(self):
         for h in self.handles:
@@ -198,13 +196,9 @@ def _attention_shares(model, ids, new_tokens, layer_ids, device, reps):
                 _prefill(model, ids)
                 synchronize(device)
                 prefill_ms = (time.perf_counter() - start) * 1e3
-                timer.collect()
-                shares["prefill"].append(timer.prefill_ms / prefill_ms)
-                timer.prefill_ms = 0.0
+                shares["prefill"].append(timer.collect()["prefill"] / prefill_ms)
                 _, _, decode_ms = _generate(model, ids, new_tokens, device)
-                timer.collect()
-                shares["decode"].append(timer.decode_ms / decode_ms)
-                timer.prefill_ms = timer.decode_ms = 0.0
+                shares["decode"].append(timer.collect()["decode"] / decode_ms)
     finally:
         timer.remove()
     return {phase: _median(values[1:]) for phase, values in shares.items()}
