@@ -9,28 +9,33 @@ For every (batch B, prompt length T) point of the grid:
 
 Metrics, separately: prefill time (one forward writing the KV cache); for ``generate()`` with a fixed
 number of new tokens, its decode time and tokens/s (the time after the prefill's logits, taken inside
-the same call) and its time to last token; KV-cache bytes and (CUDA) peak allocated memory. The dense model is
-measured before and after the MindSkip runs of each point and its samples pooled.
+the same call) and its time to last token; KV-cache bytes and (CUDA) peak allocated memory.
+
+All variants of a point are timed round-robin (round ``r`` starts at variant ``r``), converting and unloading
+the one model in place for each sample, so that a drift of a shared machine lands on all of them alike.
+``speedup_vs_hf`` is the median over rounds of the dense time over the variant's time in the same round, with
+its p20 and p80 over rounds (``speedup_p20``, ``speedup_p80``) to show how far the machine's noise reaches.
 
 The ideal speedup is estimated from the dense model itself: instrumented runs (hooks on the attention
 sublayers of the MindSkip layers) give the share ``a`` of prefill and of decode time spent there, and the
 ideal time is the dense time times ``1 - (1 - f) * a``: what MindSkip would take if skipped work cost
-exactly nothing and the rest ran as fast as in the dense model. ``frac_of_ideal`` = measured speedup /
-ideal speedup.
+exactly nothing and the rest ran as fast as in the dense model (time to last token: the prefill and decode
+ideals weighted by the dense model's split). ``frac_of_ideal`` = measured speedup / ideal speedup.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 import mindskip_ext as msk
-from common import synchronize, time_ms
+from common import quantile, synchronize, time_ms
 from mindskip_ext.cache import kv_bytes
 from routing import build_model, calibrate_routers, force_static_drop
 
@@ -46,7 +51,7 @@ def add_arguments(parser):
     group.add_argument("--e2e-lengths", default=None, help="comma-separated prompt lengths")
     group.add_argument("--e2e-fractions", default=None, help="comma-separated kept fractions")
     group.add_argument("--new-tokens", type=int, default=None, help="tokens generated per sequence (default 32; 8 with --quick)")
-    group.add_argument("--e2e-reps", type=int, default=None, help="timed repetitions per measurement (default 5; 3 with --quick)")
+    group.add_argument("--e2e-reps", type=int, default=None, help="timed rounds over all variants of a point (default 10 on CPU, 5 on GPU; 12 with --quick)")
     group.add_argument("--mem-fraction", type=float, default=0.85, help="skip GPU points whose estimated memory exceeds this share")
 
 
@@ -121,7 +126,7 @@ def run(args, writer):
     new_tokens = args.new_tokens or (8 if args.quick else 32)
     shape = args.e2e_shape or ("llama3-8b" if on_gpu else "cpu-small")
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    reps = args.e2e_reps or (3 if args.quick else 5)
+    reps = args.e2e_reps or (12 if args.quick else 5 if on_gpu else 10)
     model = build_model(shape, device, dtype, max_len=max(lengths) + new_tokens + 8)
     cfg = model.config
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -204,83 +209,130 @@ def _attention_shares(model, ids, new_tokens, layer_ids, device, reps):
     return {phase: _median(values[1:]) for phase, values in shares.items()}
 
 
-def _measure(model, ids, new_tokens, reps, device):
-    """Prefill time (one forward writing the cache), then ``generate()``: total and decode time of each call,
-    KV bytes and peak memory."""
-    with torch.no_grad():
-        prefill_times = time_ms(lambda: _prefill(model, ids), device, reps=reps)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        out, _, _ = _generate(model, ids, new_tokens, device)  # also the warm-up
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-        held = sum(kv_bytes(out.past_key_values).values())
-        del out
-        generate_times, decode_times = [], []
-        for _ in range(reps):
-            _, total, decode = _generate(model, ids, new_tokens, device)
-            generate_times.append(total)
-            decode_times.append(decode)
-    return Measured(prefill_times, decode_times, generate_times, held, peak)
-
-
 @dataclass
-class Measured:
-    prefill: list[float]
-    decode: list[float]
-    generate: list[float]
-    kv_bytes: int
-    peak_bytes: int | None
+class Variant:
+    """One model variant of a point: the unconverted model (``routers`` None) or MindSkip with fixed routers."""
 
-    def merged(self, other: Measured) -> Measured:
-        return Measured(self.prefill + other.prefill, self.decode + other.decode, self.generate + other.generate,
-                        self.kv_bytes, max(self.peak_bytes or 0, other.peak_bytes or 0) or None)
+    provider: str
+    kept: float | None
+    routers: dict[str, torch.Tensor] | None
+    prefill: list[float] = field(default_factory=list)
+    decode: list[float] = field(default_factory=list)
+    generate: list[float] = field(default_factory=list)
+    kv_bytes: int = 0
+    peak_bytes: int | None = None
+
+
+def _variants(model, ids, layer_ids, fractions) -> list[Variant]:
+    """The unconverted model, then per kept fraction MindSkip with calibrated routers and (below 1.0) the static
+    Attention-Drop of the same share. Router states are snapshots, so a variant can be re-applied at any time."""
+    wrapped = msk.get_mindskip_model(model, msk.MindSkipConfig(layers=layer_ids))
+    variants = [Variant("hf", None, None)]
+
+    def snapshot():
+        return {name: t.detach().clone() for name, t in wrapped.router_state_dict().items()}
+
+    try:
+        for fraction in fractions:
+            with torch.no_grad():
+                capacity = calibrate_routers(
+                    wrapped, fraction, ids.shape[0],
+                    lambda: wrapped(input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1),
+                )
+            variants.append(Variant("mindskip", sum(capacity.values()) / len(capacity), snapshot()))
+            if fraction < 1.0:
+                dropped = force_static_drop(wrapped, round((1 - fraction) * len(layer_ids)))
+                variants.append(Variant("attn-drop", 1 - len(dropped) / len(layer_ids), snapshot()))
+    finally:
+        wrapped.unload()
+    return variants
+
+
+@contextlib.contextmanager
+def _applied(model, variant: Variant, layer_ids):
+    """``model`` as ``variant``: unconverted, or converted with the variant's routers (undone on exit)."""
+    if variant.routers is None:
+        yield model
+        return
+    wrapped = msk.get_mindskip_model(model, msk.MindSkipConfig(layers=layer_ids))
+    try:
+        wrapped.load_router_state_dict(variant.routers)
+        yield wrapped
+    finally:
+        wrapped.unload()
+
+
+def _sample(model, ids, new_tokens, device, variant: Variant | None = None):
+    """One prefill and one ``generate()``; appended to ``variant``'s samples unless it is None (a warm-up)."""
+    with torch.no_grad():
+        (prefill,) = time_ms(lambda: _prefill(model, ids), device, reps=1, warmup=0)
+        _, total, decode = _generate(model, ids, new_tokens, device)
+    if variant is not None:
+        variant.prefill.append(prefill)
+        variant.generate.append(total)
+        variant.decode.append(decode)
+
+
+def _measure_interleaved(model, ids, new_tokens, reps, layer_ids, variants: list[Variant]) -> None:
+    """Time every variant ``reps`` times, round-robin: round ``r`` visits the variants in an order rotated by ``r``,
+    so a drift of the machine (other tenants, clocks) lands on all of them alike and each variant's ``i``-th
+    sample can be paired with the dense model's ``i``-th. A first untimed round warms up each variant and takes
+    its KV bytes and (CUDA) peak memory."""
+    device = ids.device
+    for variant in variants:
+        with _applied(model, variant, layer_ids) as m, torch.no_grad():
+            _prefill(m, ids)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            out, _, _ = _generate(m, ids, new_tokens, device)
+            variant.peak_bytes = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+            variant.kv_bytes = sum(kv_bytes(out.past_key_values).values())
+            del out
+    for r in range(reps):
+        for i in range(len(variants)):
+            variant = variants[(i + r) % len(variants)]
+            with _applied(model, variant, layer_ids) as m:
+                _sample(m, ids, new_tokens, device, variant)
+
+
+def _paired_speedup(dense: list[float], samples: list[float]) -> tuple[float, float, float]:
+    """Dense time / variant time per round (both taken in the same round): median, p20 and p80 over rounds."""
+    ratios = [d / s for d, s in zip(dense, samples, strict=True)]
+    return _median(ratios), quantile(ratios, 0.2), quantile(ratios, 0.8)
 
 
 def _run_point(model, ids, params, layer_ids, fractions, new_tokens, reps, writer):
-    """The dense model is measured before and after the MindSkip runs, and its samples pooled, so a slow
-    drift of the machine (other tenants, clocks) does not favour either side."""
     device = writer.device
     batch = ids.shape[0]
     decode_tokens = batch * (new_tokens - 1)
 
-    dense = _measure(model, ids, new_tokens, reps, device)
-    share = _attention_shares(model, ids, new_tokens, layer_ids, device, reps)
+    share = _attention_shares(model, ids, new_tokens, layer_ids, device, min(reps, 5))
+    variants = _variants(model, ids, layer_ids, fractions)
+    _measure_interleaved(model, ids, new_tokens, reps, layer_ids, variants)
+    dense, runs = variants[0], variants[1:]
 
-    wrapped = msk.get_mindskip_model(model, msk.MindSkipConfig(layers=layer_ids))
-    runs = []
-    for fraction in fractions:
-        with torch.no_grad():
-            capacity = calibrate_routers(
-                wrapped, fraction, ids.shape[0],
-                lambda: wrapped(input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1),
-            )
-        kept = sum(capacity.values()) / len(capacity)
-        runs.append(("mindskip", kept, _measure(wrapped, ids, new_tokens, reps, device)))
-        if fraction < 1.0:
-            dropped = force_static_drop(wrapped, round((1 - fraction) * len(layer_ids)))
-            kept_static = 1 - len(dropped) / len(layer_ids)
-            runs.append(("attn-drop", kept_static, _measure(wrapped, ids, new_tokens, reps, device)))
-    wrapped.unload()
-    dense = dense.merged(_measure(model, ids, new_tokens, reps, device))
-
-    pre_ms, dec_ms, gen_ms = _median(dense.prefill), _median(dense.decode), _median(dense.generate)
+    dec_ms = _median(dense.decode)
     writer.add("e2e", "prefill", "hf", params, dense.prefill, attn_share=share["prefill"], kv_bytes=dense.kv_bytes,
                peak_bytes=dense.peak_bytes)
     writer.add("e2e", "decode", "hf", params, dense.decode, tokens_per_s=decode_tokens / (dec_ms / 1e3),
                attn_share=share["decode"])
     writer.add("e2e", "ttlt", "hf", params, dense.generate)
 
-    for provider, kept, m in runs:
-        ideal_pre = pre_ms * (1 - (1 - kept) * share["prefill"])
-        ideal_dec = dec_ms * (1 - (1 - kept) * share["decode"])
-        md = _median(m.decode)
-        for name, base_ms, samples, ideal, extra in (
-            ("prefill", pre_ms, m.prefill, ideal_pre,
-             dict(kv_bytes=m.kv_bytes, kv_ratio=m.kv_bytes / dense.kv_bytes, peak_bytes=m.peak_bytes)),
-            ("decode", dec_ms, m.decode, ideal_dec,
-             dict(tokens_per_s=decode_tokens / (md / 1e3), ideal_tokens_per_s=decode_tokens / (ideal_dec / 1e3))),
-            ("ttlt", gen_ms, m.generate, ideal_pre + ideal_dec, {}),
+    for v in runs:
+        pre_factor = 1 - (1 - v.kept) * share["prefill"]  # ideal time / dense time
+        dec_factor = 1 - (1 - v.kept) * share["decode"]
+        pre_ms = _median(dense.prefill)
+        ttlt_factor = (pre_ms * pre_factor + dec_ms * dec_factor) / (pre_ms + dec_ms)
+        md = _median(v.decode)
+        for name, base, samples, factor, extra in (
+            ("prefill", dense.prefill, v.prefill, pre_factor,
+             dict(kv_bytes=v.kv_bytes, kv_ratio=v.kv_bytes / dense.kv_bytes, peak_bytes=v.peak_bytes)),
+            ("decode", dense.decode, v.decode, dec_factor,
+             dict(tokens_per_s=decode_tokens / (md / 1e3), ideal_tokens_per_s=decode_tokens / (dec_ms * dec_factor / 1e3))),
+            ("ttlt", dense.generate, v.generate, ttlt_factor, {}),
         ):
-            speedup, ideal_speedup = base_ms / _median(samples), base_ms / ideal
-            writer.add("e2e", name, provider, dict(params, kept=round(kept, 4)), samples, speedup_vs_hf=speedup,
-                       ideal_speedup=ideal_speedup, frac_of_ideal=speedup / ideal_speedup, **extra)
+            speedup, low, high = _paired_speedup(base, samples)
+            ideal_speedup = 1 / factor
+            writer.add("e2e", name, v.provider, dict(params, kept=round(v.kept, 4)), samples, speedup_vs_hf=speedup,
+                       speedup_p20=low, speedup_p80=high, ideal_speedup=ideal_speedup,
+                       frac_of_ideal=speedup / ideal_speedup, **extra)

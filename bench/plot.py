@@ -46,9 +46,14 @@ def plot(jsonl: Path, out: Path | None = None) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for ax, name in zip(axes[:2], ("prefill", "decode")):
         for provider, style in (("mindskip", "o-"), ("attn-drop", "s--")):
-            pts = sorted((r["params"]["kept"], r["metrics"]["speedup_vs_hf"]) for r in pick(name, provider, B=batch, T=seqlen))
+            pts = sorted(pick(name, provider, B=batch, T=seqlen), key=lambda r: r["params"]["kept"])
             if pts:
-                ax.plot(*zip(*pts), style, label=f"{provider} (measured)")
+                kept = [r["params"]["kept"] for r in pts]
+                mid = [r["metrics"]["speedup_vs_hf"] for r in pts]
+                # p20-p80 of the per-round speedups where the run recorded them (older rows have none).
+                band = [(m - r["metrics"].get("speedup_p20", m), r["metrics"].get("speedup_p80", m) - m)
+                        for m, r in zip(mid, pts)]
+                ax.errorbar(kept, mid, yerr=list(zip(*band)), fmt=style, capsize=3, label=f"{provider} (measured, p20-p80)")
         ideal = sorted((r["params"]["kept"], r["metrics"]["ideal_speedup"]) for r in pick(name, "mindskip", B=batch, T=seqlen))
         ax.plot(*zip(*ideal), "k:", label="ideal (skipped attention free)")
         ax.axhline(1.0, color="grey", lw=0.8)

@@ -66,5 +66,48 @@ def test_e2e_kv_bytes_follow_the_kept_fraction(rows):
     for provider, kept in (("mindskip", 0.5), ("attn-drop", 0.5)):
         decode = e2e[("decode", provider, kept)]["metrics"]
         assert 1.0 <= decode["ideal_speedup"] < 2.0 and decode["tokens_per_s"] > 0
+    for (name, provider, kept), row in e2e.items():
+        if provider != "hf":  # per-round paired speedups: the median lies inside its own p20-p80 band
+            m = row["metrics"]
+            assert 0 < m["speedup_p20"] <= m["speedup_vs_hf"] <= m["speedup_p80"], (name, provider, kept)
     hf_decode = e2e[("decode", "hf", None)]["metrics"]
     assert 0.0 < hf_decode["attn_share"] < 1.0
+
+
+def test_e2e_interleaving_times_every_variant_and_restores_the_model(monkeypatch):
+    """Round-robin timing: every variant gets one sample per round, rounds start at a rotating variant, each
+    variant runs with its own routers, and the model comes back unconverted."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import e2e
+    from routing import SHAPES, build_model
+
+    import mindskip_ext as msk
+
+    monkeypatch.setitem(SHAPES, "test-tiny", dict(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                   num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2))
+    model = build_model("test-tiny", torch.device("cpu"), torch.float32, max_len=32)
+    layer_ids = msk.MindSkipConfig().resolve_layers(4)
+    ids = torch.randint(1, 64, (4, 8), generator=torch.Generator().manual_seed(0))
+    variants = e2e._variants(model, ids, layer_ids, (1.0, 0.5))
+    assert [(v.provider, v.kept) for v in variants] == [("hf", None), ("mindskip", 1.0), ("mindskip", 0.5), ("attn-drop", 0.5)]
+
+    visits = []
+    sample = e2e._sample
+
+    def recording_sample(m, ids_, new_tokens, device, variant=None):
+        converted = isinstance(m, msk.MindSkipModel)
+        visits.append((variant.provider if variant else None, converted))
+        if converted:  # the variant's own routers are in place while it is timed
+            torch.testing.assert_close(m.router_state_dict(), variant.routers)
+        sample(m, ids_, new_tokens, device, variant)
+
+    monkeypatch.setattr(e2e, "_sample", recording_sample)
+    e2e._measure_interleaved(model, ids, 3, 3, layer_ids, variants)
+    assert [provider for provider, _ in visits] == [v.provider for r in range(3) for v in variants[r:] + variants[:r]]
+    assert all(converted == (provider != "hf") for provider, converted in visits)
+    assert all(len(v.prefill) == len(v.decode) == len(v.generate) == 3 for v in variants)
+    kv = {(v.provider, v.kept): v.kv_bytes for v in variants}
+    assert kv[("mindskip", 0.5)] == kv[("attn-drop", 0.5)] == 0.75 * kv[("hf", None)]
+    assert not any(isinstance(layer, msk.MindSkipDecoderLayer) for layer in model.model.layers)
