@@ -196,11 +196,7 @@ def _attention_shares(model, ids, new_tokens, layer_ids, device, reps):
     try:
         with torch.no_grad():
             for _ in range(reps + 1):  # the first is a warm-up
-                synchronize(device)
-                start = time.perf_counter()
-                _prefill(model, ids)
-                synchronize(device)
-                prefill_ms = (time.perf_counter() - start) * 1e3
+                (prefill_ms,) = time_ms(lambda: _prefill(model, ids), device, reps=1, warmup=0)
                 shares["prefill"].append(timer.collect()["prefill"] / prefill_ms)
                 _, _, decode_ms = _generate(model, ids, new_tokens, device)
                 shares["decode"].append(timer.collect()["decode"] / decode_ms)
@@ -262,15 +258,14 @@ def _applied(model, variant: Variant, layer_ids):
         wrapped.unload()
 
 
-def _sample(model, ids, new_tokens, device, variant: Variant | None = None):
-    """One prefill and one ``generate()``; appended to ``variant``'s samples unless it is None (a warm-up)."""
+def _sample(model, ids, new_tokens, device, variant: Variant):
+    """One timed prefill and one timed ``generate()`` of ``model``, appended to ``variant``'s samples."""
     with torch.no_grad():
         (prefill,) = time_ms(lambda: _prefill(model, ids), device, reps=1, warmup=0)
         _, total, decode = _generate(model, ids, new_tokens, device)
-    if variant is not None:
-        variant.prefill.append(prefill)
-        variant.generate.append(total)
-        variant.decode.append(decode)
+    variant.prefill.append(prefill)
+    variant.generate.append(total)
+    variant.decode.append(decode)
 
 
 def _measure_interleaved(model, ids, new_tokens, reps, layer_ids, variants: list[Variant]) -> None:
@@ -311,7 +306,7 @@ def _run_point(model, ids, params, layer_ids, fractions, new_tokens, reps, write
     _measure_interleaved(model, ids, new_tokens, reps, layer_ids, variants)
     dense, runs = variants[0], variants[1:]
 
-    dec_ms = _median(dense.decode)
+    pre_ms, dec_ms = _median(dense.prefill), _median(dense.decode)
     writer.add("e2e", "prefill", "hf", params, dense.prefill, attn_share=share["prefill"], kv_bytes=dense.kv_bytes,
                peak_bytes=dense.peak_bytes)
     writer.add("e2e", "decode", "hf", params, dense.decode, tokens_per_s=decode_tokens / (dec_ms / 1e3),
@@ -321,7 +316,6 @@ def _run_point(model, ids, params, layer_ids, fractions, new_tokens, reps, write
     for v in runs:
         pre_factor = 1 - (1 - v.kept) * share["prefill"]  # ideal time / dense time
         dec_factor = 1 - (1 - v.kept) * share["decode"]
-        pre_ms = _median(dense.prefill)
         ttlt_factor = (pre_ms * pre_factor + dec_ms * dec_factor) / (pre_ms + dec_ms)
         md = _median(v.decode)
         for name, base, samples, factor, extra in (
