@@ -37,6 +37,7 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 import mindskip_ext as msk
 from common import quantile, synchronize, time_ms
 from mindskip_ext.cache import kv_bytes
+from mindskip_ext.hf_compat import cache_kwargs, output_cache
 from routing import build_model, calibrate_routers, force_static_drop
 
 GPU_GRID = dict(batches=(1, 8, 32, 64), lengths=(512, 2048, 8192), fractions=(1.0, 0.75, 0.5, 0.25))
@@ -156,7 +157,7 @@ def run(args, writer):
 
 
 def _prefill(model, ids):
-    model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+    model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, DynamicCache()))
 
 
 class _FirstStepClock(LogitsProcessor):
@@ -233,7 +234,7 @@ def _variants(model, ids, layer_ids, fractions) -> list[Variant]:
             with torch.no_grad():
                 capacity = calibrate_routers(
                     wrapped, fraction, ids.shape[0],
-                    lambda: wrapped(input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1),
+                    lambda: _prefill(wrapped, ids),
                 )
             variants.append(Variant("mindskip", sum(capacity.values()) / len(capacity), snapshot()))
             if fraction < 1.0:
@@ -281,7 +282,7 @@ def _measure_interleaved(model, ids, new_tokens, reps, layer_ids, variants: list
                 torch.cuda.reset_peak_memory_stats(device)
             out, _, _ = _generate(m, ids, new_tokens, device)
             variant.peak_bytes = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-            variant.kv_bytes = sum(kv_bytes(out.past_key_values).values())
+            variant.kv_bytes = sum(kv_bytes(output_cache(out)).values())
             del out
     for r in range(reps):
         for i in range(len(variants)):

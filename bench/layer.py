@@ -14,6 +14,7 @@ from transformers import DynamicCache
 
 import mindskip_ext as msk
 from common import time_ms
+from mindskip_ext.hf_compat import cache_kwargs
 from mindskip_ext.layer import STATE_KWARG, ForwardState, RoutingRecord
 from routing import build_model, keep_exactly
 
@@ -52,8 +53,8 @@ def run(args, writer):
         normed = base.input_layernorm(x)
 
     def call(module, hidden, pe_, pos_, cache, mindskip):
-        kwargs = dict(attention_mask=None, position_ids=pos_, past_key_values=cache, use_cache=cache is not None,
-                      position_embeddings=pe_)
+        kwargs = dict(attention_mask=None, position_ids=pos_, use_cache=cache is not None, position_embeddings=pe_,
+                      **cache_kwargs(module, cache))
         if mindskip:
             kwargs[STATE_KWARG] = ForwardState(None, hidden.shape[1], RoutingRecord())
         return module(hidden, **kwargs)
@@ -68,7 +69,7 @@ def run(args, writer):
 
         def step():
             call(module, x1, pe1, pos1, cache, mindskip)
-            cache.crop(-1)
+            cache.layers[layer.layer_idx].crop(-1)  # only this layer's slot holds anything
 
         return time_ms(step, device, reps=reps * 5)
 

@@ -30,6 +30,7 @@ from . import ops
 from .architectures import ArchSpec
 from .cache import Decision, routing_slot
 from .config import MindSkipConfig
+from .hf_compat import cache_kwargs, pop_cache
 
 # Name of the keyword argument that carries the per-forward MindSkip state from the patched decoder
 # forward down to the MindSkip layers (through the stock decoder's **kwargs).
@@ -188,12 +189,13 @@ class MindSkipDecoderLayer(nn.Module):
             position_ids = _select_rows(position_ids, rows, batch)
             if position_embeddings is not None:
                 position_embeddings = tuple(_select_rows(t, rows, batch) for t in position_embeddings)
-        out, _ = self._attn_module()(
+        attn = self._attn_module()
+        out, _ = attn(
             hidden_states=normed,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
             position_embeddings=position_embeddings,
+            **cache_kwargs(attn, cache),
             **kwargs,
         )
         return out
@@ -248,18 +250,19 @@ class MindSkipDecoderLayer(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
         use_cache=False,
         position_embeddings=None,
         **kwargs,
     ):
+        # The stock decoder passes the KV cache as `cache` (transformers >= 5.24) or `past_key_values`.
+        cache = pop_cache(kwargs)
         state: ForwardState | None = kwargs.pop(STATE_KWARG, None)
         if hidden_states.dim() != 3:
             raise ValueError(f"hidden_states must be (batch, seq, hidden), got shape {tuple(hidden_states.shape)}")
         x = hidden_states
         batch, seqlen = x.shape[:2]
         normed = getattr(self.base_layer, self.spec.input_norm)(x)
-        slot = routing_slot(past_key_values, self.layer_idx, compact=self.gates_attention) if past_key_values is not None else None
+        slot = routing_slot(cache, self.layer_idx, compact=self.gates_attention) if cache is not None else None
         decision, routing = self._decide(normed, state, slot)
         gate = routing.gate if routing is not None else None
         ste = gate is not None and self.training
@@ -270,7 +273,7 @@ class MindSkipDecoderLayer(nn.Module):
 
         # ---- attention sublayer
         if not self.gates_attention:
-            a = self._run_attention(normed, None, batch, attention_mask, position_ids, position_embeddings, past_key_values, attn_kwargs)
+            a = self._run_attention(normed, None, batch, attention_mask, position_ids, position_embeddings, cache, attn_kwargs)
             h = x + a
         elif full:
             # Every sequence is computed so the straight-through gradient reaches all of them. This layer's
@@ -284,7 +287,7 @@ class MindSkipDecoderLayer(nn.Module):
                 slot.skip_tokens(seqlen)
             h = x
         else:
-            backend = self._packed_backend(normed, past_key_values, kwargs)
+            backend = self._packed_backend(normed, cache, kwargs)
             if backend is not None:
                 mask = state.padding_mask if state is not None else None
                 packed_out, token_index = self._packed_attention(normed, mask, decision, position_embeddings, backend)
@@ -293,11 +296,11 @@ class MindSkipDecoderLayer(nn.Module):
                     packed_out = packed_out * gate.index_select(0, seq_of_token).unsqueeze(-1).to(packed_out.dtype)
                 h = ops.unpack_add_rows(x.clone(memory_format=torch.contiguous_format), packed_out, token_index)
             elif rows is None:  # every sequence kept
-                a = self._run_attention(normed, None, batch, attention_mask, position_ids, position_embeddings, past_key_values, attn_kwargs)
+                a = self._run_attention(normed, None, batch, attention_mask, position_ids, position_embeddings, cache, attn_kwargs)
                 h = x + (gate.view(batch, 1, 1).to(a.dtype) * a if ste else a)
             else:
                 sub = ops.gather_kept(normed, decision.order, k)
-                a = self._run_attention(sub, rows, batch, attention_mask, position_ids, position_embeddings, past_key_values, attn_kwargs)
+                a = self._run_attention(sub, rows, batch, attention_mask, position_ids, position_embeddings, cache, attn_kwargs)
                 if ste:
                     a = gate.index_select(0, rows).view(k, 1, 1).to(a.dtype) * a
                 h = ops.scatter_add_kept(x.clone(memory_format=torch.contiguous_format), a, decision.order)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.hf
+
 SMALL = ["--layer-batch", "4", "--layer-len", "16", "--e2e-batches", "4", "--e2e-lengths", "16", "--new-tokens", "3",
          "--e2e-reps", "3"]
 
@@ -24,7 +27,8 @@ SMALL = ["--layer-batch", "4", "--layer-len", "16", "--e2e-batches", "4", "--e2e
 def rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--device", "cpu",
-                           "--results-dir", str(out), *SMALL], capture_output=True, text=True, timeout=600)
+                           "--results-dir", str(out), *SMALL], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONWARNINGS": "error::FutureWarning"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     (jsonl,) = out.glob("*.jsonl")
     (markdown,) = out.glob("*.md")

@@ -14,12 +14,15 @@ from transformers import AutoModelForCausalLM, DynamicCache, GPT2Config
 import mindskip_ext as msk
 from mindskip_ext.attention import best_fast_backend
 from mindskip_ext.cache import kv_bytes
+from mindskip_ext.hf_compat import cache_kwargs, output_cache
 from mindskip_ext.model import CONFIG_NAME, WEIGHTS_NAME
 
 MODEL_TYPES = ["llama", "mistral", "qwen2", "qwen3"]
 GRANULARITIES = ["attn", "mlp", "block"]
 ATTN_IMPLS = ["eager", "sdpa"]
 VOCAB = 96
+
+pytestmark = pytest.mark.hf
 
 
 def tiny_config(model_type: str, layers: int = 4, hidden: int = 32):
@@ -160,7 +163,7 @@ def test_greedy_generate_is_batch_invariant_with_compact_kv(model_type, granular
         assert torch.equal(alone[0, len(s):], out.sequences[i, width:]), f"sequence {i}"
 
     # KV memory: a MindSkip layer that gates attention stores only its kept rows.
-    held = kv_bytes(out.past_key_values)
+    held = kv_bytes(output_cache(out))
     dense = held[0]  # layer 0 is never a MindSkip layer by default
     for idx, frac in capacity.items():
         expected = dense * frac if granularity in ("attn", "block") else dense
@@ -205,7 +208,8 @@ def test_interleaved_caches_and_two_models_do_not_interfere():
         tokens = []
         with torch.no_grad():
             if state is None:
-                out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), past_key_values=cache, use_cache=True)
+                out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True,
+                            **cache_kwargs(model, cache))
                 state = (mask, out.logits[:, -1].argmax(-1))
                 tokens.append(state[1])
                 steps -= 1
@@ -213,7 +217,7 @@ def test_interleaved_caches_and_two_models_do_not_interfere():
             for _ in range(steps):
                 mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype)], 1)
                 out = model(input_ids=last[:, None], attention_mask=mask, position_ids=positions(mask)[:, -1:],
-                            past_key_values=cache, use_cache=True)
+                            use_cache=True, **cache_kwargs(model, cache))
                 last = out.logits[:, -1].argmax(-1)
                 tokens.append(last)
         return tokens, (mask, last)
@@ -318,7 +322,7 @@ def test_cuda_identity_skipping_and_compact_kv(attn, granularity):
                          return_dict_in_generate=True)
     capacity = model.last_capacity
     assert any(0.0 < c < 1.0 for c in capacity.values()), capacity
-    held = kv_bytes(out.past_key_values)
+    held = kv_bytes(output_cache(out))
     for idx, frac in capacity.items():
         expected = held[0] * frac if granularity in ("attn", "block") else held[0]
         assert held[idx] == pytest.approx(expected, rel=1e-9)
