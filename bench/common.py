@@ -19,13 +19,13 @@ import platform
 import re
 import statistics
 import subprocess
-import time
 from importlib import metadata
 from pathlib import Path
 
 import torch
 
 from mindskip_ext.cli import pick_device
+from mindskip_ext.timing import synchronize, time_ms  # noqa: F401  (synchronize: re-exported for the sections)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -86,36 +86,6 @@ def git_commit() -> str | None:
 
 # ---------------------------------------------------------------------------------------------
 # Timing
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_ms(fn, device: torch.device, *, reps: int, warmup: int = 1, budget_s: float = 10.0) -> list[float]:
-    """Wall times of ``fn()`` in ms: ``warmup`` untimed calls, then up to ``reps`` timed ones
-    (at least 3, stopping early once ``budget_s`` is spent). CUDA is timed with events."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times: list[float] = []
-    started = time.perf_counter()
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        if len(times) >= 3 and time.perf_counter() - started > budget_s:
-            break
-    return times
 
 
 def quantile(values: list[float], q: float) -> float:

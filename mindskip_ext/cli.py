@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable
+
+# A Hugging Face hub repo id: "name" or "namespace/name" (letters, digits, "-", "_", ".").
+HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
 
 SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {}
 
@@ -103,6 +107,11 @@ def resolve_model(name: str) -> str:
 
     if name in hub.MODELS and not Path(name).exists():
         return str(hub.fetch_model(name))
+    if not Path(name).expanduser().exists() and not HUB_ID.fullmatch(name):
+        raise ValueError(
+            f"no local folder {name!r} exists, and {name!r} is not a hub model id either (hub ids look like "
+            f"'name' or 'namespace/name'; fetchable here: {', '.join(sorted(hub.MODELS))})"
+        )
     return name
 
 
@@ -620,22 +629,25 @@ def demo_model(name: str, device, dtype, attn: str, seed: int, progress: bool, t
 
 
 def time_generation(model, tokenizer, prompts: list[str], max_new_tokens: int, repeats: int = 3) -> float:
-    """Median seconds of one greedy generation of ``prompts`` (after one warm-up)."""
-    generate_batch(model, tokenizer, prompts, max_new_tokens)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        generate_batch(model, tokenizer, prompts, max_new_tokens)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    """Median seconds of one greedy generation of ``prompts`` (after one warm-up; synchronised on CUDA)."""
+    import statistics
+
+    from .timing import time_ms
+
+    device = next(model.parameters()).device
+    times = time_ms(lambda: generate_batch(model, tokenizer, prompts, max_new_tokens), device, reps=repeats)
+    return statistics.median(times) / 1e3
 
 
 def time_forward(model, examples, pad_id: int, batch_size: int = 32, repeats: int = 3) -> float:
-    """Median seconds of no-cache forwards over ``examples`` (after one warm-up)."""
+    """Median seconds of no-cache forwards over ``examples`` (after one warm-up; synchronised on CUDA)."""
+    import statistics
+
     import torch
 
     from .data import collate, length_batches
     from .evaluation import forward_routed
+    from .timing import time_ms
 
     device = next(model.parameters()).device
     batches = [
@@ -643,15 +655,13 @@ def time_forward(model, examples, pad_id: int, batch_size: int = 32, repeats: in
         for index in length_batches([len(e) for e in examples], batch_size, shuffle=False)
     ]
     model.eval()
-    times = []
-    with torch.no_grad():
-        for rep in range(repeats + 1):
-            t0 = time.perf_counter()
+
+    def run():
+        with torch.no_grad():
             for batch in batches:
                 forward_routed(model, batch, None)
-            if rep:
-                times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+
+    return statistics.median(time_ms(run, device, reps=repeats)) / 1e3
 
 
 def run_demo(args) -> int:
