@@ -19,6 +19,7 @@ Batches are built from length buckets so that padding stays small.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from collections import Counter
@@ -97,6 +98,37 @@ def _local_files(path: Path) -> tuple[str, list[str]]:
     return builders.pop(), [str(p) for p in files]
 
 
+def json_problem(path: str | os.PathLike) -> str | None:
+    """Where a JSON or JSON Lines file stops parsing (``line L column C: message``), or None if it parses.
+
+    A file whose first character is ``[`` or ``{`` and that parses whole is one JSON document; anything
+    else is read as JSON Lines, one document per non-blank line.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        return f"not UTF-8 text ({err.reason} at byte {err.start})"
+    if text.lstrip().startswith("["):
+        try:
+            json.loads(text)
+            return None
+        except json.JSONDecodeError as err:
+            return f"line {err.lineno} column {err.colno}: {err.msg}"
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"line {number} column {err.colno}: {err.msg}"
+    return None
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    return err
+
+
 def load_records(source: str | os.PathLike, split: str = "train", config: str | None = None):
     """The records of ``source`` as a :class:`datasets.Dataset` (local files, or a hub dataset name)."""
     import datasets
@@ -107,8 +139,14 @@ def load_records(source: str | os.PathLike, split: str = "train", config: str | 
         builder, files = _local_files(path)
         try:
             ds = datasets.load_dataset(builder, data_files=files, split="train")
-        except Exception as err:  # datasets raises many types for malformed files
-            raise DataError(f"could not read {source}: {err}") from err
+        except Exception as err:  # datasets raises many types for malformed files; say what is wrong, and where
+            if builder == "json":
+                for file in files:
+                    problem = json_problem(file)
+                    if problem is not None:
+                        raise DataError(f"{file} is not valid JSON: {problem}") from err
+            cause = _root_cause(err)
+            raise DataError(f"could not read {source}: {type(cause).__name__}: {cause}") from err
     elif _looks_like_path(source):
         raise DataError(f"data file {source} not found")
     else:

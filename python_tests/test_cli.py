@@ -152,6 +152,8 @@ def test_bad_input_is_one_readable_line(model_dir, data_file, tmp_path):
         (["train", "--model", str(gpt2), "--data", data_file, "--output", str(tmp_path / "o"), "--target-capacity",
           "0.5"], "model type 'gpt2' is not supported"),
         (["eval", "--model", model_dir], "give --data"),
+        (["eval", "--model", str(tmp_path / "no" / "such-model"), "--data", data_file],
+         "no local folder .*such-model.* exists, and .* is not a hub model id either"),
         (["eval", "--model", model_dir, "--routers", str(tmp_path), "--data", data_file], "not a MindSkip router directory"),
     ]
     import re
@@ -246,6 +248,7 @@ def test_demo_uses_the_real_small_model_by_default():
     assert args.model == "smollm2"
 
 
+@pytest.mark.hf
 def test_demo_falls_back_to_the_tiny_model_and_reports_everything(monkeypatch, tmp_path):
     from mindskip_ext import hub
 

@@ -75,6 +75,20 @@ def test_missing_and_empty_sources_fail_clearly(tmp_path, monkeypatch):
         D.load_records("someone/no-such-dataset-mindskip")
 
 
+def test_malformed_json_names_the_file_line_and_column(tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}]\n')
+    with pytest.raises(D.DataError, match=r"broken.json is not valid JSON: line 2 column 22: Expecting ',' delimiter"):
+        D.load_records(broken)
+    lines = tmp_path / "broken.jsonl"
+    lines.write_text('{"text": "a"}\n\n{"text": "b",}\n')
+    with pytest.raises(D.DataError, match=r"broken.jsonl is not valid JSON: line 3 column 14: Expecting property name"):
+        D.load_records(lines)
+    assert D.json_problem(tmp_path / "broken.json") is not None
+    (tmp_path / "fine.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')
+    assert D.json_problem(tmp_path / "fine.jsonl") is None
+
+
 def test_record_formats():
     assert D.record_format({"instruction": "a", "input": "", "output": "b"}) == "alpaca"
     assert D.record_format({"messages": [{"role": "user", "content": "x"}]}) == "chat"
