@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Sets up everything mindskip_ext needs in .venv and builds it (editable, with every extra).
+# Sets up everything mindskip_ext needs in .venv and builds it (editable, with every extra), with the
+# exact versions the test suite last passed with (scripts/constraints.txt).
 # Idempotent: an existing .venv and torch are kept; the extension is rebuilt.
 #
-#   PYTHON                 interpreter for a new .venv (default: python3.11, else python3)
+#   VENV                   the virtual environment (default: .venv)
+#   CONSTRAINTS            pip constraints file (default: scripts/constraints.txt); "none": the newest
+#                          releases setup.py's ranges allow (how scripts/refresh_constraints.sh re-pins)
+#   PYTHON                 interpreter for a new environment (default: python3.11, else python3)
 #   MINDSKIP_CUDA          auto (default) | 1 (fail if the CUDA kernels cannot be built) | 0 (CPU only)
 #   TORCH_CUDA_ARCH_LIST   GPU architectures (default "8.0;9.0+PTX"; no GPU needed to compile)
 #   CUDA_HOME              CUDA toolkit (default: the toolkit of the nvcc on PATH; without one, the
@@ -14,19 +18,23 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TORCH_VERSION="2.14.1"
+venv="${VENV:-.venv}"
+constraints="${CONSTRAINTS:-scripts/constraints.txt}"
+pin=()
+[ "$constraints" = none ] || pin=(-c "$constraints")
 
-if [ ! -x .venv/bin/python ]; then
+if [ ! -x "$venv/bin/python" ]; then
   python="${PYTHON:-$(command -v python3.11 || command -v python3)}"
-  echo "creating .venv with $python"
-  "$python" -m venv .venv
+  echo "creating $venv with $python"
+  "$python" -m venv "$venv"
 fi
-py=.venv/bin/python
+py="$venv/bin/python"
 
 if ! "$py" -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION' or torch.version.cuda is None)" 2>/dev/null; then
   echo "installing torch $TORCH_VERSION"
-  "$py" -m pip install "torch==$TORCH_VERSION" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+  "$py" -m pip install "${pin[@]}" "torch==$TORCH_VERSION" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
-"$py" -m pip install setuptools wheel ninja pybind11
+"$py" -m pip install "${pin[@]}" setuptools wheel ninja pybind11
 
 # Print a CUDA_HOME made of NVIDIA's pip wheels of the compiler for CUDA $2 (13.x layout:
 # site-packages/nvidia/cu13), given the lib64 and unversioned libcudart.so a toolkit install has.
@@ -53,7 +61,7 @@ if [ "${MINDSKIP_CUDA:-auto}" != 0 ] && [ -z "${CUDA_HOME:-}${CUDA_PATH:-}" ] &&
 fi
 
 start=$(date +%s)
-MINDSKIP_CUDA="${MINDSKIP_CUDA:-auto}" "$py" -m pip install --no-build-isolation -e ".[eval,gguf,bench,test]"
+MINDSKIP_CUDA="${MINDSKIP_CUDA:-auto}" "$py" -m pip install "${pin[@]}" --no-build-isolation -e ".[eval,gguf,bench,test]"
 echo "built mindskip_ext in $(( $(date +%s) - start )) s"
 "$py" - <<'PY'
 import mindskip_ext._build_info as b
