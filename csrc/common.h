@@ -1,13 +1,18 @@
 // Input validation and shape helpers shared by the CPU and CUDA kernels of every mindskip op.
 //
 // Each check raises a c10::Error (RuntimeError in Python) whose message names the op and the
-// problem, and returns the inputs normalised the way the kernels expect them (contiguous,
-// bool masks, compute-dtype weights).
+// problem. The per-op checks at the end also return the sizes the kernels need, and the other
+// helpers return the inputs normalised the way the kernels expect them (contiguous, bool masks,
+// compute-dtype weights).
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
+#include <c10/util/accumulate.h>
 
+#include <initializer_list>
 #include <optional>
 #include <vector>
 
@@ -45,31 +50,6 @@ inline at::Tensor real_token_mask(const std::optional<at::Tensor>& mask, int64_t
               m.scalar_type());
   at::Tensor real = m.scalar_type() == at::kBool ? m : m.ne(0);
   return real.contiguous();
-}
-
-// hidden (B, T, D) floating; weight (D,) or (1, D); bias with one element; threshold in (0, 1).
-inline void check_router_inputs(const at::Tensor& hidden, const at::Tensor& weight,
-                                const at::Tensor& bias, double threshold, const char* op) {
-  TORCH_CHECK(hidden.dim() == 3, op, ": hidden must have shape (B, T, D), got rank ",
-              hidden.dim(), " with shape ", hidden.sizes());
-  TORCH_CHECK(is_kernel_float(hidden.scalar_type()), op,
-              ": hidden must be float32, float16, bfloat16 or float64, got ",
-              hidden.scalar_type());
-  const int64_t dim = hidden.size(2);
-  TORCH_CHECK(weight.dim() == 1 || (weight.dim() == 2 && weight.size(0) == 1), op,
-              ": weight must have shape (D,) or (1, D), got ", weight.sizes());
-  TORCH_CHECK(weight.size(-1) == dim, op, ": weight has D = ", weight.size(-1),
-              " but hidden has D = ", dim);
-  TORCH_CHECK(weight.is_floating_point(), op, ": weight must be floating, got ",
-              weight.scalar_type());
-  check_same_device(weight, hidden, op, "weight", "hidden");
-  TORCH_CHECK(bias.numel() == 1 && bias.dim() <= 1, op,
-              ": bias must be a 0-d or 1-element tensor, got shape ", bias.sizes());
-  TORCH_CHECK(bias.is_floating_point(), op, ": bias must be floating, got ",
-              bias.scalar_type());
-  check_same_device(bias, hidden, op, "bias", "hidden");
-  TORCH_CHECK(threshold > 0.0 && threshold < 1.0, op,
-              ": threshold must lie strictly between 0 and 1, got ", threshold);
 }
 
 // order: a (B,) int64 permutation of range(B) listing the kept rows first.
@@ -118,11 +98,212 @@ inline void check_index(const at::Tensor& index, int64_t count, const at::Tensor
   check_count(count, index.size(0), op, "the row count", name);
 }
 
-// {lead, rest...}: the output shape of a row gather.
-inline std::vector<int64_t> with_leading(int64_t lead, at::IntArrayRef rest) {
-  std::vector<int64_t> shape{lead};
-  shape.insert(shape.end(), rest.begin(), rest.end());
+// The data of an optional bool mask, or nullptr when there is none (every token real).
+inline const bool* mask_data(const at::Tensor& mask) {
+  return mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-op checks. Each op's CPU and CUDA kernels start with the same function, so both backends
+// accept the same inputs and reject the rest with the same messages. The CUDA kernels call it
+// before taking their device guard, so a tensor on the wrong device gets check_same_device's
+// message rather than the guard's.
+
+// The (B, T, D) of a router op's hidden.
+struct RouterShape {
+  int64_t batch;
+  int64_t seqlen;
+  int64_t dim;
+};
+
+// router_gate: hidden (B, T, D) floating; weight (D,) or (1, D); bias with one element;
+// threshold in (0, 1). The mask is checked by router_tensors.
+inline RouterShape check_router_gate(const at::Tensor& hidden, const at::Tensor& weight,
+                                     const at::Tensor& bias, double threshold, const char* op) {
+  TORCH_CHECK(hidden.dim() == 3, op, ": hidden must have shape (B, T, D), got rank ",
+              hidden.dim(), " with shape ", hidden.sizes());
+  TORCH_CHECK(is_kernel_float(hidden.scalar_type()), op,
+              ": hidden must be float32, float16, bfloat16 or float64, got ",
+              hidden.scalar_type());
+  const int64_t dim = hidden.size(2);
+  TORCH_CHECK(weight.dim() == 1 || (weight.dim() == 2 && weight.size(0) == 1), op,
+              ": weight must have shape (D,) or (1, D), got ", weight.sizes());
+  TORCH_CHECK(weight.size(-1) == dim, op, ": weight has D = ", weight.size(-1),
+              " but hidden has D = ", dim);
+  TORCH_CHECK(weight.is_floating_point(), op, ": weight must be floating, got ",
+              weight.scalar_type());
+  check_same_device(weight, hidden, op, "weight", "hidden");
+  TORCH_CHECK(bias.numel() == 1 && bias.dim() <= 1, op,
+              ": bias must be a 0-d or 1-element tensor, got shape ", bias.sizes());
+  TORCH_CHECK(bias.is_floating_point(), op, ": bias must be floating, got ",
+              bias.scalar_type());
+  check_same_device(bias, hidden, op, "bias", "hidden");
+  TORCH_CHECK(threshold > 0.0 && threshold < 1.0, op,
+              ": threshold must lie strictly between 0 and 1, got ", threshold);
+  return {hidden.size(0), hidden.size(1), dim};
+}
+
+// router_gate_backward: hidden (B, T, D) floating, weight D elements, grad_score and score B
+// elements each, all on hidden's device. The mask is checked by router_tensors.
+inline RouterShape check_router_gate_backward(const at::Tensor& grad_score,
+                                              const at::Tensor& hidden, const at::Tensor& weight,
+                                              const at::Tensor& score, const char* op) {
+  TORCH_CHECK(hidden.dim() == 3 && is_kernel_float(hidden.scalar_type()), op,
+              ": hidden must be a floating (B, T, D) tensor, got ", hidden.scalar_type(), " ",
+              hidden.sizes());
+  const RouterShape shape{hidden.size(0), hidden.size(1), hidden.size(2)};
+  TORCH_CHECK(weight.numel() == shape.dim, op, ": weight has ", weight.numel(),
+              " elements but hidden has D = ", shape.dim);
+  TORCH_CHECK(grad_score.numel() == shape.batch && score.numel() == shape.batch, op,
+              ": grad_score and score must have B = ", shape.batch, " elements");
+  for (const at::Tensor* t : {&grad_score, &weight, &score}) {
+    check_same_device(*t, hidden, op, "every input", "hidden");
+  }
   return shape;
+}
+
+// A router op's inputs as its kernels read them: the bool mask (undefined when there is none),
+// contiguous hidden, and the weight as a (D,) vector in the compute dtype. Called after the
+// checks; the CUDA kernels call it under their device guard, since the conversions may launch
+// kernels.
+struct RouterTensors {
+  at::Tensor mask;
+  at::Tensor hidden;
+  at::ScalarType acc_type;
+  at::Tensor weight;
+
+  // t (n elements) as a contiguous (n,) vector in the compute dtype.
+  at::Tensor vector(const at::Tensor& t, int64_t n) const {
+    return t.reshape({n}).to(acc_type).contiguous();
+  }
+};
+
+inline RouterTensors router_tensors(const at::Tensor& hidden,
+                                    const std::optional<at::Tensor>& mask,
+                                    const at::Tensor& weight, const RouterShape& shape,
+                                    const char* op) {
+  RouterTensors in;
+  in.mask = real_token_mask(mask, shape.batch, shape.seqlen, hidden, op, "hidden");
+  in.hidden = hidden.contiguous();
+  in.acc_type = compute_dtype(in.hidden.scalar_type());
+  in.weight = in.vector(weight, shape.dim);
+  return in;
+}
+
+// router_gate's outputs, allocated for the kernels to fill: score (B,) in the compute dtype,
+// keep (B,) bool, order (B,) int64, num_kept (1,) int64.
+struct RouterGateOutputs {
+  at::Tensor score;
+  at::Tensor keep;
+  at::Tensor order;
+  at::Tensor num_kept;
+};
+
+inline RouterGateOutputs router_gate_outputs(const RouterTensors& in, int64_t batch) {
+  const auto opts = in.hidden.options();
+  return {at::empty({batch}, opts.dtype(in.acc_type)), at::empty({batch}, opts.dtype(at::kBool)),
+          at::empty({batch}, opts.dtype(at::kLong)), at::empty({1}, opts.dtype(at::kLong))};
+}
+
+// router_gate_backward's outputs, allocated for the kernels to fill: grad_hidden like hidden,
+// grad_weight (D,) and grad_bias () in the compute dtype.
+struct RouterGateGrads {
+  at::Tensor hidden;
+  at::Tensor weight;
+  at::Tensor bias;
+};
+
+inline RouterGateGrads router_gate_grads(const RouterTensors& in, int64_t dim) {
+  const auto acc_opts = in.hidden.options().dtype(in.acc_type);
+  return {at::empty_like(in.hidden), at::empty({dim}, acc_opts), at::empty({}, acc_opts)};
+}
+
+// A regroup op moves `count` rows between a full tensor, seen as `rows` rows of `row_elems`
+// elements, and a packed (count, ...) tensor. A row is the full tensor's first `lead` dims: a
+// whole sequence (lead 1: gather_kept, scatter_add_kept_) or one token (lead 2: pack_kept,
+// unpack_add_kept_).
+struct RowPlan {
+  int64_t lead;
+  int64_t rows;
+  int64_t row_elems;  // 0 when there are no rows
+  int64_t count;
+
+  // The packed tensor's shape: (count, the full tensor's dims after the row).
+  std::vector<int64_t> packed_shape(const at::Tensor& full) const {
+    std::vector<int64_t> shape{count};
+    const at::IntArrayRef rest = full.sizes().slice(lead);
+    shape.insert(shape.end(), rest.begin(), rest.end());
+    return shape;
+  }
+};
+
+inline RowPlan row_plan(const at::Tensor& full, int64_t lead, int64_t count) {
+  const int64_t rows = c10::multiply_integers(full.sizes().slice(0, lead));
+  return {lead, rows, rows == 0 ? 0 : full.numel() / rows, count};
+}
+
+// gather_kept: x (B, ...); order a (B,) int64 permutation; 0 <= k <= B.
+inline RowPlan check_gather_kept(const at::Tensor& x, const at::Tensor& order, int64_t k,
+                                 const char* op) {
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have a batch dimension, got a 0-d tensor");
+  const int64_t batch = x.size(0);
+  check_order(order, batch, x, op, "x");
+  check_count(k, batch, op, "k", "B");
+  return row_plan(x, 1, k);
+}
+
+// scatter_add_kept_: residual (B, ...) floating and contiguous; y (k, ...) with k <= B and
+// residual's dtype, rank and row shape; order a (B,) int64 permutation.
+inline RowPlan check_scatter_add_kept(const at::Tensor& residual, const at::Tensor& y,
+                                      const at::Tensor& order, const char* op) {
+  TORCH_CHECK(residual.dim() >= 1, op, ": residual must have a batch dimension, got a 0-d tensor");
+  TORCH_CHECK(y.dim() == residual.dim(), op, ": y must have the rank of residual (",
+              residual.dim(), "), got shape ", y.sizes());
+  check_same_device(y, residual, op, "y", "residual");
+  check_same_row_shape(y, 1, residual, 1, op, "y", "residual");
+  check_scatter_dtypes(residual, y, op, "residual", "y");
+  const int64_t batch = residual.size(0);
+  check_order(order, batch, residual, op, "residual");
+  const int64_t k = y.size(0);
+  check_count(k, batch, op, "y.size(0)", "B");
+  return row_plan(residual, 1, k);
+}
+
+// pack_plan: order a (B,) int64 permutation; 0 <= k <= B; seqlen >= 0. Returns B. The mask is
+// checked by real_token_mask.
+inline int64_t check_pack_plan(const at::Tensor& order, int64_t k, int64_t seqlen,
+                               const char* op) {
+  TORCH_CHECK(order.dim() == 1, op, ": order must have shape (B,), got ", order.sizes());
+  const int64_t batch = order.size(0);
+  check_order(order, batch, order, op, "order");
+  check_count(k, batch, op, "k", "B");
+  TORCH_CHECK(seqlen >= 0, op, ": seqlen must be non-negative, got ", seqlen);
+  return batch;
+}
+
+// pack_kept: x (B, T, ...); token_index int64, 1-D, with at least `total` entries.
+inline RowPlan check_pack_kept(const at::Tensor& x, const at::Tensor& token_index, int64_t total,
+                               const char* op) {
+  TORCH_CHECK(x.dim() >= 2, op, ": x must have shape (B, T, ...), got rank ", x.dim());
+  check_index(token_index, total, x, op, "token_index", "x");
+  return row_plan(x, 2, total);
+}
+
+// unpack_add_kept_: residual (B, T, ...) floating and contiguous; packed (total, ...) with
+// residual's dtype and token shape; token_index int64, 1-D, with at least `total` entries.
+inline RowPlan check_unpack_add_kept(const at::Tensor& residual, const at::Tensor& packed,
+                                     const at::Tensor& token_index, const char* op) {
+  TORCH_CHECK(residual.dim() >= 2, op, ": residual must have shape (B, T, ...), got rank ",
+              residual.dim());
+  TORCH_CHECK(packed.dim() == residual.dim() - 1, op,
+              ": packed must have shape (total, ...) with rank ", residual.dim() - 1, ", got ",
+              packed.sizes());
+  check_same_device(packed, residual, op, "packed", "residual");
+  check_same_row_shape(packed, 1, residual, 2, op, "packed", "residual");
+  check_scatter_dtypes(residual, packed, op, "residual", "packed");
+  const int64_t total = packed.size(0);
+  check_index(token_index, total, residual, op, "token_index", "residual");
+  return row_plan(residual, 2, total);
 }
 
 }  // namespace mindskip

@@ -33,6 +33,19 @@ void check_rows_in_range(const int64_t* index, int64_t count, int64_t rows, cons
   }
 }
 
+// Calls body(i, offset, n) for each tile of rows i < count: a row of row_size units (bytes or
+// elements) is cut into tiles of at most `tile` units, and the tiles are spread over the threads.
+template <typename Body>
+void for_each_tile(int64_t count, int64_t row_size, int64_t tile, const Body& body) {
+  const int64_t tiles = (row_size + tile - 1) / tile;
+  at::parallel_for(0, count * tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t offset = (item % tiles) * tile;
+      body(item / tiles, offset, std::min(tile, row_size - offset));
+    }
+  });
+}
+
 // A fresh output is first touched by the copy that fills it. On Linux, ask for transparent huge
 // pages on its 2 MiB-aligned interior, so that first touch costs one page fault per 2 MiB instead
 // of one per 4 KiB (several times faster for large outputs). Only a hint: no effect when THP is off.
@@ -58,14 +71,8 @@ void gather_rows(const char* src, char* dst, const int64_t* index, int64_t count
     return;
   }
   advise_huge_pages(dst, count * row_bytes);
-  const int64_t tiles = (row_bytes + kTileBytes - 1) / kTileBytes;
-  at::parallel_for(0, count * tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t i = item / tiles;
-      const int64_t offset = (item % tiles) * kTileBytes;
-      const int64_t bytes = std::min(kTileBytes, row_bytes - offset);
-      std::memcpy(dst + i * row_bytes + offset, src + index[i] * row_bytes + offset, bytes);
-    }
+  for_each_tile(count, row_bytes, kTileBytes, [&](int64_t i, int64_t offset, int64_t bytes) {
+    std::memcpy(dst + i * row_bytes + offset, src + index[i] * row_bytes + offset, bytes);
   });
 }
 
@@ -78,75 +85,60 @@ void scatter_add_rows(scalar_t* dst, const scalar_t* src, const int64_t* index, 
     return;
   }
   const int64_t tile = std::max<int64_t>(1, kTileBytes / static_cast<int64_t>(sizeof(scalar_t)));
-  const int64_t tiles = (row_elems + tile - 1) / tile;
-  at::parallel_for(0, count * tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t i = item / tiles;
-      const int64_t offset = (item % tiles) * tile;
-      const int64_t n = std::min(tile, row_elems - offset);
-      add_inplace(dst + index[i] * row_elems + offset, src + i * row_elems + offset, n);
-    }
+  for_each_tile(count, row_elems, tile, [&](int64_t i, int64_t offset, int64_t n) {
+    add_inplace(dst + index[i] * row_elems + offset, src + i * row_elems + offset, n);
   });
 }
 
-void scatter_add_rows(const at::Tensor& dst, const at::Tensor& src, const int64_t* index,
-                      int64_t count, int64_t row_elems) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dst.scalar_type(), "scatter_add_rows", [&] {
-    scatter_add_rows<scalar_t>(dst.mutable_data_ptr<scalar_t>(), src.const_data_ptr<scalar_t>(),
-                               index, count, row_elems);
-  });
-}
-
-at::Tensor gather_kept_cpu(const at::Tensor& x_in, const at::Tensor& order_in, int64_t k) {
-  constexpr const char* op = "mindskip::gather_kept";
-  TORCH_CHECK(x_in.dim() >= 1, op, ": x must have a batch dimension, got a 0-d tensor");
-  const int64_t batch = x_in.size(0);
-  check_order(order_in, batch, x_in, op, "x");
-  check_count(k, batch, op, "k", "B");
+// The body of gather_kept and pack_kept, given their checked plan: x's rows index[:count], in a
+// fresh tensor.
+at::Tensor gather_by_plan(const at::Tensor& x_in, const at::Tensor& index_in, const RowPlan& plan,
+                          const char* op, const char* index_name) {
   const at::Tensor x = x_in.contiguous();
-  const at::Tensor order = order_in.contiguous();
-  const int64_t* rows = order.const_data_ptr<int64_t>();
-  check_rows_in_range(rows, k, batch, op, "order");
-  at::Tensor out = at::empty(with_leading(k, x.sizes().slice(1)), x.options());
-  const int64_t row_bytes = (batch == 0 ? 0 : x.numel() / batch) * x.element_size();
+  const at::Tensor index = index_in.contiguous();
+  const int64_t* rows = index.const_data_ptr<int64_t>();
+  check_rows_in_range(rows, plan.count, plan.rows, op, index_name);
+  at::Tensor out = at::empty(plan.packed_shape(x), x.options());
   gather_rows(static_cast<const char*>(x.const_data_ptr()), static_cast<char*>(out.mutable_data_ptr()),
-              rows, k, row_bytes);
+              rows, plan.count, plan.row_elems * x.element_size());
   return out;
 }
 
-void scatter_add_kept_cpu(const at::Tensor& residual, const at::Tensor& y_in,
-                          const at::Tensor& order_in) {
+// The body of scatter_add_kept_ and unpack_add_kept_, given their checked plan: residual's rows
+// index[:count] += src's rows, in place.
+void scatter_add_by_plan(const at::Tensor& residual, const at::Tensor& src_in,
+                         const at::Tensor& index_in, const RowPlan& plan, const char* op,
+                         const char* index_name) {
+  const at::Tensor index = index_in.contiguous();
+  const int64_t* rows = index.const_data_ptr<int64_t>();
+  check_rows_in_range(rows, plan.count, plan.rows, op, index_name);
+  const at::Tensor src = src_in.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, residual.scalar_type(), "scatter_add_rows", [&] {
+    scatter_add_rows<scalar_t>(residual.mutable_data_ptr<scalar_t>(), src.const_data_ptr<scalar_t>(),
+                               rows, plan.count, plan.row_elems);
+  });
+}
+
+at::Tensor gather_kept_cpu(const at::Tensor& x, const at::Tensor& order, int64_t k) {
+  constexpr const char* op = "mindskip::gather_kept";
+  return gather_by_plan(x, order, check_gather_kept(x, order, k, op), op, "order");
+}
+
+void scatter_add_kept_cpu(const at::Tensor& residual, const at::Tensor& y,
+                          const at::Tensor& order) {
   constexpr const char* op = "mindskip::scatter_add_kept_";
-  TORCH_CHECK(residual.dim() >= 1, op, ": residual must have a batch dimension, got a 0-d tensor");
-  TORCH_CHECK(y_in.dim() == residual.dim(), op, ": y must have the rank of residual (",
-              residual.dim(), "), got shape ", y_in.sizes());
-  check_same_device(y_in, residual, op, "y", "residual");
-  check_same_row_shape(y_in, 1, residual, 1, op, "y", "residual");
-  check_scatter_dtypes(residual, y_in, op, "residual", "y");
-  const int64_t batch = residual.size(0);
-  check_order(order_in, batch, residual, op, "residual");
-  const at::Tensor order = order_in.contiguous();
-  const int64_t k = y_in.size(0);
-  check_count(k, batch, op, "y.size(0)", "B");
-  const int64_t* rows = order.const_data_ptr<int64_t>();
-  check_rows_in_range(rows, k, batch, op, "order");
-  const at::Tensor y = y_in.contiguous();
-  const int64_t row_elems = batch == 0 ? 0 : residual.numel() / batch;
-  scatter_add_rows(residual, y, rows, k, row_elems);
+  scatter_add_by_plan(residual, y, order, check_scatter_add_kept(residual, y, order, op), op,
+                      "order");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_plan_cpu(
     const std::optional<at::Tensor>& mask_in, const at::Tensor& order_in, int64_t k,
     int64_t seqlen) {
   constexpr const char* op = "mindskip::pack_plan";
-  TORCH_CHECK(order_in.dim() == 1, op, ": order must have shape (B,), got ", order_in.sizes());
-  const int64_t batch = order_in.size(0);
-  check_order(order_in, batch, order_in, op, "order");
+  const int64_t batch = check_pack_plan(order_in, k, seqlen, op);
   const at::Tensor order = order_in.contiguous();
-  check_count(k, batch, op, "k", "B");
-  TORCH_CHECK(seqlen >= 0, op, ": seqlen must be non-negative, got ", seqlen);
   const at::Tensor mask = real_token_mask(mask_in, batch, seqlen, order, op, "order");
-  const bool* real = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
+  const bool* real = mask_data(mask);
   const int64_t* rows = order.const_data_ptr<int64_t>();
   check_rows_in_range(rows, k, batch, op, "order");
 
@@ -182,42 +174,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_plan_cpu(
   return {cu_seqlens, token_index, max_len};
 }
 
-at::Tensor pack_kept_cpu(const at::Tensor& x_in, const at::Tensor& index_in, int64_t total) {
+at::Tensor pack_kept_cpu(const at::Tensor& x, const at::Tensor& token_index, int64_t total) {
   constexpr const char* op = "mindskip::pack_kept";
-  TORCH_CHECK(x_in.dim() >= 2, op, ": x must have shape (B, T, ...), got rank ", x_in.dim());
-  check_index(index_in, total, x_in, op, "token_index", "x");
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor token_index = index_in.contiguous();
-  const int64_t tokens = x.size(0) * x.size(1);
-  const int64_t* rows = token_index.const_data_ptr<int64_t>();
-  check_rows_in_range(rows, total, tokens, op, "token_index");
-  at::Tensor out = at::empty(with_leading(total, x.sizes().slice(2)), x.options());
-  const int64_t row_bytes = (tokens == 0 ? 0 : x.numel() / tokens) * x.element_size();
-  gather_rows(static_cast<const char*>(x.const_data_ptr()), static_cast<char*>(out.mutable_data_ptr()),
-              rows, total, row_bytes);
-  return out;
+  return gather_by_plan(x, token_index, check_pack_kept(x, token_index, total, op), op,
+                        "token_index");
 }
 
-void unpack_add_kept_cpu(const at::Tensor& residual, const at::Tensor& packed_in,
-                         const at::Tensor& index_in) {
+void unpack_add_kept_cpu(const at::Tensor& residual, const at::Tensor& packed,
+                         const at::Tensor& token_index) {
   constexpr const char* op = "mindskip::unpack_add_kept_";
-  TORCH_CHECK(residual.dim() >= 2, op, ": residual must have shape (B, T, ...), got rank ",
-              residual.dim());
-  TORCH_CHECK(packed_in.dim() == residual.dim() - 1, op,
-              ": packed must have shape (total, ...) with rank ", residual.dim() - 1, ", got ",
-              packed_in.sizes());
-  check_same_device(packed_in, residual, op, "packed", "residual");
-  check_same_row_shape(packed_in, 1, residual, 2, op, "packed", "residual");
-  check_scatter_dtypes(residual, packed_in, op, "residual", "packed");
-  const int64_t total = packed_in.size(0);
-  check_index(index_in, total, residual, op, "token_index", "residual");
-  const at::Tensor token_index = index_in.contiguous();
-  const int64_t tokens = residual.size(0) * residual.size(1);
-  const int64_t* rows = token_index.const_data_ptr<int64_t>();
-  check_rows_in_range(rows, total, tokens, op, "token_index");
-  const at::Tensor packed = packed_in.contiguous();
-  const int64_t row_elems = tokens == 0 ? 0 : residual.numel() / tokens;
-  scatter_add_rows(residual, packed, rows, total, row_elems);
+  scatter_add_by_plan(residual, packed, token_index,
+                      check_unpack_add_kept(residual, packed, token_index, op), op, "token_index");
 }
 
 }  // namespace

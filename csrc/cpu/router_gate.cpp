@@ -7,8 +7,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -84,29 +82,19 @@ void router_gate_kernel(const scalar_t* hidden, const bool* mask, const acc_t* w
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_gate_cpu(
     const at::Tensor& hidden_in, const std::optional<at::Tensor>& mask_in,
     const at::Tensor& weight_in, const at::Tensor& bias_in, double threshold) {
-  check_router_inputs(hidden_in, weight_in, bias_in, threshold, kOp);
-  const int64_t batch = hidden_in.size(0), seqlen = hidden_in.size(1), dim = hidden_in.size(2);
-  const at::Tensor mask = real_token_mask(mask_in, batch, seqlen, hidden_in, kOp, "hidden");
-  const at::Tensor hidden = hidden_in.contiguous();
-  const at::ScalarType acc_type = compute_dtype(hidden.scalar_type());
-  const at::Tensor weight = weight_in.reshape({dim}).to(acc_type).contiguous();
-  const at::Tensor bias = bias_in.to(acc_type);
-
-  const auto opts = hidden.options();
-  at::Tensor score = at::empty({batch}, opts.dtype(acc_type));
-  at::Tensor keep = at::empty({batch}, opts.dtype(at::kBool));
-  at::Tensor order = at::empty({batch}, opts.dtype(at::kLong));
-  at::Tensor num_kept = at::empty({1}, opts.dtype(at::kLong));
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "router_gate", [&] {
+  const RouterShape shape = check_router_gate(hidden_in, weight_in, bias_in, threshold, kOp);
+  const RouterTensors in = router_tensors(hidden_in, mask_in, weight_in, shape, kOp);
+  const at::Tensor bias = in.vector(bias_in, 1);
+  const RouterGateOutputs out = router_gate_outputs(in, shape.batch);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.hidden.scalar_type(), "router_gate", [&] {
     using acc_t = at::opmath_type<scalar_t>;  // float, or double for double
     router_gate_kernel<scalar_t, acc_t>(
-        hidden.const_data_ptr<scalar_t>(), mask.defined() ? mask.const_data_ptr<bool>() : nullptr,
-        weight.const_data_ptr<acc_t>(), bias.item<acc_t>(), static_cast<acc_t>(threshold), batch,
-        seqlen, dim, score.mutable_data_ptr<acc_t>(), keep.mutable_data_ptr<bool>(),
-        order.mutable_data_ptr<int64_t>(), num_kept.mutable_data_ptr<int64_t>());
+        in.hidden.const_data_ptr<scalar_t>(), mask_data(in.mask), in.weight.const_data_ptr<acc_t>(),
+        bias.item<acc_t>(), static_cast<acc_t>(threshold), shape.batch, shape.seqlen, shape.dim,
+        out.score.mutable_data_ptr<acc_t>(), out.keep.mutable_data_ptr<bool>(),
+        out.order.mutable_data_ptr<int64_t>(), out.num_kept.mutable_data_ptr<int64_t>());
   });
-  return {score, keep, order, num_kept};
+  return {out.score, out.keep, out.order, out.num_kept};
 }
 
 // d score_b / d z_b = s (1 - s); z_b = b + (1/n_b) sum_t m_bt (w . x_bt). With
@@ -169,36 +157,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_gate_backward_cpu(
     const at::Tensor& grad_score_in, const at::Tensor& hidden_in,
     const std::optional<at::Tensor>& mask_in, const at::Tensor& weight_in,
     const at::Tensor& score_in) {
-  TORCH_CHECK(hidden_in.dim() == 3 && is_kernel_float(hidden_in.scalar_type()), kBackwardOp,
-              ": hidden must be a floating (B, T, D) tensor, got ", hidden_in.scalar_type(), " ",
-              hidden_in.sizes());
-  const int64_t batch = hidden_in.size(0), seqlen = hidden_in.size(1), dim = hidden_in.size(2);
-  TORCH_CHECK(weight_in.numel() == dim, kBackwardOp, ": weight has ", weight_in.numel(),
-              " elements but hidden has D = ", dim);
-  TORCH_CHECK(grad_score_in.numel() == batch && score_in.numel() == batch, kBackwardOp,
-              ": grad_score and score must have B = ", batch, " elements");
-  for (const at::Tensor* t : {&grad_score_in, &weight_in, &score_in}) {
-    check_same_device(*t, hidden_in, kBackwardOp, "every input", "hidden");
-  }
-  const at::Tensor mask = real_token_mask(mask_in, batch, seqlen, hidden_in, kBackwardOp, "hidden");
-  const at::Tensor hidden = hidden_in.contiguous();
-  const at::ScalarType acc_type = compute_dtype(hidden.scalar_type());
-  const at::Tensor grad_score = grad_score_in.reshape({batch}).to(acc_type).contiguous();
-  const at::Tensor score = score_in.reshape({batch}).to(acc_type).contiguous();
-  const at::Tensor weight = weight_in.reshape({dim}).to(acc_type).contiguous();
-
-  at::Tensor grad_hidden = at::empty_like(hidden);
-  at::Tensor grad_weight = at::empty({dim}, hidden.options().dtype(acc_type));
-  at::Tensor grad_bias = at::empty({}, hidden.options().dtype(acc_type));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "router_gate_backward", [&] {
+  const RouterShape shape =
+      check_router_gate_backward(grad_score_in, hidden_in, weight_in, score_in, kBackwardOp);
+  const RouterTensors in = router_tensors(hidden_in, mask_in, weight_in, shape, kBackwardOp);
+  const at::Tensor grad_score = in.vector(grad_score_in, shape.batch);
+  const at::Tensor score = in.vector(score_in, shape.batch);
+  const RouterGateGrads grad = router_gate_grads(in, shape.dim);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.hidden.scalar_type(), "router_gate_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;  // float, or double for double
     router_gate_backward_kernel<scalar_t, acc_t>(
-        grad_score.const_data_ptr<acc_t>(), hidden.const_data_ptr<scalar_t>(),
-        mask.defined() ? mask.const_data_ptr<bool>() : nullptr, weight.const_data_ptr<acc_t>(),
-        score.const_data_ptr<acc_t>(), batch, seqlen, dim, grad_hidden.mutable_data_ptr<scalar_t>(),
-        grad_weight.mutable_data_ptr<acc_t>(), grad_bias.mutable_data_ptr<acc_t>());
+        grad_score.const_data_ptr<acc_t>(), in.hidden.const_data_ptr<scalar_t>(),
+        mask_data(in.mask), in.weight.const_data_ptr<acc_t>(), score.const_data_ptr<acc_t>(),
+        shape.batch, shape.seqlen, shape.dim, grad.hidden.mutable_data_ptr<scalar_t>(),
+        grad.weight.mutable_data_ptr<acc_t>(), grad.bias.mutable_data_ptr<acc_t>());
   });
-  return {grad_hidden, grad_weight, grad_bias};
+  return {grad.hidden, grad.weight, grad.bias};
 }
 
 }  // namespace

@@ -170,39 +170,39 @@ void scatter_add_rows(const at::Tensor& dst, const at::Tensor& src, const int64_
 // ---------------------------------------------------------------------------------------------
 // Ops.
 
-at::Tensor gather_kept_cuda(const at::Tensor& x_in, const at::Tensor& order_in, int64_t k) {
-  constexpr const char* op = "mindskip::gather_kept";
-  TORCH_CHECK(x_in.dim() >= 1, op, ": x must have a batch dimension, got a 0-d tensor");
-  const int64_t batch = x_in.size(0);
-  check_order(order_in, batch, x_in, op, "x");
-  check_count(k, batch, op, "k", "B");
+// The body of gather_kept and pack_kept, given their checked plan: x's rows index[:count], in a
+// fresh tensor.
+at::Tensor gather_by_plan(const at::Tensor& x_in, const at::Tensor& index_in, const RowPlan& plan,
+                          const char* op) {
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
-  const at::Tensor order = order_in.contiguous();
-  at::Tensor out = at::empty(with_leading(k, x.sizes().slice(1)), x.options());
-  const int64_t row_bytes = (batch == 0 ? 0 : x.numel() / batch) * x.element_size();
-  gather_rows(x, out, order.const_data_ptr<int64_t>(), k, batch, row_bytes, op);
+  const at::Tensor index = index_in.contiguous();
+  at::Tensor out = at::empty(plan.packed_shape(x), x.options());
+  gather_rows(x, out, index.const_data_ptr<int64_t>(), plan.count, plan.rows,
+              plan.row_elems * x.element_size(), op);
   return out;
 }
 
-void scatter_add_kept_cuda(const at::Tensor& residual, const at::Tensor& y_in,
-                           const at::Tensor& order_in) {
-  constexpr const char* op = "mindskip::scatter_add_kept_";
-  TORCH_CHECK(residual.dim() >= 1, op, ": residual must have a batch dimension, got a 0-d tensor");
-  TORCH_CHECK(y_in.dim() == residual.dim(), op, ": y must have the rank of residual (",
-              residual.dim(), "), got shape ", y_in.sizes());
-  check_same_device(y_in, residual, op, "y", "residual");
-  check_same_row_shape(y_in, 1, residual, 1, op, "y", "residual");
-  check_scatter_dtypes(residual, y_in, op, "residual", "y");
-  const int64_t batch = residual.size(0);
-  check_order(order_in, batch, residual, op, "residual");
-  const int64_t k = y_in.size(0);
-  check_count(k, batch, op, "y.size(0)", "B");
+// The body of scatter_add_kept_ and unpack_add_kept_, given their checked plan: residual's rows
+// index[:count] += src's rows, in place.
+void scatter_add_by_plan(const at::Tensor& residual, const at::Tensor& src_in,
+                         const at::Tensor& index_in, const RowPlan& plan, const char* op) {
   const c10::cuda::CUDAGuard guard(residual.device());
-  const at::Tensor y = y_in.contiguous();
-  const at::Tensor order = order_in.contiguous();
-  const int64_t row_elems = batch == 0 ? 0 : residual.numel() / batch;
-  scatter_add_rows(residual, y, order.const_data_ptr<int64_t>(), k, batch, row_elems, op);
+  const at::Tensor src = src_in.contiguous();
+  const at::Tensor index = index_in.contiguous();
+  scatter_add_rows(residual, src, index.const_data_ptr<int64_t>(), plan.count, plan.rows,
+                   plan.row_elems, op);
+}
+
+at::Tensor gather_kept_cuda(const at::Tensor& x, const at::Tensor& order, int64_t k) {
+  constexpr const char* op = "mindskip::gather_kept";
+  return gather_by_plan(x, order, check_gather_kept(x, order, k, op), op);
+}
+
+void scatter_add_kept_cuda(const at::Tensor& residual, const at::Tensor& y,
+                           const at::Tensor& order) {
+  constexpr const char* op = "mindskip::scatter_add_kept_";
+  scatter_add_by_plan(residual, y, order, check_scatter_add_kept(residual, y, order, op), op);
 }
 
 __global__ void __launch_bounds__(kThreads)
@@ -268,15 +268,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_plan_cuda(
     const std::optional<at::Tensor>& mask_in, const at::Tensor& order_in, int64_t k,
     int64_t seqlen) {
   constexpr const char* op = "mindskip::pack_plan";
-  TORCH_CHECK(order_in.dim() == 1, op, ": order must have shape (B,), got ", order_in.sizes());
-  const int64_t batch = order_in.size(0);
-  check_order(order_in, batch, order_in, op, "order");
-  check_count(k, batch, op, "k", "B");
-  TORCH_CHECK(seqlen >= 0, op, ": seqlen must be non-negative, got ", seqlen);
+  const int64_t batch = check_pack_plan(order_in, k, seqlen, op);
   const c10::cuda::CUDAGuard guard(order_in.device());
   const at::Tensor mask = real_token_mask(mask_in, batch, seqlen, order_in, op, "order");
   const at::Tensor order = order_in.contiguous();
-  const bool* mask_ptr = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
+  const bool* mask_ptr = mask_data(mask);
 
   const auto opts = order.options();
   at::Tensor cu_seqlens = at::empty({k + 1}, opts.dtype(at::kInt));
@@ -302,40 +298,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_plan_cuda(
   return {cu_seqlens, token_index, max_len};
 }
 
-at::Tensor pack_kept_cuda(const at::Tensor& x_in, const at::Tensor& index_in, int64_t total) {
+at::Tensor pack_kept_cuda(const at::Tensor& x, const at::Tensor& token_index, int64_t total) {
   constexpr const char* op = "mindskip::pack_kept";
-  TORCH_CHECK(x_in.dim() >= 2, op, ": x must have shape (B, T, ...), got rank ", x_in.dim());
-  check_index(index_in, total, x_in, op, "token_index", "x");
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor token_index = index_in.contiguous();
-  const int64_t tokens = x.size(0) * x.size(1);
-  at::Tensor out = at::empty(with_leading(total, x.sizes().slice(2)), x.options());
-  const int64_t row_bytes = (tokens == 0 ? 0 : x.numel() / tokens) * x.element_size();
-  gather_rows(x, out, token_index.const_data_ptr<int64_t>(), total, tokens, row_bytes, op);
-  return out;
+  return gather_by_plan(x, token_index, check_pack_kept(x, token_index, total, op), op);
 }
 
-void unpack_add_kept_cuda(const at::Tensor& residual, const at::Tensor& packed_in,
-                          const at::Tensor& index_in) {
+void unpack_add_kept_cuda(const at::Tensor& residual, const at::Tensor& packed,
+                          const at::Tensor& token_index) {
   constexpr const char* op = "mindskip::unpack_add_kept_";
-  TORCH_CHECK(residual.dim() >= 2, op, ": residual must have shape (B, T, ...), got rank ",
-              residual.dim());
-  TORCH_CHECK(packed_in.dim() == residual.dim() - 1, op,
-              ": packed must have shape (total, ...) with rank ", residual.dim() - 1, ", got ",
-              packed_in.sizes());
-  check_same_device(packed_in, residual, op, "packed", "residual");
-  check_same_row_shape(packed_in, 1, residual, 2, op, "packed", "residual");
-  check_scatter_dtypes(residual, packed_in, op, "residual", "packed");
-  const int64_t total = packed_in.size(0);
-  check_index(index_in, total, residual, op, "token_index", "residual");
-  const c10::cuda::CUDAGuard guard(residual.device());
-  const at::Tensor packed = packed_in.contiguous();
-  const at::Tensor token_index = index_in.contiguous();
-  const int64_t tokens = residual.size(0) * residual.size(1);
-  const int64_t row_elems = tokens == 0 ? 0 : residual.numel() / tokens;
-  scatter_add_rows(residual, packed, token_index.const_data_ptr<int64_t>(), total, tokens,
-                   row_elems, op);
+  scatter_add_by_plan(residual, packed, token_index,
+                      check_unpack_add_kept(residual, packed, token_index, op), op);
 }
 
 }  // namespace

@@ -9,7 +9,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -151,23 +150,15 @@ __global__ void __launch_bounds__(kMaxThreads)
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_gate_cuda(
     const at::Tensor& hidden_in, const std::optional<at::Tensor>& mask_in,
     const at::Tensor& weight_in, const at::Tensor& bias_in, double threshold) {
-  check_router_inputs(hidden_in, weight_in, bias_in, threshold, kOp);
+  const RouterShape shape = check_router_gate(hidden_in, weight_in, bias_in, threshold, kOp);
   const c10::cuda::CUDAGuard guard(hidden_in.device());
-  const int64_t batch = hidden_in.size(0), seqlen = hidden_in.size(1), dim = hidden_in.size(2);
-  const at::Tensor mask = real_token_mask(mask_in, batch, seqlen, hidden_in, kOp, "hidden");
-  const at::Tensor hidden = hidden_in.contiguous();
-  const at::ScalarType acc_type = compute_dtype(hidden.scalar_type());
-  const at::Tensor weight = weight_in.reshape({dim}).to(acc_type).contiguous();
-  const at::Tensor bias = bias_in.reshape({1}).to(acc_type).contiguous();
-
-  const auto opts = hidden.options();
-  at::Tensor score = at::empty({batch}, opts.dtype(acc_type));
-  at::Tensor keep = at::empty({batch}, opts.dtype(at::kBool));
-  at::Tensor order = at::empty({batch}, opts.dtype(at::kLong));
-  at::Tensor num_kept = at::empty({1}, opts.dtype(at::kLong));
+  const RouterTensors in = router_tensors(hidden_in, mask_in, weight_in, shape, kOp);
+  const at::Tensor bias = in.vector(bias_in, 1);
+  const RouterGateOutputs out = router_gate_outputs(in, shape.batch);
+  const int64_t batch = shape.batch, seqlen = shape.seqlen, dim = shape.dim;
   if (batch == 0) {
-    num_kept.zero_();
-    return {score, keep, order, num_kept};
+    out.num_kept.zero_();
+    return {out.score, out.keep, out.order, out.num_kept};
   }
 
   // Enough (sequence, chunk) blocks to fill the GPU about four times over.
@@ -177,31 +168,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_gate_cuda(
   const int64_t chunk = std::max<int64_t>(1, (seqlen + chunks - 1) / chunks);
   chunks = std::max<int64_t>(1, (seqlen + chunk - 1) / chunk);
   TORCH_CHECK(batch * chunks <= INT32_MAX, kOp, ": batch of ", batch, " is too large");
-  at::Tensor partial = at::empty({batch * chunks}, opts.dtype(acc_type));
+  const auto opts = in.hidden.options();
+  at::Tensor partial = at::empty({batch * chunks}, opts.dtype(in.acc_type));
   at::Tensor partial_count = at::empty({batch * chunks}, opts.dtype(at::kInt));
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "router_gate", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.hidden.scalar_type(), "router_gate", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int kVec = 16 / sizeof(scalar_t);
-    const bool vector = dim % kVec == 0 && aligned16(hidden.const_data_ptr()) &&
-                        aligned16(weight.const_data_ptr());
-    const bool* mask_ptr = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
+    const bool vector = dim % kVec == 0 && aligned16(in.hidden.const_data_ptr()) &&
+                        aligned16(in.weight.const_data_ptr());
     const auto partial_kernel = vector ? router_partial_kernel<scalar_t, acc_t, true>
                                        : router_partial_kernel<scalar_t, acc_t, false>;
     partial_kernel<<<static_cast<unsigned>(batch * chunks), kPartialThreads, 0, stream>>>(
-        hidden.const_data_ptr<scalar_t>(), mask_ptr, weight.const_data_ptr<acc_t>(),
+        in.hidden.const_data_ptr<scalar_t>(), mask_data(in.mask), in.weight.const_data_ptr<acc_t>(),
         partial.mutable_data_ptr<acc_t>(), partial_count.mutable_data_ptr<int>(), seqlen, dim,
         chunk, chunks);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     router_finish_kernel<acc_t><<<1, one_block_threads(batch), 0, stream>>>(
         partial.const_data_ptr<acc_t>(), partial_count.const_data_ptr<int>(),
         bias.const_data_ptr<acc_t>(), static_cast<acc_t>(threshold), batch, chunks,
-        score.mutable_data_ptr<acc_t>(), keep.mutable_data_ptr<bool>(),
-        order.mutable_data_ptr<int64_t>(), num_kept.mutable_data_ptr<int64_t>());
+        out.score.mutable_data_ptr<acc_t>(), out.keep.mutable_data_ptr<bool>(),
+        out.order.mutable_data_ptr<int64_t>(), out.num_kept.mutable_data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {score, keep, order, num_kept};
+  return {out.score, out.keep, out.order, out.num_kept};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -288,70 +279,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_gate_backward_cuda(
     const at::Tensor& grad_score_in, const at::Tensor& hidden_in,
     const std::optional<at::Tensor>& mask_in, const at::Tensor& weight_in,
     const at::Tensor& score_in) {
-  TORCH_CHECK(hidden_in.dim() == 3 && is_kernel_float(hidden_in.scalar_type()), kBackwardOp,
-              ": hidden must be a floating (B, T, D) tensor, got ", hidden_in.scalar_type(), " ",
-              hidden_in.sizes());
-  const int64_t batch = hidden_in.size(0), seqlen = hidden_in.size(1), dim = hidden_in.size(2);
-  TORCH_CHECK(weight_in.numel() == dim, kBackwardOp, ": weight has ", weight_in.numel(),
-              " elements but hidden has D = ", dim);
-  TORCH_CHECK(grad_score_in.numel() == batch && score_in.numel() == batch, kBackwardOp,
-              ": grad_score and score must have B = ", batch, " elements");
-  for (const at::Tensor* t : {&grad_score_in, &weight_in, &score_in}) {
-    check_same_device(*t, hidden_in, kBackwardOp, "every input", "hidden");
-  }
+  const RouterShape shape =
+      check_router_gate_backward(grad_score_in, hidden_in, weight_in, score_in, kBackwardOp);
   const c10::cuda::CUDAGuard guard(hidden_in.device());
-  const at::Tensor mask = real_token_mask(mask_in, batch, seqlen, hidden_in, kBackwardOp, "hidden");
-  const at::Tensor hidden = hidden_in.contiguous();
-  const at::ScalarType acc_type = compute_dtype(hidden.scalar_type());
-  const at::Tensor grad_score = grad_score_in.reshape({batch}).to(acc_type).contiguous();
-  const at::Tensor score = score_in.reshape({batch}).to(acc_type).contiguous();
-  const at::Tensor weight = weight_in.reshape({dim}).to(acc_type).contiguous();
-
-  const auto acc_opts = hidden.options().dtype(acc_type);
-  at::Tensor grad_hidden = at::empty_like(hidden);
-  at::Tensor grad_weight = at::empty({dim}, acc_opts);
-  at::Tensor grad_bias = at::empty({}, acc_opts);
-  at::Tensor coef = at::empty({batch}, acc_opts);
+  const RouterTensors in = router_tensors(hidden_in, mask_in, weight_in, shape, kBackwardOp);
+  const at::Tensor grad_score = in.vector(grad_score_in, shape.batch);
+  const at::Tensor score = in.vector(score_in, shape.batch);
+  const RouterGateGrads grad = router_gate_grads(in, shape.dim);
+  const int64_t batch = shape.batch, seqlen = shape.seqlen, dim = shape.dim;
   const int64_t rows = batch * seqlen;
   if (dim == 0 || rows == 0) {
-    grad_weight.zero_();
+    grad.weight.zero_();
   }
   if (batch == 0) {
-    grad_bias.zero_();
-    return {grad_hidden, grad_weight, grad_bias};
+    grad.bias.zero_();
+    return {grad.hidden, grad.weight, grad.bias};
   }
   TORCH_CHECK(rows <= INT32_MAX, kBackwardOp, ": B * T = ", rows, " is too large");
 
   constexpr int kThreads = 256;
   const int64_t rows_per_chunk = std::max<int64_t>(64, (rows + 1023) / 1024);
   const int64_t chunks = std::max<int64_t>(1, (rows + rows_per_chunk - 1) / rows_per_chunk);
+  const auto acc_opts = in.hidden.options().dtype(in.acc_type);
+  at::Tensor coef = at::empty({batch}, acc_opts);
   at::Tensor partial = at::empty({chunks * dim}, acc_opts);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "router_gate_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.hidden.scalar_type(), "router_gate_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const bool* mask_ptr = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
+    const bool* mask_ptr = mask_data(in.mask);
     router_coef_kernel<acc_t><<<1, one_block_threads(seqlen), 0, stream>>>(
         grad_score.const_data_ptr<acc_t>(), score.const_data_ptr<acc_t>(), mask_ptr, batch,
-        seqlen, coef.mutable_data_ptr<acc_t>(), grad_bias.mutable_data_ptr<acc_t>());
+        seqlen, coef.mutable_data_ptr<acc_t>(), grad.bias.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (rows == 0 || dim == 0) {
       return;
     }
     router_grad_hidden_kernel<scalar_t, acc_t><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
-        coef.const_data_ptr<acc_t>(), mask_ptr, weight.const_data_ptr<acc_t>(),
-        grad_hidden.mutable_data_ptr<scalar_t>(), seqlen, dim);
+        coef.const_data_ptr<acc_t>(), mask_ptr, in.weight.const_data_ptr<acc_t>(),
+        grad.hidden.mutable_data_ptr<scalar_t>(), seqlen, dim);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const unsigned column_blocks = static_cast<unsigned>((dim + kThreads - 1) / kThreads);
     router_grad_weight_partial_kernel<scalar_t, acc_t>
         <<<dim3(column_blocks, static_cast<unsigned>(chunks)), kThreads, 0, stream>>>(
-            hidden.const_data_ptr<scalar_t>(), mask_ptr, coef.const_data_ptr<acc_t>(),
+            in.hidden.const_data_ptr<scalar_t>(), mask_ptr, coef.const_data_ptr<acc_t>(),
             partial.mutable_data_ptr<acc_t>(), rows, seqlen, dim, rows_per_chunk);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     router_grad_weight_final_kernel<acc_t><<<column_blocks, kThreads, 0, stream>>>(
-        partial.const_data_ptr<acc_t>(), chunks, dim, grad_weight.mutable_data_ptr<acc_t>());
+        partial.const_data_ptr<acc_t>(), chunks, dim, grad.weight.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {grad_hidden, grad_weight, grad_bias};
+  return {grad.hidden, grad.weight, grad.bias};
 }
 
 }  // namespace

@@ -32,51 +32,61 @@ inline bool aligned16(const void* ptr) {
   return reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
 }
 
-template <typename T>
-__device__ __forceinline__ T warp_sum(T value) {
+// The combining operations of the reductions below (device lambdas would need
+// --extended-lambda).
+struct SumOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const {
+    return a + b;
+  }
+};
+
+struct MaxOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const {
+    return b > a ? b : a;
+  }
+};
+
+// `combine` over the warp, returned to every lane.
+template <typename T, typename Op>
+__device__ __forceinline__ T warp_reduce(T value, Op combine) {
 #pragma unroll
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    value += __shfl_xor_sync(kFullMask, value, offset);
+    value = combine(value, __shfl_xor_sync(kFullMask, value, offset));
   }
   return value;
 }
 
-template <typename T>
-__device__ __forceinline__ T warp_max(T value) {
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    const T other = __shfl_xor_sync(kFullMask, value, offset);
-    value = other > value ? other : value;
-  }
-  return value;
-}
-
-// Sum over the block, returned to every thread. blockDim.x must be a multiple of 32 (<= 1024).
-// `scratch` holds 32 values; the call ends with a barrier so the scratch can be reused.
-template <typename T>
-__device__ T block_sum(T value, T* scratch) {
+// `combine` over the block, returned to every thread. blockDim.x must be a multiple of 32
+// (<= 1024). `scratch` holds 32 values; the call ends with a barrier so the scratch can be
+// reused. The warp results are combined in a fixed order, so sums are deterministic.
+template <typename T, typename Op>
+__device__ T block_reduce(T value, T* scratch, Op combine) {
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int warps = blockDim.x / kWarpSize;
-  value = warp_sum(value);
+  value = warp_reduce(value, combine);
   if (lane == 0) scratch[warp] = value;
   __syncthreads();
-  T total = 0;
-  for (int w = 0; w < warps; ++w) total += scratch[w];  // fixed order: deterministic
+  T result = scratch[0];
+  for (int w = 1; w < warps; ++w) result = combine(result, scratch[w]);
   __syncthreads();
-  return total;
+  return result;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T value) {
+  return warp_reduce(value, SumOp{});
+}
+
+template <typename T>
+__device__ T block_sum(T value, T* scratch) {
+  return block_reduce(value, scratch, SumOp{});
 }
 
 template <typename T>
 __device__ T block_max(T value, T* scratch) {
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-  const int warps = blockDim.x / kWarpSize;
-  value = warp_max(value);
-  if (lane == 0) scratch[warp] = value;
-  __syncthreads();
-  T best = scratch[0];
-  for (int w = 1; w < warps; ++w) best = scratch[w] > best ? scratch[w] : best;
-  __syncthreads();
-  return best;
+  return block_reduce(value, scratch, MaxOp{});
 }
 
 // Exclusive prefix sum over the block in thread order; *total gets the block-wide sum.
