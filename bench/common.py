@@ -1,4 +1,5 @@
-"""Shared benchmark plumbing: timing, the one result-row schema, and the results files.
+"""Shared benchmark plumbing: the one result-row schema and the results files, the machine info every
+result records (:func:`machine_info`), timing statistics, and markdown tables for every bench report.
 
 Every section writes rows with the same fields (see :class:`Writer.add`):
 
@@ -12,20 +13,20 @@ is regenerated from that file (the latest row of each section/name/provider/para
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 import platform
 import re
 import statistics
 import subprocess
+import time
 from importlib import metadata
 from pathlib import Path
 
 import torch
 
-from mindskip_ext.cli import pick_device
-from mindskip_ext.timing import synchronize, time_ms  # noqa: F401  (synchronize: re-exported for the sections)
+from mindskip_ext.devices import pick_device
+from mindskip_ext.timing import time_ms
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -46,18 +47,21 @@ def resolve_device(name: str) -> torch.device:
         raise SystemExit(str(err)) from None
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The CPU model (``/proc/cpuinfo`` on Linux, the platform's processor name elsewhere)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{model} ({torch.get_num_threads()} threads)"
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
 
 
 def device_slug(device: torch.device) -> str:
@@ -84,6 +88,25 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def machine_info(packages=("torch", "transformers", "mindskip_ext")) -> dict:
+    """The machine and software a result came from: the benchmark rows and the replication both record this."""
+    return {
+        "cpu": cpu_name(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {package: _version(package) for package in packages},
+        "git_commit": git_commit(),
+    }
+
+
+def utc_timestamp() -> str:
+    """Now in UTC, to the second, in ISO 8601 (``2025-01-31T12:00:00+00:00``)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
+
+
 # ---------------------------------------------------------------------------------------------
 # Timing
 
@@ -103,7 +126,6 @@ def peak_bandwidth_gbps(device: torch.device) -> float | None:
     src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     times = time_ms(lambda: dst.copy_(src), device, reps=20, warmup=3)
-    del src, dst
     return 2 * (1 << 30) / (statistics.median(times) * 1e6)
 
 
@@ -118,13 +140,14 @@ class Writer:
         self.device = device
         self.results_dir = results_dir
         self.rows: list[dict] = []
+        info = machine_info()
         self._env = {
             "device": device.type,
             "device_name": device_name(device),
-            "torch": torch.__version__,
-            "transformers": _version("transformers"),
-            "mindskip": _version("mindskip_ext"),
-            "git_commit": git_commit(),
+            "torch": torch.__version__,  # the build (e.g. 2.10.0+cu130), not only the release
+            "transformers": info["versions"]["transformers"],
+            "mindskip": info["versions"]["mindskip_ext"],
+            "git_commit": info["git_commit"],
         }
         self.slug = device_slug(device)
 
@@ -139,7 +162,7 @@ class Writer:
             "p80_ms": quantile(times_ms, 0.8),
             "metrics": {k: v for k, v in metrics.items() if v is not None},
             **self._env,
-            "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "timestamp": utc_timestamp(),
         }
         assert tuple(row) == ROW_FIELDS
         self.rows.append(row)
@@ -180,7 +203,10 @@ def render_markdown(rows: list[dict]) -> str:
         key = json.dumps([row["section"], row["name"], row["provider"], row["params"]], sort_keys=True)
         latest.pop(key, None)
         latest[key] = row
-    ordered = sorted(latest.values(), key=lambda r: (r["section"], r["name"], json.dumps(r["params"], sort_keys=True), r["provider"]))
+    ordered = sorted(
+        latest.values(),
+        key=lambda r: (r["section"], r["name"], json.dumps(r["params"], sort_keys=True), r["provider"]),
+    )
     metric_names = sorted({k for r in ordered for k in r["metrics"]})
     head = ["section", "name", "provider", "params", "median ms", "p20-p80 ms", *metric_names]
     lines = []
@@ -194,15 +220,24 @@ def render_markdown(rows: list[dict]) -> str:
             "file next to this one. `speedup_vs_eager` = eager median / this median.",
             "",
         ]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in ordered:
-        cells = [
+    lines += markdown_table(head, [
+        [
             r["section"], r["name"], r["provider"], _params_text(r["params"]),
             f"{r['median_ms']:.3f}", f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f}",
             *(_metric_text(r["metrics"].get(m)) for m in metric_names),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
+        for r in ordered
+    ])
     return "\n".join(lines) + "\n"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of a markdown table; an empty cell is written ``| |``."""
+    return [_markdown_row(header), "|" + "---|" * len(header), *(_markdown_row(row) for row in rows)]
+
+
+def _markdown_row(cells: list[str]) -> str:
+    return "|" + "".join(f" {cell} |" if cell else " |" for cell in cells)
 
 
 def _metric_text(value) -> str:

@@ -5,7 +5,8 @@ For every (batch B, prompt length T) point of the grid:
 * ``hf``: the unconverted model with its best attention implementation;
 * ``mindskip``: MindSkip on the paper's layers (last half except the last), routers set to keep
   exactly a fraction ``f`` of the (layer, sequence) pairs of this batch, for each ``f`` of the sweep;
-* ``attn-drop``: static Attention-Drop of the same share of attention sublayers.
+* ``attn-drop``: static Attention-Drop of the same share of attention sublayers: the MindSkip layers whose
+  attention changes this batch's hidden states least (:mod:`mindskip_ext.eval.attention_drop`).
 
 Metrics, separately: prefill time (one forward writing the KV cache); for ``generate()`` with a fixed
 number of new tokens, its decode time and tokens/s (the time after the prefill's logits, taken inside
@@ -35,14 +36,21 @@ import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 import mindskip_ext as msk
-from common import quantile, synchronize, time_ms
 from mindskip_ext.cache import kv_bytes
+from mindskip_ext.data import Example
+from mindskip_ext.eval.attention_drop import redundancy_scores, select_dropped, set_static_routing
 from mindskip_ext.hf_compat import cache_kwargs, output_cache
-from routing import build_model, calibrate_routers, force_static_drop
+from mindskip_ext.timing import synchronize, time_ms
 
-GPU_GRID = dict(batches=(1, 8, 32, 64), lengths=(512, 2048, 8192), fractions=(1.0, 0.75, 0.5, 0.25))
-CPU_GRID = dict(batches=(1, 4, 8), lengths=(128, 512), fractions=(1.0, 0.75, 0.5, 0.25))
-QUICK_GRID = dict(batches=(4,), lengths=(256,), fractions=(1.0, 0.5))
+from .common import quantile
+from .routing import build_model, calibrate_routers
+
+GPU_GRID = {"batches": (1, 8, 32, 64), "lengths": (512, 2048, 8192), "fractions": (1.0, 0.75, 0.5, 0.25)}
+CPU_GRID = {"batches": (1, 4, 8), "lengths": (128, 512), "fractions": (1.0, 0.75, 0.5, 0.25)}
+QUICK_GRID = {"batches": (4,), "lengths": (256,), "fractions": (1.0, 0.5)}
+# Sequences per Attention-Drop scoring forward: the scores are means over tokens, so this only bounds the fp32
+# copies of the hidden states the scoring makes.
+DROP_SCORE_BATCH = 8
 
 
 def add_arguments(parser):
@@ -51,9 +59,12 @@ def add_arguments(parser):
     group.add_argument("--e2e-batches", default=None, help="comma-separated batch sizes")
     group.add_argument("--e2e-lengths", default=None, help="comma-separated prompt lengths")
     group.add_argument("--e2e-fractions", default=None, help="comma-separated kept fractions")
-    group.add_argument("--new-tokens", type=int, default=None, help="tokens generated per sequence (default 32; 8 with --quick)")
-    group.add_argument("--e2e-reps", type=int, default=None, help="timed rounds over all variants of a point (default 10 on CPU, 5 on GPU; 12 with --quick)")
-    group.add_argument("--mem-fraction", type=float, default=0.85, help="skip GPU points whose estimated memory exceeds this share")
+    group.add_argument("--new-tokens", type=int, default=None,
+                       help="tokens generated per sequence (default 32; 8 with --quick)")
+    group.add_argument("--e2e-reps", type=int, default=None,
+                       help="timed rounds over all variants of a point (default 10 on CPU, 5 on GPU; 12 with --quick)")
+    group.add_argument("--mem-fraction", type=float, default=0.85,
+                       help="skip GPU points whose estimated memory exceeds this share")
 
 
 def _ints(text, default):
@@ -137,7 +148,7 @@ def run(args, writer):
 
     for seqlen in lengths:
         for batch in batches:
-            params = dict(shape=shape, B=batch, T=seqlen, new_tokens=new_tokens)
+            params = {"shape": shape, "B": batch, "T": seqlen, "new_tokens": new_tokens}
             if on_gpu:
                 need = weight_bytes + _estimate_bytes(cfg, batch, seqlen, new_tokens, 2)
                 total = torch.cuda.get_device_properties(device).total_memory
@@ -223,6 +234,7 @@ class Variant:
 def _variants(model, ids, layer_ids, fractions) -> list[Variant]:
     """The unconverted model, then per kept fraction MindSkip with calibrated routers and (below 1.0) the static
     Attention-Drop of the same share. Router states are snapshots, so a variant can be re-applied at any time."""
+    scores = _redundancy_scores(model, ids)
     wrapped = msk.get_mindskip_model(model, msk.MindSkipConfig(layers=layer_ids))
     variants = [Variant("hf", None, None)]
 
@@ -238,11 +250,20 @@ def _variants(model, ids, layer_ids, fractions) -> list[Variant]:
                 )
             variants.append(Variant("mindskip", sum(capacity.values()) / len(capacity), snapshot()))
             if fraction < 1.0:
-                dropped = force_static_drop(wrapped, round((1 - fraction) * len(layer_ids)))
+                n = round((1 - fraction) * len(layer_ids))
+                dropped = select_dropped(scores, n, candidates=layer_ids) if n else []
+                set_static_routing(wrapped, dropped)
                 variants.append(Variant("attn-drop", 1 - len(dropped) / len(layer_ids), snapshot()))
     finally:
         wrapped.unload()
     return variants
+
+
+def _redundancy_scores(model, ids) -> dict[int, float]:
+    """Attention-Drop's score per layer of the unconverted ``model`` on this batch (every token real): the batch
+    is its own calibration data, as the MindSkip routers are calibrated on it too."""
+    examples = [Example(row, row) for row in ids.tolist()]
+    return redundancy_scores(model, examples, model.config.pad_token_id, "attn", batch_size=DROP_SCORE_BATCH)
 
 
 @contextlib.contextmanager
@@ -321,9 +342,10 @@ def _run_point(model, ids, params, layer_ids, fractions, new_tokens, reps, write
         md = _median(v.decode)
         for name, base, samples, factor, extra in (
             ("prefill", dense.prefill, v.prefill, pre_factor,
-             dict(kv_bytes=v.kv_bytes, kv_ratio=v.kv_bytes / dense.kv_bytes, peak_bytes=v.peak_bytes)),
+             {"kv_bytes": v.kv_bytes, "kv_ratio": v.kv_bytes / dense.kv_bytes, "peak_bytes": v.peak_bytes}),
             ("decode", dense.decode, v.decode, dec_factor,
-             dict(tokens_per_s=decode_tokens / (md / 1e3), ideal_tokens_per_s=decode_tokens / (dec_ms * dec_factor / 1e3))),
+             {"tokens_per_s": decode_tokens / (md / 1e3),
+              "ideal_tokens_per_s": decode_tokens / (dec_ms * dec_factor / 1e3)}),
             ("ttlt", dense.generate, v.generate, ttlt_factor, {}),
         ):
             speedup, low, high = _paired_speedup(base, samples)

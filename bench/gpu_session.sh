@@ -5,7 +5,7 @@
 #
 #   bash bench/gpu_session.sh test            # build, then the whole test suite on CUDA
 #   bash bench/gpu_session.sh micro           # build, then the micro and layer sections
-#   bash bench/gpu_session.sh e2e 1,8 512,2048 [extra bench/run.py args]   # build, then an e2e slice
+#   bash bench/gpu_session.sh e2e 1,8 512,2048 [extra bench.run args]   # build, then an e2e slice
 #
 # Results go to bench/results/<device>.jsonl/.md (and to $OUT when it is set, for fetching back).
 set -euo pipefail
@@ -26,11 +26,11 @@ case "$step" in
     python3 -m pytest python_tests -q -x -p no:cacheprovider 2>&1 | tee ${out:+"$out/pytest.log"}
     ;;
   micro)
-    python3 bench/run.py --only micro,layer --device cuda
+    python3 -m bench.run --only micro,layer --device cuda
     ;;
   e2e)
     batches="${1:?batches}"; lengths="${2:?lengths}"; shift 2
-    python3 bench/run.py --only e2e --device cuda --e2e-batches "$batches" --e2e-lengths "$lengths" "$@"
+    python3 -m bench.run --only e2e --device cuda --e2e-batches "$batches" --e2e-lengths "$lengths" "$@"
     ;;
   *)
     echo "unknown step $step" >&2; exit 2

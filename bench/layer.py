@@ -13,10 +13,11 @@ import torch
 from transformers import DynamicCache
 
 import mindskip_ext as msk
-from common import time_ms
 from mindskip_ext.hf_compat import cache_kwargs
 from mindskip_ext.layer import STATE_KWARG, ForwardState, RoutingRecord
-from routing import build_model, keep_exactly
+from mindskip_ext.timing import time_ms
+
+from .routing import build_model, keep_exactly
 
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -25,7 +26,8 @@ def add_arguments(parser):
     group = parser.add_argument_group("layer section")
     group.add_argument("--layer-shape", default=None, help="model shape (default: llama3-8b on GPU, cpu-small on CPU)")
     group.add_argument("--layer-batch", type=int, default=None, help="batch size (default: 16 on CPU, 32 on GPU)")
-    group.add_argument("--layer-len", type=int, default=None, help="prompt / KV length T (default: 512 on CPU, 2048 on GPU)")
+    group.add_argument("--layer-len", type=int, default=None,
+                       help="prompt / KV length T (default: 512 on CPU, 2048 on GPU)")
 
 
 def run(args, writer):
@@ -73,7 +75,7 @@ def run(args, writer):
 
         return time_ms(step, device, reps=reps * 5)
 
-    params = dict(shape=shape, B=batch, T=seqlen, dtype=str(dtype).replace("torch.", ""))
+    params = {"shape": shape, "B": batch, "T": seqlen, "dtype": str(dtype).replace("torch.", "")}
     with torch.no_grad():
         dense = {"prefill": prefill_times(base, False), "decode": decode_times(base, False)}
         for name, times in dense.items():

@@ -84,8 +84,8 @@ def write_tasks(
     """Write lm-eval task configs for ``tasks`` from the data files under ``data_dir`` into ``output_dir``.
 
     ``limit`` keeps a seeded random subset of at most that many scored items per task (a dict: per task, tasks
-    it does not name are not subsampled); MMLU is subsampled per subject with ``mmlu_limit``; ``mmlu_subjects`` keeps only those subjects (default: all 57). Few-shot
-    pools are never subsampled.
+    it does not name are not subsampled); MMLU is subsampled per subject with ``mmlu_limit``; ``mmlu_subjects``
+    keeps only those subjects (default: all 57). Few-shot pools are never subsampled.
     Each task's config carries its shot count: :data:`PAPER_SHOTS`, or ``num_fewshot[task]`` when given
     (only tasks with a few-shot pool, HellaSwag, MMLU and GSM8K, can take more than 0).
     """
@@ -93,7 +93,7 @@ def write_tasks(
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown local task(s) {unknown}; known: {', '.join(TASKS)}")
-    limits = dict(limit) if isinstance(limit, dict) else {task: limit for task in tasks}
+    limits = dict(limit) if isinstance(limit, dict) else dict.fromkeys(tasks, limit)
     stray = sorted(set(limits) - set(tasks))
     if stray:
         raise ValueError(f"limit names {stray}, which are not among the tasks {list(tasks)}")
@@ -138,7 +138,8 @@ def write_tasks(
             config = {"training_split": "train", "fewshot_split": "train", **config}
         if shots[task]:
             config["num_fewshot"] = shots[task]  # 0 stays unset: lm-eval ignores a --num_fewshot over a 0 here
-        _write_yaml(output_dir / f"{task}.yaml", {"task": task, **_json_dataset(files), "test_split": "test", **config})
+        _write_yaml(output_dir / f"{task}.yaml",
+                    {"task": task, **_json_dataset(files), "test_split": "test", **config})
     manifest = {
         "data_dir": str(data_dir.resolve()),
         "seed": seed,
@@ -157,35 +158,36 @@ def write_tasks(
 # ------------------------------------------------------------------------------------------- tasks
 
 
+def _multiple_choice(text, choice, metrics, source, target="label", version=1.0) -> dict:
+    """An lm-eval multiple-choice task config."""
+    return {
+        "output_type": "multiple_choice",
+        "doc_to_text": text,
+        "doc_to_target": target,
+        "doc_to_choice": choice,
+        "metric_list": metrics,
+        "metadata": {"version": version, "source": source},
+    }
+
+
 def _piqa(eval_dir: Path):
     folder = eval_dir / "piqa"
     docs = _read_jsonl(folder / "valid.jsonl")
     labels = [int(line) for line in _read_text(folder / "valid-labels.lst").split()]
     if len(labels) != len(docs):
         raise ValueError(f"{folder}: {len(docs)} questions but {len(labels)} labels")
-    items = [{"goal": d["goal"], "sol1": d["sol1"], "sol2": d["sol2"], "label": label} for d, label in zip(docs, labels)]
-    config = {
-        "output_type": "multiple_choice",
-        "doc_to_text": "Question: {{goal}}\nAnswer:",
-        "doc_to_target": "label",
-        "doc_to_choice": "{{[sol1, sol2]}}",
-        "metric_list": _MC_NORM_METRICS,
-        "metadata": {"version": 1.0, "source": "piqa valid (original)"},
-    }
+    items = [{"goal": d["goal"], "sol1": d["sol1"], "sol2": d["sol2"], "label": label}
+             for d, label in zip(docs, labels, strict=True)]
+    config = _multiple_choice("Question: {{goal}}\nAnswer:", "{{[sol1, sol2]}}", _MC_NORM_METRICS,
+                              "piqa valid (original)")
     return items, None, config
 
 
 def _boolq(eval_dir: Path):
     docs = _read_jsonl(eval_dir / "boolq" / "dev.jsonl")
     items = [{"passage": d["passage"], "question": d["question"], "label": int(bool(d["answer"]))} for d in docs]
-    config = {
-        "output_type": "multiple_choice",
-        "doc_to_text": "{{passage}}\nQuestion: {{question}}?\nAnswer:",
-        "doc_to_target": "label",
-        "doc_to_choice": ["no", "yes"],
-        "metric_list": _MC_METRICS,
-        "metadata": {"version": 2.0, "source": "boolq dev (original)"},
-    }
+    config = _multiple_choice("{{passage}}\nQuestion: {{question}}?\nAnswer:", ["no", "yes"], _MC_METRICS,
+                              "boolq dev (original)", version=2.0)
     return items, None, config
 
 
@@ -194,14 +196,8 @@ def _rte(eval_dir: Path):
     with open(path, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
     items = [{"sentence1": r["sentence1"], "sentence2": r["sentence2"], "label": int(r["label"])} for r in rows]
-    config = {
-        "output_type": "multiple_choice",
-        "doc_to_text": "{{sentence1}}\nQuestion: {{sentence2}} True or False?\nAnswer:",
-        "doc_to_target": "label",
-        "doc_to_choice": ["True", "False"],  # GLUE label 0 = entailment
-        "metric_list": [{"metric": "acc"}],
-        "metadata": {"version": 1.0, "source": "GLUE rte dev"},
-    }
+    config = _multiple_choice("{{sentence1}}\nQuestion: {{sentence2}} True or False?\nAnswer:",
+                              ["True", "False"], [{"metric": "acc"}], "GLUE rte dev")  # GLUE label 0 = entailment
     return items, None, config
 
 
@@ -229,17 +225,8 @@ def _hellaswag(eval_dir: Path):
             "label": int(gold),
         })
     pool = items[-HELLASWAG_FEWSHOT_POOL:]
-    config = {
-        "output_type": "multiple_choice",
-        "doc_to_text": "{{query}}",
-        "doc_to_target": "{{label}}",
-        "doc_to_choice": "choices",
-        "metric_list": _MC_NORM_METRICS,
-        "metadata": {
-            "version": 1.0,
-            "source": f"hellaswag validation (text format); the last {HELLASWAG_FEWSHOT_POOL} items are the few-shot pool",
-        },
-    }
+    source = f"hellaswag validation (text format); the last {HELLASWAG_FEWSHOT_POOL} items are the few-shot pool"
+    config = _multiple_choice("{{query}}", "choices", _MC_NORM_METRICS, source, target="{{label}}")
     return items[:-HELLASWAG_FEWSHOT_POOL], pool, config
 
 
@@ -257,14 +244,8 @@ def _openbookqa(eval_dir: Path):
             "choices": [match[f"a{k}"].strip() for k in range(1, 5)],
             "label": int(answer.group(1)) - 1,
         })
-    config = {
-        "output_type": "multiple_choice",
-        "doc_to_text": "question_stem",
-        "doc_to_target": "label",
-        "doc_to_choice": "{{choices}}",
-        "metric_list": _MC_NORM_METRICS,
-        "metadata": {"version": 1.0, "source": "openbookqa test (parsed from an instruction-formatted copy)"},
-    }
+    config = _multiple_choice("question_stem", "{{choices}}", _MC_NORM_METRICS,
+                              "openbookqa test (parsed from an instruction-formatted copy)")
     return items, None, config
 
 

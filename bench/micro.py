@@ -4,18 +4,22 @@ must move at least once / time) and, on GPU, the fraction of the measured peak b
 
 * router_gate vs masked mean + linear + sigmoid + compare + nonzero (both end with the one host
   read of the kept count a MindSkip layer needs);
-* gather_kept + scatter_add_kept vs index_select + index_add_;
-* pack_kept + unpack_add_kept vs nonzero-built token indices + index_select + index_add_.
+* gather_kept + scatter_add_kept_ vs index_select + index_add_;
+* pack_sequences + unpack_add_sequences_ (pack_plan, pack_kept and unpack_add_kept_, with the one
+  host read of the packed sizes) vs nonzero-built token indices + index_select + index_add_.
 """
 
 from __future__ import annotations
 
+import functools
 import statistics
 
 import torch
 
-from common import peak_bandwidth_gbps, time_ms
 from mindskip_ext import ops
+from mindskip_ext.timing import time_ms
+
+from .common import peak_bandwidth_gbps
 
 SECTION = "micro"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -24,7 +28,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def plan(args, device: torch.device):
     """(kind, B, T, D, dtype, padding) cases for this run."""
     goal = [("router", 32, 1024, 2048, dt, "none") for dt in ("fp32", "bf16")]
-    regroup = [(kind, 32, 1024, 2048, "bf16", pad) for kind, pad in (("gather_scatter", "none"), ("pack_unpack", "right"))]
+    regroup = [(kind, 32, 1024, 2048, "bf16", pad)
+               for kind, pad in (("gather_scatter", "none"), ("pack_unpack", "right"))]
     if args.quick:
         return goal + regroup + [("gather_scatter", 32, 1024, 2048, "fp32", "none")]
     cases = goal + [("router", 32, 1024, 2048, "fp16", "none"), ("router", 32, 1024, 2048, "bf16", "right")]
@@ -66,7 +71,7 @@ def router_eager(hidden, mask, weight, bias, threshold):
 
 
 def router_ours(hidden, mask, weight, bias, threshold):
-    score, keep, order, num_kept = ops.router_gate(hidden, mask, weight, bias, threshold)
+    score, _, _, num_kept = ops.router_gate(hidden, mask, weight, bias, threshold)
     return score, int(num_kept)
 
 
@@ -76,7 +81,7 @@ def gather_scatter_eager(x, residual, order, k):
 
 
 def gather_scatter_ours(x, residual, order, k):
-    ops.scatter_add_kept(residual, ops.gather_kept(x, order, k), order)
+    ops.scatter_add_kept_(residual, ops.gather_kept(x, order, k), order)
 
 
 def pack_unpack_eager(x, residual, mask, order, k):
@@ -93,8 +98,8 @@ def pack_unpack_eager(x, residual, mask, order, k):
 
 
 def pack_unpack_ours(x, residual, mask, order, k):
-    packed, cu_seqlens, max_len = ops.pack_kept(x, mask, order, k)
-    ops.unpack_add_kept(residual, packed, mask, order, k)
+    packed, cu_seqlens, max_len = ops.pack_sequences(x, mask, order, k)
+    ops.unpack_add_sequences_(residual, packed, mask, order, k)
     return cu_seqlens, max_len
 
 
@@ -120,7 +125,10 @@ def run(args, writer) -> None:
             weight = (torch.randn(dim, generator=gen) * dim**-0.5).to(device)
             args_ = (x, mask, weight, 0.0, 0.5)
             moved = int(mask.sum()) * dim * x.element_size() + mask.numel()
-            providers = {"eager": lambda: router_eager(*args_), "mindskip": lambda: router_ours(*args_)}
+            providers = {
+                "eager": functools.partial(router_eager, *args_),
+                "mindskip": functools.partial(router_ours, *args_),
+            }
             check = (router_eager(*args_)[1], router_ours(*args_)[1])
         else:
             k = batch // 2
@@ -130,15 +138,15 @@ def run(args, writer) -> None:
             if kind == "gather_scatter":
                 moved = 5 * k * row_bytes  # gather: read + write; scatter-add: read y, read + write residual
                 providers = {
-                    "eager": lambda: gather_scatter_eager(x, residual, order, k),
-                    "mindskip": lambda: gather_scatter_ours(x, residual, order, k),
+                    "eager": functools.partial(gather_scatter_eager, x, residual, order, k),
+                    "mindskip": functools.partial(gather_scatter_ours, x, residual, order, k),
                 }
                 check = None
             else:
                 moved = 5 * int(mask[order[:k]].sum()) * dim * x.element_size()
                 providers = {
-                    "eager": lambda: pack_unpack_eager(x, residual, mask, order, k),
-                    "mindskip": lambda: pack_unpack_ours(x, residual, mask, order, k),
+                    "eager": functools.partial(pack_unpack_eager, x, residual, mask, order, k),
+                    "mindskip": functools.partial(pack_unpack_ours, x, residual, mask, order, k),
                 }
                 eager_cu, eager_max = pack_unpack_eager(x, residual, mask, order, k)
                 ours_cu, ours_max = pack_unpack_ours(x, residual, mask, order, k)

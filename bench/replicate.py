@@ -1,9 +1,8 @@
-#!/usr/bin/env python
 """Router-Tuning's Table 1 and Figure 2, replicated at small scale on SmolLM2-135M-Instruct.
 
-    python bench/replicate.py            # about 90 minutes on a 2-core CPU: subsampled, sizes in the output
-    python bench/replicate.py --full     # the paper's sizes (every item, HellaSwag 10-shot): for a GPU
-    python bench/replicate.py --smoke    # a tiny config model and a handful of items: checks the pipeline
+    python -m bench.replicate            # about 90 minutes on a 2-core CPU: subsampled, sizes in the output
+    python -m bench.replicate --full     # the paper's sizes (every item, HellaSwag 10-shot): for a GPU
+    python -m bench.replicate --smoke    # a tiny config model and a handful of items: checks the pipeline
 
 What it does (the paper's setting: MindSkip on the last half of the layers except the last, 14..28 of 30,
 target capacity 0.5, Router-Tuning on instruction data):
@@ -11,39 +10,37 @@ target capacity 0.5, Router-Tuning on instruction data):
 1. Router-tunes attn, mlp and block MindSkip with our procedure (masked-mean router input, straight-through
    gradient for every sequence, target-capacity control) on the Alpaca-style file of the shared data.
 2. Evaluates the unconverted model and each MindSkip model with stock lm-eval on local task definitions
-   (:mod:`mindskip_ext.local_tasks`: PIQA, BoolQ, RTE, HellaSwag, OpenBookQA, MMLU), WikiText-2 perplexity,
+   (:mod:`bench.local_tasks`: PIQA, BoolQ, RTE, HellaSwag, OpenBookQA, MMLU), WikiText-2 perplexity,
    and the capacity reached per task.
-3. Static Attention-Drop (:mod:`mindskip_ext.baselines`) at a sweep of skip ratios (12.5/25/37.5/50% of the
+3. Static Attention-Drop (:mod:`mindskip_ext.eval.attention_drop`) at a sweep of skip ratios (12.5/25/37.5/50% of the
    attention sublayers) plus the two layer counts around MindSkip-Attn's measured skip ratio: Figure 2.
 4. The reference code's procedure (unmasked mean over padding, gradient only through kept sequences, a fixed
    lambda) for attn, brought to the same capacity as ours, against ours.
 
 Writes ``replication.md`` (tables in the layout of the paper's Table 1), ``replication.json`` (every number,
 sizes, timings, machine) and ``replication_figure2.png`` to ``--output`` (default ``bench/results``; a
-temporary folder for ``--smoke``). The shared data is read in place (``--data-dir``, default ``../shared/data``
-beside the repository) and never copied into the repository.
+temporary folder for ``--smoke``); :mod:`bench.replicate_report` renders them. The shared data is read in
+place (``--data-dir``, default ``../shared/data`` beside the repository) and never copied into the repository.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from .common import RESULTS_DIR, ROOT, machine_info, utc_timestamp
+from .replicate_report import findings, fmt, skip_ratio, write_outputs
+
 DEFAULT_DATA_DIR = ROOT.parent / "shared" / "data"
 ALPACA = Path("instruct") / "alpaca_en_demo.json"
 WIKITEXT = Path("text") / "wikitext2-test.txt"
@@ -51,13 +48,9 @@ WIKITEXT = Path("text") / "wikitext2-test.txt"
 TARGET_CAPACITY = 0.5
 SWEEP = (0.125, 0.25, 0.375, 0.5)  # Attention-Drop skip ratios (share of all attention sublayers): Figure 2
 TASKS = ("local_piqa", "local_boolq", "local_rte", "local_hellaswag", "local_openbookqa", "local_mmlu")
-TASK_LABELS = {
-    "local_piqa": "PIQA", "local_boolq": "BoolQ", "local_rte": "RTE", "local_hellaswag": "HellaSwag",
-    "local_openbookqa": "OBQA", "local_mmlu": "MMLU",
-}
 # acc_norm where lm-eval's stock task defines it (length-normalised choice scores), acc otherwise.
 METRIC = {t: "acc_norm" if t in ("local_piqa", "local_hellaswag", "local_openbookqa") else "acc" for t in TASKS}
-GRANULARITY_LABELS = {"block": "Block", "mlp": "MLP", "attn": "Attn"}
+MACHINE_PACKAGES = ("torch", "transformers", "lm_eval", "datasets", "mindskip_ext")  # versions recorded
 
 
 @dataclass(frozen=True)
@@ -102,7 +95,7 @@ PRESETS = {
     # A tiny config model: checks every stage end to end in a couple of minutes.
     "smoke": Sizes(
         train_records=96, heldout_fraction=0.1, max_length=64, batch_size=8, steps=4, learning_rate=2e-3,
-        calibration_sequences=16, task_limit={t: 4 for t in TASKS}, mmlu_per_subject=2,
+        calibration_sequences=16, task_limit=dict.fromkeys(TASKS, 4), mmlu_per_subject=2,
         mmlu_subjects=["anatomy", "virology"], num_fewshot={"local_hellaswag": 2, "local_mmlu": 2},
         ppl_block=64, ppl_blocks=2, drop_records=16, eval_batch_size=8,
     ),
@@ -138,60 +131,25 @@ def say(message: str) -> None:
 # ------------------------------------------------------------------------------------------- setup
 
 
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    versions = {}
-    for package in ("torch", "transformers", "lm_eval", "datasets", "mindskip_ext"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                                text=True, timeout=30).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {
-        "cpu": cpu,
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "versions": versions,
-        "git_commit": commit,
-    }
-
-
 def smoke_model(data_dir: Path, seed: int):
     """A random tiny Llama (8 layers, hidden 64) and a word tokenizer trained on the instruction file."""
-    from mindskip_ext import data as D
-    from mindskip_ext.cli import word_llama
+    from mindskip_ext.testing import tokenizer_corpus, train_word_tokenizer, word_llama
 
     records = json.loads((data_dir / ALPACA).read_text())
-    tokenizer = D.train_word_tokenizer(D.tokenizer_corpus(records))
-    model = word_llama(tokenizer, intermediate_size=128, max_position_embeddings=4096, seed=seed)
-    return model.eval(), tokenizer, "tiny random Llama (8 layers, hidden 64; --smoke)"
+    tokenizer = train_word_tokenizer(tokenizer_corpus(records))
+    model = word_llama(tokenizer, intermediate=128, max_position_embeddings=4096, seed=seed)
+    return model, tokenizer, "tiny random Llama (8 layers, hidden 64; --smoke)"
 
 
 def load_model(args, sizes: Sizes):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from mindskip_ext import hub
+    """(model, tokenizer, label): the --smoke model, ``--model``, or SmolLM2 (fetched once); fp32, sdpa."""
+    from mindskip_ext.devices import pick_device
+    from mindskip_ext.loading import load_model
 
     if args.smoke:
         return smoke_model(args.data_dir, sizes.seed)
-    path = Path(args.model) if args.model else hub.fetch_model("smollm2")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    label = "SmolLM2-135M-Instruct" if not args.model else str(args.model)
-    return model.to(device).eval(), tokenizer, label
+    model, tokenizer = load_model(args.model or "smollm2", pick_device("auto"), torch.float32)
+    return model, tokenizer, str(args.model) if args.model else "SmolLM2-135M-Instruct"
 
 
 def wikitext_examples(path: Path, tokenizer, block: int, blocks: int | None):
@@ -210,25 +168,16 @@ def wikitext_examples(path: Path, tokenizer, block: int, blocks: int | None):
 def evaluate(run: Run, name: str, model, tokenizer, tasks_dir: Path, ppl_examples, entry: dict) -> dict:
     """lm-eval on the local tasks (score and capacity per task) and WikiText-2 perplexity."""
     from mindskip_ext.data import pad_token_id
-    from mindskip_ext.evaluation import evaluate_examples
-    from mindskip_ext.harness import run_lm_eval
+    from mindskip_ext.eval.harness import run_lm_eval
+    from mindskip_ext.eval.perplexity import evaluate_examples
 
     sizes = run.sizes
     with run.stage(f"evaluate {name}"):
         report = run_lm_eval(model, tokenizer, [(t, None) for t in TASKS], batch_size=sizes.eval_batch_size,
                              include_path=str(tasks_dir), include_defaults=False, seed=sizes.seed)["tasks"]
-        tasks = {}
-        for task in TASKS:
-            got = report[task]
-            key = f"{METRIC[task]},none"
-            tasks[task] = {
-                "score": got["metrics"][key],
-                "metric": METRIC[task],
-                "metrics": got["metrics"],
-                "num_fewshot": got["num_fewshot"],
-                "capacity": got["capacity"],
-                "capacity_per_layer": got["capacity_per_layer"],
-            }
+        tasks = {task: {"score": report[task]["metrics"][f"{METRIC[task]},none"], "metric": METRIC[task],
+                        **{k: report[task][k] for k in ("metrics", "num_fewshot", "capacity", "capacity_per_layer")}}
+                 for task in TASKS}
         ppl = evaluate_examples(model, ppl_examples, pad_token_id(tokenizer), sizes.eval_batch_size)
     entry.update(
         tasks=tasks,
@@ -243,7 +192,7 @@ def evaluate(run: Run, name: str, model, tokenizer, tasks_dir: Path, ppl_example
         run.partial.write_text(json.dumps({"preset": run.preset, "timings": run.timings, "models": run.models},
                                           indent=2, sort_keys=True) + "\n")
     say(f"{name}: avg {100 * entry['avg']:.1f}, WikiText-2 ppl {ppl['perplexity']:.2f}, "
-        f"capacity {_fmt(entry['task_capacity'], '.3f')}")
+        f"capacity {fmt(entry['task_capacity'], '.3f')}")
     return entry
 
 
@@ -256,7 +205,7 @@ def router_tune(run: Run, name: str, base, tokenizer, granularity: str, procedur
     import mindskip_ext as msk
     from mindskip_ext.config import default_layers
     from mindskip_ext.data import pad_token_id
-    from mindskip_ext.evaluation import evaluate_examples
+    from mindskip_ext.eval.perplexity import evaluate_examples
     from mindskip_ext.training import LOG_NAME, RouterTuner, RouterTuningConfig, calibrate_capacity
 
     sizes, pad = run.sizes, pad_token_id(tokenizer)
@@ -322,15 +271,16 @@ def reference_lambda(entry: dict) -> float:
 
 
 def replicate(args) -> Run:
-    from mindskip_ext import local_tasks
-    from mindskip_ext.baselines import dropped_model, redundancy_scores, select_dropped
     from mindskip_ext.data import load_examples, pad_token_id, split_heldout
+    from mindskip_ext.eval.attention_drop import dropped_model, redundancy_scores, select_dropped
+
+    from . import local_tasks
 
     sizes = PRESETS[args.preset]
     run = Run(args.preset, sizes, partial=args.output / "replication.partial.json")
     args.output.mkdir(parents=True, exist_ok=True)
     started, cpu_started = time.perf_counter(), time.process_time()
-    run.meta.update(started=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), machine=machine(),
+    run.meta.update(started=utc_timestamp(), machine=machine_info(MACHINE_PACKAGES),
                     data_dir=str(args.data_dir), train_data=str(args.train_data),
                     load_average_start=os.getloadavg())
     torch.manual_seed(sizes.seed)
@@ -382,7 +332,7 @@ def replicate(args) -> Run:
     with run.stage("attention-drop scores"):
         scores = redundancy_scores(base, train[: sizes.drop_records], pad_token_id(tokenizer), "attn",
                                    sizes.eval_batch_size)
-    attn_ratio = _skip_ratio(run.models["mindskip-attn"], num_layers)
+    attn_ratio = skip_ratio(run.models["mindskip-attn"], num_layers)
     counts = sorted({max(1, round(r * num_layers)) for r in SWEEP}
                     | {max(1, math.floor(attn_ratio * num_layers)), max(1, math.ceil(attn_ratio * num_layers))})
     run.meta["attention_drop"] = {"similarity": {str(k): v for k, v in scores.items()}, "counts": counts,
@@ -402,11 +352,12 @@ def replicate(args) -> Run:
         entry["task_capacity"] = 0.0
         model.unload()
 
-    run.meta["findings"] = findings(run, num_layers)
+    run.meta["findings"] = findings(run.models, num_layers)
     run.timings["total"] = round(time.perf_counter() - started, 1)
     # Other processes on the machine slow a run down: its CPU share says how much it had to itself.
-    run.meta.update(load_average_end=os.getloadavg(), process_cpu_seconds=round(time.process_time() - cpu_started, 1),
-                    cpu_share=round((time.process_time() - cpu_started) / run.timings["total"] / torch.get_num_threads(), 3))
+    cpu_seconds = time.process_time() - cpu_started
+    run.meta.update(load_average_end=os.getloadavg(), process_cpu_seconds=round(cpu_seconds, 1),
+                    cpu_share=round(cpu_seconds / run.timings["total"] / torch.get_num_threads(), 3))
     return run
 
 
@@ -427,239 +378,28 @@ def resume(run: Run) -> None:
     say(f"resumed {', '.join(sorted(models))} from {run.partial}")
 
 
-def _skip_ratio(entry: dict, num_layers: int) -> float:
-    """Share of all attention sublayers a MindSkip-Attn model skips, averaged over the evaluated tasks."""
-    return (1.0 - entry["task_capacity"]) * len(entry["layers"]) / num_layers
-
-
-def _interpolate(points: list[tuple[float, float]], x: float) -> float | None:
-    points = sorted(points)
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x0 <= x <= x1:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    return None
-
-
-def findings(run: Run, num_layers: int) -> dict:
-    """The comparisons the paper makes, as numbers (average accuracy in points, perplexity ratios)."""
-    m = run.models
-    pts = lambda a, b: round(100 * (m[a]["avg"] - m[b]["avg"]), 2)  # noqa: E731
-    attn_ratio = _skip_ratio(m["mindskip-attn"], num_layers)
-    drops = [(e["skip_ratio"], e["avg"]) for e in m.values() if e["kind"] == "attention-drop"]
-    drop_ppl = [(e["skip_ratio"], e["wikitext2"]["perplexity"]) for e in m.values() if e["kind"] == "attention-drop"]
-    drop_avg = _interpolate(drops, attn_ratio)
-    ours, ref = m["mindskip-attn"], m["reference-attn"]
-    return {
-        "attn_minus_mlp_points": pts("mindskip-attn", "mindskip-mlp"),
-        "attn_minus_block_points": pts("mindskip-attn", "mindskip-block"),
-        "mlp_minus_block_points": pts("mindskip-mlp", "mindskip-block"),
-        "attn_minus_dense_points": pts("mindskip-attn", "dense"),
-        "attn_skip_ratio": attn_ratio,
-        "attention_drop_avg_at_attn_skip_ratio": drop_avg,
-        "attn_minus_attention_drop_points": None if drop_avg is None else round(100 * (ours["avg"] - drop_avg), 2),
-        "attention_drop_ppl_at_attn_skip_ratio": _interpolate(drop_ppl, attn_ratio),
-        "ours_minus_reference_points": pts("mindskip-attn", "reference-attn"),
-        "ours_minus_reference_heldout_loss": ours["heldout"]["loss"] - ref["heldout"]["loss"],
-        "ours_over_reference_wikitext2_ppl": ours["wikitext2"]["perplexity"] / ref["wikitext2"]["perplexity"],
-        "reference_lambda": ref["tuning"].get("l1_lambda"),
-    }
-
-
-# ------------------------------------------------------------------------------------------ output
-
-
-def _fmt(value, spec: str, missing: str = "–") -> str:
-    return missing if value is None else format(value, spec)
-
-
-def _task_cells(entry: dict) -> list[str]:
-    return [f"{100 * entry['tasks'][t]['score']:.1f}" for t in TASKS] + [f"**{100 * entry['avg']:.1f}**"]
-
-
-def render_markdown(run: Run) -> str:
-    meta, m, s = run.meta, run.models, run.sizes
-    num_layers = meta["num_layers"]
-    header = "| " + " | ".join(TASK_LABELS[t] for t in TASKS) + " | Avg | WikiText-2 ppl |"
-    rule = "|---" * (len(TASKS) + 2) + "|"
-    lines = [
-        f"# Router-Tuning replication on {meta['model']} ({run.preset} run)",
-        "",
-        f"Machine: {meta['machine']['cpu']} ({meta['machine']['cpu_cores']} cores, {meta['machine']['torch_threads']} "
-        f"torch threads){', GPU ' + meta['machine']['gpu'] if meta['machine']['gpu'] else ''}; "
-        f"torch {meta['machine']['versions']['torch']}, transformers {meta['machine']['versions']['transformers']}, "
-        f"lm_eval {meta['machine']['versions']['lm_eval']}; commit {meta['machine']['git_commit']}; "
-        f"started {meta['started']}; total wall-clock {run.timings['total'] / 60:.1f} min; this process used "
-        f"{100 * meta['cpu_share']:.0f}% of the {meta['machine']['torch_threads']} threads' CPU time over the run "
-        f"(load average {meta['load_average_start'][1]:.1f} at the start, {meta['load_average_end'][1]:.1f} at the end).",
-        "",
-        "## Table 1: MindSkip at capacity 0.5 (layers "
-        f"{m['mindskip-attn']['layers'][0]}..{m['mindskip-attn']['layers'][-1]} of {num_layers})",
-        "",
-        f"| Method | Granularity | Capacity {header}",
-        "|---|---|---" + rule,
-        f"| {meta['model']} (dense) | – | 1.00 | " + " | ".join(_task_cells(m["dense"]))
-        + f" | {m['dense']['wikitext2']['perplexity']:.2f} |",
-    ]
-    for granularity in ("block", "mlp", "attn"):
-        e = m[f"mindskip-{granularity}"]
-        lines.append(f"| MindSkip | {GRANULARITY_LABELS[granularity]} | {e['task_capacity']:.2f} | "
-                     + " | ".join(_task_cells(e)) + f" | {e['wikitext2']['perplexity']:.2f} |")
-    lines += [
-        "",
-        "Scores in %: " + ", ".join(f"{TASK_LABELS[t]} {meta['metric'][t]}" for t in TASKS)
-        + ". Capacity: the kept fraction over MindSkip layers and evaluated sequences, averaged over the tasks.",
-        "",
-        "## Figure 2: MindSkip vs static Attention-Drop",
-        "",
-        "Skip ratio: share of all attention sublayers skipped (MindSkip-Attn: its measured average over the tasks).",
-        "",
-        f"| Model | Skip ratio | Dropped layers {header}",
-        "|---|---|---" + rule,
-        f"| MindSkip-Attn (ours) | {100 * _skip_ratio(m['mindskip-attn'], num_layers):.1f}% | dynamic | "
-        + " | ".join(_task_cells(m["mindskip-attn"])) + f" | {m['mindskip-attn']['wikitext2']['perplexity']:.2f} |",
-    ]
-    for name, e in m.items():
-        if e["kind"] == "attention-drop":
-            lines.append(f"| Attention-Drop | {100 * e['skip_ratio']:.1f}% | {', '.join(map(str, e['dropped_layers']))} | "
-                         + " | ".join(_task_cells(e)) + f" | {e['wikitext2']['perplexity']:.2f} |")
-    f = meta["findings"]
-    ours, ref = m["mindskip-attn"], m["reference-attn"]
-    lines += [
-        "",
-        "![Figure 2](replication_figure2.png)",
-        "",
-        "## Our training procedure vs the reference code's (attn, matched capacity)",
-        "",
-        "Ours: masked mean router input, straight-through gradient for every sequence, target-capacity control. "
-        "Reference: mean over padding too, gradient only through kept sequences, fixed lambda "
-        f"(= {f['reference_lambda']:.4g}, our controller's mean coefficient over its last half of steps); "
-        "both end with the same common router-bias calibration to capacity 0.5 on training sequences.",
-        "",
-        f"| Procedure | Held-out capacity | Held-out loss {header}",
-        "|---|---|---" + rule,
-    ]
-    for label, e in (("ours", ours), ("reference", ref)):
-        lines.append(f"| {label} | {e['heldout']['capacity']:.3f} | {e['heldout']['loss']:.4f} | "
-                     + " | ".join(_task_cells(e)) + f" | {e['wikitext2']['perplexity']:.2f} |")
-    before = ref.get("heldout_before_calibration", {})
-    lines += [
-        "",
-        f"Reference before calibration: held-out capacity {_fmt(before.get('capacity'), '.3f')}, "
-        f"loss {_fmt(before.get('loss'), '.4f')}.",
-        "",
-        "## Findings (average accuracy, points)",
-        "",
-        f"- Attn − MLP: {f['attn_minus_mlp_points']:+.2f}; Attn − Block: {f['attn_minus_block_points']:+.2f}; "
-        f"MLP − Block: {f['mlp_minus_block_points']:+.2f}.",
-        f"- MindSkip-Attn − dense: {f['attn_minus_dense_points']:+.2f}.",
-        f"- MindSkip-Attn − Attention-Drop at the same skip ratio ({100 * f['attn_skip_ratio']:.1f}%, interpolated "
-        f"between the neighbouring layer counts): {_fmt(f['attn_minus_attention_drop_points'], '+.2f')}.",
-        f"- Ours − reference procedure: {f['ours_minus_reference_points']:+.2f}; held-out loss difference "
-        f"{f['ours_minus_reference_heldout_loss']:+.4f}; WikiText-2 ppl ratio {f['ours_over_reference_wikitext2_ppl']:.3f}.",
-        "",
-        "## Capacity reached per task",
-        "",
-        "| Model | " + " | ".join(TASK_LABELS[t] for t in TASKS) + " | WikiText-2 | held-out instructions |",
-        "|---" * (len(TASKS) + 3) + "|",
-    ]
-    for name in ("mindskip-attn", "mindskip-mlp", "mindskip-block", "reference-attn"):
-        e = m[name]
-        lines.append(f"| {name} | " + " | ".join(_fmt(e["tasks"][t]["capacity"], ".3f") for t in TASKS)
-                     + f" | {_fmt(e['wikitext2'].get('capacity'), '.3f')} | {e['heldout']['capacity']:.3f} |")
-    items = meta["items"]
-    lines += [
-        "",
-        "## Sizes",
-        "",
-        "Scored items (of those available): " + ", ".join(
-            f"{TASK_LABELS[t]} {items[t]}/{meta['items_available'][t]}" for t in TASKS)
-        + (f" (MMLU: {s.mmlu_per_subject} per subject)" if s.mmlu_per_subject else "") + ".",
-        "Shots: " + ", ".join(
-            f"{TASK_LABELS[t]} {meta['num_fewshot'][t]}"
-            + (f" (paper: {meta['paper_shots'][t]})" if meta["num_fewshot"][t] != meta["paper_shots"][t] else "")
-            for t in TASKS) + ".",
-        f"WikiText-2 test: {meta['wikitext2']['blocks']} blocks of {meta['wikitext2']['block_tokens']} tokens.",
-        f"Router-Tuning: {meta['train_examples']} training / {meta['heldout_examples']} held-out instruction examples "
-        f"(max {s.max_length} tokens), batch {s.batch_size}, {ours['steps']} steps, lr {s.learning_rate}; "
-        f"{m['mindskip-attn']['trainable_parameters']} trainable parameters.",
-        f"Attention-Drop similarity scores from {meta['attention_drop']['calibration_sequences']} training sequences.",
-        "",
-        "## Wall-clock per stage (s)",
-        "",
-        *([f"Resumed from an interrupted run: {', '.join(run.meta['resumed'])} (their stages' seconds are from that "
-           "run; `total` counts this run only).", ""] if run.meta.get("resumed") else []),
-        "| Stage | Seconds |",
-        "|---|---|",
-        *(f"| {k} | {v:.0f} |" for k, v in run.timings.items()),
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def plot(run: Run, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    m, num_layers = run.models, run.meta["num_layers"]
-    drops = sorted((e["skip_ratio"], e["avg"], e["wikitext2"]["perplexity"]) for e in m.values()
-                   if e["kind"] == "attention-drop")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, col, ylabel in ((axes[0], 1, "average accuracy (%)"), (axes[1], 2, "WikiText-2 perplexity")):
-        scale = 100 if col == 1 else 1
-        dense = m["dense"]["avg"] * 100 if col == 1 else m["dense"]["wikitext2"]["perplexity"]
-        ax.axhline(dense, color="grey", linestyle="--", label="dense")
-        ax.plot([100 * d[0] for d in drops], [scale * d[col] for d in drops], "o-", color="tab:orange",
-                label="Attention-Drop (static)")
-        for name, marker, color, label in (("mindskip-attn", "*", "tab:blue", "MindSkip-Attn (ours)"),
-                                           ("reference-attn", "s", "tab:green", "MindSkip-Attn (reference training)")):
-            e = m[name]
-            y = 100 * e["avg"] if col == 1 else e["wikitext2"]["perplexity"]
-            ax.plot([100 * _skip_ratio(e, num_layers)], [y], marker, color=color, markersize=14 if marker == "*" else 8,
-                    label=label, linestyle="none")
-        ax.set_xlabel("skip ratio (% of attention sublayers)")
-        ax.set_ylabel(ylabel)
-        if col == 2:
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="best")
-    fig.suptitle(f"{run.meta['model']}: MindSkip vs Attention-Drop ({run.preset} run)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_outputs(run: Run, output: Path) -> dict[str, Path]:
-    output.mkdir(parents=True, exist_ok=True)
-    paths = {"json": output / "replication.json", "markdown": output / "replication.md",
-             "plot": output / "replication_figure2.png"}
-    payload = {"preset": run.preset, "sizes": asdict(run.sizes), "meta": run.meta, "timings": run.timings,
-               "models": run.models}
-    paths["json"].write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    paths["markdown"].write_text(render_markdown(run))
-    plot(run, paths["plot"])
-    return paths
-
-
 # -------------------------------------------------------------------------------------------- CLI
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m bench.replicate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     size = p.add_mutually_exclusive_group()
     size.add_argument("--smoke", action="store_true", help="Tiny config model, a handful of items (minutes).")
     size.add_argument("--full", action="store_true", help="The paper's sizes: every item, paper shots (GPU).")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
                    help=f"Shared data folder (default: {DEFAULT_DATA_DIR}).")
     p.add_argument("--train-data", default=None,
-                   help="Router-Tuning data: a local file or a datasets name (default: <data-dir>/instruct/alpaca_en_demo.json).")
-    p.add_argument("--model", default=None, help="Model folder (default: SmolLM2-135M-Instruct via mindskip_ext.hub).")
+                   help="Router-Tuning data: a local file or a datasets name "
+                        "(default: <data-dir>/instruct/alpaca_en_demo.json).")
+    p.add_argument("--model", default=None,
+                   help="Model folder (default: SmolLM2-135M-Instruct via mindskip_ext.offline_models).")
     p.add_argument("--output", type=Path, default=None,
                    help="Results folder (default: bench/results; a temporary folder with --smoke).")
     p.add_argument("--work-dir", default=None, help="Routers and task files (default: a temporary folder).")
     p.add_argument("--resume", action="store_true",
-                   help="Reuse the models already evaluated in <output>/replication.partial.json (an interrupted run).")
+                   help="Reuse the models already evaluated in <output>/replication.partial.json "
+                        "(an interrupted run).")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice). Use 1 when other jobs share the cores: "
                         "multi-threaded ops slow down many-fold when a thread is descheduled.")
@@ -681,7 +421,7 @@ def main(argv=None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     output = args.output = args.output or (
-        Path(tempfile.mkdtemp(prefix="mindskip-smoke-")) if args.smoke else ROOT / "bench" / "results")
+        Path(tempfile.mkdtemp(prefix="mindskip-smoke-")) if args.smoke else RESULTS_DIR)
     with tempfile.TemporaryDirectory(prefix="mindskip-replicate-") as tmp:
         args.work_dir = args.work_dir or tmp
         run = replicate(args)

@@ -6,22 +6,25 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import LlamaConfig
 
 import mindskip_ext as msk
+from mindskip_ext.layer import STATE_KWARG
+from mindskip_ext.reference import router_gate
+from mindskip_ext.testing import random_model
 
 # Shapes are what matters for speed; weights are random (no hub is needed).
 SHAPES = {
     # Llama-3-8B: 32 layers, hidden 4096, 32 heads, 8 KV heads, MLP 14336, vocab 128256.
-    "llama3-8b": dict(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
-    ),
+    "llama3-8b": {
+        "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 500000.0,
+    },
     # A small Llama that runs in seconds on a 2-core CPU.
-    "cpu-small": dict(
-        vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-        num_attention_heads=8, num_key_value_heads=4,
-    ),
+    "cpu-small": {
+        "vocab_size": 8192, "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8,
+        "num_attention_heads": 8, "num_key_value_heads": 4,
+    },
 }
 
 
@@ -38,13 +41,9 @@ def best_attn_implementation(device: torch.device) -> str:
 
 
 def build_model(shape: str, device: torch.device, dtype: torch.dtype, max_len: int, attn: str | None = None):
-    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=max_len, pad_token_id=0, eos_token_id=None)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(
-            cfg, dtype=dtype, attn_implementation=attn or best_attn_implementation(device)
-        )
-    return model.eval()
+    """A Llama of ``shape`` with random weights (seed 0), built directly on ``device`` in ``dtype`` (eval mode)."""
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=max_len, pad_token_id=0, eos_token_id=None)
+    return random_model(config, attn=attn or best_attn_implementation(device), dtype=dtype, device=device)
 
 
 def keep_counts(num_layers: int, batch: int, fraction: float) -> list[int]:
@@ -54,11 +53,14 @@ def keep_counts(num_layers: int, batch: int, fraction: float) -> list[int]:
     return [total[i + 1] - total[i] for i in range(num_layers)]
 
 
-def keep_exactly(layer, normed: torch.Tensor, count: int) -> None:
-    """Set ``layer``'s router bias so that it keeps exactly ``count`` sequences of ``normed`` (B, T, D):
-    the bias sits halfway between the count-th and the next router logit (inputs without padding)."""
-    logits = normed.float().mean(dim=1) @ layer.router.weight.float().reshape(-1)
-    ordered = logits.sort(descending=True).values
+def keep_exactly(layer, normed: torch.Tensor, count: int, mask: torch.Tensor | None = None) -> None:
+    """Set ``layer``'s router bias so that it keeps exactly ``count`` sequences of ``normed`` (B, T, D) with padding
+    mask ``mask`` (None: every token real): the bias sits halfway between the count-th and the next router logit.
+
+    The logits are the router's own (:func:`mindskip_ext.reference.router_gate`: masked mean, fp32), without the bias.
+    """
+    score = router_gate(normed, mask, layer.router.weight, None, 0.5)[0]
+    ordered = torch.logit(score.double(), eps=1e-7).sort(descending=True).values
     if count <= 0:
         bias = -(ordered[0].item() + 1.0)
     elif count >= len(ordered):
@@ -80,7 +82,10 @@ def calibrate_routers(model: msk.MindSkipModel, fraction: float, batch: int, run
     def set_bias(count):
         def hook(layer, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]
-            keep_exactly(layer, getattr(layer.base_layer, layer.spec.input_norm)(x), count)
+            state = kwargs.get(STATE_KWARG)
+            # The mask the layer itself routes on: none when it pools over padding too.
+            mask = state.padding_mask if state is not None and not layer.pool_padding else None
+            keep_exactly(layer, getattr(layer.base_layer, layer.spec.input_norm)(x), count, mask)
 
         return hook
 
@@ -92,7 +97,7 @@ def calibrate_routers(model: msk.MindSkipModel, fraction: float, batch: int, run
         counts = keep_counts(len(layers), batch, fraction)
         handles = [
             layer.register_forward_pre_hook(set_bias(count), with_kwargs=True)
-            for count, layer in zip(counts, layers.values())
+            for count, layer in zip(counts, layers.values(), strict=True)
         ]
         try:
             run()
@@ -102,14 +107,3 @@ def calibrate_routers(model: msk.MindSkipModel, fraction: float, batch: int, run
         run()  # a routed run without hooks, so last_capacity reports what the timed runs will do
     return model.last_capacity
 
-
-def force_static_drop(model: msk.MindSkipModel, num_dropped: int) -> list[int]:
-    """Static Attention-Drop through the same layers: the last ``num_dropped`` MindSkip layers skip every
-    sequence, the others keep every sequence (zero weight, bias of +-20)."""
-    layers = sorted(model.mindskip_layers)
-    dropped = layers[len(layers) - num_dropped :] if num_dropped else []
-    with torch.no_grad():
-        for idx, router in model.routers.items():
-            router.weight.zero_()
-            router.bias.fill_(-20.0 if idx in dropped else 20.0)
-    return dropped

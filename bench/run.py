@@ -1,13 +1,13 @@
-"""The one benchmark entry point.
+"""The one benchmark entry point (run from the repository root).
 
-    python bench/run.py --quick                 # every section, small and fast (< 1 min on CPU)
-    python bench/run.py --only micro --device cuda
+    python -m bench.run --quick                 # every section, small and fast (< 1 min on CPU)
+    python -m bench.run --only micro --device cuda
 
 Results are appended to bench/results/<device-slug>.jsonl and summarised in
 bench/results/<device-slug>.md (see bench/common.py for the row schema); --quick runs go to
 bench/results/quick/ so a smoke run never mixes with the recorded numbers.
 
-Sections are modules in bench/ with ``run(args, writer)`` (and optionally
+Sections are modules of the bench package with ``run(args, writer)`` (and optionally
 ``add_arguments(parser)``); register a new one in SECTIONS below.
 """
 
@@ -18,11 +18,9 @@ import importlib
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from . import common
 
-import common  # noqa: E402
-
-# section name -> module in bench/ defining run(args, writer)
+# section name -> module of the bench package defining run(args, writer)
 SECTIONS: dict[str, str] = {
     "micro": "micro",
     "layer": "layer",
@@ -31,11 +29,16 @@ SECTIONS: dict[str, str] = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections (default: all of {', '.join(SECTIONS)})")
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help=f"comma-separated sections (default: all of {', '.join(SECTIONS)})")
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
-    parser.add_argument("--results-dir", type=Path, default=None, help="where the .jsonl/.md files go (default: bench/results, or bench/results/quick with --quick)")
+    parser.add_argument(
+        "--results-dir", type=Path, default=None,
+        help="where the .jsonl/.md files go (default: bench/results, or bench/results/quick with --quick)",
+    )
     for module in _modules(SECTIONS):
         if hasattr(module, "add_arguments"):
             module.add_arguments(parser)
@@ -50,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _modules(names):
-    return [importlib.import_module(SECTIONS[name]) for name in names]
+    return [importlib.import_module(f".{SECTIONS[name]}", __package__) for name in names]
 
 
 def main(argv=None) -> int:
@@ -58,7 +61,7 @@ def main(argv=None) -> int:
     device = common.resolve_device(args.device)
     writer = common.Writer(device, args.results_dir)
     print(f"# {common.device_name(device)}; {common.env_summary()}; sections: {', '.join(args.sections)}")
-    for name, module in zip(args.sections, _modules(args.sections)):
+    for name, module in zip(args.sections, _modules(args.sections), strict=True):
         print(f"## {name}")
         module.run(args, writer)
     jsonl, markdown = writer.finish()

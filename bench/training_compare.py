@@ -1,7 +1,7 @@
 """Router-Tuning measurements: full-STE vs kept-only training, and training throughput.
 
-    python bench/training_compare.py --model tiny --seeds 3            # built-in tiny model + tasks (~2 min CPU)
-    python bench/training_compare.py --model smollm2 --steps 40        # SmolLM2-135M on Alpaca (shared data)
+    python -m bench.training_compare --model tiny --seeds 3            # built-in tiny model + tasks (~2 min CPU)
+    python -m bench.training_compare --model smollm2 --steps 40        # SmolLM2-135M on Alpaca (shared data)
 
 1. Full-STE (every sequence computes the gated attention, so skipped ones get a task gradient; the
    paper's eqs. 3-4) against kept-only (the reference code), same data, seed and target capacity:
@@ -13,7 +13,7 @@
    weights trainable (no optimizer step).
 
 Writes bench/results/training_compare_<model>.{json,md,png}; the throughput rows also go to the
-device's results file (schema: bench/common.py). ``run(args, writer)`` is the bench/run.py section
+device's results file (schema: bench/common.py). ``run(args, writer)`` is the bench.run section
 interface.
 """
 
@@ -23,25 +23,25 @@ import argparse
 import copy
 import json
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mindskip_ext import data as D
+from mindskip_ext.config import MindSkipConfig
+from mindskip_ext.eval.attention_drop import dropped_model, redundancy_scores, select_dropped
+from mindskip_ext.eval.perplexity import evaluate_examples, token_nll
+from mindskip_ext.layer import RoutingRecord
+from mindskip_ext.loading import load_model
+from mindskip_ext.model import get_mindskip_model
+from mindskip_ext.testing import synthetic_instructions, train_tiny_model
+from mindskip_ext.timing import time_ms
+from mindskip_ext.training import LOG_NAME, RouterTuner, RouterTuningConfig
 
-import common  # noqa: E402
-
-from mindskip_ext import data as D  # noqa: E402
-from mindskip_ext.baselines import dropped_model, redundancy_scores, select_dropped  # noqa: E402
-from mindskip_ext.cli import build_tiny_model, load_model  # noqa: E402
-from mindskip_ext.config import MindSkipConfig  # noqa: E402
-from mindskip_ext.evaluation import evaluate_examples, token_nll  # noqa: E402
-from mindskip_ext.layer import RoutingRecord  # noqa: E402
-from mindskip_ext.model import get_mindskip_model  # noqa: E402
-from mindskip_ext.training import LOG_NAME, RouterTuner, RouterTuningConfig  # noqa: E402
+from . import common
+from .common import markdown_table
+from .plot import figure
 
 SHARED_ALPACA = common.ROOT.parent / "shared" / "data" / "instruct" / "alpaca_en_demo.json"
 VARIANTS = {"full-STE": True, "kept-only": False}
@@ -62,8 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def load_setup(args, device):
     """(model, tokenizer, train examples, held-out examples, label)."""
     if args.model == "tiny":
-        model, tokenizer = build_tiny_model(D.synthetic_instructions(3000, seed=1), progress=False)
-        examples = D.prepare_examples(tokenizer, D.synthetic_instructions(1500, seed=0), args.max_length).examples
+        model, tokenizer = train_tiny_model(synthetic_instructions(3000, seed=1), progress=False)
+        examples = D.prepare_examples(tokenizer, synthetic_instructions(1500, seed=0), args.max_length).examples
         label = "tiny Llama (8 layers, hidden 64), built-in tasks"
     else:
         model, tokenizer = load_model(args.model, device, torch.float32)
@@ -146,7 +146,7 @@ def throughput(base, variants: dict, train, pad, args, device, writer) -> list[d
     providers["all weights fwd+bwd"] = full_step
     reference_ms = None
     for provider, fn in reversed(list(providers.items())):
-        times = common.time_ms(fn, device, reps=len(batches) * 2, warmup=2, budget_s=120.0)
+        times = time_ms(fn, device, reps=len(batches) * 2, warmup=2, budget_s=120.0)
         median = statistics.median(times)
         reference_ms = reference_ms or median
         row = writer.add(
@@ -159,31 +159,25 @@ def throughput(base, variants: dict, train, pad, args, device, writer) -> list[d
 
 
 def plot(results: dict, path: Path, label: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_cap) = plt.subplots(1, 2, figsize=(11, 4))
-    for (name, runs), color in zip(results.items(), ("tab:blue", "tab:orange")):
-        for k, run in enumerate(runs):
-            smooth, value = [], None
-            for x in run["train_ce"]:
-                value = x if value is None else 0.9 * value + 0.1 * x
-                smooth.append(value)
-            tag = name if k == 0 else None
-            ax_loss.plot(run["steps"], smooth, color=color, alpha=0.6, label=f"{tag} train (EMA)" if tag else None)
-            ax_loss.plot(run["heldout_steps"], run["heldout_ce"], "o--", color=color, label=f"{tag} held-out" if tag else None)
-            ax_cap.plot(run["steps"], run["capacity"], color=color, alpha=0.5, label=tag)
-    ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("CE (response tokens)")
-    ax_loss.legend()
-    ax_cap.set_xlabel("step")
-    ax_cap.set_ylabel("batch capacity")
-    ax_cap.legend()
-    fig.suptitle(f"Router-Tuning to capacity 0.5: full-STE vs kept-only ({label})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    title = f"Router-Tuning to capacity 0.5: full-STE vs kept-only ({label})"
+    with figure(path, 2, (11, 4), title) as (ax_loss, ax_cap):
+        for (name, runs), color in zip(results.items(), ("tab:blue", "tab:orange"), strict=False):
+            for k, run in enumerate(runs):
+                smooth, value = [], None
+                for x in run["train_ce"]:
+                    value = x if value is None else 0.9 * value + 0.1 * x
+                    smooth.append(value)
+                tag = name if k == 0 else None
+                ax_loss.plot(run["steps"], smooth, color=color, alpha=0.6, label=f"{tag} train (EMA)" if tag else None)
+                ax_loss.plot(run["heldout_steps"], run["heldout_ce"], "o--", color=color,
+                             label=f"{tag} held-out" if tag else None)
+                ax_cap.plot(run["steps"], run["capacity"], color=color, alpha=0.5, label=tag)
+        ax_loss.set_xlabel("step")
+        ax_loss.set_ylabel("CE (response tokens)")
+        ax_loss.legend()
+        ax_cap.set_xlabel("step")
+        ax_cap.set_ylabel("batch capacity")
+        ax_cap.legend()
 
 
 def run(args, writer) -> None:
@@ -236,6 +230,22 @@ def run(args, writer) -> None:
 
 def render(summary: dict) -> str:
     s = summary["setup"]
+    variants = []
+    for name, runs in summary["variants"].items():
+        ce = [r["final"]["loss"] for r in runs]
+        cap = [r["final"]["capacity"] for r in runs]
+        pre = [r["capacity_before_calibration"] for r in runs]
+        tps = [r["train_tokens_per_s"] for r in runs]
+        spread = f" ± {statistics.stdev(ce):.4f}" if len(ce) > 1 else ""
+        variants.append([name, f"{statistics.mean(ce):.4f}{spread}", f"{statistics.mean(cap):.3f}",
+                         f"{statistics.mean(pre):.3f}", f"{statistics.mean(tps):.0f}"])
+    variants += [
+        ["dense (no skipping)", f"{summary['dense']['heldout_ce']:.4f}", "1.000", "", ""],
+        [f"Attention-Drop, layers {summary['attention_drop']['layers']}",
+         f"{summary['attention_drop']['heldout_ce']:.4f}", "", "", ""],
+    ]
+    steps = [[row["provider"], f"{row['median_ms']:.1f}", f"{row['metrics']['tokens_per_s']:.0f}",
+              f"{row['metrics']['speedup_vs_all_weights']:.2f}x"] for row in summary["throughput"]]
     lines = [
         f"# Router-Tuning: full-STE vs kept-only ({s['label']})",
         "",
@@ -243,34 +253,18 @@ def render(summary: dict) -> str:
         f"{s['target']}, {s['seeds']} seed(s); {s['train']} training / {s['heldout']} held-out sequences; "
         f"{s['device']}; commit {s['git_commit']}.",
         "",
-        "| variant | held-out CE (calibrated) | held-out capacity | capacity before calibration | train tok/s |",
-        "|---|---|---|---|---|",
-    ]
-    for name, runs in summary["variants"].items():
-        ce = [r["final"]["loss"] for r in runs]
-        cap = [r["final"]["capacity"] for r in runs]
-        pre = [r["capacity_before_calibration"] for r in runs]
-        tps = [r["train_tokens_per_s"] for r in runs]
-        spread = f" ± {statistics.stdev(ce):.4f}" if len(ce) > 1 else ""
-        lines.append(f"| {name} | {statistics.mean(ce):.4f}{spread} | {statistics.mean(cap):.3f} | "
-                     f"{statistics.mean(pre):.3f} | {statistics.mean(tps):.0f} |")
-    lines += [
-        f"| dense (no skipping) | {summary['dense']['heldout_ce']:.4f} | 1.000 | | |",
-        f"| Attention-Drop, layers {summary['attention_drop']['layers']} | {summary['attention_drop']['heldout_ce']:.4f} "
-        f"| | | |",
+        *markdown_table(["variant", "held-out CE (calibrated)", "held-out capacity", "capacity before calibration",
+                         "train tok/s"], variants),
         "",
-        "| step timing (same batches) | median ms | tokens/s | speed vs all-weights fwd+bwd |",
-        "|---|---|---|---|",
+        *markdown_table(["step timing (same batches)", "median ms", "tokens/s", "speed vs all-weights fwd+bwd"],
+                        steps),
     ]
-    for row in summary["throughput"]:
-        m = row["metrics"]
-        lines.append(f"| {row['provider']} | {row['median_ms']:.1f} | {m['tokens_per_s']:.0f} | "
-                     f"{m['speedup_vs_all_weights']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.training_compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     add_arguments(parser)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 BACKENDS = ("flash_attn", "torch", "reference")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _flash_attn_varlen():
     try:
         module = importlib.import_module("flash_attn")
@@ -32,7 +32,7 @@ def _flash_attn_varlen():
     return getattr(module, "flash_attn_varlen_func", None)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _torch_varlen():
     """``(fn, causal_kwargs, supports_gqa)`` for this torch's ``varlen_attn``, or None.
 

@@ -9,6 +9,8 @@ from typing import Any
 
 GRANULARITIES = ("attn", "mlp", "block")
 PACKED_MODES = ("auto", "on", "off")
+# Version of the router directory's config file (mindskip_config.json). Files from before the field existed
+# are version 1. A reader refuses a newer version rather than guess at fields it does not know.
 CONFIG_FORMAT_VERSION = 1
 
 
@@ -26,16 +28,23 @@ def default_layers(num_layers: int) -> list[int]:
 class MindSkipConfig:
     """How a model is converted to MindSkip.
 
-    Every field is validated on construction; :meth:`to_json` / :meth:`from_json` round-trip it.
+    Every field is validated on construction. :meth:`to_json` / :meth:`from_json` write and read the config
+    file of a router directory (``mindskip_config.json``), with its format version.
     """
 
     granularity: str = field(
         default="attn",
-        metadata={"help": "What a router gates: 'attn' (the attention sublayer, MindSkip), 'mlp' or 'block'."},
+        metadata={
+            "help": "What a router gates: 'attn' (the attention sublayer, MindSkip), 'mlp' or 'block'.",
+            "choices": GRANULARITIES,
+        },
     )
     layers: list[int] | None = field(
         default=None,
-        metadata={"help": "Decoder-layer indices that get a router. None: the last half except the last layer."},
+        metadata={
+            "help": "Decoder layers that get a router, e.g. 14-28 or 3 5 7 (default: the last half but the "
+            "last layer)."
+        },
     )
     threshold: float = field(
         default=0.5,
@@ -45,15 +54,18 @@ class MindSkipConfig:
         default="auto",
         metadata={
             "help": "Run kept sequences through variable-length FlashAttention with padding removed: 'auto' "
-            "(on CUDA when a varlen kernel is available and no KV cache is being written), 'on' or 'off'."
+            "(on CUDA when a varlen kernel is available and no KV cache is being written), 'on' or 'off'.",
+            "choices": PACKED_MODES,
         },
     )
     train_all_sequences: bool = field(
         default=True,
         metadata={
             "help": "In training mode, compute the gated sublayer for every sequence so the straight-through "
-            "gradient reaches the router for skipped sequences too (the paper's eqs. 3-4). False computes only "
-            "kept sequences (cheaper; skipped sequences then get no task-loss gradient)."
+            "gradient reaches the router for skipped sequences too (the paper's eqs. 3-4). --kept-only computes "
+            "only kept sequences (cheaper; skipped sequences then get no task-loss gradient).",
+            "flag": "--kept-only",
+            "negated": True,
         },
     )
 
@@ -96,7 +108,8 @@ class MindSkipConfig:
         bad = [i for i in self.layers if not 0 <= i < num_layers]
         if bad:
             raise ValueError(
-                f"layer index {bad[0]} is out of range: the model has {num_layers} decoder layers (0..{num_layers - 1})"
+                f"layer index {bad[0]} is out of range: the model has {num_layers} decoder layers "
+                f"(0..{num_layers - 1})"
             )
         return list(self.layers)
 
@@ -110,12 +123,32 @@ class MindSkipConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown MindSkip config field(s): {', '.join(unknown)}")
+            raise ValueError(
+                f"unknown MindSkip config field(s): {', '.join(unknown)} (a file written by a newer mindskip_ext? "
+                "upgrade mindskip_ext to read it)"
+            )
         return cls(**data)
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, indent=2)
+    def to_json(self, **fields: Any) -> str:
+        """The config file: ``{"format_version", "mindskip_config", **fields}`` as sorted, indented JSON."""
+        data = {**fields, "format_version": CONFIG_FORMAT_VERSION, "mindskip_config": self.to_dict()}
+        return json.dumps(data, sort_keys=True, indent=2) + "\n"
 
     @classmethod
-    def from_json(cls, text: str) -> MindSkipConfig:
-        return cls.from_dict(json.loads(text))
+    def from_json(cls, text: str, source: str = "the config file") -> tuple[MindSkipConfig, dict[str, Any]]:
+        """Read a config file written by :meth:`to_json`: the config and the file's other fields."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{source} is not valid JSON: {err}") from None
+        if not isinstance(data, dict) or "mindskip_config" not in data:
+            raise ValueError(f"{source} lacks mindskip_config: not a MindSkip router config")
+        version = data.pop("format_version", 1)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ValueError(f"{source} has an invalid format_version {version!r}")
+        if version > CONFIG_FORMAT_VERSION:
+            raise ValueError(
+                f"{source} was written by a newer mindskip_ext (config format {version}); this one reads format "
+                f"{CONFIG_FORMAT_VERSION} and older: upgrade mindskip_ext"
+            )
+        return cls.from_dict(data.pop("mindskip_config")), data

@@ -22,7 +22,7 @@ from torch import nn
 CACHE_NAMES = ("cache", "past_key_values")  # the current name first
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _library_cache_name() -> str:
     """The name this transformers release uses: the cache field of its model outputs."""
     from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -31,7 +31,7 @@ def _library_cache_name() -> str:
     return next(name for name in CACHE_NAMES if name in fields)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward_cache_name(cls: type) -> str:
     # inspect.signature follows functools.wraps, so transformers' deprecate_kwarg wrapper shows the real signature.
     params = inspect.signature(cls.forward).parameters
@@ -66,6 +66,6 @@ def pop_cache(kwargs: dict):
 def output_cache(output):
     """The KV cache of a model output (``None`` when it holds none)."""
     for name in CACHE_NAMES:
-        if name in output.keys():
+        if name in output:  # a ModelOutput is a dict of its non-None fields
             return output[name]
     return None

@@ -20,6 +20,7 @@ is computed for every sequence so that skipped sequences also send a gradient to
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +52,10 @@ class LayerRouting:
     def capacity(self) -> float:
         return self.num_kept / self.batch_size if self.batch_size else 0.0
 
+    def logit(self) -> torch.Tensor:
+        """``(B,)`` float64 router logits, from the scores (saturating at about +-16)."""
+        return torch.logit(self.score.detach().double(), eps=1e-7)
+
 
 @dataclass
 class RoutingRecord:
@@ -72,12 +77,54 @@ class RoutingRecord:
         return {idx: r.gate for idx, r in sorted(self.layers.items()) if r.gate is not None}
 
 
+class CapacityMeter:
+    """Kept / total sequence counts per MindSkip layer, summed over the records of many forwards.
+
+    Capacity is the kept fraction: per MindSkip layer, the share of sequences that ran the gated sublayer;
+    overall, the mean over (MindSkip layer, sequence) pairs. ``skipped_layers_per_sequence`` (the sum over
+    layers of the skipped fraction) compares directly with a static drop of that many layers.
+    """
+
+    def __init__(self):
+        self.kept: Counter = Counter()
+        self.total: Counter = Counter()
+
+    def add(self, record: RoutingRecord) -> None:
+        for idx, routing in record.layers.items():
+            self.kept[idx] += routing.num_kept
+            self.total[idx] += routing.batch_size
+
+    def merge(self, other: CapacityMeter) -> None:
+        self.kept.update(other.kept)
+        self.total.update(other.total)
+
+    def per_layer(self) -> dict[int, float]:
+        return {idx: self.kept[idx] / self.total[idx] for idx in sorted(self.total) if self.total[idx]}
+
+    def overall(self) -> float | None:
+        """Kept fraction over all (layer, sequence) pairs; None when no MindSkip layer ran."""
+        total = sum(self.total.values())
+        return sum(self.kept.values()) / total if total else None
+
+    def summary(self) -> dict:
+        per_layer = self.per_layer()
+        return {
+            "capacity": self.overall(),
+            "capacity_per_layer": {str(idx): round(c, 6) for idx, c in per_layer.items()},
+            "skipped_layers_per_sequence": round(sum(1.0 - c for c in per_layer.values()), 6),
+        }
+
+
 class ForwardState:
     """Per-call data the patched decoder forward hands to its MindSkip layers."""
 
     def __init__(self, attention_mask: torch.Tensor | None, num_tokens: int, record: RoutingRecord):
         if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):
-            shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+            shape = (
+                tuple(attention_mask.shape)
+                if isinstance(attention_mask, torch.Tensor)
+                else type(attention_mask).__name__
+            )
             raise ValueError(
                 f"MindSkip routes on the 2D padding mask (batch, sequence); got attention_mask of shape {shape}. "
                 "Pass the tokenizer's attention_mask rather than a prepared 4D mask."
@@ -113,7 +160,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class MindSkipDecoderLayer(nn.Module):
     """Wraps one decoder layer; ``base_layer`` is the untouched original (given back by ``unload``)."""
 
-    def __init__(self, base_layer: nn.Module, layer_idx: int, spec: ArchSpec, config: MindSkipConfig, hidden_size: int):
+    def __init__(
+        self, base_layer: nn.Module, layer_idx: int, spec: ArchSpec, config: MindSkipConfig, hidden_size: int
+    ):
         super().__init__()
         self.base_layer = base_layer
         self.layer_idx = layer_idx
@@ -221,8 +270,10 @@ class MindSkipDecoderLayer(nn.Module):
     def _packed_attention(self, normed, mask, decision, position_embeddings, backend):
         """Attention of the kept sequences, packed without padding: ``(total_tokens, D)`` plus the plan."""
         batch, seqlen = normed.shape[:2]
-        cu_seqlens, token_index, total, max_len = ops.pack_plan(mask, decision.order, decision.num_kept, seqlen)
-        packed = ops.pack_rows(normed, token_index, total)
+        cu_seqlens, token_index, total, max_len = ops.pack_plan_with_sizes(
+            mask, decision.order, decision.num_kept, seqlen
+        )
+        packed = ops.pack_kept(normed, token_index, total)
         attn = self._attn_module()
         head_dim = attn.head_dim
         q = attn.q_proj(packed).view(total, -1, head_dim)
@@ -233,7 +284,7 @@ class MindSkipDecoderLayer(nn.Module):
             k = getattr(attn, self.spec.k_norm)(k)
         cos, sin = position_embeddings
         if cos.shape[0] == batch and batch > 1:
-            cos, sin = ops.pack_rows(cos, token_index, total), ops.pack_rows(sin, token_index, total)
+            cos, sin = ops.pack_kept(cos, token_index, total), ops.pack_kept(sin, token_index, total)
         else:
             positions = token_index[:total] % seqlen
             cos, sin = cos[0].index_select(0, positions), sin[0].index_select(0, positions)
@@ -273,14 +324,18 @@ class MindSkipDecoderLayer(nn.Module):
 
         # ---- attention sublayer
         if not self.gates_attention:
-            a = self._run_attention(normed, None, batch, attention_mask, position_ids, position_embeddings, cache, attn_kwargs)
+            a = self._run_attention(
+                normed, None, batch, attention_mask, position_ids, position_embeddings, cache, attn_kwargs
+            )
             h = x + a
         elif full:
             # Every sequence is computed so the straight-through gradient reaches all of them. This layer's
             # cache slot gets no KV (a training-mode cache is not meant for decoding); mark it as such.
             if slot is not None:
                 decision.from_training = True
-            a = self._run_attention(normed, None, batch, attention_mask, position_ids, position_embeddings, None, attn_kwargs)
+            a = self._run_attention(
+                normed, None, batch, attention_mask, position_ids, position_embeddings, None, attn_kwargs
+            )
             h = x + gate.view(batch, 1, 1).to(a.dtype) * a
         elif k == 0:
             if slot is not None:
@@ -294,16 +349,20 @@ class MindSkipDecoderLayer(nn.Module):
                 if ste:
                     seq_of_token = torch.div(token_index[: packed_out.shape[0]], seqlen, rounding_mode="floor")
                     packed_out = packed_out * gate.index_select(0, seq_of_token).unsqueeze(-1).to(packed_out.dtype)
-                h = ops.unpack_add_rows(x.clone(memory_format=torch.contiguous_format), packed_out, token_index)
+                h = ops.unpack_add_kept_(x.clone(memory_format=torch.contiguous_format), packed_out, token_index)
             elif rows is None:  # every sequence kept
-                a = self._run_attention(normed, None, batch, attention_mask, position_ids, position_embeddings, cache, attn_kwargs)
+                a = self._run_attention(
+                    normed, None, batch, attention_mask, position_ids, position_embeddings, cache, attn_kwargs
+                )
                 h = x + (gate.view(batch, 1, 1).to(a.dtype) * a if ste else a)
             else:
                 sub = ops.gather_kept(normed, decision.order, k)
-                a = self._run_attention(sub, rows, batch, attention_mask, position_ids, position_embeddings, cache, attn_kwargs)
+                a = self._run_attention(
+                    sub, rows, batch, attention_mask, position_ids, position_embeddings, cache, attn_kwargs
+                )
                 if ste:
                     a = gate.index_select(0, rows).view(k, 1, 1).to(a.dtype) * a
-                h = ops.scatter_add_kept(x.clone(memory_format=torch.contiguous_format), a, decision.order)
+                h = ops.scatter_add_kept_(x.clone(memory_format=torch.contiguous_format), a, decision.order)
 
         # ---- MLP sublayer
         if not self.gates_mlp:
@@ -319,7 +378,7 @@ class MindSkipDecoderLayer(nn.Module):
             m = self._run_mlp(ops.gather_kept(h, decision.order, k))
             if ste:
                 m = gate.index_select(0, rows).view(k, 1, 1).to(m.dtype) * m
-            out = ops.scatter_add_kept(h, m, decision.order)  # h is this layer's own tensor here, never x
+            out = ops.scatter_add_kept_(h, m, decision.order)  # h is this layer's own tensor here, never x
 
         self._fire_base_hooks(hidden_states, out)
         return out

@@ -15,9 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
-import json
 import os
-import tempfile
 import types
 import weakref
 from pathlib import Path
@@ -26,6 +24,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from ._io import atomic_write_bytes
 from .architectures import arch_for, check_attn_implementation, decoder_of, layer_list
 from .config import MindSkipConfig
 from .layer import STATE_KWARG, ForwardState, MindSkipDecoderLayer, RoutingRecord
@@ -33,34 +32,6 @@ from .layer import STATE_KWARG, ForwardState, MindSkipDecoderLayer, RoutingRecor
 CONFIG_NAME = "mindskip_config.json"
 WEIGHTS_NAME = "routers.safetensors"
 RECORD_KWARG = "mindskip_record"
-
-
-def _read_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()  # read once, at import: os.umask is process-wide
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        # mkstemp creates the file 0600; give it the permissions a plain open() would have.
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _model_signature(hf_model) -> dict:
@@ -188,15 +159,14 @@ class MindSkipModel(nn.Module):
         if directory.exists() and not directory.is_dir():
             raise ValueError(f"{directory} exists and is not a directory")
         payload = save(self.router_state_dict(), metadata={"format": "pt", "mindskip_ext": __version__})
-        meta = {
-            "mindskip_config": self.mindskip_config.to_dict(),
-            "layers": sorted(self.routers),
-            "base_model": _model_signature(self.base_model),
-            "weights_sha256": hashlib.sha256(payload).hexdigest(),
-            "mindskip_ext_version": __version__,
-        }
+        text = self.mindskip_config.to_json(
+            layers=sorted(self.routers),
+            base_model=_model_signature(self.base_model),
+            weights_sha256=hashlib.sha256(payload).hexdigest(),
+            mindskip_ext_version=__version__,
+        )
         atomic_write_bytes(directory / WEIGHTS_NAME, payload)
-        atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(meta, sort_keys=True, indent=2) + "\n").encode())
+        atomic_write_bytes(directory / CONFIG_NAME, text.encode())
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, router_directory: str | os.PathLike, **overrides) -> MindSkipModel:
@@ -205,14 +175,15 @@ class MindSkipModel(nn.Module):
         Everything is read and checked before ``model`` is touched: on any error it stays unchanged.
         ``overrides`` replace config fields (e.g. ``threshold=0.6``).
         """
-        meta, state = read_router_directory(router_directory)
+        config, meta, state = read_router_directory(router_directory)
         signature = _model_signature(model)
         if meta["base_model"] != signature:
             raise ValueError(
                 f"routers in {router_directory} were trained for {meta['base_model']}, but the base model is "
                 f"{signature}"
             )
-        config = MindSkipConfig.from_dict({**meta["mindskip_config"], **overrides})
+        if overrides:
+            config = MindSkipConfig.from_dict({**config.to_dict(), **overrides})
         hidden = signature["hidden_size"]
         for idx in meta["layers"]:
             for name, shape in (("weight", (1, hidden)), ("bias", (1,))):
@@ -255,8 +226,8 @@ class MindSkipModel(nn.Module):
         return model
 
 
-def read_router_directory(router_directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read and verify a router directory: its JSON config and the safetensors router weights."""
+def read_router_directory(router_directory: str | os.PathLike) -> tuple[MindSkipConfig, dict, dict[str, torch.Tensor]]:
+    """Read and verify a router directory: ``(config, the config file's other fields, router weights)``."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
@@ -264,13 +235,15 @@ def read_router_directory(router_directory: str | os.PathLike) -> tuple[dict, di
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     for path in (config_path, weights_path):
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: not a MindSkip router directory (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
+            raise FileNotFoundError(
+                f"{path} not found: not a MindSkip router directory (expected {CONFIG_NAME} and {WEIGHTS_NAME})"
+            )
     try:
-        meta = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        text = config_path.read_text()
+    except UnicodeDecodeError as err:
         raise ValueError(f"{config_path} is not valid JSON: {err}") from None
-    required = ("mindskip_config", "layers", "base_model", "weights_sha256")
-    missing = [key for key in required if not isinstance(meta, dict) or key not in meta]
+    config, meta = MindSkipConfig.from_json(text, str(config_path))
+    missing = [key for key in ("layers", "base_model", "weights_sha256") if key not in meta]
     if missing:
         raise ValueError(f"{config_path} lacks {', '.join(missing)}: not a MindSkip router config")
     payload = weights_path.read_bytes()
@@ -280,7 +253,7 @@ def read_router_directory(router_directory: str | os.PathLike) -> tuple[dict, di
         state = load(payload)
     except SafetensorError as err:
         raise ValueError(f"{weights_path} is not a valid safetensors file: {err}") from None
-    return meta, state
+    return config, meta, state
 
 
 def get_mindskip_model(model: nn.Module, config: MindSkipConfig | None = None) -> MindSkipModel:

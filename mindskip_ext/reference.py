@@ -1,8 +1,11 @@
-"""Plain-PyTorch reference of every op in :mod:`mindskip_ext.ops`.
+"""Plain-PyTorch reference of every compiled op (``torch.ops.mindskip.*``).
 
 These functions define what the compiled kernels must compute. They are written for clarity,
-not speed, and the tests compare the kernels against them. Each one takes the same arguments,
-in the same order, as its counterpart in ``ops``.
+not speed, and the tests compare the kernels against them. There is one function per schema in
+``csrc/registration.cpp``, with the schema's name, its arguments in the same order and its
+return values; an in-place op (name ending in ``_``) updates its first argument and returns it,
+like its wrapper in :mod:`mindskip_ext.ops`. The composites of ``ops`` (``pack_sequences`` and
+the like) have no entry here: the tests compare them with the same compositions of these.
 
 Conventions shared by all ops
 -----------------------------
@@ -18,12 +21,13 @@ from __future__ import annotations
 import torch
 
 __all__ = [
-    "router_gate",
     "gather_kept",
-    "scatter_add_kept",
-    "pack_plan",
     "pack_kept",
-    "unpack_add_kept",
+    "pack_plan",
+    "router_gate",
+    "router_gate_backward",
+    "scatter_add_kept_",
+    "unpack_add_kept_",
 ]
 
 
@@ -56,12 +60,35 @@ def router_gate(hidden, mask, weight, bias, threshold):
     return score, keep, order, num_kept
 
 
+def router_gate_backward(grad_score, hidden, mask, weight, score):
+    """Gradient of :func:`router_gate`'s ``score`` w.r.t. ``hidden``, ``weight`` and ``bias``, by hand.
+
+    With ``z_b = w . mean_b + bias`` and ``s_b = sigmoid(z_b)``, ``dz_b = grad_score_b * s_b * (1 - s_b)``;
+    each real token of sequence ``b`` gets ``dz_b / n_b * w`` (``n_b`` its real-token count, padding
+    gets zero), ``grad_weight = sum_b dz_b * mean_b`` and ``grad_bias = sum_b dz_b``. Returns
+    ``grad_hidden`` in ``hidden``'s dtype, ``grad_weight (D,)`` and a 0-d ``grad_bias`` in the compute
+    dtype (fp32, fp64 for fp64 ``hidden``). ``score`` is the forward's output, as the kernel takes it.
+    """
+    batch, seqlen = hidden.shape[0], hidden.shape[1]
+    compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    real = _real_token_mask(mask, batch, seqlen, hidden.device).to(compute)
+    s = score.reshape(batch).to(compute)
+    dz = grad_score.reshape(batch).to(compute) * s * (1 - s)
+    # A sequence with no real token has no token to send a gradient to; clamping its count keeps
+    # the division finite, and its all-zero mask row zeroes the result.
+    per_token = (dz / real.sum(dim=1).clamp_min(1.0)).unsqueeze(1) * real  # (B, T)
+    w = weight.to(compute).reshape(-1)
+    grad_hidden = (per_token.unsqueeze(-1) * w).to(hidden.dtype)
+    grad_weight = torch.einsum("bt,btd->d", per_token, hidden.to(compute))
+    return grad_hidden, grad_weight, dz.sum()
+
+
 def gather_kept(x, order, k):
     """The first ``k`` rows named by ``order``: ``(B, T, ...) -> (k, T, ...)``, contiguous."""
     return x.index_select(0, order[:k]).contiguous()
 
 
-def scatter_add_kept(residual, y, order):
+def scatter_add_kept_(residual, y, order):
     """``residual[order[j]] += y[j]`` for ``j < y.shape[0]``, in place, computed in fp32 (fp64 for
     fp64) and rounded once. Returns ``residual``."""
     k = y.shape[0]
@@ -101,8 +128,9 @@ def pack_kept(x, token_index, total):
     return flat.index_select(0, token_index[:total]).contiguous()
 
 
-def unpack_add_kept(residual, packed, token_index):
-    """``residual.view(B*T, ...)[token_index[i]] += packed[i]`` for ``i < packed.shape[0]``, in place."""
+def unpack_add_kept_(residual, packed, token_index):
+    """``residual.view(B*T, ...)[token_index[i]] += packed[i]`` for ``i < packed.shape[0]``, in place.
+    Returns ``residual``."""
     flat = residual.view(residual.shape[0] * residual.shape[1], *residual.shape[2:])
-    scatter_add_kept(flat, packed, token_index)
+    scatter_add_kept_(flat, packed, token_index)
     return residual

@@ -1,11 +1,29 @@
-"""Shared pytest setup: the ``device`` fixture, and a guard against runs where nothing passed."""
+"""Shared pytest setup: one CPU thread per test module, the ``device`` fixture, and a guard against runs
+where nothing passed."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from tiny import tiny_tokenizer
+
 _PASSED = {"count": 0, "none_passed": False}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and do not fight other jobs for the cores; restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """A word tokenizer with a chat template, covering the built-in tasks and the bundled data files."""
+    return tiny_tokenizer()
 
 
 @pytest.fixture(params=["cpu", "cuda"])

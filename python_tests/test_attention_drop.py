@@ -9,19 +9,22 @@ import torch
 
 import mindskip_ext as msk
 from mindskip_ext import data as D
-from mindskip_ext.baselines import REPORT_NAME, attention_drop, dropped_model, redundancy_scores, select_dropped
-from mindskip_ext.evaluation import evaluate_examples
-from tiny import DATA_DIR, one_thread, tiny_model, tiny_tokenizer  # noqa: F401 (one_thread: autouse fixture)
+from mindskip_ext.eval.attention_drop import (
+    REPORT_NAME,
+    attention_drop,
+    dropped_model,
+    redundancy_scores,
+    select_dropped,
+)
+from mindskip_ext.eval.perplexity import evaluate_examples
+from mindskip_ext.testing import synthetic_instructions, tiny_model
 
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
+from tiny import DATA_DIR
 
 
 @pytest.fixture(scope="module")
 def examples(tok):
-    return D.prepare_examples(tok, D.synthetic_instructions(24, seed=5), 128).examples
+    return D.prepare_examples(tok, synthetic_instructions(24, seed=5), 128).examples
 
 
 def silence(model, layers, part):

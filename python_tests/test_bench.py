@@ -1,4 +1,4 @@
-"""``python bench/run.py --quick`` end to end on CPU with small shapes: the smoke run CI does.
+"""``python -m bench.run --quick`` end to end on CPU with small shapes: the smoke run CI does.
 
 Timings are not checked (performance is measured, never asserted); what is checked is that every
 section runs, every row has the schema of ``bench/common.py``, and the measured quantities that do not
@@ -15,6 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+import mindskip_ext as msk
+from bench import common, e2e, routing
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.hf
@@ -26,8 +30,8 @@ SMALL = ["--layer-batch", "4", "--layer-len", "16", "--e2e-batches", "4", "--e2e
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--device", "cpu",
-                           "--results-dir", str(out), *SMALL], capture_output=True, text=True, timeout=600,
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--device", "cpu", "--results-dir", str(out),
+                           *SMALL], cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONWARNINGS": "error::FutureWarning"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     (jsonl,) = out.glob("*.jsonl")
@@ -36,12 +40,8 @@ def rows(tmp_path_factory):
     return [json.loads(line) for line in jsonl.read_text().splitlines()]
 
 
+@pytest.mark.slow  # a subprocess runs the whole thing
 def test_every_section_writes_rows_with_the_schema(rows):
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import common
-    finally:
-        sys.path.remove(str(REPO / "bench"))
     assert {r["section"] for r in rows} == {"micro", "layer", "e2e"}
     for row in rows:
         assert tuple(row) == common.ROW_FIELDS
@@ -51,6 +51,7 @@ def test_every_section_writes_rows_with_the_schema(rows):
             assert value is None or math.isfinite(value), (row["name"], key)
 
 
+@pytest.mark.slow  # a subprocess runs the whole thing
 def test_layer_rows_cover_every_kept_fraction(rows):
     layer = [r for r in rows if r["section"] == "layer"]
     kept = {r["params"]["kept"] for r in layer if r["provider"] == "mindskip"}
@@ -59,6 +60,7 @@ def test_layer_rows_cover_every_kept_fraction(rows):
     assert all(r["metrics"]["speedup_vs_hf"] > 0 for r in layer if r["provider"] == "mindskip")
 
 
+@pytest.mark.slow  # a subprocess runs the whole thing
 def test_e2e_kv_bytes_follow_the_kept_fraction(rows):
     e2e = {(r["name"], r["provider"], r["params"].get("kept")): r for r in rows if r["section"] == "e2e"}
     dense_kv = e2e[("prefill", "hf", None)]["metrics"]["kv_bytes"]
@@ -81,21 +83,17 @@ def test_e2e_kv_bytes_follow_the_kept_fraction(rows):
 def test_e2e_interleaving_times_every_variant_and_restores_the_model(monkeypatch):
     """Round-robin timing: every variant gets one sample per round, rounds start at a rotating variant, each
     variant runs with its own routers, and the model comes back unconverted."""
-    import torch
-
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    import e2e
-    from routing import SHAPES, build_model
-
-    import mindskip_ext as msk
-
-    monkeypatch.setitem(SHAPES, "test-tiny", dict(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                                   num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2))
-    model = build_model("test-tiny", torch.device("cpu"), torch.float32, max_len=32)
+    monkeypatch.setitem(routing.SHAPES, "test-tiny", {
+        "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2,
+    })
+    model = routing.build_model("test-tiny", torch.device("cpu"), torch.float32, max_len=32)
     layer_ids = msk.MindSkipConfig().resolve_layers(4)
     ids = torch.randint(1, 64, (4, 8), generator=torch.Generator().manual_seed(0))
     variants = e2e._variants(model, ids, layer_ids, (1.0, 0.5))
-    assert [(v.provider, v.kept) for v in variants] == [("hf", None), ("mindskip", 1.0), ("mindskip", 0.5), ("attn-drop", 0.5)]
+    assert [(v.provider, v.kept) for v in variants] == [
+        ("hf", None), ("mindskip", 1.0), ("mindskip", 0.5), ("attn-drop", 0.5),
+    ]
 
     visits = []
     sample = e2e._sample

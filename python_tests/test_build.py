@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_build_info_matches_the_running_torch():
     info = _extension.build_info()
-    assert info.TORCH_VERSION == torch.__version__
-    assert info.TORCH_CUDA_VERSION == torch.version.cuda
+    assert torch.__version__ == info.TORCH_VERSION
+    assert torch.version.cuda == info.TORCH_CUDA_VERSION
     if os.environ.get("MINDSKIP_CUDA") == "1":
         assert _extension.cuda_kernels_built(), "MINDSKIP_CUDA=1 but the CUDA kernels were not built"
     if _extension.cuda_kernels_built():
@@ -73,13 +73,14 @@ assert torch.equal(got[2], want[2])
 k = int(got[3])
 y = torch.randn(k, 7, 33)
 r = torch.randn(5, 7, 33)
-expected = ref.scatter_add_kept(r.clone(), y, got[2])
+expected = ref.scatter_add_kept_(r.clone(), y, got[2])
 torch.ops.mindskip.scatter_add_kept_(r, y, got[2])
 assert torch.equal(r, expected)
 print("ok", sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("mindskip::")))
 """
 
 
+@pytest.mark.slow
 def test_cmake_build_loads_and_runs(tmp_path):
     cmake = shutil.which("cmake")
     if cmake is None:
@@ -91,7 +92,10 @@ def test_cmake_build_loads_and_runs(tmp_path):
     configure = [cmake, "-S", str(ROOT), "-B", str(tmp_path), f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"]
     configure.append(f"-DMINDSKIP_CUDA={'ON' if with_cuda else 'OFF'}")
     if cuda_home is not None:
-        configure += [f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_home}", f"-DCMAKE_CUDA_COMPILER={Path(cuda_home) / 'bin' / 'nvcc'}"]
+        configure += [
+            f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_home}",
+            f"-DCMAKE_CUDA_COMPILER={Path(cuda_home) / 'bin' / 'nvcc'}",
+        ]
     for cmd in (configure, [cmake, "--build", str(tmp_path), "-j", str(os.cpu_count() or 2)]):
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
         assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
@@ -102,3 +106,17 @@ def test_cmake_build_loads_and_runs(tmp_path):
     )
     assert run.returncode == 0 and run.stdout.startswith("ok"), run.stderr
     assert "mindskip::pack_plan" in run.stdout
+
+
+def test_importing_the_package_loads_the_core_only():
+    """``import mindskip_ext`` adds none of the tooling's dependencies to what torch and transformers import."""
+    code = (
+        "import sys, torch, transformers.cache_utils; before = set(sys.modules); import mindskip_ext; "
+        "print(' '.join(sorted({m.split('.')[0] for m in set(sys.modules) - before})))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    added = set(proc.stdout.split())
+    assert "mindskip_ext" in added
+    assert not added & {"lm_eval", "datasets", "gguf", "matplotlib", "tqdm", "accelerate", "safetensors"}, added
+

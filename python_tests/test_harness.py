@@ -1,4 +1,5 @@
-"""lm-eval integration: a local task (no hub) through stock lm-eval, capacity per task, exact routing under batching."""
+"""lm-eval integration: a local task (no hub) through stock lm-eval, capacity per task, exact routing under
+batching."""
 
 from __future__ import annotations
 
@@ -6,16 +7,13 @@ import pytest
 import torch
 
 import mindskip_ext as msk
-from mindskip_ext.harness import PAPER_TASKS, parse_tasks, run_lm_eval
-from tiny import DATA_DIR, one_thread, tiny_model, tiny_tokenizer  # noqa: F401 (one_thread: autouse fixture)
+from mindskip_ext.eval.harness import PAPER_TASKS, parse_tasks, run_lm_eval
+from mindskip_ext.testing import tiny_model
+
+from tiny import DATA_DIR
 
 TASKS_DIR = DATA_DIR / "lm_eval_tasks"
 TASK_A, TASK_B = "mindskip_tiny_choice", "mindskip_tiny_choice_qa"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
 
 
 @pytest.fixture
@@ -33,7 +31,9 @@ def routed_model(tok):
 
 
 def evaluate(model, tok, tasks, batch_size=8):
-    return run_lm_eval(model, tok, tasks, batch_size=batch_size, include_path=str(TASKS_DIR), include_defaults=False)["tasks"]
+    return run_lm_eval(model, tok, tasks, batch_size=batch_size, include_path=str(TASKS_DIR), include_defaults=False)[
+        "tasks"
+    ]
 
 
 def test_parse_tasks():

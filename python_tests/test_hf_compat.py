@@ -11,11 +11,13 @@ import torch
 import transformers
 from packaging.version import Version
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+from transformers import DynamicCache
 
 import mindskip_ext as msk
 from mindskip_ext.cache import kv_bytes
 from mindskip_ext.hf_compat import CACHE_NAMES, cache_kwargs, cache_name, output_cache, pop_cache
+
+from tiny import VOCAB, tiny_lm
 
 pytestmark = pytest.mark.hf
 
@@ -60,31 +62,22 @@ def test_cache_kwargs_follow_each_modules_own_signature():
     assert cache_name(KwargsOnly()) in CACHE_NAMES
 
 
-def _tiny(layers=4):
-    config = AutoConfig.for_model(
-        "llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=None,
-    )
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
-
-
 def test_library_names_match_the_installed_transformers():
     renamed = Version(transformers.__version__).release >= (5, 24)
     expected = "cache" if renamed else "past_key_values"
-    model = _tiny()
+    model = tiny_lm()
     assert cache_name(model) == expected
     assert cache_name(model.model.layers[0].self_attn) == expected
     assert cache_name(msk.get_mindskip_model(model)) == expected
 
 
 def test_no_deprecation_warning_from_generate_decode_and_training():
-    model = msk.get_mindskip_model(_tiny())
+    model = msk.get_mindskip_model(tiny_lm())
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for router in model.routers.values():
             router.weight.copy_(torch.randn(router.weight.shape, generator=gen) * 4)
-    ids = torch.randint(2, 64, (4, 7), generator=gen)
+    ids = torch.randint(2, VOCAB, (4, 7), generator=gen)
     mask = torch.ones_like(ids)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)

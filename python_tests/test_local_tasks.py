@@ -1,4 +1,4 @@
-"""mindskip_ext.local_tasks: lm-eval task definitions built from the shared data folder.
+"""bench.local_tasks: lm-eval task definitions built from the shared data folder.
 
 These tests read ``../shared/data`` (beside the clone, as in CI; ``$MINDSKIP_DATA`` overrides) and skip,
 saying so, when it is absent. Scoring runs through stock ``lm_eval.simple_evaluate``: an oracle LM that
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from mindskip_ext import hub, local_tasks
+from bench import local_tasks
+from mindskip_ext import offline_models
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("MINDSKIP_DATA", REPO.parent / "shared" / "data"))
@@ -54,7 +55,7 @@ def test_sizes_subsampling_and_manifest(written, data_dir):
         "local_hellaswag": 10042 - local_tasks.HELLASWAG_FEWSHOT_POOL, "local_openbookqa": 500,
         "local_mmlu": 14042, "local_gsm8k": 1319,
     }
-    assert written.sizes == {**{t: 6 for t in local_tasks.TASKS}, "local_mmlu": 57}
+    assert written.sizes == {**dict.fromkeys(local_tasks.TASKS, 6), "local_mmlu": 57}
     assert len(written.subjects) == 57
     manifest = json.loads((written.path / local_tasks.MANIFEST).read_text())
     assert manifest["sizes"] == written.sizes and manifest["num_fewshot"] == local_tasks.PAPER_SHOTS
@@ -191,14 +192,14 @@ def test_fewshot_override_and_bad_arguments(data_dir, tmp_path):
 
 def test_smollm2_scores_a_handful_of_items(written):
     """The real model and tokenizer through stock lm-eval's HF backend, on the items the tasks wrote."""
-    if not hub.is_fetched("smollm2"):
-        pytest.skip("SmolLM2 is not in the model cache (python_tests/test_hub.py fetches it)")
+    if not offline_models.is_fetched("smollm2"):
+        pytest.skip("SmolLM2 is not in the model cache (python_tests/test_offline_models.py fetches it)")
     import math
 
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=str(hub.checkpoint_path("smollm2")), batch_size=8, device="cpu")
+    lm = HFLM(pretrained=str(offline_models.checkpoint_path("smollm2")), batch_size=8, device="cpu")
     results = lm_eval.simple_evaluate(
         model=lm, tasks=["local_piqa", "local_rte"], task_manager=written.task_manager(), bootstrap_iters=0,
     )

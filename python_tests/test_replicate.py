@@ -1,4 +1,4 @@
-"""bench/replicate.py end to end in its ``--smoke`` configuration (a tiny config model, a handful of items).
+"""bench.replicate end to end in its ``--smoke`` configuration (a tiny config model, a handful of items).
 
 Needs the shared data folder (``../shared/data`` beside the clone; ``$MINDSKIP_DATA`` overrides) and skips,
 saying so, without it. The full replication is an experiment, not a test.
@@ -6,34 +6,21 @@ saying so, without it. The full replication is an experiment, not a test.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import pytest
+
+from bench import replicate
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("MINDSKIP_DATA", REPO.parent / "shared" / "data"))
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("replicate", REPO / "bench" / "replicate.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def replicate():
-    return _load_script()
-
-
-@pytest.fixture(scope="module")
-def smoke(replicate, tmp_path_factory):
+def smoke(tmp_path_factory):
     if not (DATA_DIR / "eval").is_dir():
         pytest.skip(f"the shared data folder is absent ({DATA_DIR}); CI has it at ../shared/data beside the clone")
     out = tmp_path_factory.mktemp("replication")
@@ -41,7 +28,8 @@ def smoke(replicate, tmp_path_factory):
     return out, json.loads((out / "replication.json").read_text())
 
 
-def test_smoke_run_writes_table_json_and_plot(smoke, replicate):
+@pytest.mark.slow  # a subprocess runs the whole thing
+def test_smoke_run_writes_table_json_and_plot(smoke):
     out, result = smoke
     assert sorted(p.name for p in out.iterdir()) == ["replication.json", "replication.md", "replication_figure2.png"]
     assert (out / "replication_figure2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -52,7 +40,8 @@ def test_smoke_run_writes_table_json_and_plot(smoke, replicate):
     assert set(result["timings"]) >= {"load model", "evaluate dense", "train mindskip-attn", "total"}
 
 
-def test_smoke_run_numbers(smoke, replicate):
+@pytest.mark.slow  # a subprocess runs the whole thing
+def test_smoke_run_numbers(smoke):
     _, result = smoke
     models, meta = result["models"], result["meta"]
     num_layers = meta["num_layers"]
@@ -83,13 +72,13 @@ def test_smoke_run_numbers(smoke, replicate):
     assert meta["items"]["local_piqa"] == replicate.PRESETS["smoke"].task_limit["local_piqa"]
 
 
-def test_missing_data_dir_is_a_clear_error(replicate, tmp_path, capsys):
+def test_missing_data_dir_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         replicate.parse_args(["--smoke", "--data-dir", str(tmp_path / "nowhere")])
     assert "shared data folder" in capsys.readouterr().err
 
 
-def test_resume_reuses_finished_models_and_reruns_the_rest(smoke, replicate, tmp_path):
+def test_resume_reuses_finished_models_and_reruns_the_rest(smoke, tmp_path):
     out, result = smoke
     models = result["models"]
     last_drop = max((e["n"], name) for name, e in models.items() if e["kind"] == "attention-drop")[1]
@@ -113,7 +102,7 @@ def test_resume_reuses_finished_models_and_reruns_the_rest(smoke, replicate, tmp
     ("{not json", "not a partial replication result"),
     (json.dumps({"preset": "default", "timings": {}, "models": {}}), "from the 'default' preset"),
 ])
-def test_resume_rejects_a_missing_corrupt_or_foreign_partial(replicate, tmp_path, content, message):
+def test_resume_rejects_a_missing_corrupt_or_foreign_partial(tmp_path, content, message):
     partial = tmp_path / "replication.partial.json"
     if content is not None:
         partial.write_text(content)

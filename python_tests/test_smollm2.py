@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mindskip_ext as msk
-from mindskip_ext import hub
+from mindskip_ext import offline_models
 
 PROMPTS = ["The capital of France is", "Router-Tuning trains only the routers, so a 135M model"]
 
@@ -18,8 +18,8 @@ def smollm2():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        path = hub.fetch_model("smollm2", progress=False)
-    except hub.FetchError as err:
+        path = offline_models.fetch_model("smollm2", progress=False)
+    except offline_models.FetchError as err:
         pytest.skip(f"SmolLM2 cannot be fetched on this machine: {err}")
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
@@ -44,7 +44,7 @@ def test_converted_at_init_gives_same_logits(smollm2, batch, granularity):
         assert sorted(wrapped.routers) == list(range(14, 29))  # the paper's layers for 30 layers
         with torch.no_grad():
             got = wrapped(**batch).logits
-        assert wrapped.last_capacity == {i: 1.0 for i in range(14, 29)}
+        assert wrapped.last_capacity == dict.fromkeys(range(14, 29), 1.0)
     finally:
         wrapped.unload()
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
@@ -75,7 +75,7 @@ def test_skipping_attention_changes_smollm2_logits(smollm2, batch):
             for router in wrapped.routers.values():
                 router.bias.fill_(-10.0)
             got = wrapped(**batch).logits
-        assert wrapped.last_capacity == {i: 0.0 for i in range(14, 29)}
+        assert wrapped.last_capacity == dict.fromkeys(range(14, 29), 0.0)
     finally:
         wrapped.unload()
     assert not torch.allclose(got, expected, atol=1e-3)

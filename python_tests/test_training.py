@@ -10,30 +10,24 @@ import torch
 
 import mindskip_ext as msk
 from mindskip_ext import data as D
-from mindskip_ext.evaluation import evaluate_examples
+from mindskip_ext.eval.perplexity import evaluate_examples
 from mindskip_ext.model import CONFIG_NAME, WEIGHTS_NAME
+from mindskip_ext.testing import synthetic_instructions, tiny_model
 from mindskip_ext.training import (
-    CHECKPOINT_DIR,
-    LATEST_NAME,
     LOG_NAME,
     SUMMARY_NAME,
     CapacityController,
     RouterTuner,
     RouterTuningConfig,
     calibrate_capacity,
-    lr_lambda,
 )
-from tiny import one_thread, tiny_model, tiny_tokenizer  # noqa: F401 (one_thread: autouse fixture)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
+from mindskip_ext.training.checkpoint import CHECKPOINT_DIR, LATEST_NAME
+from mindskip_ext.training.fit import lr_lambda
 
 
 @pytest.fixture(scope="module")
 def split(tok):
-    examples = D.prepare_examples(tok, D.synthetic_instructions(1000, seed=11), 128).examples
+    examples = D.prepare_examples(tok, synthetic_instructions(1000, seed=11), 128).examples
     return D.split_heldout(examples, 0.3, seed=0)
 
 
@@ -44,7 +38,9 @@ def converted(tok, seed=0, **config):
 def tuner(tok, split, out, model=None, **settings):
     settings = {"batch_size": 16, "max_steps": 60, "save_every": 0, **settings}
     model = model if model is not None else converted(tok)
-    return RouterTuner(model, split[0], split[1], RouterTuningConfig(**settings), out, D.pad_token_id(tok), progress=False)
+    return RouterTuner(
+        model, split[0], split[1], RouterTuningConfig(**settings), out, D.pad_token_id(tok), progress=False
+    )
 
 
 # ----------------------------------------------------------------------------------- settings
@@ -162,7 +158,9 @@ def test_a_model_with_trainable_base_weights_is_refused(tok, split, tmp_path):
     with pytest.raises(ValueError, match="only the router parameters"):
         tuner(tok, split, tmp_path, model=model, target_capacity=0.5)
     with pytest.raises(TypeError, match="MindSkipModel"):
-        RouterTuner(tiny_model(tokenizer=tok), split[0], split[1], RouterTuningConfig(target_capacity=0.5), tmp_path, 0)
+        RouterTuner(
+            tiny_model(tokenizer=tok), split[0], split[1], RouterTuningConfig(target_capacity=0.5), tmp_path, 0
+        )
 
 
 def test_calibration_hits_the_target_on_its_own_examples(tok, split):
@@ -173,7 +171,9 @@ def test_calibration_hits_the_target_on_its_own_examples(tok, split):
             router.weight.copy_(torch.randn(router.weight.shape, generator=gen))
     result = calibrate_capacity(model, split[0][:300], 0.3, D.pad_token_id(tok))
     assert abs(result["capacity"] - 0.3) <= 0.005
-    assert evaluate_examples(model, split[0][:300], D.pad_token_id(tok))["capacity"] == pytest.approx(result["capacity"])
+    assert evaluate_examples(model, split[0][:300], D.pad_token_id(tok))["capacity"] == pytest.approx(
+        result["capacity"]
+    )
 
 
 # ----------------------------------------------------------------------------------- checkpoints

@@ -1,10 +1,10 @@
-"""Tiny Hugging Face causal LMs and real tokenizers for tests, built offline from configs.
+"""The test suite's own helpers: the small files under ``python_tests/data`` and a word tokenizer that covers
+them, and the tiny LM, padded batches and random routers the model tests share.
 
     path = save_tiny_model(tmp_path / "m")            # model + tokenizer, loadable with from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path)
+    model = tiny_lm("qwen3", "eager")                 # vocabulary of VOCAB ids, no EOS
 
-The tokenizer is a word-level ``tokenizers`` tokenizer trained on the given texts (by default the
-package's built-in synthetic instructions plus the files under ``python_tests/data``).
+Models come from :mod:`mindskip_ext.testing` (the one tiny-model builder of the project).
 """
 
 from __future__ import annotations
@@ -12,13 +12,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
-from mindskip_ext.data import synthetic_instructions, tokenizer_corpus, train_word_tokenizer
+import mindskip_ext as msk
+from mindskip_ext.testing import synthetic_instructions, tiny_model, tokenizer_corpus, train_word_tokenizer
 
 DATA_DIR = Path(__file__).parent / "data"
+MODEL_TYPES = ["llama", "mistral", "qwen2", "qwen3"]
+GRANULARITIES = ["attn", "mlp", "block"]
+ATTN_IMPLS = ["eager", "sdpa"]
+VOCAB = 96
 
 
 def bundled_records() -> list[dict]:
@@ -33,44 +36,16 @@ def bundled_records() -> list[dict]:
 
 
 def tiny_tokenizer(texts=None, chat_template: bool = True):
+    """A word tokenizer trained on ``texts`` (default: the built-in synthetic tasks and the bundled files)."""
     if texts is None:
         texts = tokenizer_corpus(synthetic_instructions(400, seed=0) + bundled_records())
         texts += [p.read_text() for p in sorted(DATA_DIR.glob("*.txt"))]
     return train_word_tokenizer(texts, chat_template=chat_template)
 
 
-def tiny_config(model_type: str = "llama", vocab_size: int = 128, layers: int = 4, hidden: int = 32, **overrides):
-    kwargs = dict(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    if model_type == "qwen3":
-        kwargs["head_dim"] = hidden // 4
-    kwargs.update(overrides)
-    return AutoConfig.for_model(model_type, **kwargs)
-
-
-def tiny_model(model_type: str = "llama", tokenizer=None, seed: int = 0, attn: str = "sdpa", **config_kwargs):
-    """A randomly initialised tiny causal LM (eval mode); vocabulary sized to ``tokenizer`` when given."""
-    if tokenizer is not None:
-        config_kwargs.setdefault("vocab_size", len(tokenizer))
-        config_kwargs.update(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **config_kwargs), attn_implementation=attn)
-    return model.eval()
-
-
-def save_tiny_model(path, model_type: str = "llama", chat_template: bool = True, seed: int = 0, **config_kwargs) -> Path:
+def save_tiny_model(
+    path, model_type: str = "llama", chat_template: bool = True, seed: int = 0, **config_kwargs
+) -> Path:
     """Build a tiny model and its tokenizer and save both to ``path``; returns ``path``."""
     path = Path(path)
     tokenizer = tiny_tokenizer(chat_template=chat_template)
@@ -80,11 +55,38 @@ def save_tiny_model(path, model_type: str = "llama", chat_template: bool = True,
     return path
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other jobs for the cores); import this
-    fixture into a test module to apply it there, restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def tiny_lm(model_type="llama", attn="sdpa", dtype=torch.float32, seed=0, layers=4, hidden=32):
+    """A tiny LM of ``VOCAB`` ids without EOS, so that batched and single runs generate the same number of tokens."""
+    model = tiny_model(model_type, attn=attn, seed=seed, vocab_size=VOCAB, layers=layers, hidden=hidden,
+                       max_position_embeddings=128, eos_token_id=None)
+    return model.to(dtype)
+
+
+def randomize_routers(model: msk.MindSkipModel, seed: int = 1, std: float = 4.0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for router in model.routers.values():
+            router.weight.copy_(torch.randn(router.weight.shape, generator=gen) * std)
+            router.bias.zero_()
+
+
+def padded_batch(lengths, side="left", seed=2):
+    gen = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(1, VOCAB, (n,), generator=gen) for n in lengths]
+    width = max(lengths)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        span = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        ids[i, span], mask[i, span] = s, 1
+    return seqs, ids, mask
+
+
+def positions(mask):
+    return (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+def logits_of(model, ids, mask=None):
+    with torch.no_grad():
+        pos = positions(mask) if mask is not None else None
+        return model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits

@@ -1,9 +1,6 @@
-"""Data for Router-Tuning and evaluation: load, format, tokenize, split and batch.
+"""Record formats, and their tokenization into training / evaluation examples.
 
-Sources (all through :mod:`datasets`): a local ``.json`` / ``.jsonl`` / ``.parquet`` / ``.txt`` file,
-a folder of such files, or a dataset name on the hub (for users who have one).
-
-Record formats, detected per record:
+Formats, detected per record:
 
 * ``alpaca``: ``instruction``, optional ``input``, ``output``;
 * ``chat``: ``messages``, a list of ``{"role", "content"}``; every assistant turn is a response;
@@ -13,24 +10,15 @@ Instruction and chat records use the tokenizer's chat template when it has one, 
 Alpaca-style prompt otherwise; the loss is on response tokens only (``labels`` is -100 elsewhere).
 Each is one example, truncated to ``max_length``. Text records are concatenated (EOS between
 documents) and cut into blocks of ``max_length`` tokens, every token supervised.
-
-Batches are built from length buckets so that padding stays small.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import random
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterable, Sequence
-
-import torch
 
 IGNORE_INDEX = -100
-FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -72,96 +60,6 @@ class PreparedData:
     stats: dict = field(default_factory=dict)
 
 
-# ----------------------------------------------------------------------------------- loading
-
-
-def _looks_like_path(source: str) -> bool:
-    """A missing source that is clearly meant as a file (a hub name is ``name`` or ``owner/name``)."""
-    return source.startswith((".", "/", "~")) or Path(source).suffix.lower() in FILE_BUILDERS
-
-
-def _local_files(path: Path) -> tuple[str, list[str]]:
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in FILE_BUILDERS)
-        if not files:
-            raise DataError(f"{path} holds no data file ({', '.join(sorted(FILE_BUILDERS))})")
-    else:
-        files = [path]
-    builders = {FILE_BUILDERS.get(p.suffix.lower()) for p in files}
-    if None in builders:
-        raise DataError(f"{path}: unsupported file type; use one of {', '.join(sorted(FILE_BUILDERS))}")
-    if len(builders) > 1:
-        raise DataError(f"{path} mixes file types ({', '.join(sorted(builders))}); keep one type per folder")
-    for p in files:
-        if p.stat().st_size == 0:
-            raise DataError(f"{p} is empty")
-    return builders.pop(), [str(p) for p in files]
-
-
-def json_problem(path: str | os.PathLike) -> str | None:
-    """Where a JSON or JSON Lines file stops parsing (``line L column C: message``), or None if it parses.
-
-    A file whose first character is ``[`` or ``{`` and that parses whole is one JSON document; anything
-    else is read as JSON Lines, one document per non-blank line.
-    """
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        return f"not UTF-8 text ({err.reason} at byte {err.start})"
-    if text.lstrip().startswith("["):
-        try:
-            json.loads(text)
-            return None
-        except json.JSONDecodeError as err:
-            return f"line {err.lineno} column {err.colno}: {err.msg}"
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                json.loads(line)
-            except json.JSONDecodeError as err:
-                return f"line {number} column {err.colno}: {err.msg}"
-    return None
-
-
-def _root_cause(err: BaseException) -> BaseException:
-    while err.__cause__ is not None or err.__context__ is not None:
-        err = err.__cause__ or err.__context__
-    return err
-
-
-def load_records(source: str | os.PathLike, split: str = "train", config: str | None = None):
-    """The records of ``source`` as a :class:`datasets.Dataset` (local files, or a hub dataset name)."""
-    import datasets
-
-    source = str(source)
-    path = Path(source).expanduser()
-    if path.exists():
-        builder, files = _local_files(path)
-        try:
-            ds = datasets.load_dataset(builder, data_files=files, split="train")
-        except Exception as err:  # datasets raises many types for malformed files; say what is wrong, and where
-            if builder == "json":
-                for file in files:
-                    problem = json_problem(file)
-                    if problem is not None:
-                        raise DataError(f"{file} is not valid JSON: {problem}") from err
-            cause = _root_cause(err)
-            raise DataError(f"could not read {source}: {type(cause).__name__}: {cause}") from err
-    elif _looks_like_path(source):
-        raise DataError(f"data file {source} not found")
-    else:
-        try:
-            ds = datasets.load_dataset(source, config, split=split)
-        except Exception as err:
-            raise DataError(
-                f"could not load dataset {source!r} (split {split!r}) from the hub: {err}. "
-                "Pass a local .json/.jsonl/.parquet/.txt file when offline"
-            ) from err
-    if len(ds) == 0:
-        raise DataError(f"dataset {source} has no records")
-    return ds
-
-
 # ----------------------------------------------------------------------------------- formatting
 
 
@@ -177,7 +75,7 @@ def record_format(record: dict) -> str | None:
     return None
 
 
-def _messages_of(record: dict, kind: str) -> list[dict]:
+def record_messages(record: dict, kind: str) -> list[dict]:
     if kind == "alpaca":
         user = record["instruction"]
         if record.get("input"):
@@ -185,7 +83,11 @@ def _messages_of(record: dict, kind: str) -> list[dict]:
         return [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
     messages = []
     for turn in record["messages"]:
-        if not isinstance(turn, dict) or not isinstance(turn.get("content"), str) or turn.get("role") not in PLAIN_CHAT_ROLES:
+        if (
+            not isinstance(turn, dict)
+            or not isinstance(turn.get("content"), str)
+            or turn.get("role") not in PLAIN_CHAT_ROLES
+        ):
             raise DataError(
                 f"a chat message must be {{'role': one of {sorted(PLAIN_CHAT_ROLES)}, 'content': str}}, got {turn!r}"
             )
@@ -224,7 +126,7 @@ def format_plain(record: dict, kind: str) -> tuple[str, list[tuple[int, int]]]:
         prompt = template.format(instruction=record["instruction"], input=record.get("input") or "")
         return prompt + record["output"], [(len(prompt), len(prompt) + len(record["output"]))]
     text, spans = "", []
-    for message in _messages_of(record, kind):
+    for message in record_messages(record, kind):
         header = PLAIN_CHAT_HEADER.format(role=PLAIN_CHAT_ROLES[message["role"]])
         if message["role"] == "assistant":
             spans.append((len(text) + len(header), len(text) + len(header) + len(message["content"])))
@@ -236,7 +138,7 @@ def prompt_text(tokenizer, instruction: str, input_text: str = "") -> str:
     """The prompt a model sees before its response, in the same format training used."""
     record = {"instruction": instruction, "input": input_text, "output": ""}
     if getattr(tokenizer, "chat_template", None):
-        return _render_template(tokenizer, _messages_of(record, "alpaca")[:1], add_generation_prompt=True)
+        return _render_template(tokenizer, record_messages(record, "alpaca")[:1], add_generation_prompt=True)
     template = ALPACA_PROMPT_WITH_INPUT if input_text else ALPACA_PROMPT
     return template.format(instruction=instruction, input=input_text)
 
@@ -258,7 +160,7 @@ def _encode_supervised(tokenizer, text: str, spans, templated: bool) -> tuple[li
 def encode_record(tokenizer, record: dict, kind: str) -> tuple[list[int], list[int]]:
     """Token ids and labels of one instruction or chat record (untruncated)."""
     if getattr(tokenizer, "chat_template", None):
-        text, spans = format_with_template(tokenizer, _messages_of(record, kind))
+        text, spans = format_with_template(tokenizer, record_messages(record, kind))
         return _encode_supervised(tokenizer, text, spans, templated=True)
     text, spans = format_plain(record, kind)
     return _encode_supervised(tokenizer, text, spans, templated=False)
@@ -336,214 +238,3 @@ def prepare_examples(tokenizer, records, max_length: int, max_records: int | Non
         "chat_template": bool(getattr(tokenizer, "chat_template", None)),
     }
     return PreparedData(examples, stats)
-
-
-def load_examples(
-    source,
-    tokenizer,
-    max_length: int,
-    split: str = "train",
-    config: str | None = None,
-    max_records: int | None = None,
-) -> PreparedData:
-    """:func:`load_records` then :func:`prepare_examples`."""
-    records = load_records(source, split=split, config=config)
-    prepared = prepare_examples(tokenizer, records, max_length, max_records=max_records)
-    prepared.stats["source"] = str(source)
-    return prepared
-
-
-def split_heldout(examples: Sequence[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """A seeded random split into (train, held-out); both non-empty."""
-    if not 0.0 < fraction < 1.0:
-        raise DataError(f"held-out fraction must be in (0, 1), got {fraction}")
-    if len(examples) < 2:
-        raise DataError(f"need at least 2 examples to hold some out, got {len(examples)}")
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    n_held = min(len(examples) - 1, max(1, round(fraction * len(examples))))
-    held = sorted(order[:n_held])
-    train = sorted(order[n_held:])
-    return [examples[i] for i in train], [examples[i] for i in held]
-
-
-# ----------------------------------------------------------------------------------- batching
-
-
-def length_batches(lengths: Sequence[int], batch_size: int, shuffle: bool, seed: int = 0, mega: int = 32) -> list[list[int]]:
-    """Index batches with little padding.
-
-    Without shuffling: indices sorted by length, cut into batches. With shuffling: a seeded
-    permutation is cut into mega-batches of ``mega`` batches, each sorted by length and cut into
-    batches, and the batches are shuffled; so batches vary from epoch to epoch yet stay tight.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    index = list(range(len(lengths)))
-    if not shuffle:
-        index.sort(key=lambda i: (lengths[i], i))
-        return [index[i : i + batch_size] for i in range(0, len(index), batch_size)]
-    rng = random.Random(seed)
-    rng.shuffle(index)
-    batches = []
-    span = batch_size * mega
-    for start in range(0, len(index), span):
-        chunk = sorted(index[start : start + span], key=lambda i: lengths[i])
-        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
-    rng.shuffle(batches)
-    return batches
-
-
-def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 on padding)."""
-    width = max(len(e) for e in examples)
-    ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    for row, e in enumerate(examples):
-        n = len(e)
-        ids[row, :n] = torch.tensor(e.input_ids)
-        mask[row, :n] = 1
-        labels[row, :n] = torch.tensor(e.labels)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def pad_token_id(tokenizer) -> int:
-    """The id to pad with: the tokenizer's pad token, else its EOS token."""
-    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if token_id is not None:
-            return int(token_id)
-    raise DataError("the tokenizer has neither a pad token nor an EOS token to pad with")
-
-
-def padding_fraction(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -> float:
-    """Share of padding tokens when ``batches`` are right-padded to their longest member."""
-    real = sum(lengths[i] for b in batches for i in b)
-    total = sum(max(lengths[i] for i in b) * len(b) for b in batches)
-    return 1.0 - real / total if total else 0.0
-
-
-# ----------------------------------------------------------------------------------- built-in data
-
-_COLORS = ["red", "blue", "green", "black", "white", "yellow", "pink", "brown"]
-_ANIMALS = ["cat", "dog", "bird", "fish", "horse", "mouse", "cow", "fox", "bear", "duck"]
-_FRUITS = ["apple", "pear", "plum", "grape", "lemon", "melon", "peach", "cherry"]
-_WORDS = _ANIMALS + _FRUITS
-
-
-def _task_reverse(rng):
-    items = rng.sample(_WORDS, rng.randint(3, 6))
-    return "Reverse the order of the words.", " ".join(items), " ".join(reversed(items))
-
-
-def _task_copy(rng):
-    items = [rng.choice(_WORDS) for _ in range(rng.randint(3, 6))]
-    return "Repeat the words exactly.", " ".join(items), " ".join(items)
-
-
-def _task_sort(rng):
-    nums = [rng.randint(0, 20) for _ in range(rng.randint(3, 6))]
-    return "Sort the numbers from smallest to largest.", " ".join(map(str, nums)), " ".join(map(str, sorted(nums)))
-
-
-def _task_max(rng):
-    nums = rng.sample(range(21), rng.randint(3, 6))
-    return "What is the largest number?", " ".join(map(str, nums)), str(max(nums))
-
-
-def _task_add(rng):
-    a, b = rng.randint(0, 10), rng.randint(0, 10)
-    return "Add the two numbers.", f"{a} {b}", str(a + b)
-
-
-def _task_first(rng):
-    items = rng.sample(_WORDS, rng.randint(3, 6))
-    return "What is the first word?", " ".join(items), items[0]
-
-
-def _task_last(rng):
-    items = rng.sample(_WORDS, rng.randint(3, 6))
-    return "What is the last word?", " ".join(items), items[-1]
-
-
-def _task_count(rng):
-    items = [rng.choice(_WORDS) for _ in range(rng.randint(1, 8))]
-    return "How many words are there?", " ".join(items), str(len(items))
-
-
-def _task_color(rng):
-    color, animal = rng.choice(_COLORS), rng.choice(_ANIMALS)
-    return "Which color is mentioned?", f"the {animal} is {color}", color
-
-
-def _task_fruits(rng):
-    items = rng.sample(_WORDS, rng.randint(3, 6))
-    fruits = [w for w in items if w in _FRUITS]
-    return "List the fruits.", " ".join(items), " ".join(fruits) if fruits else "none"
-
-
-_SYNTHETIC_TASKS = (
-    _task_reverse, _task_copy, _task_sort, _task_max, _task_add,
-    _task_first, _task_last, _task_count, _task_color, _task_fruits,
-)
-
-
-def synthetic_instructions(n: int, seed: int = 0) -> list[dict]:
-    """``n`` Alpaca-style records from ten small word and number tasks (copy, reverse, sort, ...).
-
-    The package's built-in offline data: deterministic for a seed, learnable by a tiny model in
-    seconds, and most tasks need attention (the answer is elsewhere in the sequence).
-    """
-    rng = random.Random(seed)
-    records = []
-    for _ in range(n):
-        instruction, input_text, output = rng.choice(_SYNTHETIC_TASKS)(rng)
-        records.append({"instruction": instruction, "input": input_text, "output": output})
-    return records
-
-
-WORD_TOKENIZER_SPECIALS = ("<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>")
-WORD_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} </s> {% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
-)
-
-
-def train_word_tokenizer(texts: Iterable[str], chat_template: bool = True):
-    """A small lower-cased word-level tokenizer trained on ``texts`` (for tiny offline models).
-
-    BOS is added in front of plain text; with ``chat_template`` it gets a minimal template
-    (``<|role|> content </s>`` turns), otherwise it has none and the plain prompt format is used.
-    """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    core = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    core.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=list(WORD_TOKENIZER_SPECIALS)))
-    bos = core.token_to_id("<s>")
-    core.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        additional_special_tokens=list(WORD_TOKENIZER_SPECIALS[4:]),
-    )
-    if chat_template:
-        tokenizer.chat_template = WORD_CHAT_TEMPLATE
-    return tokenizer
-
-
-def tokenizer_corpus(records: Iterable[dict]) -> list[str]:
-    """Every string a word tokenizer needs for ``records`` in either prompt format."""
-    texts = [ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, *(PLAIN_CHAT_HEADER.format(role=r) for r in PLAIN_CHAT_ROLES.values())]
-    for record in records:
-        kind = record_format(record)
-        if kind == "text":
-            texts.append(record["text"])
-        elif kind is not None:
-            texts.extend(m["content"] for m in _messages_of(record, kind))
-    return texts

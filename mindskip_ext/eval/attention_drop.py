@@ -15,20 +15,21 @@ records the scores.
 
 from __future__ import annotations
 
-import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .architectures import arch_for, layer_list
-from .config import MindSkipConfig
-from .data import Example, collate, length_batches, load_examples, pad_token_id
-from .evaluation import autocast_for, model_device
-from .model import MindSkipModel, atomic_write_bytes
+from .._io import atomic_write_json
+from ..architectures import arch_for, layer_list
+from ..config import MindSkipConfig
+from ..data import Example, collate, length_batches, load_examples, pad_token_id
+from ..devices import autocast_for, model_device
+from ..model import MindSkipModel
 
 FORCED_SKIP_BIAS = -1.0e4  # sigmoid(-1e4) == 0.0 in float32: below any threshold in (0, 1)
+FORCED_KEEP_BIAS = 1.0e4  # sigmoid(1e4) == 1.0: at or above any threshold in (0, 1)
 REPORT_NAME = "attention_drop.json"
 
 
@@ -93,9 +94,17 @@ def redundancy_scores(
     handles = []
     for idx, layer in enumerate(layer_list(model, spec)):
         if granularity == "attn":
-            pre, post, hook = getattr(layer, spec.input_norm), getattr(layer, spec.attn), capture.add_residual_output(idx)
+            pre, post, hook = (
+                getattr(layer, spec.input_norm),
+                getattr(layer, spec.attn),
+                capture.add_residual_output(idx),
+            )
         elif granularity == "mlp":
-            pre, post, hook = getattr(layer, spec.post_attn_norm), getattr(layer, spec.mlp), capture.add_residual_output(idx)
+            pre, post, hook = (
+                getattr(layer, spec.post_attn_norm),
+                getattr(layer, spec.mlp),
+                capture.add_residual_output(idx),
+            )
         else:
             pre, post, hook = getattr(layer, spec.input_norm), layer, capture.full_output(idx)
         handles.append(pre.register_forward_pre_hook(capture.keep_input(idx), with_kwargs=True))
@@ -132,13 +141,22 @@ def select_dropped(scores: dict[int, float], n: int, candidates: Sequence[int] |
     return sorted(ranked[:n])
 
 
+def set_static_routing(model: MindSkipModel, dropped: Sequence[int]) -> None:
+    """Make every router of ``model`` input-independent: the layers in ``dropped`` skip every sequence, the other
+    MindSkip layers keep every sequence."""
+    unknown = sorted(set(dropped) - set(model.routers))
+    if unknown:
+        raise ValueError(f"layer {unknown[0]} is not a MindSkip layer of this model ({sorted(model.routers)})")
+    with torch.no_grad():
+        for idx, router in model.routers.items():
+            router.weight.zero_()
+            router.bias.fill_(FORCED_SKIP_BIAS if idx in dropped else FORCED_KEEP_BIAS)
+
+
 def dropped_model(model, dropped: Sequence[int], granularity: str = "attn") -> MindSkipModel:
     """Convert ``model`` so that the ``granularity`` sublayer of every layer in ``dropped`` is always skipped."""
     converted = MindSkipModel(model, MindSkipConfig(granularity=granularity, layers=list(dropped)))
-    with torch.no_grad():
-        for router in converted.routers.values():
-            router.weight.zero_()
-            router.bias.fill_(FORCED_SKIP_BIAS)
+    set_static_routing(converted, dropped)
     return converted
 
 
@@ -175,6 +193,6 @@ def attention_drop(
     }
     if output_dir is not None:
         converted.save_pretrained(output_dir)
-        atomic_write_bytes(Path(output_dir) / REPORT_NAME, (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
+        atomic_write_json(Path(output_dir) / REPORT_NAME, report)
         report["output_dir"] = str(output_dir)
     return converted, report

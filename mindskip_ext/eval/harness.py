@@ -14,13 +14,12 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from lm_eval.models.huggingface import HFLM
 
-from .evaluation import CapacityMeter
-from .layer import RoutingRecord
-from .model import RECORD_KWARG, MindSkipModel
+from ..layer import CapacityMeter, RoutingRecord
+from ..model import RECORD_KWARG, MindSkipModel
 
 # The paper's evaluation: task -> number of few-shot examples.
 PAPER_TASKS: tuple[tuple[str, int], ...] = (
@@ -65,7 +64,9 @@ class MindSkipLM(HFLM):
     def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int | None = None, **kwargs):
         self.mindskip = model if isinstance(model, MindSkipModel) else None
         hf_model = model.base_model if self.mindskip is not None else model
-        super().__init__(pretrained=hf_model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, **kwargs)
+        super().__init__(
+            pretrained=hf_model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, **kwargs
+        )
         self.meters: dict[str, CapacityMeter] = defaultdict(CapacityMeter)
         self._task: str | None = None
         self._hooks = []
@@ -122,7 +123,9 @@ class MindSkipLM(HFLM):
             by_length[min(len(context) + len(continuation), self.max_length + 1) - 1].append(i)
         results = [None] * len(requests)
         for index in by_length.values():
-            outs = super()._loglikelihood_tokens([requests[i] for i in index], disable_tqdm=True, override_bs=override_bs)
+            outs = super()._loglikelihood_tokens(
+                [requests[i] for i in index], disable_tqdm=True, override_bs=override_bs
+            )
             for i, out in zip(index, outs):
                 results[i] = out
         return results

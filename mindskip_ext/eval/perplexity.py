@@ -1,57 +1,18 @@
-"""Perplexity and capacity of a (MindSkip) causal LM on a text or instruction dataset.
-
-Capacity is the kept fraction: per MindSkip layer, the share of sequences that ran the gated
-sublayer; overall, the mean over (MindSkip layer, sequence) pairs. ``skipped_layers_per_sequence``
-(the sum over layers of the skipped fraction) compares directly with a static drop of that
-many layers.
-"""
+"""Perplexity and capacity of a (MindSkip) causal LM on a text or instruction dataset (capacity: see
+:class:`~mindskip_ext.layer.CapacityMeter`)."""
 
 from __future__ import annotations
 
 import math
-from collections import Counter
-from contextlib import nullcontext
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE_INDEX, Example, collate, length_batches, load_examples, pad_token_id
-from .layer import RoutingRecord
-from .model import MindSkipModel
-
-
-class CapacityMeter:
-    """Kept / total sequence counts per MindSkip layer, summed over many forwards."""
-
-    def __init__(self):
-        self.kept: Counter = Counter()
-        self.total: Counter = Counter()
-
-    def add(self, record: RoutingRecord) -> None:
-        for idx, routing in record.layers.items():
-            self.kept[idx] += routing.num_kept
-            self.total[idx] += routing.batch_size
-
-    def merge(self, other: CapacityMeter) -> None:
-        self.kept.update(other.kept)
-        self.total.update(other.total)
-
-    def per_layer(self) -> dict[int, float]:
-        return {idx: self.kept[idx] / self.total[idx] for idx in sorted(self.total) if self.total[idx]}
-
-    def overall(self) -> float | None:
-        """Kept fraction over all (layer, sequence) pairs; None when no MindSkip layer ran."""
-        total = sum(self.total.values())
-        return sum(self.kept.values()) / total if total else None
-
-    def summary(self) -> dict:
-        per_layer = self.per_layer()
-        return {
-            "capacity": self.overall(),
-            "capacity_per_layer": {str(idx): round(c, 6) for idx, c in per_layer.items()},
-            "skipped_layers_per_sequence": round(sum(1.0 - c for c in per_layer.values()), 6),
-        }
+from ..data import IGNORE_INDEX, Example, collate, length_batches, load_examples, pad_token_id
+from ..devices import autocast_for, model_device
+from ..layer import CapacityMeter, RoutingRecord
+from ..model import MindSkipModel
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -66,17 +27,6 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
         reduction="sum",
     )
     return nll, count
-
-
-def autocast_for(device: torch.device, bf16: bool):
-    """bf16 autocast on CUDA when asked; a no-op context otherwise."""
-    if bf16 and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 def forward_routed(model, batch: dict, record: RoutingRecord | None):

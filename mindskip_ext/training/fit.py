@@ -1,154 +1,38 @@
-"""Router-Tuning: train only the MindSkip routers of a frozen model.
+"""Running Router-Tuning: data order, the optimizer loop, logging, checkpoints, calibration and the summary.
 
-Loss: ``CE + penalty``, where the capacity ``c`` of a step is the mean of the straight-through
-keep gates over MindSkip layers and sequences (value: the 0/1 decision, gradient: to the router
-score). Two penalties:
-
-``l1`` (the paper's): ``lambda * c`` with a fixed ``lambda``. Where training lands depends on
-``lambda``, the learning rate and the number of steps.
-
-``target`` (``target_capacity=t``): the capacity is held at ``t`` by a PI controller acting on the
-penalty coefficient, i.e. an augmented Lagrangian for the constraint ``c = t`` whose multiplier is
-updated by dual ascent (as in CoFi / Sheared-LLaMA's target-sparsity training):
-
-    penalty gradient per gate = s * (mu + kp * (c_batch - t)) / (layers * sequences)
-    mu <- clip(mu + ki * (c_step - t))            after every optimizer step
-
-``mu`` is dimensionless because ``s`` is a running measure of the task loss's own pressure on the
-gates (the mean |dCE/dgate|, read off the gates' gradients in the same backward pass). One pair of
-gains therefore works for any model, dataset and learning rate: ``mu + kp*(c-t) = 1`` means the
-capacity penalty pushes a gate as hard as the task loss typically does. ``mu`` may go negative,
-which raises the capacity when it is below target (needed with the kept-only variant, where a
-skipped sequence gets no task-loss gradient to bring it back).
-
-The controller keeps training at the target operating point, so the routers learn *which*
-sequences to skip at that budget. A controller still leaves the final capacity a few points off
-(batch noise, the last updates). So after training the routers are calibrated: every router bias
-is shifted by one common amount (in logit space, keeping the per-layer allocation the training
-found) so the capacity on training sequences is ``t``; a few rounds, since skipping in one layer
-changes the inputs of the next. Then the capacity is measured on the held-out split and reported.
+The step's math lives elsewhere: the loss in :mod:`.loss`, the capacity penalty in :mod:`.penalty`, the
+final bias calibration in :mod:`.calibration`. :class:`RouterTuner` only runs them: it orders the
+micro-batches (a pure function of seed and step, so ``--resume`` is exact), steps AdamW with a warmup and
+schedule, writes the JSON-lines log, keeps atomic checkpoints, and at the end calibrates (target mode),
+evaluates on the held-out split and saves the router directory with a summary.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import random
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
-from .data import Example, collate, length_batches, padding_fraction
-from .evaluation import CapacityMeter, autocast_for, evaluate_examples, model_device, token_nll
-from .layer import RoutingRecord
-from .model import WEIGHTS_NAME, MindSkipModel, atomic_write_bytes, read_router_directory
+from .._io import atomic_write_json
+from ..data import Example, collate, length_batches, padding_fraction
+from ..devices import model_device
+from ..eval.perplexity import evaluate_examples
+from ..layer import CapacityMeter
+from ..model import WEIGHTS_NAME, MindSkipModel
+from .calibration import calibrate_capacity
+from .checkpoint import load_checkpoint, remove_checkpoints, save_checkpoint, set_rng_state
+from .config import RouterTuningConfig
+from .loss import router_tuning_loss
+from .penalty import CapacityController, FixedPenalty
 
-SCHEDULES = ("cosine", "linear", "constant")
 LOG_NAME = "train_log.jsonl"
 SUMMARY_NAME = "training_summary.json"
-CHECKPOINT_DIR = "checkpoints"
-LATEST_NAME = "latest"
-STATE_NAME = "trainer_state.pt"
-INTEGRAL_LIMIT = 20.0
-SCALE_EMA = 0.9
-
-
-@dataclass
-class RouterTuningConfig:
-    """Settings of one Router-Tuning run. Exactly one of ``target_capacity`` and ``l1_lambda``."""
-
-    target_capacity: float | None = field(default=None, metadata={"help": "Capacity to land on, in (0, 1]."})
-    l1_lambda: float | None = field(default=None, metadata={"help": "Paper's fixed-lambda L1 penalty (lambda*mean(keep))."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate of the routers."})
-    weight_decay: float = 0.0
-    warmup_ratio: float = field(default=0.05, metadata={"help": "Share of steps with linear LR warmup."})
-    schedule: str = field(default="cosine", metadata={"help": f"LR schedule after warmup: {', '.join(SCHEDULES)}."})
-    batch_size: int = 8
-    grad_accum: int = 1
-    epochs: float = 1.0
-    max_steps: int | None = field(default=None, metadata={"help": "Optimizer steps; overrides epochs."})
-    heldout_fraction: float = 0.1
-    seed: int = 0
-    bf16: bool = field(default=True, metadata={"help": "bf16 autocast (CUDA only; CPU always runs fp32)."})
-    max_grad_norm: float = 1.0
-    log_every: int = 10
-    eval_every: int = field(default=0, metadata={"help": "Held-out evaluation every N steps (0: at the end only)."})
-    save_every: int = field(default=100, metadata={"help": "Router checkpoint every N steps (0: none)."})
-    keep_checkpoints: bool = field(default=False, metadata={"help": "Keep checkpoints after a finished run."})
-    integral_gain: float = field(default=0.1, metadata={"help": "Target mode: dual-ascent step of the multiplier."})
-    proportional_gain: float = field(default=1.0, metadata={"help": "Target mode: weight of the batch's deviation."})
-    calibrate: bool = field(default=True, metadata={"help": "Target mode: final common bias shift to the target."})
-    calibration_sequences: int = field(default=512, metadata={"help": "Training sequences used to calibrate."})
-    eval_batch_size: int = 16
-
-    def __post_init__(self):
-        if (self.target_capacity is None) == (self.l1_lambda is None):
-            raise ValueError("give exactly one of target_capacity (target control) and l1_lambda (paper's L1 penalty)")
-        if self.target_capacity is not None:
-            t = self.target_capacity
-            if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t <= 1.0 or math.isnan(t):
-                raise ValueError(f"target_capacity must be in (0, 1], got {t!r}")
-            self.target_capacity = float(t)
-        if self.l1_lambda is not None and not self.l1_lambda >= 0.0:
-            raise ValueError(f"l1_lambda must be >= 0, got {self.l1_lambda!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        for name in ("batch_size", "grad_accum", "log_every", "eval_batch_size", "calibration_sequences"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("eval_every", "save_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
-        if not self.epochs > 0:
-            raise ValueError(f"epochs must be > 0, got {self.epochs}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if not 0.0 < self.heldout_fraction < 1.0:
-            raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
-
-    @property
-    def mode(self) -> str:
-        return "target" if self.target_capacity is not None else "l1"
-
-
-class CapacityController:
-    """PI control of the capacity-penalty coefficient, in units of the task loss's gate pressure."""
-
-    def __init__(self, target: float, integral_gain: float, proportional_gain: float):
-        self.target = target
-        self.ki = integral_gain
-        self.kp = proportional_gain
-        self.integral = 0.0
-        self.scale: float | None = None
-
-    def coefficient(self, capacity: float) -> float:
-        """The penalty coefficient for a batch at ``capacity`` (0 until the scale is measured)."""
-        if self.scale is None:
-            return 0.0
-        return self.scale * (self.integral + self.kp * (capacity - self.target))
-
-    def observe_scale(self, value: float) -> None:
-        if not math.isfinite(value) or value <= 0.0:
-            return
-        self.scale = value if self.scale is None else SCALE_EMA * self.scale + (1.0 - SCALE_EMA) * value
-
-    def step(self, capacity: float) -> None:
-        self.integral = min(INTEGRAL_LIMIT, max(-INTEGRAL_LIMIT, self.integral + self.ki * (capacity - self.target)))
-
-    def state_dict(self) -> dict:
-        return {"integral": self.integral, "scale": self.scale}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.integral, self.scale = float(state["integral"]), state["scale"]
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
@@ -166,56 +50,10 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
     return factor
 
 
-@torch.no_grad()
-def router_logits(model: MindSkipModel, examples: Sequence[Example], pad_id: int, batch_size: int, bf16: bool):
-    """Router logits of every (MindSkip layer, sequence) pair under the current routing, and the capacity."""
-    model.eval()
-    device = model_device(model)
-    meter, logits = CapacityMeter(), []
-    for index in length_batches([len(e) for e in examples], batch_size, shuffle=False):
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in index], pad_id).items()}
-        record = RoutingRecord()
-        with autocast_for(device, bf16):
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, mindskip_record=record)
-        meter.add(record)
-        logits.extend(torch.logit(r.score.double(), eps=1e-7) for r in record.layers.values())
-    return torch.cat(logits), meter.overall()
-
-
-@torch.no_grad()
-def calibrate_capacity(
-    model: MindSkipModel,
-    examples: Sequence[Example],
-    target: float,
-    pad_id: int,
-    batch_size: int = 16,
-    bf16: bool = False,
-    rounds: int = 6,
-    tolerance: float = 0.005,
-) -> dict:
-    """Shift every router bias by one common amount so that the capacity on ``examples`` is ``target``.
-
-    Each round places the keep threshold between the k-th and (k+1)-th largest router logit
-    (k = target * pairs), then re-measures, because a changed decision in one layer changes the
-    inputs of the later layers. Stops within ``tolerance`` or after ``rounds`` shifts.
-    """
-    threshold = math.log(model.mindskip_config.threshold / (1.0 - model.mindskip_config.threshold))
-    total_shift, history = 0.0, []
-    for _ in range(rounds + 1):
-        logits, capacity = router_logits(model, examples, pad_id, batch_size, bf16)
-        history.append(capacity)
-        if abs(capacity - target) <= tolerance or len(history) > rounds:
-            break
-        ordered = torch.sort(logits, descending=True).values
-        k = min(len(ordered), max(1, round(target * len(ordered))))
-        boundary = float(ordered[k - 1]) if k == len(ordered) else float(ordered[k - 1] + ordered[k]) / 2.0
-        if k == len(ordered):
-            boundary -= 1e-3  # keep every pair: put the threshold just under the smallest logit
-        shift = threshold - boundary
-        for router in model.routers.values():
-            router.bias.add_(shift)
-        total_shift += shift
-    return {"bias_shift": total_shift, "capacity": history[-1], "capacity_history": history, "sequences": len(examples)}
+def make_penalty(config: RouterTuningConfig):
+    if config.mode == "target":
+        return CapacityController(config.target_capacity, config.integral_gain, config.proportional_gain)
+    return FixedPenalty(config.l1_lambda)
 
 
 class RouterTuner:
@@ -247,7 +85,6 @@ class RouterTuner:
         self.pad_id = pad_id
         self.progress = progress
         self.device = model_device(model)
-        self.num_layers = len(model.routers)
         self.lengths = [len(e) for e in self.train_examples]
         self.batches_per_epoch = len(length_batches(self.lengths, config.batch_size, shuffle=False))
         steps_per_epoch = max(1, self.batches_per_epoch // config.grad_accum)
@@ -257,11 +94,7 @@ class RouterTuner:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(config.schedule, warmup, self.total_steps)
         )
-        self.controller = (
-            CapacityController(config.target_capacity, config.integral_gain, config.proportional_gain)
-            if config.mode == "target"
-            else None
-        )
+        self.penalty = make_penalty(config)
         self.step = 0
         self._epoch_cache: dict[int, list[list[int]]] = {}
 
@@ -269,7 +102,9 @@ class RouterTuner:
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         if epoch not in self._epoch_cache:
-            self._epoch_cache = {epoch: length_batches(self.lengths, self.config.batch_size, True, self.config.seed + epoch)}
+            self._epoch_cache = {
+                epoch: length_batches(self.lengths, self.config.batch_size, True, self.config.seed + epoch)
+            }
         return self._epoch_cache[epoch]
 
     def micro_batches(self, step: int) -> list[list[int]]:
@@ -301,123 +136,57 @@ class RouterTuner:
         model, c = self.model, self.config
         model.train()
         batches = [collate([self.train_examples[i] for i in idx], self.pad_id) for idx in self.micro_batches(step)]
-        num_seq = sum(b["input_ids"].shape[0] for b in batches)
-        num_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-        num_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-        full_ste = model.mindskip_config.train_all_sequences
-        meter, total_nll, scales, coefficients = CapacityMeter(), 0.0, [], []
+        sequences = sum(b["input_ids"].shape[0] for b in batches)
+        targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        all_sequences = model.mindskip_config.train_all_sequences
+        meter, total_nll, coefficients = CapacityMeter(), 0.0, []
         for batch in batches:
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            record = RoutingRecord()
-            with autocast_for(self.device, c.bf16):
-                logits = model(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                    mindskip_record=record,
-                ).logits
-            nll, _ = token_nll(logits, batch["labels"])
-            gates = record.gates()
-            if len(gates) != self.num_layers:
-                raise RuntimeError(
-                    f"{len(gates)} of {self.num_layers} MindSkip layers recorded a straight-through gate; the model "
-                    "must be in training mode with gradients enabled"
-                )
-            stacked = torch.stack([gates[i] for i in sorted(gates)])  # (layers, batch)
-            capacity = float(stacked.detach().mean())
-            if self.controller is not None:
-                coefficient = self.controller.coefficient(capacity)
-                for gate in gates.values():
-                    gate.retain_grad()
-            else:
-                coefficient = c.l1_lambda
-            per_gate = coefficient / (self.num_layers * num_seq)
-            loss = nll / max(1, num_targets) + per_gate * stacked.sum()
+            loss, stats = router_tuning_loss(
+                model, batch, self.penalty, targets=targets, sequences=sequences, bf16=c.bf16
+            )
             loss.backward()
-            if self.controller is not None:
-                # The task loss's pressure on the gates: their gradient minus the (known) penalty part.
-                # With kept-only training a skipped sequence has no task gradient, so only kept ones count.
-                grads, counted = [], []
-                for idx in sorted(gates):
-                    grads.append(gates[idx].grad - per_gate)
-                    counted.append(torch.ones_like(grads[-1], dtype=torch.bool) if full_ste else record.layers[idx].keep)
-                grads, counted = torch.stack(grads), torch.stack(counted)
-                if counted.any():
-                    scales.append(float(grads.abs()[counted].mean()) * self.num_layers * num_seq)
-            total_nll += float(nll.detach())
-            coefficients.append(coefficient)
-            meter.add(record)
+            self.penalty.observe(stats, all_sequences)
+            total_nll += stats.nll
+            coefficients.append(stats.coefficient)
+            meter.add(stats.record)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.router_parameters(), c.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         step_capacity = meter.overall()
-        if self.controller is not None:
-            if scales:
-                self.controller.observe_scale(sum(scales) / len(scales))
-            self.controller.step(step_capacity)
-        ce = total_nll / max(1, num_targets)
+        self.penalty.end_step(step_capacity)
+        ce = total_nll / max(1, targets)
         return {
             "ce": ce,
-            "loss": ce + self._penalty_value(step_capacity),
+            "loss": ce + self.penalty.value(step_capacity),
             "capacity": step_capacity,
             "capacity_per_layer": meter.summary()["capacity_per_layer"],
             "penalty_coefficient": sum(coefficients) / len(coefficients),
             "grad_norm": float(grad_norm),
-            "tokens": num_tokens,
-            "sequences": num_seq,
+            "tokens": tokens,
+            "sequences": sequences,
         }
-
-    def _penalty_value(self, capacity: float) -> float:
-        """The penalty term's value: lambda*c, or the augmented Lagrangian s*(mu*(c-t) + kp/2*(c-t)^2)."""
-        if self.controller is None:
-            return self.config.l1_lambda * capacity
-        ctl = self.controller
-        if ctl.scale is None:
-            return 0.0
-        gap = capacity - ctl.target
-        return ctl.scale * (ctl.integral * gap + 0.5 * ctl.kp * gap * gap)
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _checkpoint_root(self) -> Path:
-        return self.output_dir / CHECKPOINT_DIR
-
     def save_checkpoint(self) -> Path:
-        """Write routers + optimizer/scheduler/controller state to a fresh folder, then point ``latest`` at it.
-
-        Every file is written atomically and ``latest`` moves only after the folder is complete,
-        so a crash at any moment leaves the previous checkpoint usable.
-        """
-        root = self._checkpoint_root()
-        folder = root / f"step-{self.step:08d}"
-        self.model.save_pretrained(folder)
+        """Routers + optimizer/scheduler/penalty state, atomically (see :mod:`.checkpoint`)."""
         state = {
-            "step": self.step,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "controller": self.controller.state_dict() if self.controller is not None else None,
+            "controller": self.penalty.state_dict(),
             "fingerprint": self._fingerprint(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "python_rng": random.getstate(),
         }
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        atomic_write_bytes(folder / STATE_NAME, buffer.getvalue())
-        atomic_write_bytes(root / LATEST_NAME, folder.name.encode())
-        for old in root.glob("step-*"):
-            if old.is_dir() and old.name != folder.name:
-                shutil.rmtree(old, ignore_errors=True)
-        return folder
+        return save_checkpoint(self.output_dir, self.step, self.model, state)
 
     def load_checkpoint(self) -> bool:
         """Resume from ``output_dir/checkpoints/latest``; False when there is none."""
-        root = self._checkpoint_root()
-        latest = root / LATEST_NAME
-        if not latest.is_file():
+        found = load_checkpoint(self.output_dir)
+        if found is None:
             return False
-        folder = root / latest.read_text().strip()
-        _, routers = read_router_directory(folder)
-        state = torch.load(folder / STATE_NAME, map_location="cpu", weights_only=True)
+        folder, routers, state = found
         if state["fingerprint"] != self._fingerprint():
             changed = sorted(k for k in state["fingerprint"] if state["fingerprint"][k] != self._fingerprint().get(k))
             raise ValueError(
@@ -427,12 +196,8 @@ class RouterTuner:
         self.model.load_router_state_dict(routers)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        if self.controller is not None:
-            self.controller.load_state_dict(state["controller"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        random.setstate(state["python_rng"])
+        self.penalty.load_state_dict(state["controller"] or {})
+        set_rng_state(state)
         self.step = int(state["step"])
         return True
 
@@ -460,7 +225,9 @@ class RouterTuner:
         if self.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=self.total_steps, initial=self.step, desc="router-tuning", unit="step", dynamic_ncols=True)
+            bar = tqdm(
+                total=self.total_steps, initial=self.step, desc="router-tuning", unit="step", dynamic_ncols=True
+            )
         started = time.perf_counter()
         window_tokens, window_time, total_tokens, step_seconds, last = 0, 0.0, 0, 0.0, None
         try:
@@ -490,9 +257,9 @@ class RouterTuner:
                         **{k: v for k, v in stats.items() if k not in ("tokens", "sequences")},
                         "tokens_per_s": window_tokens / max(window_time, 1e-9),
                     }
-                    if self.controller is not None:
-                        entry["multiplier"] = self.controller.integral
-                        entry["gate_pressure"] = self.controller.scale
+                    if isinstance(self.penalty, CapacityController):
+                        entry["multiplier"] = self.penalty.integral
+                        entry["gate_pressure"] = self.penalty.scale
                     self._log(entry)
                     window_tokens, window_time = 0, 0.0
                 if c.eval_every and self.step % c.eval_every == 0 and self.step < self.total_steps:
@@ -505,7 +272,7 @@ class RouterTuner:
                 bar.close()
         train_seconds = time.perf_counter() - started
         calibration = None
-        if self.controller is not None and c.calibrate:
+        if c.mode == "target" and c.calibrate:
             calibration_examples = self.train_examples[: c.calibration_sequences]
             calibration = calibrate_capacity(
                 self.model, calibration_examples, c.target_capacity, self.pad_id, c.eval_batch_size, c.bf16
@@ -537,7 +304,7 @@ class RouterTuner:
             "config": asdict(c),
         }
         self._log({"step": self.step, "final": True, "calibration": calibration, "heldout": heldout})
-        atomic_write_bytes(self.output_dir / SUMMARY_NAME, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
+        atomic_write_json(self.output_dir / SUMMARY_NAME, summary)
         if not c.keep_checkpoints:
-            shutil.rmtree(self._checkpoint_root(), ignore_errors=True)
+            remove_checkpoints(self.output_dir)
         return summary

@@ -1,0 +1,66 @@
+"""``mindskip eval``: perplexity and capacity on a dataset, and stock lm-eval tasks with the capacity per task."""
+
+from __future__ import annotations
+
+from .common import add_common, add_data_args, add_model_args, add_router_args, emit_json, load_for_eval, say
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="Perplexity and capacity on a dataset, and/or lm-eval tasks with capacity per task.",
+        description="Evaluate a model with MindSkip routers (--routers; a router directory from `train` or `drop`) "
+        "or without (dense baseline). --data: perplexity (text is cut into --max-length blocks, instructions "
+        "are scored on their responses) with per-layer and overall capacity. --tasks: stock lm-eval tasks "
+        "('paper' = the paper's tasks and shot counts; 'name' or 'name:shots', comma-separated).",
+    )
+    add_model_args(p)
+    add_router_args(p)
+    add_data_args(p, False, "Perplexity data: .json/.jsonl/.parquet/.txt file, folder, or hub dataset name.")
+    p.add_argument("--tasks", default=None, help="lm-eval tasks: 'paper', or e.g. 'piqa,boolq' / 'mmlu:5,piqa:0'.")
+    p.add_argument("--num-fewshot", type=int, default=None, help="Shots for tasks given without ':shots'.")
+    p.add_argument("--limit", type=float, default=None, help="lm-eval: at most N documents per task (or a fraction).")
+    p.add_argument("--include-path", default=None, help="lm-eval: folder of extra task YAMLs (local tasks).")
+    p.add_argument("--no-default-tasks", action="store_true", help="lm-eval: index only --include-path (faster).")
+    p.add_argument("--batch-size", type=int, default=8)
+    add_common(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..devices import pick_device
+    from ..eval.perplexity import evaluate_dataset
+
+    if not args.data and not args.tasks:
+        raise ValueError("give --data (perplexity), --tasks (lm-eval), or both")
+    if args.limit is not None and args.limit > 1:
+        args.limit = int(args.limit)
+    model, tokenizer = load_for_eval(args)
+    result: dict = {"command": "eval", "routers": args.routers}
+    bf16 = pick_device(args.device).type == "cuda"
+    if args.data:
+        ppl = evaluate_dataset(
+            model, tokenizer, args.data, args.max_length, args.batch_size, args.data_split, args.data_config,
+            args.max_records, bf16=bf16, progress=not args.no_progress,
+        )
+        say(f"perplexity {ppl['perplexity']:.4f} (loss {ppl['loss']:.4f}) over {ppl['target_tokens']} tokens, "
+            f"{ppl['sequences']} sequences")
+        if ppl["capacity"] is not None:
+            say(f"capacity {ppl['capacity']:.4f}; per layer: "
+                + ", ".join(f"{k}: {v:.3f}" for k, v in ppl["capacity_per_layer"].items()))
+        result.update({k: ppl[k] for k in ("perplexity", "loss", "target_tokens", "sequences", "capacity",
+                                           "capacity_per_layer", "skipped_layers_per_sequence")})
+    if args.tasks:
+        from ..eval.harness import parse_tasks, run_lm_eval
+
+        report = run_lm_eval(
+            model, tokenizer, parse_tasks(args.tasks, args.num_fewshot), batch_size=args.batch_size, limit=args.limit,
+            include_path=args.include_path, include_defaults=not args.no_default_tasks,
+        )
+        for name, entry in report["tasks"].items():
+            score = f"{entry['metric']} {entry['score']:.4f}" if "score" in entry else "no score"
+            capacity = "dense" if entry["capacity"] is None else f"capacity {entry['capacity']:.4f}"
+            say(f"{name} ({entry['num_fewshot']}-shot): {score}, {capacity}")
+        result["tasks"] = report["tasks"]
+    emit_json(result)
+    return 0

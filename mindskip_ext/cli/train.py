@@ -1,0 +1,85 @@
+"""``mindskip train``: Router-Tuning of a model's MindSkip routers on instruction, chat or text data."""
+
+from __future__ import annotations
+
+from ..config import MindSkipConfig
+from ..training.config import RouterTuningConfig
+from .common import add_common, add_data_args, add_model_args, emit_json, say
+from .options import add_options, from_options
+
+# Settings that are not the run's own: the device/dtype come from --device/--dtype, the packed path from the model.
+EXCLUDED = {MindSkipConfig: ("packed_attention",)}
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="Router-Tuning: train only the MindSkip routers of a frozen model.",
+        description="Convert a model to MindSkip and train only its routers on instruction/chat/text data. "
+        "With --target-capacity the capacity is controlled to the target and calibrated at the end; "
+        "--l1-lambda uses the paper's fixed-lambda L1 penalty instead. Writes a router directory "
+        "(mindskip_config.json + routers.safetensors), train_log.jsonl and training_summary.json to --output.",
+    )
+    add_model_args(p)
+    add_data_args(p, True, "Training data: .json/.jsonl/.parquet/.txt file, folder, or hub dataset name.")
+    p.add_argument("--output", required=True, help="Router directory to write.")
+    p.add_argument("--heldout-data", default=None, help="Separate held-out data (default: a split of --data).")
+    p.add_argument("--resume", action="store_true", help="Continue from --output/checkpoints/latest when present.")
+    add_options(p, RouterTuningConfig, exclusive_required=("target_capacity", "l1_lambda"))
+    add_options(p, MindSkipConfig, exclude=EXCLUDED[MindSkipConfig])
+    add_common(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from .. import data as D
+    from ..devices import pick_device, pick_dtype
+    from ..loading import load_tokenizer, load_weights
+    from ..model import get_mindskip_model
+    from ..training import RouterTuner
+
+    config = from_options(RouterTuningConfig, args)
+    ms_config = from_options(MindSkipConfig, args)
+    device = pick_device(args.device)
+    # Everything that can be wrong with the input is checked before the weights load.
+    path, tokenizer = load_tokenizer(args.model)
+    prepared = D.load_examples(
+        args.data, tokenizer, args.max_length, args.data_split, args.data_config, args.max_records
+    )
+    if args.heldout_data:
+        train = prepared.examples
+        heldout = D.load_examples(args.heldout_data, tokenizer, args.max_length).examples
+    else:
+        train, heldout = D.split_heldout(prepared.examples, config.heldout_fraction, config.seed)
+    model = load_weights(path, device, pick_dtype(args.dtype, device), args.attn_implementation)
+    mindskip = get_mindskip_model(model, ms_config)
+    trainable, total = mindskip.get_nb_trainable_parameters()
+    say(
+        f"MindSkip layers {sorted(mindskip.routers)} ({ms_config.granularity}); trainable {trainable:,} of {total:,} "
+        f"parameters ({100 * trainable / total:.4f}%); {len(train)} training / {len(heldout)} held-out sequences"
+    )
+    tuner = RouterTuner(
+        mindskip, train, heldout, config, args.output, D.pad_token_id(tokenizer), progress=not args.no_progress
+    )
+    summary = tuner.train(resume=args.resume)
+    held = summary["heldout"]
+    say(f"held-out: loss {held['loss']:.4f}, perplexity {held['perplexity']:.3f}, capacity {held['capacity']:.4f}")
+    say("capacity per layer: " + ", ".join(f"{k}: {v:.3f}" for k, v in held["capacity_per_layer"].items()))
+    say(f"routers: {args.output} ({summary['router_file_bytes']} bytes of weights)")
+    emit_json(
+        {
+            "command": "train",
+            "capacity": held["capacity"],
+            "capacity_per_layer": held["capacity_per_layer"],
+            "target_capacity": config.target_capacity,
+            "calibrated_capacity": summary["calibration"]["capacity"] if summary["calibration"] else None,
+            "loss": held["loss"],
+            "perplexity": held["perplexity"],
+            "train_loss": summary["last_step"]["ce"] if summary["last_step"] else None,
+            "steps": summary["steps"],
+            "train_tokens_per_s": summary["train_tokens_per_s"],
+            "router_dir": str(args.output),
+            "router_file_bytes": summary["router_file_bytes"],
+        }
+    )
+    return 0

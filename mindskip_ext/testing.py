@@ -1,0 +1,258 @@
+"""Tiny models, small built-in tasks and a word-level tokenizer: what the tests, the demo and the benchmarks
+build instead of downloading (no model hub is needed).
+
+    tokenizer = train_word_tokenizer(tokenizer_corpus(records))
+    model = tiny_model("llama", tokenizer=tokenizer, layers=8)           # random weights, eval mode
+    model = random_model(llama_config(hidden_size=4096, ...), device="cuda", dtype=torch.bfloat16)
+
+Models are built from configs with seeded random weights, directly on the requested device.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+
+import torch
+
+from .data import (
+    ALPACA_PROMPT,
+    ALPACA_PROMPT_WITH_INPUT,
+    PLAIN_CHAT_HEADER,
+    PLAIN_CHAT_ROLES,
+    collate,
+    length_batches,
+    pad_token_id,
+    prepare_examples,
+    record_format,
+    record_messages,
+)
+
+# ----------------------------------------------------------------------------------- models
+
+
+def tiny_config(
+    model_type: str = "llama",
+    *,
+    vocab_size: int = 128,
+    layers: int = 4,
+    hidden: int = 32,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int | None = None,
+    max_position_embeddings: int = 256,
+    tokenizer=None,
+    **overrides,
+):
+    """A small config of ``model_type`` (llama, mistral, qwen2, qwen3); the vocabulary and special ids follow
+    ``tokenizer`` when given (else pad 0, BOS 1, EOS 2). ``overrides`` are further config fields."""
+    from transformers import AutoConfig
+
+    kwargs = dict(
+        vocab_size=len(tokenizer) if tokenizer is not None else vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate or 2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id if tokenizer is not None else 0,
+        bos_token_id=tokenizer.bos_token_id if tokenizer is not None else 1,
+        eos_token_id=tokenizer.eos_token_id if tokenizer is not None else 2,
+        tie_word_embeddings=False,
+    )
+    if model_type == "qwen3":
+        kwargs["head_dim"] = hidden // heads
+    kwargs.update(overrides)
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def random_model(config, *, attn: str = "sdpa", dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0):
+    """A causal LM of ``config`` with seeded random weights, built directly on ``device`` (eval mode)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+    return model.eval()
+
+
+def tiny_model(model_type: str = "llama", *, attn: str = "sdpa", dtype: torch.dtype = torch.float32, device="cpu",
+               seed: int = 0, **config_kwargs):
+    """:func:`random_model` of :func:`tiny_config`."""
+    return random_model(tiny_config(model_type, **config_kwargs), attn=attn, dtype=dtype, device=device, seed=seed)
+
+
+def word_llama(tokenizer, *, intermediate: int = 256, max_position_embeddings: int = 256, seed: int = 0):
+    """The demo's untrained tiny Llama (8 layers, hidden 64, sdpa), sized to a word tokenizer."""
+    return tiny_model("llama", tokenizer=tokenizer, layers=8, hidden=64, intermediate=intermediate,
+                      max_position_embeddings=max_position_embeddings, seed=seed)
+
+
+def train_tiny_model(records: list[dict], steps: int = 800, seed: int = 0, progress: bool = True):
+    """A tiny Llama (8 layers, hidden 64) with a word tokenizer, trained for ``steps`` on ``records``."""
+    from .eval.perplexity import token_nll
+
+    tokenizer = train_word_tokenizer(tokenizer_corpus(records))
+    model = word_llama(tokenizer, seed=seed)
+    examples = prepare_examples(tokenizer, records, 128).examples
+    pad = pad_token_id(tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    order: list[list[int]] = []
+    epoch = 0
+    while len(order) < steps:
+        order += length_batches([len(e) for e in examples], 32, shuffle=True, seed=seed + epoch)
+        epoch += 1
+    model.train()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="training the tiny model", unit="step", leave=False)
+    for index in order[:steps]:
+        batch = collate([examples[i] for i in index], pad)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        nll, count = token_nll(logits, batch["labels"])
+        (nll / count).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return model.eval(), tokenizer
+
+
+# ----------------------------------------------------------------------------------- built-in tasks
+
+_COLORS = ["red", "blue", "green", "black", "white", "yellow", "pink", "brown"]
+_ANIMALS = ["cat", "dog", "bird", "fish", "horse", "mouse", "cow", "fox", "bear", "duck"]
+_FRUITS = ["apple", "pear", "plum", "grape", "lemon", "melon", "peach", "cherry"]
+_WORDS = _ANIMALS + _FRUITS
+
+
+def _task_reverse(rng):
+    items = rng.sample(_WORDS, rng.randint(3, 6))
+    return "Reverse the order of the words.", " ".join(items), " ".join(reversed(items))
+
+
+def _task_copy(rng):
+    items = [rng.choice(_WORDS) for _ in range(rng.randint(3, 6))]
+    return "Repeat the words exactly.", " ".join(items), " ".join(items)
+
+
+def _task_sort(rng):
+    nums = [rng.randint(0, 20) for _ in range(rng.randint(3, 6))]
+    return "Sort the numbers from smallest to largest.", " ".join(map(str, nums)), " ".join(map(str, sorted(nums)))
+
+
+def _task_max(rng):
+    nums = rng.sample(range(21), rng.randint(3, 6))
+    return "What is the largest number?", " ".join(map(str, nums)), str(max(nums))
+
+
+def _task_add(rng):
+    a, b = rng.randint(0, 10), rng.randint(0, 10)
+    return "Add the two numbers.", f"{a} {b}", str(a + b)
+
+
+def _task_first(rng):
+    items = rng.sample(_WORDS, rng.randint(3, 6))
+    return "What is the first word?", " ".join(items), items[0]
+
+
+def _task_last(rng):
+    items = rng.sample(_WORDS, rng.randint(3, 6))
+    return "What is the last word?", " ".join(items), items[-1]
+
+
+def _task_count(rng):
+    items = [rng.choice(_WORDS) for _ in range(rng.randint(1, 8))]
+    return "How many words are there?", " ".join(items), str(len(items))
+
+
+def _task_color(rng):
+    color, animal = rng.choice(_COLORS), rng.choice(_ANIMALS)
+    return "Which color is mentioned?", f"the {animal} is {color}", color
+
+
+def _task_fruits(rng):
+    items = rng.sample(_WORDS, rng.randint(3, 6))
+    fruits = [w for w in items if w in _FRUITS]
+    return "List the fruits.", " ".join(items), " ".join(fruits) if fruits else "none"
+
+
+_SYNTHETIC_TASKS = (
+    _task_reverse, _task_copy, _task_sort, _task_max, _task_add,
+    _task_first, _task_last, _task_count, _task_color, _task_fruits,
+)
+
+
+def synthetic_instructions(n: int, seed: int = 0) -> list[dict]:
+    """``n`` Alpaca-style records from ten small word and number tasks (copy, reverse, sort, ...).
+
+    The package's built-in offline data: deterministic for a seed, learnable by a tiny model in
+    seconds, and most tasks need attention (the answer is elsewhere in the sequence).
+    """
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        instruction, input_text, output = rng.choice(_SYNTHETIC_TASKS)(rng)
+        records.append({"instruction": instruction, "input": input_text, "output": output})
+    return records
+
+
+WORD_TOKENIZER_SPECIALS = ("<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>")
+WORD_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+def train_word_tokenizer(texts: Iterable[str], chat_template: bool = True):
+    """A small lower-cased word-level tokenizer trained on ``texts`` (for tiny offline models).
+
+    BOS is added in front of plain text; with ``chat_template`` it gets a minimal template
+    (``<|role|> content </s>`` turns), otherwise it has none and the plain prompt format is used.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    core.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=list(WORD_TOKENIZER_SPECIALS)))
+    bos = core.token_to_id("<s>")
+    core.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        additional_special_tokens=list(WORD_TOKENIZER_SPECIALS[4:]),
+    )
+    if chat_template:
+        tokenizer.chat_template = WORD_CHAT_TEMPLATE
+    return tokenizer
+
+
+def tokenizer_corpus(records: Iterable[dict]) -> list[str]:
+    """Every string a word tokenizer needs for ``records`` in either prompt format."""
+    texts = [
+        ALPACA_PROMPT,
+        ALPACA_PROMPT_WITH_INPUT,
+        *(PLAIN_CHAT_HEADER.format(role=r) for r in PLAIN_CHAT_ROLES.values()),
+    ]
+    for record in records:
+        kind = record_format(record)
+        if kind == "text":
+            texts.append(record["text"])
+        elif kind is not None:
+            texts.extend(m["content"] for m in record_messages(record, kind))
+    return texts

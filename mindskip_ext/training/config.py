@@ -1,0 +1,99 @@
+"""The settings of one Router-Tuning run.
+
+Every field carries its help text (``metadata["help"]``); ``mindskip train`` builds its options from these
+fields (see :mod:`mindskip_ext.cli.options`), so a default or a choice is written down once, here. A field's
+``metadata`` may also name its command-line ``flag`` (default: ``--field-name``) and mark a boolean that
+defaults to True as ``negated`` (the flag turns it off, e.g. ``--no-bf16``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class RouterTuningConfig:
+    """Settings of one Router-Tuning run. Exactly one of ``target_capacity`` and ``l1_lambda``."""
+
+    target_capacity: float | None = field(
+        default=None,
+        metadata={"help": "Kept fraction to land on, in (0, 1]: controlled in training, calibrated at the end."},
+    )
+    l1_lambda: float | None = field(
+        default=None, metadata={"help": "The paper's penalty lambda*mean(keep), with a fixed lambda."}
+    )
+    learning_rate: float = field(
+        default=1e-3, metadata={"help": "Peak AdamW learning rate of the routers.", "flag": "--lr"}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    warmup_ratio: float = field(
+        default=0.05, metadata={"help": "Share of the steps with a linear learning-rate warmup."}
+    )
+    schedule: str = field(
+        default="cosine", metadata={"help": "Learning-rate schedule after the warmup.", "choices": SCHEDULES}
+    )
+    batch_size: int = field(default=8, metadata={"help": "Sequences per micro-batch."})
+    grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    epochs: float = field(default=1.0, metadata={"help": "Passes over the training data (unless --max-steps)."})
+    max_steps: int | None = field(default=None, metadata={"help": "Optimizer steps; overrides --epochs."})
+    heldout_fraction: float = field(
+        default=0.1, metadata={"help": "Share of the data held out for evaluation (without --heldout-data)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the data order, the held-out split and torch."})
+    bf16: bool = field(
+        default=True,
+        metadata={"help": "No bf16 autocast on CUDA (CPU always runs fp32).", "flag": "--no-bf16", "negated": True},
+    )
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the routers' gradient norm to this."})
+    log_every: int = field(default=10, metadata={"help": "Write a training-log line every N steps."})
+    eval_every: int = field(default=0, metadata={"help": "Held-out evaluation every N steps (0: at the end only)."})
+    save_every: int = field(default=100, metadata={"help": "Router checkpoint every N steps (0: never)."})
+    keep_checkpoints: bool = field(default=False, metadata={"help": "Keep the checkpoints after a finished run."})
+    integral_gain: float = field(
+        default=0.1, metadata={"help": "Target mode: dual-ascent step of the capacity multiplier."}
+    )
+    proportional_gain: float = field(
+        default=1.0, metadata={"help": "Target mode: weight of a batch's capacity deviation in the penalty."}
+    )
+    calibrate: bool = field(
+        default=True,
+        metadata={"help": "Target mode: no final router-bias calibration.", "flag": "--no-calibrate", "negated": True},
+    )
+    calibration_sequences: int = field(default=512, metadata={"help": "Training sequences used to calibrate."})
+    eval_batch_size: int = field(default=16, metadata={"help": "Sequences per held-out evaluation batch."})
+
+    def __post_init__(self):
+        if (self.target_capacity is None) == (self.l1_lambda is None):
+            raise ValueError("give exactly one of target_capacity (target control) and l1_lambda (paper's L1 penalty)")
+        if self.target_capacity is not None:
+            t = self.target_capacity
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t <= 1.0 or math.isnan(t):
+                raise ValueError(f"target_capacity must be in (0, 1], got {t!r}")
+            self.target_capacity = float(t)
+        if self.l1_lambda is not None and not self.l1_lambda >= 0.0:
+            raise ValueError(f"l1_lambda must be >= 0, got {self.l1_lambda!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        for name in ("batch_size", "grad_accum", "log_every", "eval_batch_size", "calibration_sequences"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
+        if not self.epochs > 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+
+    @property
+    def mode(self) -> str:
+        return "target" if self.target_capacity is not None else "l1"

@@ -1,0 +1,142 @@
+"""The MindSkip decoder layer: a fresh conversion is the identity, a skipped sublayer is exactly zero, routing is
+per sequence and batch invariant (left and right padding), the packed varlen path equals the gathered path, low
+precision, hooks, and the 2D padding mask it routes on. Tiny models built from configs; no downloads."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import mindskip_ext as msk
+from mindskip_ext.attention import best_fast_backend
+
+from tiny import ATTN_IMPLS, GRANULARITIES, MODEL_TYPES, VOCAB, logits_of, padded_batch, randomize_routers, tiny_lm
+
+pytestmark = pytest.mark.hf
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("attn", ATTN_IMPLS)
+def test_fresh_conversion_is_identity(model_type, granularity, attn):
+    model = tiny_lm(model_type, attn)
+    _, ids, mask = padded_batch([5, 9, 7])
+    ref = logits_of(model, ids, mask)
+    wrapped = msk.get_mindskip_model(model, msk.MindSkipConfig(granularity=granularity))
+    assert torch.equal(logits_of(wrapped, ids, mask), ref)
+    assert all(c == 1.0 for c in wrapped.last_capacity.values())
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("attn", ATTN_IMPLS)
+def test_forced_skip_equals_zeroed_sublayer(model_type, granularity, attn):
+    layer = 2
+    model = tiny_lm(model_type, attn)
+    _, ids, mask = padded_batch([6, 8])
+    reference = copy.deepcopy(model)
+    decoder_layer = reference.model.layers[layer]
+    handles = []
+    if granularity in ("attn", "block"):
+        handles.append(
+            decoder_layer.self_attn.register_forward_hook(lambda m, a, out: (torch.zeros_like(out[0]), out[1]))
+        )
+    if granularity in ("mlp", "block"):
+        handles.append(decoder_layer.mlp.register_forward_hook(lambda m, a, out: torch.zeros_like(out)))
+    expected = logits_of(reference, ids, mask)
+
+    wrapped = msk.get_mindskip_model(model, msk.MindSkipConfig(granularity=granularity, layers=[layer]))
+    with torch.no_grad():
+        wrapped.routers[layer].bias.fill_(-10.0)
+    got = logits_of(wrapped, ids, mask)
+    assert wrapped.last_capacity == {layer: 0.0}
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    # Skipping really changes the output (the test would be vacuous otherwise).
+    assert not torch.allclose(got, logits_of(copy.deepcopy(wrapped).unload(), ids, mask))
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_mixed_decisions_are_batch_invariant_logits(model_type, granularity, side):
+    model = msk.get_mindskip_model(tiny_lm(model_type), msk.MindSkipConfig(granularity=granularity))
+    randomize_routers(model)
+    lengths = [7, 12, 3, 9, 12, 5]
+    seqs, ids, mask = padded_batch(lengths, side)
+    batched = logits_of(model, ids, mask)
+    capacity = model.last_capacity
+    assert any(0.0 < c < 1.0 for c in capacity.values()), capacity
+    width = ids.shape[1]
+    for i, s in enumerate(seqs):
+        alone = logits_of(model, s[None])
+        span = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        torch.testing.assert_close(batched[i, span], alone[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_packed_path_matches_gathered_path(model_type):
+    base = tiny_lm(model_type)
+    gathered = msk.get_mindskip_model(copy.deepcopy(base), msk.MindSkipConfig(packed_attention="off"))
+    packed = msk.get_mindskip_model(copy.deepcopy(base), msk.MindSkipConfig(packed_attention="on"))
+    randomize_routers(gathered)
+    randomize_routers(packed)
+    _, ids, mask = padded_batch([7, 12, 3, 9, 12, 5], "left")
+    ref = logits_of(gathered, ids, mask)
+    got = logits_of(packed, ids, mask)
+    assert packed.last_capacity == gathered.last_capacity
+    real = mask.bool()
+    torch.testing.assert_close(got[real], ref[real], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_identity_and_skipping(dtype):
+    model = tiny_lm("llama", dtype=dtype)
+    _, ids, mask = padded_batch([5, 9, 7])
+    ref = logits_of(model, ids, mask)
+    wrapped = msk.get_mindskip_model(model)
+    assert torch.equal(logits_of(wrapped, ids, mask), ref)
+    randomize_routers(wrapped)
+    out = logits_of(wrapped, ids, mask)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert any(0.0 < c < 1.0 for c in wrapped.last_capacity.values())
+
+
+def test_output_hidden_states_include_mindskip_layers():
+    model = tiny_lm("llama")
+    ids = torch.randint(1, VOCAB, (2, 6))
+    with torch.no_grad():
+        ref = model(input_ids=ids, output_hidden_states=True).hidden_states
+    wrapped = msk.get_mindskip_model(model)
+    with torch.no_grad():
+        got = wrapped(input_ids=ids, output_hidden_states=True).hidden_states
+    assert len(got) == len(ref)
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_flash_varlen_path_matches_sdpa_path():
+    if best_fast_backend(torch.device("cuda"), torch.bfloat16) is None:
+        pytest.skip("no varlen FlashAttention kernel on this machine")
+    base = tiny_lm("llama", hidden=64, dtype=torch.bfloat16).cuda()
+    sdpa = msk.get_mindskip_model(copy.deepcopy(base), msk.MindSkipConfig(packed_attention="off"))
+    flash = msk.get_mindskip_model(copy.deepcopy(base), msk.MindSkipConfig(packed_attention="auto"))
+    randomize_routers(sdpa)
+    randomize_routers(flash)
+    _, ids, mask = padded_batch([37, 64, 11, 50], "left")
+    ids, mask = ids.cuda(), mask.cuda()
+    ref, got = logits_of(sdpa, ids, mask).float(), logits_of(flash, ids, mask).float()
+    real = mask.bool()
+    assert flash.last_capacity == sdpa.last_capacity
+    err = (got[real] - ref[real]).norm() / ref[real].norm()
+    assert err < 2e-2
+
+
+def test_prepared_4d_mask_is_rejected():
+    wrapped = msk.get_mindskip_model(tiny_lm("llama"))
+    ids = torch.randint(1, VOCAB, (2, 5))
+    mask4d = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+    with pytest.raises(ValueError, match="2D padding mask"):
+        wrapped(input_ids=ids, attention_mask=mask4d)
