@@ -118,7 +118,9 @@ class CapacityMeter:
 class ForwardState:
     """Per-call data the patched decoder forward hands to its MindSkip layers."""
 
-    def __init__(self, attention_mask: torch.Tensor | None, num_tokens: int, record: RoutingRecord):
+    def __init__(
+        self, attention_mask: torch.Tensor | None, num_tokens: int, record: RoutingRecord, bypass: bool = False
+    ):
         if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):
             shape = (
                 tuple(attention_mask.shape)
@@ -132,6 +134,8 @@ class ForwardState:
         self._attention_mask = attention_mask
         self._num_tokens = num_tokens
         self.record = record
+        # Every MindSkip layer runs its original layer, unrouted (a self-distillation teacher, a dense reference).
+        self.bypass = bypass
 
     @functools.cached_property
     def padding_mask(self) -> torch.Tensor | None:
@@ -308,6 +312,12 @@ class MindSkipDecoderLayer(nn.Module):
         # The stock decoder passes the KV cache as `cache` (transformers >= 5.24) or `past_key_values`.
         cache = pop_cache(kwargs)
         state: ForwardState | None = kwargs.pop(STATE_KWARG, None)
+        if state is not None and state.bypass:
+            base = self.base_layer
+            return base(
+                hidden_states, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,
+                position_embeddings=position_embeddings, **cache_kwargs(base, cache), **kwargs,
+            )
         if hidden_states.dim() != 3:
             raise ValueError(f"hidden_states must be (batch, seq, hidden), got shape {tuple(hidden_states.shape)}")
         x = hidden_states

@@ -32,6 +32,9 @@ from .layer import STATE_KWARG, ForwardState, MindSkipDecoderLayer, RoutingRecor
 CONFIG_NAME = "mindskip_config.json"
 WEIGHTS_NAME = "routers.safetensors"
 RECORD_KWARG = "mindskip_record"
+# ``model(..., mindskip_bypass=True)`` runs every MindSkip layer's original layer: the unconverted model's
+# output, from the same weights (the self-distillation teacher of Router-Tuning).
+BYPASS_KWARG = "mindskip_bypass"
 
 
 def _model_signature(hf_model) -> dict:
@@ -52,12 +55,13 @@ def _patch_decoder_forward(decoder: nn.Module, owner: MindSkipModel) -> None:
     @functools.wraps(type(decoder).forward)
     def forward(self, *args, **kwargs):
         record = kwargs.pop(RECORD_KWARG, None) or RoutingRecord()
+        bypass = bool(kwargs.pop(BYPASS_KWARG, False))
         bound = signature.bind_partial(self, *args, **kwargs).arguments
         tokens = bound.get("input_ids")
         if tokens is None:
             tokens = bound.get("inputs_embeds")
         num_tokens = tokens.shape[1] if tokens is not None else 0
-        kwargs[STATE_KWARG] = ForwardState(bound.get("attention_mask"), num_tokens, record)
+        kwargs[STATE_KWARG] = ForwardState(bound.get("attention_mask"), num_tokens, record, bypass=bypass)
         out = inner(*args, **kwargs)
         mindskip = owner_ref()
         if mindskip is not None and record.layers:

@@ -87,6 +87,42 @@ def test_eval_reports_perplexity_and_capacity(model_dir, data_file, trained):
     assert code == 0 and last_json(stdout)["capacity"] is None  # no routers: the dense model
 
 
+def test_train_mixes_sources_with_kd_and_redundancy_init(model_dir, data_file, tmp_path):
+    code, stdout, _ = run_cli(
+        "train", "--model", model_dir, "--data", data_file, "--data", str(DATA_DIR / "alpaca_small.json"),
+        "--data-weights", "3,1", "--target-capacity", "0.5", "--loss", "kd", "--router-init", "redundancy",
+        "--output", str(tmp_path), "--max-steps", "12", "--batch-size", "16", "--no-progress",
+    )
+    assert code == 0
+    summary = json.loads((tmp_path / "training_summary.json").read_text())
+    assert summary["config"]["loss"] == "kd" and summary["config"]["router_init"] == "redundancy"
+    assert len(summary["router_init"]["skipped_layers"]) == 2  # half of the 4 MindSkip layers start skipped
+    assert "kd" in summary["last_step"] and last_json(stdout)["steps"] == 12
+    code, _, err = run_cli("train", "--model", model_dir, "--data", data_file, "--data-weights", "1,1",
+                           "--target-capacity", "0.5", "--output", str(tmp_path / "x"))
+    assert code == 1 and "1 data sources but 2 weights" in err
+
+
+def test_eval_routing_report_and_static_projection(model_dir, data_file, trained):
+    out, _ = trained
+    common = ["eval", "--model", model_dir, "--routers", str(out), "--data", data_file, "--max-records", "200",
+              "--no-progress"]
+    code, stdout, _ = run_cli(*common, "--routing-report")
+    assert code == 0
+    routed = last_json(stdout)
+    report = routed["routing"]
+    assert set(report["layers"]) == set(routed["capacity_per_layer"])
+    assert report["skipped_layers_per_sequence"] == pytest.approx(routed["skipped_layers_per_sequence"], abs=1e-5)
+    assert "decide otherwise" in stdout
+    code, stdout, _ = run_cli(*common, "--static-projection")
+    assert code == 0
+    static = last_json(stdout)
+    dropped = static["routing"]["static_projection"]["dropped_layers"]
+    assert all(static["capacity_per_layer"][str(i)] == (0.0 if i in dropped else 1.0) for i in range(3, 7))
+    code, _, err = run_cli("eval", "--model", model_dir, "--data", data_file, "--static-projection")
+    assert code == 1 and "need --routers and --data" in err
+
+
 def test_eval_runs_a_local_lm_eval_task(model_dir, trained, monkeypatch):
     out, _ = trained
     monkeypatch.chdir(DATA_DIR / "lm_eval_tasks")
@@ -153,7 +189,7 @@ def test_generate_shows_skipped_layers(model_dir, trained):
 def test_bad_input_is_one_readable_line(model_dir, data_file, tmp_path):
     gpt2 = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(gpt2)
-    (tmp_path / "odd.jsonl").write_text('{"question": "q", "answer": "a"}\n')
+    (tmp_path / "odd.jsonl").write_text('{"query": "q", "response": "a"}\n')
     train = ["train", "--model", model_dir, "--data", data_file, "--output", str(tmp_path / "o"), "--no-progress"]
     cases = [
         (train + ["--target-capacity", "1.5"], r"target_capacity must be in \(0, 1\]"),

@@ -88,6 +88,49 @@ def test_malformed_json_names_the_file_line_and_column(tmp_path):
     assert D.json_problem(tmp_path / "fine.jsonl") is None
 
 
+def test_question_answer_records_are_instructions(tok, plain_tok):
+    qa = {"question": "How many legs has a cat?", "answer": "Four. #### 4"}
+    alpaca = {"instruction": qa["question"], "output": qa["answer"]}
+    assert D.record_format(qa) == "qa"
+    for tokenizer in (tok, plain_tok):
+        got = D.prepare_examples(tokenizer, [qa], 128)
+        assert got.stats["formats"] == {"qa": 1}
+        assert got.examples == D.prepare_examples(tokenizer, [alpaca], 128).examples
+
+
+def test_mixture_follows_the_weights_and_repeats_a_small_source():
+    big = [D.Example([1, i], [1, i]) for i in range(90)]
+    small = [D.Example([2, i], [2, i]) for i in range(10)]
+    mixed = D.mix_examples([big, small], [0.5, 0.5], seed=0)
+    assert len(mixed) == 100
+    assert sum(e.input_ids[0] == 2 for e in mixed) == 50  # the small source is repeated, every item 5 times
+    assert {tuple(e.input_ids) for e in mixed if e.input_ids[0] == 2} == {tuple(e.input_ids) for e in small}
+    assert mixed == D.mix_examples([big, small], [0.5, 0.5], seed=0) != D.mix_examples([big, small], [1, 1], seed=1)
+    assert all(e.input_ids[0] == 1 for e in D.mix_examples([big, small], [1.0, 0.0]))
+    sized = D.mix_examples([big, small], [3, 1], total=40)
+    assert len(sized) == 40 and sum(e.input_ids[0] == 2 for e in sized) == 10
+    for weights, message in (([1.0], "2 data sources but 1 weights"), ([0.0, 0.0], "positive sum"),
+                             ([1.0, -1.0], ">= 0")):
+        with pytest.raises(D.DataError, match=message):
+            D.mix_examples([big, small], weights)
+    with pytest.raises(D.DataError, match="data source 2 has no examples"):
+        D.mix_examples([big, []], [1.0, 1.0])
+
+
+def test_training_data_from_several_sources(tok):
+    train, held, stats = D.load_training_data([str(ALPACA), str(CHAT)], tok, 128, heldout_fraction=0.25, seed=0)
+    assert [s["records"] for s in stats] == [30, 8]
+    assert len(held) == sum(s["heldout_examples"] for s in stats) and held
+    assert len(train) == sum(s["train_examples"] for s in stats)
+    weighted, held_w, stats_w = D.load_training_data([str(ALPACA), str(CHAT)], tok, 128, weights=[1.0, 3.0],
+                                                     heldout_fraction=0.25, seed=0)
+    assert len(weighted) == len(train) and held_w == held and [s["weight"] for s in stats_w] == [1.0, 3.0]
+    chat_ids = {tuple(e.input_ids) for e in D.load_training_data([str(CHAT)], tok, 128, heldout_fraction=0.25)[0]}
+    assert sum(tuple(e.input_ids) in chat_ids for e in weighted) == round(0.75 * len(weighted))
+    all_train, none_held, _ = D.load_training_data([str(ALPACA)], tok, 128, heldout_fraction=0.0)
+    assert none_held == [] and len(all_train) == stats[0]["examples"]
+
+
 def test_record_formats():
     assert D.record_format({"instruction": "a", "input": "", "output": "b"}) == "alpaca"
     assert D.record_format({"messages": [{"role": "user", "content": "x"}]}) == "chat"
@@ -175,8 +218,8 @@ def test_truncation_and_stats(tok):
 
 
 def test_errors_before_training(tok):
-    with pytest.raises(D.DataError, match="record 1 has none of the known fields.*'question'"):
-        D.prepare_examples(tok, [{"text": "ok"}, {"question": "q", "answer": "a"}], 64)
+    with pytest.raises(D.DataError, match="record 1 has none of the known fields.*'query'"):
+        D.prepare_examples(tok, [{"text": "ok"}, {"query": "q", "response": "a"}], 64)
     records = json.loads(ALPACA.read_text())
     shortest = min(len(e) for e in D.prepare_examples(tok, records, 512).examples)
     with pytest.raises(D.DataError, match="every example is longer than max_length"):

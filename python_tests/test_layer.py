@@ -140,3 +140,19 @@ def test_prepared_4d_mask_is_rejected():
     mask4d = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
     with pytest.raises(ValueError, match="2D padding mask"):
         wrapped(input_ids=ids, attention_mask=mask4d)
+
+
+def test_bypass_runs_the_original_layers_and_records_no_routing():
+    model = tiny_lm("llama")
+    _, ids, mask = padded_batch([5, 9, 7])
+    ref = logits_of(model, ids, mask)
+    wrapped = msk.get_mindskip_model(model)
+    randomize_routers(wrapped)
+    record = msk.RoutingRecord()
+    with torch.no_grad():
+        got = wrapped(input_ids=ids, attention_mask=mask, use_cache=False, mindskip_bypass=True,
+                      mindskip_record=record).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], ref[real], rtol=0, atol=1e-6)
+    assert record.layers == {}
+    assert not torch.allclose(logits_of(wrapped, ids, mask)[real], ref[real])  # the routers do skip otherwise

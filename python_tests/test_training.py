@@ -218,3 +218,78 @@ def test_resume_refuses_a_different_run(tok, split, tmp_path, monkeypatch):
     other = tuner(tok, split, tmp_path, target_capacity=0.5, max_steps=10, save_every=5, batch_size=8)
     with pytest.raises(ValueError, match="batch_size"):
         other.train(resume=True)
+
+
+# ----------------------------------------------------------------------------------- quality levers
+
+
+def test_kd_is_zero_for_equal_distributions_and_the_kl_otherwise():
+    from mindskip_ext.training.loss import distillation_kl
+
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 7, generator=gen), torch.randn(2, 5, 7, generator=gen)
+    labels = torch.tensor([[1, 2, -100, 4, 5], [1, -100, -100, 3, 3]])
+    same, count = distillation_kl(student, student, labels)
+    assert count == 5 and same.item() == pytest.approx(0.0, abs=1e-6)
+    covered = labels[:, 1:] != -100
+    for temperature in (1.0, 2.0):
+        p = torch.softmax(teacher[:, :-1][covered] / temperature, -1)
+        q = torch.log_softmax(student[:, :-1][covered] / temperature, -1)
+        manual = (p * (p.log() - q)).sum() * temperature**2
+        assert distillation_kl(student, teacher, labels, temperature)[0].item() == pytest.approx(
+            manual.item(), rel=1e-5
+        )
+
+
+def test_kd_loss_vanishes_at_a_fresh_conversion_and_teaches_the_routers_once_they_skip(tok, split):
+    from mindskip_ext.training import FixedPenalty, router_tuning_loss
+
+    model = converted(tok).train()
+    batch = D.collate(split[0][:6], D.pad_token_id(tok))
+    targets = int((batch["labels"][:, 1:] != -100).sum())
+    loss, stats = router_tuning_loss(model, batch, FixedPenalty(0.0), targets=targets, sequences=6, loss="kd")
+    assert stats.kd == pytest.approx(0.0, abs=1e-4) and stats.capacity == 1.0  # a fresh conversion is the teacher
+    assert stats.nll > 0  # the CE is reported whatever the task loss
+    with torch.no_grad():
+        for router in model.routers.values():
+            router.bias.fill_(-1.0)  # skip everything: the student now differs from the teacher
+    loss, stats = router_tuning_loss(model, batch, FixedPenalty(0.0), targets=targets, sequences=6, loss="kd")
+    assert stats.kd > 0 and loss.item() == pytest.approx(stats.kd / targets, rel=1e-5)
+    loss.backward()
+    assert all(router.bias.grad is not None and router.bias.grad.abs() > 0 for router in model.routers.values())
+    both, stats_both = router_tuning_loss(model, batch, FixedPenalty(0.0), targets=targets, sequences=6,
+                                          loss="ce+kd")
+    assert both.item() == pytest.approx((stats_both.nll + stats_both.kd) / targets, rel=1e-5)
+
+
+def test_redundancy_init_starts_from_the_static_drop_at_the_target(tok, split):
+    from mindskip_ext.eval.attention_drop import redundancy_scores, select_dropped
+    from mindskip_ext.training.init import redundancy_init
+
+    model = converted(tok, layers=[1, 2, 3, 4, 5, 6])
+    pad = D.pad_token_id(tok)
+    init = redundancy_init(model, split[0][:32], pad, target=0.5, scale=0.5)
+    scores = redundancy_scores(model.unload(), split[0][:32], pad)  # the same scores as the unconverted model's
+    assert init["skipped_layers"] == select_dropped(scores, 3, candidates=[1, 2, 3, 4, 5, 6])
+    assert init["scores"] == {str(i): pytest.approx(scores[i], abs=1e-6) for i in range(1, 7)}
+
+
+def test_kd_with_redundancy_init_lands_on_the_target(tok, split, tmp_path):
+    model = converted(tok)
+    summary = tuner(tok, split, tmp_path, model=model, target_capacity=0.5, max_steps=40, loss="kd",
+                    router_init="redundancy").train()
+    assert summary["router_init"]["skipped_layers"] and len(summary["router_init"]["skipped_layers"]) == 2
+    assert abs(summary["heldout"]["capacity"] - 0.5) <= 0.05
+    steps = [json.loads(line) for line in (tmp_path / LOG_NAME).read_text().splitlines()]
+    assert steps[0]["router_init"] == summary["router_init"]
+    assert all("kd" in e for e in steps if "ce" in e)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"loss": "mse"}, "loss must be one of"),
+    ({"router_init": "random"}, "router_init must be one of"),
+    ({"kd_temperature": 0.0}, "kd_temperature must be > 0"),
+])
+def test_bad_quality_settings_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        RouterTuningConfig(target_capacity=0.5, **settings)

@@ -30,8 +30,14 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, default=None, help="Override the routers' keep threshold.")
 
 
-def add_data_args(p: argparse.ArgumentParser, required: bool, help_text: str) -> None:
-    p.add_argument("--data", required=required, help=help_text)
+def add_data_args(p: argparse.ArgumentParser, required: bool, help_text: str, mixture: bool = False) -> None:
+    """The data options; with ``mixture``, ``--data`` may be repeated and ``--data-weights`` mixes the sources."""
+    if mixture:
+        p.add_argument("--data", required=required, action="append", help=help_text + " Repeat for a mixture.")
+        p.add_argument("--data-weights", default=None,
+                       help="Sampling weights of the --data sources, comma-separated (default: all of each).")
+    else:
+        p.add_argument("--data", required=required, help=help_text)
     p.add_argument("--data-split", default="train", help="Split of a hub dataset (default: train).")
     p.add_argument("--data-config", default=None, help="Config name of a hub dataset (e.g. wikitext-2-raw-v1).")
     p.add_argument("--max-records", type=int, default=None, help="Use only the first N records.")

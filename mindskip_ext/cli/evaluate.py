@@ -23,6 +23,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--include-path", default=None, help="lm-eval: folder of extra task YAMLs (local tasks).")
     p.add_argument("--no-default-tasks", action="store_true", help="lm-eval: index only --include-path (faster).")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--routing-report", action="store_true",
+                   help="With --routers and --data: per layer, the kept fraction and the share of sequences whose "
+                   "decision differs from the layer's majority (is the routing dynamic?).")
+    p.add_argument("--static-projection", action="store_true",
+                   help="With --routers and --data: evaluate the routers' static projection instead (every layer "
+                   "frozen to its majority decision on --data), after the routing report.")
     add_common(p)
     p.set_defaults(func=run)
 
@@ -33,11 +39,15 @@ def run(args) -> int:
 
     if not args.data and not args.tasks:
         raise ValueError("give --data (perplexity), --tasks (lm-eval), or both")
+    if (args.routing_report or args.static_projection) and not (args.routers and args.data):
+        raise ValueError("--routing-report and --static-projection need --routers and --data")
     if args.limit is not None and args.limit > 1:
         args.limit = int(args.limit)
     model, tokenizer = load_for_eval(args)
     result: dict = {"command": "eval", "routers": args.routers}
     bf16 = pick_device(args.device).type == "cuda"
+    if args.routing_report or args.static_projection:
+        result["routing"] = report_routing(model, tokenizer, args, bf16)
     if args.data:
         ppl = evaluate_dataset(
             model, tokenizer, args.data, args.max_length, args.batch_size, args.data_split, args.data_config,
@@ -64,3 +74,27 @@ def run(args) -> int:
         result["tasks"] = report["tasks"]
     emit_json(result)
     return 0
+
+
+def report_routing(model, tokenizer, args, bf16: bool) -> dict:
+    """Print how dynamic the routing is on ``--data``; with ``--static-projection``, freeze it to the majorities."""
+    from ..data import load_examples, pad_token_id
+    from ..eval.routing import apply_static_projection, routing_decisions, routing_report
+
+    examples = load_examples(
+        args.data, tokenizer, args.max_length, args.data_split, args.data_config, args.max_records
+    ).examples
+    decisions = routing_decisions(model, examples, pad_token_id(tokenizer), args.batch_size, bf16)
+    report = routing_report(decisions, model.config.num_hidden_layers)
+    for idx, layer in report["layers"].items():
+        say(f"  layer {idx:>3}: kept {layer['kept']:.3f}, majority {layer['majority']}, "
+            f"{100 * layer['disagreement']:.1f}% of sequences decide otherwise")
+    say(f"routing: {report['skipped_layers_per_sequence']:.2f} skipped layers per sequence "
+        f"(skip ratio {100 * report['skip_ratio']:.1f}%), mean disagreement with the majority "
+        f"{100 * report['mean_disagreement']:.1f}%; dynamic layers {report['dynamic_layers']}")
+    if args.static_projection:
+        dropped = apply_static_projection(model, report)
+        say(f"static projection: layers {dropped} always skipped, the others always kept "
+            f"(skip ratio {100 * report['static_projection']['skip_ratio']:.1f}%)")
+    return report
+

@@ -21,7 +21,7 @@ def add_parser(subparsers) -> None:
         "(mindskip_config.json + routers.safetensors), train_log.jsonl and training_summary.json to --output.",
     )
     add_model_args(p)
-    add_data_args(p, True, "Training data: .json/.jsonl/.parquet/.txt file, folder, or hub dataset name.")
+    add_data_args(p, True, "Training data: .json/.jsonl/.parquet/.txt file, folder, or hub dataset name.", True)
     p.add_argument("--output", required=True, help="Router directory to write.")
     p.add_argument("--heldout-data", default=None, help="Separate held-out data (default: a split of --data).")
     p.add_argument("--resume", action="store_true", help="Continue from --output/checkpoints/latest when present.")
@@ -43,14 +43,14 @@ def run(args) -> int:
     device = pick_device(args.device)
     # Everything that can be wrong with the input is checked before the weights load.
     path, tokenizer = load_tokenizer(args.model)
-    prepared = D.load_examples(
-        args.data, tokenizer, args.max_length, args.data_split, args.data_config, args.max_records
+    weights = parse_weights(args.data_weights) if args.data_weights else None
+    train, heldout, _ = D.load_training_data(
+        args.data, tokenizer, args.max_length, weights=weights,
+        heldout_fraction=0.0 if args.heldout_data else config.heldout_fraction, seed=config.seed,
+        split=args.data_split, config=args.data_config, max_records=args.max_records,
     )
     if args.heldout_data:
-        train = prepared.examples
         heldout = D.load_examples(args.heldout_data, tokenizer, args.max_length).examples
-    else:
-        train, heldout = D.split_heldout(prepared.examples, config.heldout_fraction, config.seed)
     model = load_weights(path, device, pick_dtype(args.dtype, device), args.attn_implementation)
     mindskip = get_mindskip_model(model, ms_config)
     trainable, total = mindskip.get_nb_trainable_parameters()
@@ -83,3 +83,12 @@ def run(args) -> int:
         }
     )
     return 0
+
+
+def parse_weights(text: str) -> list[float]:
+    """``"3,1"`` -> ``[3.0, 1.0]``."""
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--data-weights must be comma-separated numbers, got {text!r}") from None
+

@@ -3,7 +3,7 @@ split and batch (:mod:`.batching`). The names below are the public API; import t
 
 from __future__ import annotations
 
-from .batching import collate, length_batches, pad_token_id, padding_fraction, split_heldout
+from .batching import collate, length_batches, mix_examples, pad_token_id, padding_fraction, split_heldout
 from .formats import (
     ALPACA_PROMPT,
     ALPACA_PROMPT_WITH_INPUT,
@@ -22,7 +22,7 @@ from .formats import (
     record_format,
     record_messages,
 )
-from .sources import FILE_BUILDERS, json_problem, load_examples, load_records
+from .sources import FILE_BUILDERS, json_problem, load_examples, load_records, load_training_data
 
 __all__ = [
     "ALPACA_PROMPT",
@@ -40,8 +40,10 @@ __all__ = [
     "format_with_template",
     "json_problem",
     "length_batches",
+    "mix_examples",
     "load_examples",
     "load_records",
+    "load_training_data",
     "pack_texts",
     "pad_token_id",
     "padding_fraction",

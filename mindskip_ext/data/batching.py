@@ -77,3 +77,32 @@ def padding_fraction(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -
     real = sum(lengths[i] for b in batches for i in b)
     total = sum(max(lengths[i] for i in b) * len(b) for b in batches)
     return 1.0 - real / total if total else 0.0
+
+
+def mix_examples(
+    parts: Sequence[Sequence[Example]], weights: Sequence[float], seed: int = 0, total: int | None = None
+) -> list[Example]:
+    """A mixture of ``total`` examples (default: as many as the parts hold together) in proportion to ``weights``.
+
+    Source ``i`` gives ``round(total * w_i / sum(w))`` examples, drawn in a seeded order and repeated (a new
+    order each pass) when its weight asks for more than it has. The result is in a seeded random order.
+    """
+    if len(parts) != len(weights):
+        raise DataError(f"{len(parts)} data sources but {len(weights)} weights")
+    if any(not w >= 0 for w in weights) or not sum(weights) > 0:
+        raise DataError(f"data weights must be >= 0 with a positive sum, got {list(weights)}")
+    empty = [i for i, (part, w) in enumerate(zip(parts, weights)) if w > 0 and not part]
+    if empty:
+        raise DataError(f"data source {empty[0] + 1} has no examples but weight {weights[empty[0]]}")
+    rng = random.Random(seed)
+    total = sum(len(p) for p in parts) if total is None else total
+    mixed: list[Example] = []
+    for part, weight in zip(parts, weights):
+        want = round(total * weight / sum(weights))
+        while want > 0:
+            order = list(range(len(part)))
+            rng.shuffle(order)
+            mixed.extend(part[i] for i in order[:want])
+            want -= min(want, len(order))
+    rng.shuffle(mixed)
+    return mixed

@@ -3,6 +3,7 @@
 Formats, detected per record:
 
 * ``alpaca``: ``instruction``, optional ``input``, ``output``;
+* ``qa``: ``question``, ``answer`` (e.g. GSM8K), read as an Alpaca record without input;
 * ``chat``: ``messages``, a list of ``{"role", "content"}``; every assistant turn is a response;
 * ``text``: ``text``, plain language-model data.
 
@@ -64,18 +65,28 @@ class PreparedData:
 
 
 def record_format(record: dict) -> str | None:
-    """``'chat'``, ``'alpaca'``, ``'text'``, or None when the record has none of the known fields."""
+    """``'chat'``, ``'alpaca'``, ``'qa'``, ``'text'``, or None when the record has none of the known fields."""
     messages = record.get("messages")
     if isinstance(messages, list) and messages:
         return "chat"
     if isinstance(record.get("instruction"), str) and isinstance(record.get("output"), str):
         return "alpaca"
+    if isinstance(record.get("question"), str) and isinstance(record.get("answer"), str):
+        return "qa"
     if isinstance(record.get("text"), str):
         return "text"
     return None
 
 
+def _as_alpaca(record: dict, kind: str) -> tuple[dict, str]:
+    """A ``qa`` record as the Alpaca record it stands for; other records as they are."""
+    if kind == "qa":
+        return {"instruction": record["question"], "output": record["answer"]}, "alpaca"
+    return record, kind
+
+
 def record_messages(record: dict, kind: str) -> list[dict]:
+    record, kind = _as_alpaca(record, kind)
     if kind == "alpaca":
         user = record["instruction"]
         if record.get("input"):
@@ -121,6 +132,7 @@ def format_with_template(tokenizer, messages: list[dict]) -> tuple[str, list[tup
 
 def format_plain(record: dict, kind: str) -> tuple[str, list[tuple[int, int]]]:
     """Plain prompt format (no chat template): Alpaca's prompt, or ``### Role:`` turns for chats."""
+    record, kind = _as_alpaca(record, kind)
     if kind == "alpaca":
         template = ALPACA_PROMPT_WITH_INPUT if record.get("input") else ALPACA_PROMPT
         prompt = template.format(instruction=record["instruction"], input=record.get("input") or "")
@@ -202,7 +214,8 @@ def prepare_examples(tokenizer, records, max_length: int, max_records: int | Non
         if kind is None:
             present = sorted(k for k, v in record.items() if v is not None)
             raise DataError(
-                f"record {i} has none of the known fields (instruction+output, messages, text); it has {present}"
+                f"record {i} has none of the known fields (instruction+output, question+answer, messages, text); "
+                f"it has {present}"
             )
         kinds[kind] += 1
         if kind == "text":

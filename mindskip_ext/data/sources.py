@@ -7,7 +7,8 @@ import json
 import os
 from pathlib import Path
 
-from .formats import DataError, PreparedData, prepare_examples
+from .batching import mix_examples, split_heldout
+from .formats import DataError, Example, PreparedData, prepare_examples
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 
@@ -112,3 +113,45 @@ def load_examples(
     prepared = prepare_examples(tokenizer, records, max_length, max_records=max_records)
     prepared.stats["source"] = str(source)
     return prepared
+
+
+def load_training_data(
+    sources: list[str],
+    tokenizer,
+    max_length: int,
+    *,
+    weights: list[float] | None = None,
+    heldout_fraction: float = 0.1,
+    seed: int = 0,
+    split: str = "train",
+    config: str | None = None,
+    max_records: int | None = None,
+) -> tuple[list[Example], list[Example], list[dict]]:
+    """``(train, held-out, per-source stats)`` from one or more sources (see :func:`load_examples`).
+
+    Each source is split into training and held-out examples on its own (``heldout_fraction``; 0 keeps all
+    for training). The training parts are mixed by ``weights`` (:func:`~.batching.mix_examples`), or simply
+    put together without weights; the held-out parts are put together.
+    """
+    if not sources:
+        raise DataError("no training data source")
+    if weights is not None and len(weights) != len(sources):
+        raise DataError(f"{len(sources)} data sources but {len(weights)} weights")
+    trains, helds, stats = [], [], []
+    for source in sources:
+        prepared = load_examples(source, tokenizer, max_length, split, config, max_records)
+        if heldout_fraction > 0:
+            train, held = split_heldout(prepared.examples, heldout_fraction, seed)
+        else:
+            train, held = prepared.examples, []
+        trains.append(train)
+        helds.append(held)
+        stats.append({**prepared.stats, "train_examples": len(train), "heldout_examples": len(held)})
+    if weights is None:
+        train = [e for part in trains for e in part]
+    else:
+        train = mix_examples(trains, weights, seed)
+        for entry, weight in zip(stats, weights):
+            entry["weight"] = weight
+    return train, [e for part in helds for e in part], stats
+

@@ -81,10 +81,10 @@ def redundancy_scores(
 ) -> dict[int, float]:
     """Layer index -> mean cosine similarity between the sublayer's input and output (higher: more redundant).
 
-    ``model`` is a stock (unconverted) Hugging Face causal LM of a supported architecture.
+    ``model`` is a Hugging Face causal LM of a supported architecture; a :class:`MindSkipModel` is scored as
+    its unconverted model (its routers bypassed).
     """
-    if isinstance(model, MindSkipModel):
-        raise TypeError("score the unconverted model (MindSkipModel.unload() gives it back)")
+    bypass = {"mindskip_bypass": True} if isinstance(model, MindSkipModel) else {}
     if granularity not in ("attn", "mlp", "block"):
         raise ValueError(f"granularity must be 'attn', 'mlp' or 'block', got {granularity!r}")
     if not examples:
@@ -93,6 +93,7 @@ def redundancy_scores(
     capture = _Capture()
     handles = []
     for idx, layer in enumerate(layer_list(model, spec)):
+        layer = getattr(layer, "base_layer", layer)  # a MindSkip layer runs its original layer when bypassed
         if granularity == "attn":
             pre, post, hook = (
                 getattr(layer, spec.input_norm),
@@ -121,6 +122,7 @@ def redundancy_scores(
                     input_ids=batch["input_ids"].to(device),
                     attention_mask=batch["attention_mask"].to(device),
                     use_cache=False,
+                    **bypass,
                 )
     finally:
         for handle in handles:

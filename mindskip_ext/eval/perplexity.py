@@ -37,7 +37,32 @@ def forward_routed(model, batch: dict, record: RoutingRecord | None):
     return model(**kwargs)
 
 
-@torch.no_grad()
+def routed_forwards(model, examples: Sequence[Example], pad_id: int, batch_size: int = 8, bf16: bool = False,
+                    progress: bool = False):
+    """Generator of ``(index, batch, output, record)``: one no-cache forward per length-sorted batch of
+    ``examples`` (``index``: their positions in ``examples``), in eval mode without gradient. The model's
+    training mode is restored when the generator ends."""
+    if not examples:
+        raise ValueError("nothing to evaluate: no examples")
+    device = model_device(model)
+    batches = length_batches([len(e) for e in examples], batch_size, shuffle=False)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="evaluate", unit="batch", leave=False)
+    was_training = model.training
+    model.eval()
+    try:
+        for index in batches:
+            batch = {k: v.to(device) for k, v in collate([examples[i] for i in index], pad_id).items()}
+            record = RoutingRecord()
+            with torch.no_grad(), autocast_for(device, bf16):
+                output = forward_routed(model, batch, record)
+            yield index, batch, output, record
+    finally:
+        model.train(was_training)
+
+
 def evaluate_examples(
     model,
     examples: Sequence[Example],
@@ -47,30 +72,13 @@ def evaluate_examples(
     progress: bool = False,
 ) -> dict:
     """Loss, perplexity and capacity of ``model`` (MindSkip or plain HF) on tokenized examples."""
-    if not examples:
-        raise ValueError("nothing to evaluate: no examples")
-    was_training = model.training
-    model.eval()
-    device = model_device(model)
     meter = CapacityMeter()
     total_nll, total_count = 0.0, 0
-    batches = length_batches([len(e) for e in examples], batch_size, shuffle=False)
-    if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, desc="evaluate", unit="batch", leave=False)
-    try:
-        for index in batches:
-            batch = {k: v.to(device) for k, v in collate([examples[i] for i in index], pad_id).items()}
-            record = RoutingRecord()
-            with autocast_for(device, bf16):
-                logits = forward_routed(model, batch, record).logits
-            nll, count = token_nll(logits, batch["labels"])
-            total_nll += float(nll)
-            total_count += count
-            meter.add(record)
-    finally:
-        model.train(was_training)
+    for _, batch, output, record in routed_forwards(model, examples, pad_id, batch_size, bf16, progress):
+        nll, count = token_nll(output.logits, batch["labels"])
+        total_nll += float(nll)
+        total_count += count
+        meter.add(record)
     loss = total_nll / total_count if total_count else float("nan")
     return {
         "loss": loss,

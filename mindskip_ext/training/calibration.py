@@ -13,23 +13,15 @@ from collections.abc import Sequence
 
 import torch
 
-from ..data import Example, collate, length_batches
-from ..devices import autocast_for, model_device
-from ..layer import CapacityMeter, RoutingRecord
+from ..data import Example
+from ..eval.perplexity import routed_forwards
+from ..layer import CapacityMeter
 
 
-@torch.no_grad()
 def router_logits(model, examples: Sequence[Example], pad_id: int, batch_size: int, bf16: bool):
     """Router logits of every (MindSkip layer, sequence) pair under the current routing, and the capacity."""
-    model.eval()
-    device = model_device(model)
     meter, logits = CapacityMeter(), []
-    for index in length_batches([len(e) for e in examples], batch_size, shuffle=False):
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in index], pad_id).items()}
-        record = RoutingRecord()
-        with autocast_for(device, bf16):
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                  mindskip_record=record)
+    for _, _, _, record in routed_forwards(model, examples, pad_id, batch_size, bf16):
         meter.add(record)
         logits.extend(r.logit() for r in record.layers.values())
     return torch.cat(logits), meter.overall()

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 
 SCHEDULES = ("cosine", "linear", "constant")
+LOSSES = ("ce", "kd", "ce+kd")
+ROUTER_INITS = ("zero", "redundancy")
 
 
 @dataclass
@@ -24,6 +26,29 @@ class RouterTuningConfig:
     )
     l1_lambda: float | None = field(
         default=None, metadata={"help": "The paper's penalty lambda*mean(keep), with a fixed lambda."}
+    )
+    loss: str = field(
+        default="ce",
+        metadata={
+            "help": "The task loss: 'ce' (cross-entropy on the labels, the paper's), 'kd' (self-distillation: "
+            "KL(teacher || student) with the routers bypassed as the teacher, same weights, no second model) or "
+            "'ce+kd' (their sum).",
+            "choices": LOSSES,
+        },
+    )
+    kd_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the KD loss."})
+    router_init: str = field(
+        default="zero",
+        metadata={
+            "help": "Router start: 'zero' (the paper's: keeps everything) or 'redundancy' (biases from the layers' "
+            "Attention-Drop scores: the most redundant layers start skipped, so the initial capacity is near the "
+            "target; weights stay zero).",
+            "choices": ROUTER_INITS,
+        },
+    )
+    router_init_scale: float = field(
+        default=0.5,
+        metadata={"help": "With --router-init redundancy: how far from the threshold the initial biases are."},
     )
     learning_rate: float = field(
         default=1e-3, metadata={"help": "Peak AdamW learning rate of the routers.", "flag": "--lr"}
@@ -75,8 +100,12 @@ class RouterTuningConfig:
             self.target_capacity = float(t)
         if self.l1_lambda is not None and not self.l1_lambda >= 0.0:
             raise ValueError(f"l1_lambda must be >= 0, got {self.l1_lambda!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        for name, choices in (("schedule", SCHEDULES), ("loss", LOSSES), ("router_init", ROUTER_INITS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        for name in ("kd_temperature", "router_init_scale"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         for name in ("batch_size", "grad_accum", "log_every", "eval_batch_size", "calibration_sequences"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -28,6 +28,7 @@ from ..model import WEIGHTS_NAME, MindSkipModel
 from .calibration import calibrate_capacity
 from .checkpoint import load_checkpoint, remove_checkpoints, save_checkpoint, set_rng_state
 from .config import RouterTuningConfig
+from .init import redundancy_init
 from .loss import router_tuning_loss
 from .penalty import CapacityController, FixedPenalty
 
@@ -126,6 +127,8 @@ class RouterTuner:
             "mode": c.mode,
             "target_capacity": c.target_capacity,
             "l1_lambda": c.l1_lambda,
+            "loss": c.loss,
+            "router_init": c.router_init,
             "layers": sorted(self.model.routers),
             "mindskip_config": self.model.mindskip_config.to_dict(),
         }
@@ -140,15 +143,17 @@ class RouterTuner:
         targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         all_sequences = model.mindskip_config.train_all_sequences
-        meter, total_nll, coefficients = CapacityMeter(), 0.0, []
+        meter, total_nll, total_kd, coefficients = CapacityMeter(), 0.0, 0.0, []
         for batch in batches:
             batch = {k: v.to(self.device) for k, v in batch.items()}
             loss, stats = router_tuning_loss(
-                model, batch, self.penalty, targets=targets, sequences=sequences, bf16=c.bf16
+                model, batch, self.penalty, targets=targets, sequences=sequences, bf16=c.bf16, loss=c.loss,
+                kd_temperature=c.kd_temperature,
             )
             loss.backward()
             self.penalty.observe(stats, all_sequences)
             total_nll += stats.nll
+            total_kd += stats.kd or 0.0
             coefficients.append(stats.coefficient)
             meter.add(stats.record)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.router_parameters(), c.max_grad_norm)
@@ -158,9 +163,12 @@ class RouterTuner:
         step_capacity = meter.overall()
         self.penalty.end_step(step_capacity)
         ce = total_nll / max(1, targets)
+        kd = total_kd / max(1, targets) if c.loss != "ce" else None
+        task = {"ce": ce, "kd": kd, "ce+kd": ce + (kd or 0.0)}[c.loss]
         return {
             "ce": ce,
-            "loss": ce + self.penalty.value(step_capacity),
+            **({"kd": kd} if kd is not None else {}),
+            "loss": task + self.penalty.value(step_capacity),
             "capacity": step_capacity,
             "capacity_per_layer": meter.summary()["capacity_per_layer"],
             "penalty_coefficient": sum(coefficients) / len(coefficients),
@@ -219,8 +227,16 @@ class RouterTuner:
         torch.manual_seed(c.seed)
         random.seed(c.seed)
         resumed_from = self.step if resume and self.load_checkpoint() else None
+        init = None
         if resumed_from is None:
             (self.output_dir / LOG_NAME).unlink(missing_ok=True)
+            if c.router_init == "redundancy":
+                init = redundancy_init(
+                    self.model, self.train_examples[: c.calibration_sequences], self.pad_id,
+                    c.target_capacity if c.target_capacity is not None else 0.5, c.router_init_scale,
+                    c.eval_batch_size, c.bf16,
+                )
+                self._log({"step": 0, "router_init": init})
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
@@ -292,6 +308,7 @@ class RouterTuner:
                 length_batches(self.lengths, c.batch_size, True, c.seed), self.lengths
             ),
             "last_step": last,
+            "router_init": init,
             "calibration": calibration,
             "heldout": heldout,
             "train_seconds": train_seconds,

@@ -1,6 +1,12 @@
 """The Router-Tuning loss of one micro-batch, as a pure function of the model, the batch and the penalty.
 
-    loss = NLL / targets + coefficient(c) / (layers * sequences) * sum of the straight-through keep gates
+    loss = task / targets + coefficient(c) / (layers * sequences) * sum of the straight-through keep gates
+
+The task term is the labels' cross-entropy (``ce``, the paper's), the self-distillation ``kd`` term
+KL(teacher || student) summed over the same supervised positions, or their sum (``ce+kd``). The teacher is the
+same model with every router bypassed (all sequences kept), run without gradient in the same step: the routers'
+job is to keep the dense model's behaviour, and the whole next-token distribution says more about it than one
+label per token. With temperature ``T`` both distributions are softened and the KL is scaled by ``T**2``.
 
 ``c`` is the batch's capacity (the mean gate: its value is the 0/1 decision, its gradient goes to the
 router score). ``targets`` and ``sequences`` count the whole optimizer step, so that micro-batches of one
@@ -13,7 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
+from ..data import IGNORE_INDEX
 from ..devices import autocast_for, model_device
 from ..eval.perplexity import token_nll
 from ..layer import RoutingRecord
@@ -23,7 +31,8 @@ from ..layer import RoutingRecord
 class LossStats:
     """What one micro-batch's loss saw: the penalty reads the gates' gradients from it after backward."""
 
-    nll: float  # summed token NLL of the batch
+    nll: float  # summed token NLL of the batch (reported whatever the task loss)
+    kd: float | None  # summed KL(teacher || student) of the batch, when the loss has a KD term
     capacity: float  # mean keep gate over (MindSkip layer, sequence) pairs of the batch
     coefficient: float  # the penalty coefficient used for the batch
     per_gate: float  # d(penalty)/d(gate): coefficient / (layers * sequences of the step)
@@ -32,19 +41,36 @@ class LossStats:
     gates: dict[int, torch.Tensor]  # layer -> (B,) straight-through gate
 
 
-def router_tuning_loss(model, batch: dict, penalty, *, targets: int, sequences: int, bf16: bool = False):
+def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0):
+    """``(sum, count)``: KL(teacher || student) of the next-token distributions, summed over the supervised
+    positions (those ``labels`` covers, shifted by one as in :func:`token_nll`), times ``temperature**2``."""
+    covered = labels[:, 1:] != IGNORE_INDEX
+    s = student[:, :-1][covered].float() / temperature
+    t = teacher[:, :-1][covered].float() / temperature
+    kl = F.kl_div(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1), log_target=True, reduction="sum")
+    return kl * temperature**2, int(covered.sum())
+
+
+def router_tuning_loss(
+    model, batch: dict, penalty, *, targets: int, sequences: int, bf16: bool = False, loss: str = "ce",
+    kd_temperature: float = 1.0,
+):
     """``(loss, stats)`` of one micro-batch (``input_ids``, ``attention_mask``, ``labels`` on the model's device).
 
     The model must be a :class:`~mindskip_ext.MindSkipModel` in training mode with gradients enabled, so that
-    every MindSkip layer records a straight-through gate.
+    every MindSkip layer records a straight-through gate. ``loss``: ``ce``, ``kd`` or ``ce+kd``.
     """
     record = RoutingRecord()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     with autocast_for(model_device(model), bf16):
-        logits = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-            mindskip_record=record,
-        ).logits
+        teacher = None
+        if loss != "ce":
+            with torch.no_grad():
+                teacher = model(**inputs, mindskip_bypass=True).logits
+        logits = model(**inputs, mindskip_record=record).logits
     nll, _ = token_nll(logits, batch["labels"])
+    kd = distillation_kl(logits, teacher, batch["labels"], kd_temperature)[0] if teacher is not None else None
+    task = {"ce": nll, "kd": kd, "ce+kd": nll + kd if kd is not None else None}[loss]
     gates = record.gates()
     num_layers = len(model.routers)
     if len(gates) != num_layers:
@@ -59,6 +85,7 @@ def router_tuning_loss(model, batch: dict, penalty, *, targets: int, sequences: 
         for gate in gates.values():
             gate.retain_grad()
     per_gate = coefficient / (num_layers * sequences)
-    loss = nll / max(1, targets) + per_gate * stacked.sum()
-    stats = LossStats(float(nll.detach()), capacity, coefficient, per_gate, sequences, record, gates)
-    return loss, stats
+    total = task / max(1, targets) + per_gate * stacked.sum()
+    kd_value = float(kd.detach()) if kd is not None else None
+    stats = LossStats(float(nll.detach()), kd_value, capacity, coefficient, per_gate, sequences, record, gates)
+    return total, stats
