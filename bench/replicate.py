@@ -32,25 +32,30 @@ import os
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .common import RESULTS_DIR, ROOT, machine_info, utc_timestamp
-from .replicate_report import findings, fmt, skip_ratio, write_outputs
-
-DEFAULT_DATA_DIR = ROOT.parent / "shared" / "data"
-ALPACA = Path("instruct") / "alpaca_en_demo.json"
-WIKITEXT = Path("text") / "wikitext2-test.txt"
+from .common import RESULTS_DIR, machine_info, utc_timestamp
+from .experiment import (
+    ALPACA,
+    DEFAULT_DATA_DIR,
+    MACHINE_PACKAGES,
+    METRIC,
+    TASKS,
+    WIKITEXT,
+    Run,
+    evaluate,
+    heldout_summary,
+    load_model,
+    say,
+    wikitext_examples,
+)
+from .replicate_report import findings, skip_ratio, write_outputs
 
 TARGET_CAPACITY = 0.5
 SWEEP = (0.125, 0.25, 0.375, 0.5)  # Attention-Drop skip ratios (share of all attention sublayers): Figure 2
-TASKS = ("local_piqa", "local_boolq", "local_rte", "local_hellaswag", "local_openbookqa", "local_mmlu")
-# acc_norm where lm-eval's stock task defines it (length-normalised choice scores), acc otherwise.
-METRIC = {t: "acc_norm" if t in ("local_piqa", "local_hellaswag", "local_openbookqa") else "acc" for t in TASKS}
-MACHINE_PACKAGES = ("torch", "transformers", "lm_eval", "datasets", "mindskip_ext")  # versions recorded
 
 
 @dataclass(frozen=True)
@@ -102,100 +107,6 @@ PRESETS = {
 }
 
 
-@dataclass
-class Run:
-    """Results and bookkeeping of one replication run."""
-
-    preset: str
-    sizes: Sizes
-    timings: dict[str, float] = field(default_factory=dict)
-    models: dict[str, dict] = field(default_factory=dict)
-    meta: dict = field(default_factory=dict)
-    partial: Path | None = None  # results so far, rewritten after every evaluation (a crash keeps them)
-
-    @contextmanager
-    def stage(self, name: str):
-        say(f"--- {name}")
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timings[name] = round(time.perf_counter() - t0, 1)
-            say(f"--- {name}: {self.timings[name]:.0f} s")
-
-
-def say(message: str) -> None:
-    print(f"[replicate] {message}", file=sys.stderr, flush=True)
-
-
-# ------------------------------------------------------------------------------------------- setup
-
-
-def smoke_model(data_dir: Path, seed: int):
-    """A random tiny Llama (8 layers, hidden 64) and a word tokenizer trained on the instruction file."""
-    from mindskip_ext.testing import tokenizer_corpus, train_word_tokenizer, word_llama
-
-    records = json.loads((data_dir / ALPACA).read_text())
-    tokenizer = train_word_tokenizer(tokenizer_corpus(records))
-    model = word_llama(tokenizer, intermediate=128, max_position_embeddings=4096, seed=seed)
-    return model, tokenizer, "tiny random Llama (8 layers, hidden 64; --smoke)"
-
-
-def load_model(args, sizes: Sizes):
-    """(model, tokenizer, label): the --smoke model, ``--model``, or SmolLM2 (fetched once); fp32, sdpa."""
-    from mindskip_ext.devices import pick_device
-    from mindskip_ext.loading import load_model
-
-    if args.smoke:
-        return smoke_model(args.data_dir, sizes.seed)
-    model, tokenizer = load_model(args.model or "smollm2", pick_device("auto"), torch.float32)
-    return model, tokenizer, str(args.model) if args.model else "SmolLM2-135M-Instruct"
-
-
-def wikitext_examples(path: Path, tokenizer, block: int, blocks: int | None):
-    """Non-overlapping ``block``-token windows of the raw test file, every token scored (standard perplexity)."""
-    from mindskip_ext.data import Example
-
-    ids = tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False).input_ids
-    windows = [ids[i : i + block] for i in range(0, len(ids) - block + 1, block)]
-    windows = windows[:blocks] if blocks is not None else windows
-    return [Example(list(w), list(w)) for w in windows]
-
-
-# ---------------------------------------------------------------------------------------- evaluate
-
-
-def evaluate(run: Run, name: str, model, tokenizer, tasks_dir: Path, ppl_examples, entry: dict) -> dict:
-    """lm-eval on the local tasks (score and capacity per task) and WikiText-2 perplexity."""
-    from mindskip_ext.data import pad_token_id
-    from mindskip_ext.eval.harness import run_lm_eval
-    from mindskip_ext.eval.perplexity import evaluate_examples
-
-    sizes = run.sizes
-    with run.stage(f"evaluate {name}"):
-        report = run_lm_eval(model, tokenizer, [(t, None) for t in TASKS], batch_size=sizes.eval_batch_size,
-                             include_path=str(tasks_dir), include_defaults=False, seed=sizes.seed)["tasks"]
-        tasks = {task: {"score": report[task]["metrics"][f"{METRIC[task]},none"], "metric": METRIC[task],
-                        **{k: report[task][k] for k in ("metrics", "num_fewshot", "capacity", "capacity_per_layer")}}
-                 for task in TASKS}
-        ppl = evaluate_examples(model, ppl_examples, pad_token_id(tokenizer), sizes.eval_batch_size)
-    entry.update(
-        tasks=tasks,
-        avg=sum(t["score"] for t in tasks.values()) / len(tasks),
-        wikitext2={k: ppl[k] for k in ("perplexity", "loss", "target_tokens", "capacity", "capacity_per_layer")},
-        eval_seconds=run.timings[f"evaluate {name}"],
-    )
-    capacities = [t["capacity"] for t in tasks.values() if t["capacity"] is not None]
-    entry["task_capacity"] = sum(capacities) / len(capacities) if capacities else None
-    run.models[name] = entry
-    if run.partial is not None:
-        run.partial.write_text(json.dumps({"preset": run.preset, "timings": run.timings, "models": run.models},
-                                          indent=2, sort_keys=True) + "\n")
-    say(f"{name}: avg {100 * entry['avg']:.1f}, WikiText-2 ppl {ppl['perplexity']:.2f}, "
-        f"capacity {fmt(entry['task_capacity'], '.3f')}")
-    return entry
-
-
 # ------------------------------------------------------------------------------------------ train
 
 
@@ -235,7 +146,7 @@ def router_tune(run: Run, name: str, base, tokenizer, granularity: str, procedur
             "steps": summary["steps"],
             "trainable_parameters": summary["trainable_parameters"],
             "calibration": summary["calibration"],
-            "heldout": _heldout(summary["heldout"]),
+            "heldout": heldout_summary(summary["heldout"]),
             "curves": [
                 {k: e[k] for k in ("step", "ce", "loss", "capacity", "penalty_coefficient") if k in e}
                 for e in map(json.loads, (out / LOG_NAME).read_text().splitlines()) if "ce" in e
@@ -246,14 +157,10 @@ def router_tune(run: Run, name: str, base, tokenizer, granularity: str, procedur
             entry["heldout_before_calibration"] = entry["heldout"]
             entry["calibration"] = calibrate_capacity(
                 model, train[: sizes.calibration_sequences], TARGET_CAPACITY, pad, sizes.eval_batch_size)
-            entry["heldout"] = _heldout(evaluate_examples(model, heldout, pad, sizes.eval_batch_size))
-    say(f"{name}: held-out capacity {entry['heldout']['capacity']:.3f}, loss {entry['heldout']['loss']:.4f}, "
+            entry["heldout"] = heldout_summary(evaluate_examples(model, heldout, pad, sizes.eval_batch_size))
+    run.say(f"{name}: held-out capacity {entry['heldout']['capacity']:.3f}, loss {entry['heldout']['loss']:.4f}, "
         f"{entry['train_tokens_per_s']:.0f} tok/s")
     return model, entry
-
-
-def _heldout(result: dict) -> dict:
-    return {k: result[k] for k in ("loss", "perplexity", "capacity", "capacity_per_layer", "sequences") if k in result}
 
 
 def reference_lambda(entry: dict) -> float:
@@ -277,7 +184,7 @@ def replicate(args) -> Run:
     from . import local_tasks
 
     sizes = PRESETS[args.preset]
-    run = Run(args.preset, sizes, partial=args.output / "replication.partial.json")
+    run = Run("replicate", args.preset, sizes, partial=args.output / "replication.partial.json")
     args.output.mkdir(parents=True, exist_ok=True)
     started, cpu_started = time.perf_counter(), time.process_time()
     run.meta.update(started=utc_timestamp(), machine=machine_info(MACHINE_PACKAGES),
@@ -287,7 +194,7 @@ def replicate(args) -> Run:
     work = Path(args.work_dir)
 
     with run.stage("load model"):
-        base, tokenizer, label = load_model(args, sizes)
+        base, tokenizer, label = load_model(args.smoke, args.model, args.data_dir, sizes.seed)
     num_layers = base.config.num_hidden_layers
     run.meta.update(model=label, num_layers=num_layers)
     with run.stage("write task definitions"):
@@ -306,10 +213,12 @@ def replicate(args) -> Run:
         train_examples=len(train), heldout_examples=len(heldout), train_data_stats=prepared.stats,
     )
 
+    task_eval = {"batch_size": sizes.eval_batch_size, "seed": sizes.seed, "tasks_dir": written.path,
+                 "ppl_examples": ppl_examples}
     if args.resume:
-        resume(run)
+        run.resume()
     if "dense" not in run.models:
-        evaluate(run, "dense", base, tokenizer, written.path, ppl_examples, {"kind": "dense", "label": label})
+        evaluate(run, "dense", base, tokenizer, {"kind": "dense", "label": label}, **task_eval)
 
     trained = {}
     for granularity in ("attn", "mlp", "block"):
@@ -318,7 +227,7 @@ def replicate(args) -> Run:
             trained[granularity] = run.models[name]
             continue
         model, entry = router_tune(run, name, base, tokenizer, granularity, "ours", train, heldout, work)
-        evaluate(run, name, model, tokenizer, written.path, ppl_examples, {"kind": "mindskip", **entry})
+        evaluate(run, name, model, tokenizer, {"kind": "mindskip", **entry}, **task_eval)
         trained[granularity] = entry
         model.unload()
 
@@ -326,7 +235,7 @@ def replicate(args) -> Run:
     if "reference-attn" not in run.models:
         model, entry = router_tune(run, "reference-attn", base, tokenizer, "attn", "reference", train, heldout, work,
                                    l1_lambda=lam)
-        evaluate(run, "reference-attn", model, tokenizer, written.path, ppl_examples, {"kind": "mindskip", **entry})
+        evaluate(run, "reference-attn", model, tokenizer, {"kind": "mindskip", **entry}, **task_eval)
         model.unload()
 
     with run.stage("attention-drop scores"):
@@ -345,8 +254,9 @@ def replicate(args) -> Run:
         # Its routing does not depend on the input (always skip), so the converted model runs exactly through the
         # plain (padded-batch) evaluation path, which is faster than MindSkip's same-length batching; capacity is
         # 0 on the dropped layers by construction.
-        entry = evaluate(run, f"attention-drop-{n}", model.base_model, tokenizer, written.path, ppl_examples,
-                         {"kind": "attention-drop", "n": n, "dropped_layers": dropped, "skip_ratio": n / num_layers})
+        entry = evaluate(run, f"attention-drop-{n}", model.base_model, tokenizer,
+                         {"kind": "attention-drop", "n": n, "dropped_layers": dropped, "skip_ratio": n / num_layers},
+                         **task_eval)
         for task in entry["tasks"].values():
             task["capacity"] = 0.0
         entry["task_capacity"] = 0.0
@@ -359,23 +269,6 @@ def replicate(args) -> Run:
     run.meta.update(load_average_end=os.getloadavg(), process_cpu_seconds=round(cpu_seconds, 1),
                     cpu_share=round(cpu_seconds / run.timings["total"] / torch.get_num_threads(), 3))
     return run
-
-
-def resume(run: Run) -> None:
-    """Take the finished stages of an interrupted run from its partial results (same preset, same output folder)."""
-    if not run.partial.is_file():
-        raise SystemExit(f"--resume: no partial results at {run.partial}")
-    try:
-        saved = json.loads(run.partial.read_text())
-        models, timings = saved["models"], saved["timings"]
-    except (ValueError, KeyError) as err:
-        raise SystemExit(f"--resume: {run.partial} is not a partial replication result ({err})") from None
-    if saved.get("preset", run.preset) != run.preset:
-        raise SystemExit(f"--resume: {run.partial} is from the {saved['preset']!r} preset, not {run.preset!r}")
-    run.models.update(models)
-    run.timings.update({k: v for k, v in timings.items() if k.startswith(("train ", "evaluate "))})
-    run.meta["resumed"] = sorted(models)
-    say(f"resumed {', '.join(sorted(models))} from {run.partial}")
 
 
 # -------------------------------------------------------------------------------------------- CLI
@@ -428,7 +321,7 @@ def main(argv=None) -> int:
     paths = write_outputs(run, output)
     run.partial.unlink(missing_ok=True)
     for kind, path in paths.items():
-        say(f"wrote {kind}: {path}")
+        say(f"wrote {kind}: {path}", "replicate")
     print(json.dumps({"findings": run.meta["findings"], "total_seconds": run.timings["total"],
                       "outputs": {k: str(v) for k, v in paths.items()}}))
     return 0

@@ -1,7 +1,7 @@
 """The report of a replication run (:mod:`bench.replicate`): the paper's comparisons as numbers
 (:func:`findings`), ``replication.md`` with the tables in the layout of the paper's Table 1, and Figure 2.
 
-Everything here reads a finished :class:`bench.replicate.Run`; the tasks, their metrics and their order are
+Everything here reads a finished :class:`bench.experiment.Run`; the tasks, their metrics and their order are
 the run's own (``run.meta["metric"]``).
 """
 

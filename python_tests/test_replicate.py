@@ -99,14 +99,14 @@ def test_resume_reuses_finished_models_and_reruns_the_rest(smoke, tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     (None, "no partial results"),
-    ("{not json", "not a partial replication result"),
+    ("{not json", "not a partial replicate result"),
     (json.dumps({"preset": "default", "timings": {}, "models": {}}), "from the 'default' preset"),
 ])
 def test_resume_rejects_a_missing_corrupt_or_foreign_partial(tmp_path, content, message):
     partial = tmp_path / "replication.partial.json"
     if content is not None:
         partial.write_text(content)
-    run = replicate.Run("smoke", replicate.PRESETS["smoke"], partial=partial)
+    run = replicate.Run("replicate", "smoke", replicate.PRESETS["smoke"], partial=partial)
     with pytest.raises(SystemExit, match=message):
-        replicate.resume(run)
+        run.resume()
     assert run.models == {}

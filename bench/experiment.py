@@ -1,0 +1,166 @@
+"""What the replication (:mod:`bench.replicate`) and the Pareto study (:mod:`bench.pareto`) share: the record of a
+run with its stage timings and resumable partial results, the model and the evaluation data, and the evaluation.
+
+The shared data is read in place (``--data-dir``, default ``../shared/data`` beside the repository) and never
+copied into the repository.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .common import ROOT
+
+DEFAULT_DATA_DIR = ROOT.parent / "shared" / "data"
+ALPACA = Path("instruct") / "alpaca_en_demo.json"
+WIKITEXT = Path("text") / "wikitext2-test.txt"
+TASKS = ("local_piqa", "local_boolq", "local_rte", "local_hellaswag", "local_openbookqa", "local_mmlu")
+# acc_norm where lm-eval's stock task defines it (length-normalised choice scores), acc otherwise.
+METRIC = {t: "acc_norm" if t in ("local_piqa", "local_hellaswag", "local_openbookqa") else "acc" for t in TASKS}
+MACHINE_PACKAGES = ("torch", "transformers", "lm_eval", "datasets", "mindskip_ext")  # versions recorded
+
+
+def say(message: str, tag: str) -> None:
+    print(f"[{tag}] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Run:
+    """Results and bookkeeping of one experiment run: every model's entry, the stage timings, the metadata."""
+
+    tag: str  # the experiment's name: the prefix of its log lines
+    preset: str
+    sizes: Any
+    timings: dict[str, float] = field(default_factory=dict)
+    models: dict[str, dict] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+    partial: Path | None = None  # results so far, rewritten after every evaluation (a crash keeps them)
+
+    def say(self, message: str) -> None:
+        say(message, self.tag)
+
+    @contextmanager
+    def stage(self, name: str):
+        self.say(f"--- {name}")
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(time.perf_counter() - t0, 1)
+            self.say(f"--- {name}: {self.timings[name]:.0f} s")
+
+    def save_partial(self) -> None:
+        if self.partial is not None:
+            self.partial.write_text(json.dumps({"preset": self.preset, "timings": self.timings, "models": self.models},
+                                               indent=2, sort_keys=True) + "\n")
+
+    def resume(self) -> None:
+        """Take the finished stages of an interrupted run from its partial results (same preset and output)."""
+        if self.partial is None or not self.partial.is_file():
+            raise SystemExit(f"--resume: no partial results at {self.partial}")
+        try:
+            saved = json.loads(self.partial.read_text())
+            models, timings = saved["models"], saved["timings"]
+        except (ValueError, KeyError) as err:
+            raise SystemExit(f"--resume: {self.partial} is not a partial {self.tag} result ({err})") from None
+        if saved.get("preset", self.preset) != self.preset:
+            raise SystemExit(f"--resume: {self.partial} is from the {saved['preset']!r} preset, not {self.preset!r}")
+        self.models.update(models)
+        self.timings.update({k: v for k, v in timings.items() if k.startswith(("train ", "evaluate "))})
+        self.meta["resumed"] = sorted(models)
+        self.say(f"resumed {', '.join(sorted(models))} from {self.partial}")
+
+
+def smoke_model(data_dir: Path, seed: int):
+    """A random tiny Llama (8 layers, hidden 64) and a word tokenizer trained on the instruction file."""
+    from mindskip_ext.testing import tokenizer_corpus, train_word_tokenizer, word_llama
+
+    records = json.loads((data_dir / ALPACA).read_text())
+    tokenizer = train_word_tokenizer(tokenizer_corpus(records))
+    model = word_llama(tokenizer, intermediate=128, max_position_embeddings=4096, seed=seed)
+    return model, tokenizer, "tiny random Llama (8 layers, hidden 64; --smoke)"
+
+
+def load_model(smoke: bool, model: str | None, data_dir: Path, seed: int):
+    """(model, tokenizer, label): the --smoke model, ``model``, or SmolLM2 (fetched once); fp32, sdpa."""
+    from mindskip_ext.devices import pick_device
+    from mindskip_ext.loading import load_model as load
+
+    if smoke:
+        return smoke_model(data_dir, seed)
+    hf_model, tokenizer = load(model or "smollm2", pick_device("auto"), torch.float32)
+    return hf_model, tokenizer, str(model) if model else "SmolLM2-135M-Instruct"
+
+
+def wikitext_examples(path: Path, tokenizer, block: int, blocks: int | None):
+    """Non-overlapping ``block``-token windows of the raw test file, every token scored (standard perplexity)."""
+    from mindskip_ext.data import Example
+
+    ids = tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False).input_ids
+    windows = [ids[i : i + block] for i in range(0, len(ids) - block + 1, block)]
+    windows = windows[:blocks] if blocks is not None else windows
+    return [Example(list(w), list(w)) for w in windows]
+
+
+def binomial_stderr(accuracy: float, items: int) -> float:
+    """Standard error of an accuracy over ``items`` independent items (lm-eval's sample-stddev / sqrt(n))."""
+    return math.sqrt(accuracy * (1.0 - accuracy) / max(1, items - 1))
+
+
+def heldout_summary(result: dict) -> dict:
+    return {k: result[k] for k in ("loss", "perplexity", "capacity", "capacity_per_layer", "sequences") if k in result}
+
+
+def evaluate(run: Run, name: str, model, tokenizer, entry: dict, *, batch_size: int, seed: int = 0,
+             tasks_dir: Path | None = None, ppl_examples=None, heldout=None) -> dict:
+    """Evaluate ``model`` and record it as ``run.models[name]``: stock lm-eval on the local tasks (score, its
+    standard error and capacity per task; the average with its standard error), WikiText-2 perplexity and the
+    held-out instruction loss, each where given."""
+    from mindskip_ext.data import pad_token_id
+    from mindskip_ext.eval.harness import run_lm_eval
+    from mindskip_ext.eval.perplexity import evaluate_examples
+
+    pad = pad_token_id(tokenizer)
+    with run.stage(f"evaluate {name}"):
+        if tasks_dir is not None:
+            report = run_lm_eval(model, tokenizer, [(t, None) for t in TASKS], batch_size=batch_size,
+                                 include_path=str(tasks_dir), include_defaults=False, seed=seed)["tasks"]
+            tasks = {task: {"score": report[task]["metrics"][f"{METRIC[task]},none"],
+                            "stderr": binomial_stderr(report[task]["metrics"][f"{METRIC[task]},none"],
+                                                      report[task]["metrics"]["sample_len"]),
+                            "metric": METRIC[task],
+                            **{k: report[task][k] for k in ("metrics", "num_fewshot", "capacity",
+                                                            "capacity_per_layer")}}
+                     for task in TASKS}
+            errors = [t["stderr"] for t in tasks.values()]
+            entry.update(tasks=tasks, avg=sum(t["score"] for t in tasks.values()) / len(tasks),
+                         avg_stderr=math.sqrt(sum(e * e for e in errors)) / len(errors))
+            capacities = [t["capacity"] for t in tasks.values() if t["capacity"] is not None]
+            entry["task_capacity"] = sum(capacities) / len(capacities) if capacities else None
+        if ppl_examples is not None:
+            ppl = evaluate_examples(model, ppl_examples, pad, batch_size)
+            entry["wikitext2"] = {k: ppl[k] for k in ("perplexity", "loss", "target_tokens", "capacity",
+                                                       "capacity_per_layer", "skipped_layers_per_sequence")}
+        if heldout is not None:
+            entry["heldout"] = heldout_summary(evaluate_examples(model, heldout, pad, batch_size))
+    entry["eval_seconds"] = run.timings[f"evaluate {name}"]
+    run.models[name] = entry
+    run.save_partial()
+    parts = []
+    if "avg" in entry:
+        parts.append(f"avg {100 * entry['avg']:.1f}")
+    if "wikitext2" in entry:
+        parts.append(f"WikiText-2 ppl {entry['wikitext2']['perplexity']:.2f}")
+    if "heldout" in entry:
+        parts.append(f"held-out loss {entry['heldout']['loss']:.4f}")
+    run.say(f"{name}: " + ", ".join(parts))
+    return entry

@@ -1,0 +1,367 @@
+"""MindSkip against static Attention-Drop at the same skip ratio on SmolLM2-135M: which Router-Tuning recipe wins,
+and the Pareto curves that show it (perplexity and accuracy against the share of attention sublayers skipped).
+
+    python -m bench.pareto --stage ablation          # every recipe at 25%: held-out loss, WikiText-2, dynamics
+    python -m bench.pareto --stage pareto            # every method at 12.5/25/37.5%, with the six tasks
+    python -m bench.pareto --smoke                   # a tiny model and a handful of items: checks every stage
+
+Recipes (the levers of Router-Tuning; ``paper`` is the paper's: CE, zero init, layers 14..28, Alpaca):
+
+* ``loss``: ``ce``, or ``kd``: self-distillation from the same model with its routers bypassed;
+* ``init``: ``zero``, or ``redundancy``: router biases from Attention-Drop's scores (the static drop as the start);
+* ``layers``: ``paper`` (the last half but the last), or ``wide`` (every layer but the first few and the last);
+* ``data``: ``alpaca``, or ``mix``: Alpaca with GSM8K's train split and WikiText-2's validation text, as many
+  examples as Alpaca alone (the same budget).
+
+Every model is trained for one epoch to a target capacity that gives the skip ratio: capacity =
+1 - ratio * num_layers / len(layers). Methods per ratio: dense; Attention-Drop over all layers and restricted to
+the paper's layers (the better one by WikiText-2 perplexity gets the tasks); the paper recipe; the best recipe
+(``--best``, default: the ablation's lowest WikiText-2 perplexity); and the best recipe's static projection (its
+least-kept layers always skipped, as many as it skips per sequence on training data, the others always kept).
+Metrics: WikiText-2 test perplexity (the whole split), the held-out Alpaca loss, the six local tasks with the
+standard error of their average, the capacity and the measured skip ratio, and how dynamic the routing is.
+
+Everything is resumable (``--resume``): finished models come from ``<output>/pareto.partial.json``, trained
+routers and their checkpoints from ``--work-dir``. Writes ``pareto.json``, ``pareto.md`` and two figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .common import RESULTS_DIR, machine_info, utc_timestamp
+from .experiment import (
+    ALPACA,
+    DEFAULT_DATA_DIR,
+    MACHINE_PACKAGES,
+    METRIC,
+    TASKS,
+    WIKITEXT,
+    Run,
+    evaluate,
+    load_model,
+    say,
+    wikitext_examples,
+)
+from .pareto_report import best_recipe, write_outputs
+
+RATIOS = (0.125, 0.25, 0.375)
+ABLATION_RATIO = 0.25
+GSM8K = Path("eval") / "gsm8k" / "train.jsonl"
+WIKITEXT_TRAIN = Path("text") / "wikitext2-valid.txt"
+DEFAULT_WORK_DIR = Path.home() / ".cache" / "mindskip_ext" / "pareto-work"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    loss: str = "ce"
+    init: str = "zero"
+    layers: str = "paper"
+    data: str = "alpaca"
+
+
+RECIPES = {
+    "paper": Recipe(),
+    "kd": Recipe(loss="kd"),
+    "init": Recipe(init="redundancy"),
+    "kd+init": Recipe(loss="kd", init="redundancy"),
+    "wide": Recipe(layers="wide"),
+    "kd+init+wide": Recipe(loss="kd", init="redundancy", layers="wide"),
+    "kd+init+wide+mix": Recipe(loss="kd", init="redundancy", layers="wide", data="mix"),
+}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    heldout_fraction: float  # of the Alpaca records, held out for the instruction loss
+    max_length: int
+    batch_size: int
+    steps: int | None  # None: one epoch
+    learning_rate: float
+    calibration_sequences: int
+    mix_weights: tuple[float, float, float]  # Alpaca, GSM8K, WikiText-2 valid
+    task_limit: dict[str, int | None]
+    mmlu_per_subject: int | None
+    mmlu_subjects: list[str] | None
+    num_fewshot: dict[str, int]
+    ppl_block: int
+    ppl_blocks: int | None  # None: the whole test split
+    drop_records: int  # calibration sequences of Attention-Drop's scores
+    projection_records: int  # training sequences that decide the static projection
+    eval_batch_size: int
+    seed: int = 0
+
+
+ITEMS = 350  # per task: the standard error of the six tasks' average is then about 1.1 points at 50% accuracy
+PRESETS = {
+    "default": Sizes(
+        heldout_fraction=0.05, max_length=256, batch_size=8, steps=None, learning_rate=2e-3,
+        calibration_sequences=128, mix_weights=(0.5, 0.25, 0.25),
+        task_limit={t: ITEMS for t in TASKS if t != "local_mmlu"}, mmlu_per_subject=6, mmlu_subjects=None,
+        num_fewshot={"local_hellaswag": 0}, ppl_block=1024, ppl_blocks=None, drop_records=128,
+        projection_records=256, eval_batch_size=8,
+    ),
+    "smoke": Sizes(
+        heldout_fraction=0.1, max_length=160, batch_size=8, steps=4, learning_rate=2e-3, calibration_sequences=16,
+        mix_weights=(0.5, 0.25, 0.25), task_limit=dict.fromkeys(TASKS, 4), mmlu_per_subject=2,
+        mmlu_subjects=["anatomy", "virology"], num_fewshot={"local_hellaswag": 2, "local_mmlu": 2}, ppl_block=64,
+        ppl_blocks=2, drop_records=16, projection_records=16, eval_batch_size=8,
+    ),
+}
+
+
+def layer_sets(num_layers: int) -> dict[str, list[int]]:
+    from mindskip_ext.config import default_layers
+
+    return {"paper": default_layers(num_layers), "wide": list(range(max(1, round(0.13 * num_layers)), num_layers - 1))}
+
+
+def target_capacity(ratio: float, num_layers: int, layers: list[int]) -> float:
+    """The kept fraction on ``layers`` that skips ``ratio`` of all ``num_layers`` attention sublayers."""
+    capacity = 1.0 - ratio * num_layers / len(layers)
+    if not 0.0 < capacity <= 1.0:
+        raise ValueError(f"a skip ratio of {ratio} cannot be reached on {len(layers)} of {num_layers} layers")
+    return capacity
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class Data:
+    train: dict[str, list]  # data name -> training examples
+    heldout: list  # the Alpaca held-out examples
+    ppl: list  # WikiText-2 test blocks
+    stats: dict
+
+
+def load_data(args, sizes: Sizes, tokenizer) -> Data:
+    from mindskip_ext.data import load_training_data, mix_examples
+
+    def source(path: Path, heldout_fraction: float = 0.0, max_records: int | None = None):
+        return load_training_data([str(args.data_dir / path)], tokenizer, sizes.max_length, seed=sizes.seed,
+                                  heldout_fraction=heldout_fraction, max_records=max_records)
+
+    alpaca, heldout, (alpaca_stats,) = source(ALPACA, sizes.heldout_fraction)
+    small = 64 if args.smoke else None
+    gsm8k, _, (gsm8k_stats,) = source(GSM8K, max_records=small)
+    wiki, _, (wiki_stats,) = source(WIKITEXT_TRAIN, max_records=small)
+    mix = mix_examples([alpaca, gsm8k, wiki], sizes.mix_weights, seed=sizes.seed, total=len(alpaca))
+    ppl = wikitext_examples(args.data_dir / WIKITEXT, tokenizer, sizes.ppl_block, sizes.ppl_blocks)
+    return Data(
+        train={"alpaca": alpaca, "mix": mix},
+        heldout=heldout,
+        ppl=ppl,
+        stats={"alpaca": alpaca_stats, "gsm8k": gsm8k_stats, "wikitext2_valid": wiki_stats,
+               "mix": {"examples": len(mix), "weights": list(sizes.mix_weights)},
+               "wikitext2_test": {"blocks": len(ppl), "block_tokens": sizes.ppl_block,
+                                  "tokens": sum(len(e) for e in ppl)}},
+    )
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def train_recipe(run: Run, name: str, base, tokenizer, recipe: Recipe, ratio: float, data: Data, work: Path):
+    """Router-tune ``recipe`` at skip ``ratio`` (or reload its finished router directory); (model, entry)."""
+    import mindskip_ext as msk
+    from mindskip_ext.data import pad_token_id
+    from mindskip_ext.eval.routing import routing_decisions, routing_report
+    from mindskip_ext.training import LOG_NAME, SUMMARY_NAME, RouterTuner, RouterTuningConfig
+
+    sizes, pad, num_layers = run.sizes, pad_token_id(tokenizer), base.config.num_hidden_layers
+    layers = layer_sets(num_layers)[recipe.layers]
+    capacity = target_capacity(ratio, num_layers, layers)
+    out = work / name
+    tuning = RouterTuningConfig(
+        target_capacity=capacity, loss=recipe.loss, router_init=recipe.init, learning_rate=sizes.learning_rate,
+        batch_size=sizes.batch_size, max_steps=sizes.steps, seed=sizes.seed, log_every=5, save_every=20,
+        calibration_sequences=sizes.calibration_sequences, eval_batch_size=sizes.eval_batch_size,
+    )
+    if (out / SUMMARY_NAME).is_file():
+        model = msk.MindSkipModel.from_pretrained(base, out)
+        summary = json.loads((out / SUMMARY_NAME).read_text())
+        run.say(f"{name}: routers reloaded from {out}")
+    else:
+        model = msk.get_mindskip_model(base, msk.MindSkipConfig(layers=layers))
+        with run.stage(f"train {name}"):
+            summary = RouterTuner(model, data.train[recipe.data], data.heldout, tuning, out, pad,
+                                  progress=False).train(resume=True)
+    projection = routing_report(
+        routing_decisions(model, data.train[recipe.data][: sizes.projection_records], pad, sizes.eval_batch_size),
+        num_layers,
+    )
+    entry = {
+        "kind": "mindskip", "recipe": asdict(recipe), "recipe_name": name.rsplit("@", 1)[0], "ratio": ratio,
+        "layers": layers, "target_capacity": capacity, "router_dir": str(out),
+        "train_seconds": summary["train_seconds"], "train_tokens_per_s": summary["train_tokens_per_s"],
+        "steps": summary["steps"], "router_init": summary.get("router_init"), "calibration": summary["calibration"],
+        "routing_train": projection,
+        "curves": [{k: e[k] for k in ("step", "ce", "kd", "loss", "capacity") if k in e}
+                   for e in map(json.loads, (out / LOG_NAME).read_text().splitlines()) if "ce" in e],
+    }
+    return model, entry
+
+
+def routing_dynamics(model, tokenizer, examples, batch_size: int) -> dict:
+    from mindskip_ext.data import pad_token_id
+    from mindskip_ext.eval.routing import routing_decisions, routing_report
+
+    decisions = routing_decisions(model, examples, pad_token_id(tokenizer), batch_size)
+    return routing_report(decisions, model.config.num_hidden_layers)
+
+
+# ---------------------------------------------------------------------------------------------------- run
+
+
+def run_stage(args) -> Run:
+    from mindskip_ext.data import pad_token_id
+    from mindskip_ext.eval.attention_drop import dropped_model, redundancy_scores, select_dropped
+
+    from . import local_tasks
+
+    sizes = PRESETS[args.preset]
+    run = Run("pareto", args.preset, sizes, partial=args.output / "pareto.partial.json")
+    args.output.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    run.meta.update(started=utc_timestamp(), machine=machine_info(MACHINE_PACKAGES), data_dir=str(args.data_dir),
+                    stage=args.stage, ratios=list(RATIOS), ablation_ratio=ABLATION_RATIO,
+                    recipes={k: asdict(v) for k, v in RECIPES.items()})
+    torch.manual_seed(sizes.seed)
+    work = Path(args.work_dir) / args.preset
+    with run.stage("load model and data"):
+        base, tokenizer, label = load_model(args.smoke, args.model, args.data_dir, sizes.seed)
+        data = load_data(args, sizes, tokenizer)
+        written = local_tasks.write_tasks(
+            args.data_dir, work / "tasks", tasks=list(TASKS), limit=sizes.task_limit, num_fewshot=sizes.num_fewshot,
+            mmlu_limit=sizes.mmlu_per_subject, mmlu_subjects=sizes.mmlu_subjects, seed=1234,
+        )
+    num_layers = base.config.num_hidden_layers
+    run.meta.update(model=label, num_layers=num_layers, layer_sets=layer_sets(num_layers), data=data.stats,
+                    items=written.sizes, items_available=written.totals, num_fewshot=written.num_fewshot,
+                    metric=METRIC, sizes=asdict(sizes))
+    if args.resume:
+        run.resume()
+    pad = pad_token_id(tokenizer)
+    cheap = {"batch_size": sizes.eval_batch_size, "seed": sizes.seed, "ppl_examples": data.ppl,
+             "heldout": data.heldout}
+    full = {**cheap, "tasks_dir": written.path}
+
+    with run.stage("attention-drop scores"):
+        scores = redundancy_scores(base, data.train["alpaca"][: sizes.drop_records], pad, "attn",
+                                   sizes.eval_batch_size)
+    run.meta["attention_drop_similarity"] = {str(k): round(v, 6) for k, v in scores.items()}
+    ratios = (ABLATION_RATIO,) if args.stage == "ablation" else RATIOS
+    if "dense" not in run.models:
+        evaluate(run, "dense", base, tokenizer, {"kind": "dense", "label": label},
+                 **(cheap if args.stage == "ablation" else full))
+    elif args.stage == "pareto" and "tasks" not in run.models["dense"]:
+        evaluate(run, "dense", base, tokenizer, dict(run.models["dense"]), **{**full, "ppl_examples": None,
+                                                                              "heldout": None})
+
+    def static(name: str, dropped: list[int], entry: dict, settings: dict) -> dict:
+        model = dropped_model(base, dropped, "attn")
+        # Input-independent routing: the plain (padded-batch) evaluation path is exact and faster.
+        entry = evaluate(run, name, model.base_model, tokenizer,
+                         {"dropped_layers": dropped, "skip_ratio": len(dropped) / num_layers, **entry}, **settings)
+        model.unload()
+        return entry
+
+    for ratio in ratios:
+        n = round(ratio * num_layers)
+        drops = {}
+        for scope, candidates in (("all", None), ("restricted", layer_sets(num_layers)["paper"])):
+            name = f"attention-drop-{scope}@{ratio}"
+            if name not in run.models:
+                static(name, select_dropped(scores, n, candidates), {"kind": "attention-drop", "scope": scope,
+                                                                     "ratio": ratio}, cheap)
+            drops[name] = run.models[name]
+        if args.stage == "pareto":
+            better = min(drops, key=lambda k: drops[k]["wikitext2"]["perplexity"])
+            if "tasks" not in run.models[better]:
+                entry = dict(run.models[better])
+                static(better, entry["dropped_layers"], entry, {**full, "ppl_examples": None, "heldout": None})
+            run.models[better]["best_of_scopes"] = True
+            run.save_partial()
+
+    recipes = args.recipes if args.stage == "ablation" else ["paper", args.best or best_recipe(run.models)]
+    for ratio in ratios:
+        for recipe_name in dict.fromkeys(recipes):
+            name = f"{recipe_name}@{ratio}"
+            if name in run.models and ("tasks" in run.models[name] or args.stage == "ablation"):
+                continue
+            model, entry = train_recipe(run, name, base, tokenizer, RECIPES[recipe_name], ratio, data, work)
+            entry["routing_heldout"] = routing_dynamics(model, tokenizer, data.heldout, sizes.eval_batch_size)
+            evaluate(run, name, model, tokenizer, entry, **(cheap if args.stage == "ablation" else full))
+            if args.stage == "pareto" and recipe_name != "paper":
+                count = round(entry["routing_train"]["skipped_layers_per_sequence"])
+                ranked = sorted(entry["routing_train"]["layers"].items(), key=lambda kv: (kv[1]["kept"], -int(kv[0])))
+                dropped = sorted(int(i) for i, _ in ranked[:count])
+                model.unload()
+                static(f"{recipe_name}-static@{ratio}", dropped,
+                       {"kind": "static-projection", "of": name, "ratio": ratio}, full)
+            else:
+                model.unload()
+
+    run.meta["best_recipe"] = args.best or best_recipe(run.models)
+    run.timings["total"] = round(time.perf_counter() - started, 1)
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.pareto", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", choices=("ablation", "pareto"), default="pareto")
+    p.add_argument("--smoke", action="store_true", help="Tiny config model, a handful of items (minutes).")
+    p.add_argument("--best", choices=sorted(RECIPES), default=None,
+                   help="The recipe to compare (default: the ablation's lowest WikiText-2 perplexity).")
+    p.add_argument("--recipes", default=",".join(RECIPES),
+                   help=f"Recipes the ablation trains, comma-separated (default: all of {', '.join(RECIPES)}).")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
+                   help=f"Shared data folder (default: {DEFAULT_DATA_DIR}).")
+    p.add_argument("--model", default=None, help="Model folder (default: SmolLM2-135M-Instruct, fetched once).")
+    p.add_argument("--output", type=Path, default=None, help="Results folder (default: bench/results).")
+    p.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR,
+                   help=f"Trained routers, checkpoints and task files (default: {DEFAULT_WORK_DIR}).")
+    p.add_argument("--resume", action="store_true", help="Reuse the models in <output>/pareto.partial.json.")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+    args = p.parse_args(argv)
+    args.preset = "smoke" if args.smoke else "default"
+    args.recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    unknown = [r for r in args.recipes if r not in RECIPES]
+    if unknown:
+        p.error(f"unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
+    if not (args.data_dir / "eval").is_dir():
+        p.error(f"the shared data folder {args.data_dir} is missing (pass --data-dir; see ../shared/data/README.md)")
+    args.data_dir = args.data_dir.resolve()
+    if args.smoke and args.model:
+        p.error("--smoke builds its own tiny model; drop --model")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    args.output = args.output or RESULTS_DIR
+    run = run_stage(args)
+    paths = write_outputs(run, args.output)
+    for kind, path in paths.items():
+        say(f"wrote {kind}: {path}", "pareto")
+    print(json.dumps({"best_recipe": run.meta["best_recipe"], "total_seconds": run.timings["total"],
+                      "outputs": {k: str(v) for k, v in paths.items()}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

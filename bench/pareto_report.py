@@ -1,0 +1,238 @@
+"""The report of :mod:`bench.pareto`: ``pareto.json``, ``pareto.md`` and the two Pareto figures.
+
+Model names are ``<method>@<ratio>``: ``attention-drop-all``, ``attention-drop-restricted``, a recipe of
+:data:`bench.pareto.RECIPES`, or ``<recipe>-static`` (its static projection); ``dense`` has no ratio.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .common import markdown_table
+from .plot import figure
+
+ABLATION_RATIO = 0.25
+
+
+def fmt(value, spec: str, missing: str = "–") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def method_of(name: str) -> str:
+    return name.rsplit("@", 1)[0]
+
+
+def _points(value: float | None) -> float | None:
+    return None if value is None else 100 * value
+
+
+def measured_skip_ratio(entry: dict, num_layers: int, where: str = "wikitext2") -> float:
+    """Share of all attention sublayers skipped on an evaluation set (a static drop: its layer count)."""
+    if entry["kind"] == "dense":
+        return 0.0
+    if entry["kind"] in ("attention-drop", "static-projection"):
+        return entry["skip_ratio"]
+    return entry[where]["skipped_layers_per_sequence"] / num_layers
+
+
+def best_recipe(models: dict) -> str:
+    """The recipe with the lowest WikiText-2 perplexity at the ablation's skip ratio."""
+    trained = {method_of(n): e for n, e in models.items() if e["kind"] == "mindskip" and e["ratio"] == ABLATION_RATIO}
+    if not trained:
+        raise SystemExit("no recipe trained at the ablation ratio yet: run --stage ablation first, or pass --best")
+    return min(trained, key=lambda name: trained[name]["wikitext2"]["perplexity"])
+
+
+def _ablation(run) -> list[str]:
+    m, n = run.models, run.meta["num_layers"]
+    rows = []
+    for name, e in m.items():
+        if e.get("ratio") != ABLATION_RATIO or e["kind"] == "static-projection":
+            continue
+        if e["kind"] == "mindskip":
+            r = e["recipe"]
+            layers = f"{e['layers'][0]}..{e['layers'][-1]}"
+            how = f"{r['loss']}, {r['init']} init, {r['layers']} layers ({layers}), {r['data']}"
+            dynamic = f"{100 * e['routing_heldout']['mean_disagreement']:.1f}%"
+            speed = fmt(e["train_tokens_per_s"], ".0f")
+        else:
+            how, dynamic, speed = f"static, layers {e['dropped_layers']}", "0.0%", ""
+        rows.append([method_of(name), how, f"{100 * measured_skip_ratio(e, n):.1f}%",
+                     f"{e['wikitext2']['perplexity']:.2f}", f"{e['heldout']['loss']:.4f}", dynamic, speed])
+    dense = m["dense"]
+    rows.append(["dense", "", "0.0%", f"{dense['wikitext2']['perplexity']:.2f}", f"{dense['heldout']['loss']:.4f}",
+                 "", ""])
+    return [
+        f"## Recipes at a {100 * ABLATION_RATIO:.0f}% skip ratio",
+        "",
+        "Skip ratio: share of all attention sublayers skipped on WikiText-2 (MindSkip: measured; static: its "
+        "layer count). Disagreement: the mean share of held-out sequences whose decision differs from their "
+        "layer's majority (0 = static routing).",
+        "",
+        *markdown_table(["model", "recipe", "skip ratio", "WikiText-2 ppl", "held-out loss", "disagreement",
+                         "train tok/s"], rows),
+        "",
+    ]
+
+
+def _pareto_rows(run) -> list[list[str]]:
+    m, n = run.models, run.meta["num_layers"]
+    tasks = list(run.meta["metric"])
+    rows = []
+    for name, e in sorted(m.items(), key=lambda kv: (kv[1].get("ratio", 0.0), kv[0])):
+        if "tasks" not in e:
+            continue
+        cells = [f"{100 * e['tasks'][t]['score']:.1f}" for t in tasks]
+        rows.append(
+            [
+                name,
+                f"{100 * measured_skip_ratio(e, n):.1f}%",
+                f"{e['wikitext2']['perplexity']:.2f}",
+                f"{e['heldout']['loss']:.4f}",
+                f"{100 * e['avg']:.1f} ± {fmt(_points(e.get('avg_stderr')), '.1f')}",
+                *cells,
+                fmt(e.get("task_capacity"), ".3f"),
+            ]
+        )
+    return rows
+
+
+def goal_checks(run) -> list[dict]:
+    """Per ratio: the best recipe against the better Attention-Drop and the paper recipe (numbers, not verdicts)."""
+    m = run.models
+    best = run.meta["best_recipe"]
+    out = []
+    for ratio in run.meta["ratios"]:
+        ours, paper = m.get(f"{best}@{ratio}"), m.get(f"paper@{ratio}")
+        drops = [e for name, e in m.items() if name.startswith("attention-drop") and e.get("ratio") == ratio
+                 and "tasks" in e]
+        if ours is None or "tasks" not in ours or not drops:
+            continue
+        drop = drops[0]
+        out.append({
+            "ratio": ratio,
+            "ppl": ours["wikitext2"]["perplexity"],
+            "drop_ppl": drop["wikitext2"]["perplexity"],
+            "ppl_at_or_below_drop": ours["wikitext2"]["perplexity"] <= drop["wikitext2"]["perplexity"],
+            "avg_minus_drop_points": 100 * (ours["avg"] - drop["avg"]),
+            "avg_stderr_points": 100 * ours["avg_stderr"] if ours.get("avg_stderr") else None,
+            "heldout_loss": ours["heldout"]["loss"],
+            "paper_heldout_loss": paper["heldout"]["loss"] if paper else None,
+            "ppl_over_dense": ours["wikitext2"]["perplexity"] / m["dense"]["wikitext2"]["perplexity"],
+        })
+    return out
+
+
+def render_markdown(run) -> str:
+    meta = run.meta
+    machine = meta["machine"]
+    lines = [
+        f"# MindSkip against Attention-Drop on {meta['model']} ({run.preset} run, stage {meta['stage']})",
+        "",
+        f"Machine: {machine['cpu']} ({machine['cpu_cores']} cores, {machine['torch_threads']} torch threads); "
+        f"torch {machine['versions']['torch']}, transformers {machine['versions']['transformers']}; commit "
+        f"{machine['git_commit']}; started {meta['started']}; this stage took {run.timings['total'] / 60:.0f} min "
+        "(resumed stages not counted).",
+        "",
+    ]
+    if any(e.get("ratio") == ABLATION_RATIO and e["kind"] == "mindskip" for e in run.models.values()):
+        lines += _ablation(run)
+    rows = _pareto_rows(run)
+    if rows:
+        tasks = list(meta["metric"])
+        lines += [
+            "## Pareto: every method at each skip ratio",
+            "",
+            f"Best recipe: **{meta['best_recipe']}**. Accuracy in %, average of the six tasks ± its standard error. "
+            "Task capacity: kept fraction on the MindSkip layers, averaged over the tasks.",
+            "",
+            *markdown_table(["model", "skip ratio", "WikiText-2 ppl", "held-out loss", "avg acc",
+                             *(t.replace("local_", "") for t in tasks), "task capacity"], rows),
+            "",
+            "![perplexity](pareto_ppl.png) ![accuracy](pareto_acc.png)",
+            "",
+        ]
+        checks = goal_checks(run)
+        if checks:
+            lines += ["## Against the goals", ""]
+            lines += markdown_table(
+                ["skip ratio", "ppl (best / Attention-Drop)", "avg acc − Attention-Drop (pts)", "SE (pts)",
+                 "held-out loss (best / paper)", "ppl / dense"],
+                [[f"{100 * c['ratio']:.1f}%", f"{c['ppl']:.2f} / {c['drop_ppl']:.2f}",
+                  f"{c['avg_minus_drop_points']:+.2f}", fmt(c["avg_stderr_points"], ".2f"),
+                  f"{c['heldout_loss']:.4f} / {fmt(c['paper_heldout_loss'], '.4f')}", f"{c['ppl_over_dense']:.3f}"]
+                 for c in checks],
+            )
+            lines.append("")
+    sizes = meta["sizes"]
+    lines += [
+        "## Sizes",
+        "",
+        f"Router-Tuning: one epoch of {meta['data']['alpaca']['train_examples']} Alpaca examples (or as many from the "
+        f"mixture {meta['data']['mix']['weights']} of Alpaca, GSM8K train and WikiText-2 valid), batch "
+        f"{sizes['batch_size']}, lr {sizes['learning_rate']}, max length {sizes['max_length']}; held-out: "
+        f"{meta['data']['alpaca']['heldout_examples']} Alpaca examples. WikiText-2 test: "
+        f"{meta['data']['wikitext2_test']['blocks']} blocks of "
+        f"{meta['data']['wikitext2_test']['block_tokens']} tokens.",
+        "Scored items: " + ", ".join(f"{t.replace('local_', '')} {meta['items'][t]}" for t in meta["metric"]) + ".",
+        "",
+        "## Wall-clock per stage (s)",
+        "",
+        *markdown_table(["stage", "seconds"], [[k, f"{v:.0f}"] for k, v in run.timings.items()]),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(run, output: Path) -> dict[str, Path]:
+    m, n = run.models, run.meta["num_layers"]
+    dense = m["dense"]
+    methods: dict[str, list[tuple[float, dict]]] = {}
+    for name, e in m.items():
+        if e["kind"] != "dense" and "ratio" in e and (e["ratio"] in run.meta["ratios"]):
+            methods.setdefault(method_of(name), []).append((measured_skip_ratio(e, n), e))
+    paths = {}
+    for key, ylabel, value, err in (
+        ("ppl", "WikiText-2 perplexity", lambda e: e["wikitext2"]["perplexity"], None),
+        ("acc", "average accuracy of the six tasks (%)", lambda e: 100 * e["avg"],
+         lambda e: 100 * (e.get("avg_stderr") or 0.0)),
+    ):
+        needs = "wikitext2" if key == "ppl" else "avg"
+        if needs not in dense:
+            continue
+        path = output / f"pareto_{key}.png"
+        with figure(path, 1, (7, 4.5), f"{run.meta['model']}: quality against skip ratio") as ax:
+            ax.axhline(value(dense), color="grey", ls="--", label="dense")
+            for method, points in sorted(methods.items()):
+                points = sorted(((x, e) for x, e in points if needs in e), key=lambda p: p[0])
+                if not points:
+                    continue
+                xs = [100 * x for x, _ in points]
+                ys = [value(e) for _, e in points]
+                if err is None:
+                    ax.plot(xs, ys, "o-", label=method)
+                else:
+                    ax.errorbar(xs, ys, yerr=[err(e) for _, e in points], fmt="o-", capsize=3, label=method)
+            ax.set_xlabel("skip ratio (% of all attention sublayers)")
+            ax.set_ylabel(ylabel)
+            if key == "ppl":
+                ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        paths[key] = path
+    return paths
+
+
+def write_outputs(run, output: Path) -> dict[str, Path]:
+    from dataclasses import asdict
+
+    output.mkdir(parents=True, exist_ok=True)
+    run.meta["goal_checks"] = goal_checks(run) if "best_recipe" in run.meta else []
+    paths = {"json": output / "pareto.json", "markdown": output / "pareto.md"}
+    payload = {"preset": run.preset, "sizes": asdict(run.sizes), "meta": run.meta, "timings": run.timings,
+               "models": run.models}
+    paths["json"].write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    paths["markdown"].write_text(render_markdown(run))
+    paths.update(plot(run, output))
+    return paths
