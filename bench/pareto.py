@@ -93,6 +93,7 @@ class Sizes:
     num_fewshot: dict[str, int]
     ppl_block: int
     ppl_blocks: int | None  # None: the whole test split
+    ablation_ppl_blocks: int  # the ablation ranks recipes on the first blocks only
     drop_records: int  # calibration sequences of Attention-Drop's scores
     projection_records: int  # training sequences that decide the static projection
     eval_batch_size: int
@@ -105,14 +106,14 @@ PRESETS = {
         heldout_fraction=0.05, max_length=256, batch_size=8, steps=None, learning_rate=2e-3,
         calibration_sequences=128, mix_weights=(0.5, 0.25, 0.25),
         task_limit={t: ITEMS for t in TASKS if t != "local_mmlu"}, mmlu_per_subject=6, mmlu_subjects=None,
-        num_fewshot={"local_hellaswag": 0}, ppl_block=1024, ppl_blocks=None, drop_records=128,
+        num_fewshot={"local_hellaswag": 0}, ppl_block=1024, ppl_blocks=None, ablation_ppl_blocks=48, drop_records=128,
         projection_records=256, eval_batch_size=8,
     ),
     "smoke": Sizes(
         heldout_fraction=0.1, max_length=160, batch_size=8, steps=4, learning_rate=2e-3, calibration_sequences=16,
         mix_weights=(0.5, 0.25, 0.25), task_limit=dict.fromkeys(TASKS, 4), mmlu_per_subject=2,
         mmlu_subjects=["anatomy", "virology"], num_fewshot={"local_hellaswag": 2, "local_mmlu": 2}, ppl_block=64,
-        ppl_blocks=2, drop_records=16, projection_records=16, eval_batch_size=8,
+        ppl_blocks=4, ablation_ppl_blocks=2, drop_records=16, projection_records=16, eval_batch_size=8,
     ),
 }
 
@@ -250,65 +251,72 @@ def run_stage(args) -> Run:
     if args.resume:
         run.resume()
     pad = pad_token_id(tokenizer)
-    cheap = {"batch_size": sizes.eval_batch_size, "seed": sizes.seed, "ppl_examples": data.ppl,
-             "heldout": data.heldout}
-    full = {**cheap, "tasks_dir": written.path}
+    ablation = args.stage == "ablation"
+    # The ablation ranks recipes on the first blocks of WikiText-2; the Pareto stage reports the whole split.
+    ppl = data.ppl[: sizes.ablation_ppl_blocks] if ablation else data.ppl
+    ppl_tokens = sum(len(e) - 1 for e in ppl)
+
+    def ensure(name: str, entry: dict, load, tasks: bool) -> dict:
+        """Evaluate model ``name`` where its recorded results lack this stage's: the perplexity on ``ppl`` with the
+        held-out loss, and the six tasks when ``tasks``. ``load()`` gives (the model to evaluate, a cleanup)."""
+        have = run.models.get(name, {})
+        want_ppl = have.get("wikitext2", {}).get("target_tokens") != ppl_tokens
+        want_tasks = tasks and "tasks" not in have
+        if not (want_ppl or want_tasks):
+            return have
+        model, cleanup = load()
+        settings = {"batch_size": sizes.eval_batch_size, "seed": sizes.seed}
+        if want_ppl:
+            settings.update(ppl_examples=ppl, heldout=data.heldout)
+        if want_tasks:
+            settings["tasks_dir"] = written.path
+        result = evaluate(run, name, model, tokenizer, {**have, **entry}, **settings)
+        cleanup()
+        if ablation:  # what the recipes are ranked on, kept when the Pareto stage evaluates the model again
+            result["ablation"] = {"wikitext2_ppl": result["wikitext2"]["perplexity"],
+                                  "heldout_loss": result["heldout"]["loss"], "blocks": len(ppl)}
+            run.save_partial()
+        return result
+
+    def static(dropped: list[int]):
+        model = dropped_model(base, dropped, "attn")
+        # Input-independent routing: the plain (padded-batch) evaluation path is exact and faster.
+        return model.base_model, model.unload
 
     with run.stage("attention-drop scores"):
         scores = redundancy_scores(base, data.train["alpaca"][: sizes.drop_records], pad, "attn",
                                    sizes.eval_batch_size)
     run.meta["attention_drop_similarity"] = {str(k): round(v, 6) for k, v in scores.items()}
-    ratios = (ABLATION_RATIO,) if args.stage == "ablation" else RATIOS
-    if "dense" not in run.models:
-        evaluate(run, "dense", base, tokenizer, {"kind": "dense", "label": label},
-                 **(cheap if args.stage == "ablation" else full))
-    elif args.stage == "pareto" and "tasks" not in run.models["dense"]:
-        evaluate(run, "dense", base, tokenizer, dict(run.models["dense"]), **{**full, "ppl_examples": None,
-                                                                              "heldout": None})
-
-    def static(name: str, dropped: list[int], entry: dict, settings: dict) -> dict:
-        model = dropped_model(base, dropped, "attn")
-        # Input-independent routing: the plain (padded-batch) evaluation path is exact and faster.
-        entry = evaluate(run, name, model.base_model, tokenizer,
-                         {"dropped_layers": dropped, "skip_ratio": len(dropped) / num_layers, **entry}, **settings)
-        model.unload()
-        return entry
+    ensure("dense", {"kind": "dense", "label": label}, lambda: (base, lambda: None), tasks=not ablation)
+    ratios = (ABLATION_RATIO,) if ablation else RATIOS
 
     for ratio in ratios:
         n = round(ratio * num_layers)
         drops = {}
         for scope, candidates in (("all", None), ("restricted", layer_sets(num_layers)["paper"])):
-            name = f"attention-drop-{scope}@{ratio}"
-            if name not in run.models:
-                static(name, select_dropped(scores, n, candidates), {"kind": "attention-drop", "scope": scope,
-                                                                     "ratio": ratio}, cheap)
-            drops[name] = run.models[name]
-        if args.stage == "pareto":
+            name, dropped = f"attention-drop-{scope}@{ratio}", select_dropped(scores, n, candidates)
+            entry = {"kind": "attention-drop", "scope": scope, "ratio": ratio, "dropped_layers": dropped,
+                     "skip_ratio": n / num_layers}
+            drops[name] = ensure(name, entry, lambda d=dropped: static(d), tasks=False)
+        if not ablation:  # the better scope by perplexity gets the tasks
             better = min(drops, key=lambda k: drops[k]["wikitext2"]["perplexity"])
-            if "tasks" not in run.models[better]:
-                entry = dict(run.models[better])
-                static(better, entry["dropped_layers"], entry, {**full, "ppl_examples": None, "heldout": None})
-            run.models[better]["best_of_scopes"] = True
-            run.save_partial()
+            ensure(better, {"best_of_scopes": True}, lambda d=drops[better]["dropped_layers"]: static(d), tasks=True)
 
-    recipes = args.recipes if args.stage == "ablation" else ["paper", args.best or best_recipe(run.models)]
+    recipes = args.recipes if ablation else ["paper", args.best or best_recipe(run.models)]
     for ratio in ratios:
         for recipe_name in dict.fromkeys(recipes):
             name = f"{recipe_name}@{ratio}"
-            if name in run.models and ("tasks" in run.models[name] or args.stage == "ablation"):
-                continue
             model, entry = train_recipe(run, name, base, tokenizer, RECIPES[recipe_name], ratio, data, work)
             entry["routing_heldout"] = routing_dynamics(model, tokenizer, data.heldout, sizes.eval_batch_size)
-            evaluate(run, name, model, tokenizer, entry, **(cheap if args.stage == "ablation" else full))
-            if args.stage == "pareto" and recipe_name != "paper":
+            ensure(name, entry, lambda m=model: (m, lambda: None), tasks=not ablation)
+            model.unload()
+            if not ablation and recipe_name != "paper":
                 count = round(entry["routing_train"]["skipped_layers_per_sequence"])
                 ranked = sorted(entry["routing_train"]["layers"].items(), key=lambda kv: (kv[1]["kept"], -int(kv[0])))
                 dropped = sorted(int(i) for i, _ in ranked[:count])
-                model.unload()
-                static(f"{recipe_name}-static@{ratio}", dropped,
-                       {"kind": "static-projection", "of": name, "ratio": ratio}, full)
-            else:
-                model.unload()
+                entry = {"kind": "static-projection", "of": name, "ratio": ratio, "dropped_layers": dropped,
+                         "skip_ratio": len(dropped) / num_layers}
+                ensure(f"{recipe_name}-static@{ratio}", entry, lambda d=dropped: static(d), tasks=True)
 
     run.meta["best_recipe"] = args.best or best_recipe(run.models)
     run.timings["total"] = round(time.perf_counter() - started, 1)

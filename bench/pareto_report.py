@@ -38,10 +38,10 @@ def measured_skip_ratio(entry: dict, num_layers: int, where: str = "wikitext2") 
 
 def best_recipe(models: dict) -> str:
     """The recipe with the lowest WikiText-2 perplexity at the ablation's skip ratio."""
-    trained = {method_of(n): e for n, e in models.items() if e["kind"] == "mindskip" and e["ratio"] == ABLATION_RATIO}
+    trained = {method_of(n): e["ablation"] for n, e in models.items() if e["kind"] == "mindskip" and "ablation" in e}
     if not trained:
-        raise SystemExit("no recipe trained at the ablation ratio yet: run --stage ablation first, or pass --best")
-    return min(trained, key=lambda name: trained[name]["wikitext2"]["perplexity"])
+        raise SystemExit("no recipe ranked by the ablation yet: run --stage ablation first, or pass --best")
+    return min(trained, key=lambda name: trained[name]["wikitext2_ppl"])
 
 
 def _ablation(run) -> list[str]:
