@@ -122,6 +122,7 @@ def redundancy_scores(
                     input_ids=batch["input_ids"].to(device),
                     attention_mask=batch["attention_mask"].to(device),
                     use_cache=False,
+                    logits_to_keep=1,  # the scores need the hidden states only, not the vocabulary logits
                     **bypass,
                 )
     finally:
