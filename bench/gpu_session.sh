@@ -1,41 +1,211 @@
 #!/usr/bin/env bash
-# One step of a GPU session on a machine that already has torch, transformers, pytest and ninja
-# (e.g. a lent H100/H200), split so that each step fits a 10-minute command. Every step builds the
-# extension first (a fresh machine keeps nothing), for the local GPU's architecture only.
+# A GPU session in one 10-minute command on a lent GPU (H100/H200 with python3, torch, transformers, pytest and
+# ninja, no network): build for the local GPU, the CUDA tests, compute-sanitizer over every op, the micro section
+# against the device's copy bandwidth, and two e2e points at the Llama-3-8B shape; then a two-line summary. Every
+# step runs under a time limit cut to what is left of the session's budget, so that a hanging step cannot eat the
+# others, and a failing step is reported in the summary while the next one still runs.
 #
-#   bash bench/gpu_session.sh test            # build, then the whole test suite on CUDA
-#   bash bench/gpu_session.sh micro           # build, then the micro and layer sections
-#   bash bench/gpu_session.sh e2e 1,8 512,2048 [extra bench.run args]   # build, then an e2e slice
+#   bash bench/gpu_session.sh all [--dry-run]     # every step below, in this order (about 8 minutes on an H100)
+#   bash bench/gpu_session.sh build               # only the build (the other steps build first when needed)
+#   bash bench/gpu_session.sh test                # pytest -m cuda (every failure reported: no -x)
+#   bash bench/gpu_session.sh sanitize            # compute-sanitizer memcheck over python -m bench.gpu_sanitize
+#   bash bench/gpu_session.sh micro [ARGS]        # bench.run --only micro (ARGS go to bench.run)
+#   bash bench/gpu_session.sh e2e B T [ARGS]      # one e2e point: batch B x prompt T (comma lists: their grid)
 #
-# Results go to bench/results/<device>.jsonl/.md (and to $OUT when it is set, for fetching back).
-set -euo pipefail
-cd "$(dirname "$0")/.."
-step="${1:?usage: gpu_session.sh test|micro|e2e BATCHES LENGTHS [args]}"
-shift
+# --dry-run rehearses a step on a machine without a GPU: it checks that the existing build loads instead of
+# building, lists the tests that -m cuda selects, runs the op script on the CPU without compute-sanitizer, runs
+# micro with --quick and the e2e points at a small shape (cpu-small, B 2 and 1), all on the CPU.
+#
+# Writes under $OUT (default build/gpu-session): session.log (every step's output), summary.txt (the two lines)
+# and the device's bench rows <device>.jsonl and <device>.md (kept in bench/results/ too; a dry run writes those
+# to a temporary folder instead, so that the CPU results of the repository stay as they are).
+# Environment: PYTHON (default python3), GPU_SESSION_BUDGET_S (default 560: the whole session, leaving a
+# 10-minute command time to return), E2E_REPS (timed rounds per e2e point, default 3).
+set -uo pipefail
 
-arch=$(python3 -c "import torch; print('{}.{}'.format(*torch.cuda.get_device_capability()))")
-start=$(date +%s)
-TORCH_CUDA_ARCH_LIST="$arch" MINDSKIP_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" \
-  python3 -m pip install -q --no-build-isolation --no-deps -e . >/tmp/mindskip-build.log 2>&1 \
-  || { tail -n 40 /tmp/mindskip-build.log; exit 1; }
-echo "built for sm_$arch in $(( $(date +%s) - start )) s"
+usage="usage: gpu_session.sh all|build|test|sanitize|micro [ARGS]|e2e B T [ARGS] [--dry-run]"
+repo=$(cd "$(dirname "$0")/.." && pwd)
+out=$(realpath -m "${OUT:-$repo/build/gpu-session}")
+cd "$repo"
 
-out="${OUT:-}"
+dry=""
+args=()
+for arg in "$@"; do
+  if [ "$arg" = "--dry-run" ]; then dry=1; else args+=("$arg"); fi
+done
+set -- "${args[@]}"
+step="${1:-}"
+shift || true
 case "$step" in
-  test)
-    python3 -m pytest python_tests -q -x -p no:cacheprovider 2>&1 | tee ${out:+"$out/pytest.log"}
-    ;;
-  micro)
-    python3 -m bench.run --only micro,layer --device cuda
-    ;;
-  e2e)
-    batches="${1:?batches}"; lengths="${2:?lengths}"; shift 2
-    python3 -m bench.run --only e2e --device cuda --e2e-batches "$batches" --e2e-lengths "$lengths" "$@"
-    ;;
-  *)
-    echo "unknown step $step" >&2; exit 2
-    ;;
+  all|build|test|sanitize|micro) ;;
+  e2e) [ $# -ge 2 ] || { echo "e2e needs B and T; $usage" >&2; exit 2; } ;;
+  *) echo "$usage" >&2; exit 2 ;;
 esac
-if [ -n "$out" ]; then
-  cp bench/results/*.jsonl bench/results/*.md "$out"/ 2>/dev/null || true
+
+export PYTHON="${PYTHON:-python3}" PYTHONUNBUFFERED=1 dry
+budget="${GPU_SESSION_BUDGET_S:-560}"
+reserve=20  # left at the end for the summary and copying the results (a step may overrun by timeout's 10 s)
+if [ -n "$dry" ]; then
+  export device=cpu results
+  results=$(mktemp -d)
+  trap 'rm -rf "$results"' EXIT
+  points="2x16 1x32"
+  e2e_args=(--e2e-shape cpu-small --new-tokens 3 --e2e-fractions 1.0,0.5 --e2e-reps 2)
+else
+  export device=cuda results=bench/results
+  points="32x2048 8x8192"  # the Llama-3-8B points: pairs, not their grid
+  e2e_args=(--e2e-shape llama3-8b --new-tokens 64 --e2e-fractions 1.0,0.5 --e2e-reps "${E2E_REPS:-3}")
 fi
+export stamp_file=build/gpu-session.stamp
+mkdir -p "$out"
+log="$out/session.log"
+: >"$log"
+
+# ------------------------------------------------------------------------------------------------ the steps
+
+step_build() {
+  if [ -n "$dry" ]; then
+    echo "dry run: a GPU builds with TORCH_CUDA_ARCH_LIST=<its compute capability> MINDSKIP_CUDA=1 MAX_JOBS=$(nproc):"
+    echo "  $PYTHON -m pip install -q --no-build-isolation --no-deps -e ."
+    "$PYTHON" -c "import mindskip_ext; print('the existing build loads:', mindskip_ext.__file__)"
+    return
+  fi
+  local arch stamp start=$SECONDS
+  arch=$("$PYTHON" -c "import torch; print('{}.{}'.format(*torch.cuda.get_device_capability()))") || return
+  # A warm machine keeps the last build: skip it when the sources and the architecture are the same.
+  stamp="sm_$arch $(cat setup.py csrc/*.* csrc/*/* | sha1sum)"
+  if [ "$(cat "$stamp_file" 2>/dev/null)" = "$stamp" ] && "$PYTHON" -c "import mindskip_ext" 2>/dev/null; then
+    echo "build: up to date for sm_$arch"
+    return
+  fi
+  TORCH_CUDA_ARCH_LIST="$arch" MINDSKIP_CUDA=1 MAX_JOBS="$(nproc)" \
+    "$PYTHON" -m pip install -q --no-build-isolation --no-deps -e . || return
+  mkdir -p build && echo "$stamp" >"$stamp_file"
+  echo "built for sm_$arch with $(nproc) jobs in $((SECONDS - start)) s"
+}
+
+step_test() {
+  # A test module that cannot be imported there (an optional package missing) must not stop the CUDA tests: it
+  # is reported as an error with the failures.
+  local args=(python_tests -m cuda -q -p no:cacheprovider --tb=short -rfE --continue-on-collection-errors)
+  if [ -n "$dry" ]; then
+    "$PYTHON" -m pytest "${args[@]}" --collect-only
+    local rc=$?
+    # conftest.py turns a run in which no test passed into exit 5, and collecting passes none.
+    [ "$rc" -eq 5 ] && rc=0
+    return "$rc"
+  fi
+  "$PYTHON" -m pytest "${args[@]}"
+}
+
+step_sanitize() {
+  if [ -n "$dry" ]; then
+    "$PYTHON" -m bench.gpu_sanitize --device cpu
+    return
+  fi
+  local sanitizer candidate
+  for candidate in "$(command -v compute-sanitizer)" "$(dirname "$(command -v nvcc)")/compute-sanitizer" \
+                   "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer"; do
+    [ -x "$candidate" ] && sanitizer=$candidate && break
+  done
+  [ -n "${sanitizer:-}" ] || { echo "compute-sanitizer not found"; return 127; }
+  # Without the caching allocator every tensor is its own allocation, so memcheck sees an access past its end.
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool memcheck --print-limit 20 --error-exitcode 3 \
+    "$PYTHON" -m bench.gpu_sanitize --device cuda
+}
+
+step_bench() {
+  "$PYTHON" -m bench.run --device "$device" --results-dir "$results" "$@"
+}
+
+export -f step_build step_test step_sanitize step_bench
+
+# ------------------------------------------------------------------------------------------------ running them
+
+deadline=$((SECONDS + budget))
+blocked=""  # why the remaining steps cannot run (a failed build)
+problems=0
+slug=""
+
+# run_step NAME CAP FUNCTION [ARGS...]: FUNCTION under a limit of CAP seconds or what the budget has left, its
+# output into the log between the '### step' and '### end' lines that bench/gpu_summary.py reads.
+run_step() {
+  local name=$1 cap=$2
+  shift 2
+  local limit=$((deadline - reserve - SECONDS))
+  [ "$cap" -lt "$limit" ] && limit=$cap
+  if [ -n "$blocked" ] || [ "$limit" -lt 20 ]; then
+    echo "### skip $name: ${blocked:-out of time}" | tee -a "$log"
+    problems=1
+    return 1
+  fi
+  echo "### step $name (limit $limit s)" | tee -a "$log"
+  local start=$SECONDS
+  # timeout signals the step's whole process group (compute-sanitizer and its python too).
+  timeout -k 10 "$limit" bash -c '"$@"' step "$@" 2>&1 | tee -a "$log"
+  local rc=${PIPESTATUS[0]}
+  echo "### end $name rc=$rc seconds=$((SECONDS - start)) limit=$limit" | tee -a "$log"
+  [ "$rc" -eq 0 ] || problems=1
+  return "$rc"
+}
+
+build() {
+  run_step build 300 step_build || blocked="the build failed"
+  [ -n "$blocked" ] && return
+  slug=$("$PYTHON" -c "import torch; from bench.common import device_slug; print(device_slug(torch.device('$device')))")
+}
+
+# Copy the device's rows to $OUT after each bench step, so that they come back even if a later step is cut off.
+collect() {
+  local ext
+  for ext in jsonl md; do
+    [ -n "$slug" ] && [ -f "$results/$slug.$ext" ] && cp "$results/$slug.$ext" "$out/"
+  done
+  return 0
+}
+
+micro() {
+  run_step micro 120 step_bench --only micro ${dry:+--quick} "$@"
+  collect
+}
+
+e2e() {
+  local batch=$1 length=$2
+  shift 2
+  run_step "e2e-${batch}x${length}" 210 step_bench --only e2e --e2e-batches "$batch" --e2e-lengths "$length" \
+    "${e2e_args[@]}" "$@"
+  collect
+}
+
+{
+  echo "### session: ${args[*]}${dry:+ (dry run)} at $(date -u +%FT%TZ), budget $budget s, output $out"
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  "$PYTHON" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__)"
+} 2>&1 | tee -a "$log"
+
+build
+case "$step" in
+  all)
+    run_step test 150 step_test
+    run_step sanitize 150 step_sanitize
+    micro
+    for point in $points; do
+      e2e "${point%x*}" "${point#*x}"
+    done
+    ;;
+  test) run_step test 150 step_test ;;
+  sanitize) run_step sanitize 150 step_sanitize ;;
+  micro) micro "$@" ;;
+  e2e) e2e "$@" ;;
+esac
+
+"$PYTHON" -m bench.gpu_summary --log "$log" ${slug:+--rows "$out/$slug.jsonl"} ${dry:+--dry-run} \
+  | tee "$out/summary.txt"
+# What comes back from a lent machine is at most 16 MiB a file: keep the head and the tail of a longer log.
+for file in "$out"/*; do
+  if [ "$(stat -c %s "$file")" -gt $((16 << 20)) ]; then
+    { head -c $((4 << 20)) "$file"; printf '\n[... cut ...]\n'; tail -c $((11 << 20)) "$file"; } >"$file.cut"
+    mv "$file.cut" "$file"
+  fi
+done
+exit "$problems"

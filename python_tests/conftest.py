@@ -26,7 +26,7 @@ def tok():
     return tiny_tokenizer()
 
 
-@pytest.fixture(params=["cpu", "cuda"])
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def device(request) -> torch.device:
     """Every test that takes ``device`` runs on CPU, and on CUDA when a GPU is present."""
     if request.param == "cuda" and not torch.cuda.is_available():

@@ -131,6 +131,7 @@ def _cuda_attn_impls():
     return impls
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("attn", _cuda_attn_impls())
 @pytest.mark.parametrize("granularity", GRANULARITIES)

@@ -7,7 +7,10 @@ import pytest
 import torch
 
 import mindskip_ext as msk
-from mindskip_ext.eval.harness import PAPER_TASKS, parse_tasks, run_lm_eval
+
+pytest.importorskip("lm_eval", reason="the lm-eval integration needs the eval extra (pip install mindskip_ext[eval])")
+
+from mindskip_ext.eval.harness import PAPER_TASKS, parse_tasks, run_lm_eval  # noqa: E402
 from mindskip_ext.testing import tiny_model
 
 from tiny import DATA_DIR

@@ -116,6 +116,7 @@ def test_output_hidden_states_include_mindskip_layers():
         assert torch.equal(a, b)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_flash_varlen_path_matches_sdpa_path():
     if best_fast_backend(torch.device("cuda"), torch.bfloat16) is None:
