@@ -1,4 +1,4 @@
-"""The one place that knows how transformers names the KV-cache argument.
+"""The one place that knows how transformers names the KV-cache argument (and activation checkpointing).
 
 transformers 5.24 renamed the cache argument of the causal LM, the decoder, the decoder layers and
 the attention modules from ``past_key_values`` to ``cache``, and the output field likewise. The old
@@ -9,6 +9,9 @@ rename, so nothing else in the package spells either name:
 * :func:`cache_kwargs` hands it to a module under the name that module's ``forward`` takes
   (inspected once per class);
 * :func:`output_cache` reads it from a model output without touching the deprecated property.
+
+transformers 5.24 also renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` (the old
+name is deprecated); :func:`enable_activation_checkpointing` calls whichever this release has.
 """
 
 from __future__ import annotations
@@ -69,3 +72,11 @@ def output_cache(output):
         if name in output:  # a ModelOutput is a dict of its non-None fields
             return output[name]
     return None
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Turn on transformers' activation (gradient) checkpointing of ``model``'s decoder layers, non-reentrant."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -321,16 +321,38 @@ class MindSkipDecoderLayer(nn.Module):
         if hidden_states.dim() != 3:
             raise ValueError(f"hidden_states must be (batch, seq, hidden), got shape {tuple(hidden_states.shape)}")
         x = hidden_states
-        batch, seqlen = x.shape[:2]
         normed = getattr(self.base_layer, self.spec.input_norm)(x)
         slot = routing_slot(cache, self.layer_idx, compact=self.gates_attention) if cache is not None else None
         decision, routing = self._decide(normed, state, slot)
         gate = routing.gate if routing is not None else None
+        sublayers = functools.partial(
+            self._sublayers, decision=decision, state=state, attention_mask=attention_mask, position_ids=position_ids,
+            position_embeddings=position_embeddings, kwargs=dict(kwargs, use_cache=use_cache),
+        )
+        if self.training and torch.is_grad_enabled() and getattr(self.base_layer, "gradient_checkpointing", False):
+            # Activation checkpointing (transformers' gradient/activation_checkpointing_enable sets it on the wrapped
+            # layer). The routing stays outside: the decision is made once, and its gate keeps its graph to the
+            # router. The sublayers are recomputed in the backward pass from x and the gate, with no KV cache.
+            if slot is not None:
+                decision.from_training = True
+            out = self.base_layer._gradient_checkpointing_func(sublayers, x, gate, None, None, None)
+        else:
+            out = sublayers(x, gate, normed, cache, slot)
+        self._fire_base_hooks(hidden_states, out)
+        return out
+
+    def _sublayers(self, x, gate, normed, cache, slot, *, decision, state, attention_mask, position_ids,
+                   position_embeddings, kwargs):
+        """The gated and ungated sublayers of this layer for a made ``decision``; ``gate`` is the straight-through
+        gate when gradients are recorded, else None. ``normed`` is recomputed from ``x`` when not given."""
+        if normed is None:
+            normed = getattr(self.base_layer, self.spec.input_norm)(x)
+        batch, seqlen = x.shape[:2]
         ste = gate is not None and self.training
         full = ste and self.train_all_sequences
         k = decision.num_kept
         rows = decision.order[:k] if 0 < k < batch else None
-        attn_kwargs = dict(kwargs, use_cache=use_cache)
+        attn_kwargs = kwargs
 
         # ---- attention sublayer
         if not self.gates_attention:
@@ -376,22 +398,18 @@ class MindSkipDecoderLayer(nn.Module):
 
         # ---- MLP sublayer
         if not self.gates_mlp:
-            out = h + self._run_mlp(h)
-        elif full:
-            out = h + gate.view(batch, 1, 1).to(h.dtype) * self._run_mlp(h)
-        elif k == 0:
-            out = h
-        elif rows is None:
+            return h + self._run_mlp(h)
+        if full:
+            return h + gate.view(batch, 1, 1).to(h.dtype) * self._run_mlp(h)
+        if k == 0:
+            return h
+        if rows is None:
             m = self._run_mlp(h)
-            out = h + (gate.view(batch, 1, 1).to(m.dtype) * m if ste else m)
-        else:
-            m = self._run_mlp(ops.gather_kept(h, decision.order, k))
-            if ste:
-                m = gate.index_select(0, rows).view(k, 1, 1).to(m.dtype) * m
-            out = ops.scatter_add_kept_(h, m, decision.order)  # h is this layer's own tensor here, never x
-
-        self._fire_base_hooks(hidden_states, out)
-        return out
+            return h + (gate.view(batch, 1, 1).to(m.dtype) * m if ste else m)
+        m = self._run_mlp(ops.gather_kept(h, decision.order, k))
+        if ste:
+            m = gate.index_select(0, rows).view(k, 1, 1).to(m.dtype) * m
+        return ops.scatter_add_kept_(h, m, decision.order)  # h is this layer's own tensor here, never x
 
     def _fire_base_hooks(self, hidden_states, out):
         """Run forward hooks registered on the wrapped layer (e.g. transformers' output_hidden_states capture)."""

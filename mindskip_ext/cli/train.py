@@ -25,6 +25,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--output", required=True, help="Router directory to write.")
     p.add_argument("--heldout-data", default=None, help="Separate held-out data (default: a split of --data).")
     p.add_argument("--resume", action="store_true", help="Continue from --output/checkpoints/latest when present.")
+    p.add_argument("--fsdp", action="store_true",
+                   help="Under torchrun: shard the frozen weights over the processes with FSDP2 (routers replicated).")
     add_options(p, RouterTuningConfig, exclusive_required=("target_capacity", "l1_lambda"))
     add_options(p, MindSkipConfig, exclude=EXCLUDED[MindSkipConfig])
     add_common(p)
@@ -32,15 +34,37 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    """Router-tune in this process, or as one rank of ``torchrun`` / ``accelerate launch`` (see
+    :mod:`mindskip_ext.training.distributed`): only the main rank prints and writes."""
+    import torch.distributed as dist
+
+    from ..devices import pick_device
+    from ..training.distributed import local_device, setup
+
+    device = local_device(pick_device(args.device))
+    world = setup(device)
+    try:
+        return _train(args, device, world)
+    finally:
+        if world.active:
+            dist.destroy_process_group()
+
+
+def _train(args, device, world) -> int:
+    import torch
+
     from .. import data as D
-    from ..devices import pick_device, pick_dtype
+    from ..devices import pick_dtype
     from ..loading import load_tokenizer, load_weights
     from ..model import get_mindskip_model
     from ..training import RouterTuner
+    from ..training.distributed import shard_frozen_layers
 
+    show = say if world.is_main else (lambda *parts: None)
     config = from_options(RouterTuningConfig, args)
     ms_config = from_options(MindSkipConfig, args)
-    device = pick_device(args.device)
+    if args.fsdp and not world.active:
+        raise ValueError("--fsdp shards the weights over several processes: run under torchrun --nproc_per_node N")
     # Everything that can be wrong with the input is checked before the weights load.
     path, tokenizer = load_tokenizer(args.model)
     weights = parse_weights(args.data_weights) if args.data_weights else None
@@ -51,17 +75,32 @@ def run(args) -> int:
     )
     if args.heldout_data:
         heldout = D.load_examples(args.heldout_data, tokenizer, args.max_length).examples
-    model = load_weights(path, device, pick_dtype(args.dtype, device), args.attn_implementation)
+    # Under FSDP each rank reads the weights to the CPU and moves only its shards to the device.
+    model = load_weights(path, torch.device("cpu") if args.fsdp else device, pick_dtype(args.dtype, device),
+                         args.attn_implementation)
     mindskip = get_mindskip_model(model, ms_config)
+    if args.fsdp:
+        units = shard_frozen_layers(mindskip, device)
+        show(f"FSDP: the frozen weights are sharded over {world.size} processes ({units} units)")
     trainable, total = mindskip.get_nb_trainable_parameters()
-    say(
+    show(
         f"MindSkip layers {sorted(mindskip.routers)} ({ms_config.granularity}); trainable {trainable:,} of {total:,} "
         f"parameters ({100 * trainable / total:.4f}%); {len(train)} training / {len(heldout)} held-out sequences"
+        + (f"; {world.size} processes, global batch {config.batch_size * config.grad_accum * world.size}"
+           if world.active else "")
     )
     tuner = RouterTuner(
-        mindskip, train, heldout, config, args.output, D.pad_token_id(tokenizer), progress=not args.no_progress
+        mindskip, train, heldout, config, args.output, D.pad_token_id(tokenizer), progress=not args.no_progress,
+        world=world,
     )
     summary = tuner.train(resume=args.resume)
+    if not world.is_main:
+        return 0
+    if "stopped_at_step" in summary:
+        say(f"stopped after step {summary['stopped_at_step']} of {tuner.total_steps}, checkpoint in {args.output}; "
+            "continue with --resume")
+        emit_json({"command": "train", "stopped_at_step": summary["stopped_at_step"], "router_dir": str(args.output)})
+        return 0
     held = summary["heldout"]
     say(f"held-out: loss {held['loss']:.4f}, perplexity {held['perplexity']:.3f}, capacity {held['capacity']:.4f}")
     say("capacity per layer: " + ", ".join(f"{k}: {v:.3f}" for k, v in held["capacity_per_layer"].items()))
@@ -77,7 +116,9 @@ def run(args) -> int:
             "perplexity": held["perplexity"],
             "train_loss": summary["last_step"]["ce"] if summary["last_step"] else None,
             "steps": summary["steps"],
+            "world_size": world.size,
             "train_tokens_per_s": summary["train_tokens_per_s"],
+            "peak_memory_mib": summary["peak_memory_mib"],
             "router_dir": str(args.output),
             "router_file_bytes": summary["router_file_bytes"],
         }

@@ -1,10 +1,13 @@
 """Running Router-Tuning: data order, the optimizer loop, logging, checkpoints, calibration and the summary.
 
 The step's math lives elsewhere: the loss in :mod:`.loss`, the capacity penalty in :mod:`.penalty`, the
-final bias calibration in :mod:`.calibration`. :class:`RouterTuner` only runs them: it orders the
-micro-batches (a pure function of seed and step, so ``--resume`` is exact), steps AdamW with a warmup and
-schedule, writes the JSON-lines log, keeps atomic checkpoints, and at the end calibrates (target mode),
-evaluates on the held-out split and saves the router directory with a summary.
+final bias calibration in :mod:`.calibration`, the sums over training processes in :mod:`.distributed`.
+:class:`RouterTuner` only runs them: it orders the micro-batches (a pure function of seed and step, so
+``--resume`` is exact; under ``torchrun`` each rank takes its own share of every step's micro-batches, and the
+global batch is ``batch_size x grad_accum x world_size``), steps AdamW with a warmup and schedule, writes the
+JSON-lines log, keeps atomic checkpoints, and at the end calibrates (target mode), evaluates on the held-out
+split and saves the router directory with a summary. Only the main rank writes files; calibration and the
+held-out evaluation run the same examples on every rank, so every rank ends with the same routers.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ from .._io import atomic_write_json
 from ..data import Example, collate, length_batches, padding_fraction
 from ..devices import model_device
 from ..eval.perplexity import evaluate_examples
+from ..hf_compat import enable_activation_checkpointing
 from ..layer import CapacityMeter
 from ..model import WEIGHTS_NAME, MindSkipModel
 from .calibration import calibrate_capacity
 from .checkpoint import load_checkpoint, remove_checkpoints, save_checkpoint, set_rng_state
 from .config import RouterTuningConfig
+from .distributed import World, current
 from .init import redundancy_init
 from .loss import router_tuning_loss
 from .penalty import CapacityController, FixedPenalty
@@ -51,6 +56,15 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
     return factor
 
 
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory of this process so far: CUDA's allocated peak on a GPU, the resident set size on the CPU."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+
+
 def make_penalty(config: RouterTuningConfig):
     if config.mode == "target":
         return CapacityController(config.target_capacity, config.integral_gain, config.proportional_gain)
@@ -69,6 +83,7 @@ class RouterTuner:
         output_dir,
         pad_id: int,
         progress: bool = True,
+        world: World | None = None,
     ):
         if not isinstance(model, MindSkipModel):
             raise TypeError("Router-Tuning needs a MindSkipModel (see mindskip_ext.get_mindskip_model)")
@@ -86,9 +101,19 @@ class RouterTuner:
         self.pad_id = pad_id
         self.progress = progress
         self.device = model_device(model)
+        self.world = world if world is not None else current()
         self.lengths = [len(e) for e in self.train_examples]
         self.batches_per_epoch = len(length_batches(self.lengths, config.batch_size, shuffle=False))
-        steps_per_epoch = max(1, self.batches_per_epoch // config.grad_accum)
+        self.micro_per_step = config.grad_accum * self.world.size  # micro-batches of one global step
+        if self.batches_per_epoch < self.micro_per_step:
+            raise ValueError(
+                f"{len(self.train_examples)} training examples make {self.batches_per_epoch} batches of "
+                f"{config.batch_size}, fewer than one global step takes (grad_accum {config.grad_accum} x "
+                f"{self.world.size} processes); use more data or a smaller batch"
+            )
+        if config.gradient_checkpointing:
+            enable_activation_checkpointing(model.base_model)
+        steps_per_epoch = max(1, self.batches_per_epoch // self.micro_per_step)
         self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
         self.optimizer = torch.optim.AdamW(routers, lr=config.learning_rate, weight_decay=config.weight_decay)
         warmup = int(config.warmup_ratio * self.total_steps)
@@ -109,9 +134,11 @@ class RouterTuner:
         return self._epoch_cache[epoch]
 
     def micro_batches(self, step: int) -> list[list[int]]:
-        """The micro-batches of optimizer step ``step``: a pure function of (seed, step), so resume is exact."""
+        """This rank's micro-batches of optimizer step ``step``: a pure function of (seed, step, rank), so resume is
+        exact and the ranks' shares are disjoint (together, the micro-batches one process would take)."""
         out = []
-        for i in range(step * self.config.grad_accum, (step + 1) * self.config.grad_accum):
+        start = step * self.micro_per_step
+        for i in range(start + self.world.rank, start + self.micro_per_step, self.world.size):
             epoch, pos = divmod(i, self.batches_per_epoch)
             out.append(self._epoch_batches(epoch)[pos])
         return out
@@ -127,6 +154,7 @@ class RouterTuner:
             "mode": c.mode,
             "target_capacity": c.target_capacity,
             "l1_lambda": c.l1_lambda,
+            "world_size": self.world.size,
             "loss": c.loss,
             "router_init": c.router_init,
             "layers": sorted(self.model.routers),
@@ -139,9 +167,12 @@ class RouterTuner:
         model, c = self.model, self.config
         model.train()
         batches = [collate([self.train_examples[i] for i in idx], self.pad_id) for idx in self.micro_batches(step)]
-        sequences = sum(b["input_ids"].shape[0] for b in batches)
-        targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        # The whole global step's counts normalise every micro-batch's loss, on every rank.
+        sequences, targets, tokens = (int(v) for v in self.world.sum([
+            sum(b["input_ids"].shape[0] for b in batches),
+            sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches),
+            sum(int(b["attention_mask"].sum()) for b in batches),
+        ], self.device))
         all_sequences = model.mindskip_config.train_all_sequences
         meter, total_nll, total_kd, coefficients = CapacityMeter(), 0.0, 0.0, []
         for batch in batches:
@@ -156,12 +187,15 @@ class RouterTuner:
             total_kd += stats.kd or 0.0
             coefficients.append(stats.coefficient)
             meter.add(stats.record)
+        self.world.sum_gradients(model.router_parameters())
         grad_norm = torch.nn.utils.clip_grad_norm_(model.router_parameters(), c.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.world.active:
+            meter, total_nll, total_kd, coefficients = self._global(meter, total_nll, total_kd, coefficients)
         step_capacity = meter.overall()
-        self.penalty.end_step(step_capacity)
+        self.penalty.end_step(step_capacity, reduce=lambda total, count: self.world.sum([total, count], self.device))
         ce = total_nll / max(1, targets)
         kd = total_kd / max(1, targets) if c.loss != "ce" else None
         task = {"ce": ce, "kd": kd, "ce+kd": ce + (kd or 0.0)}[c.loss]
@@ -176,6 +210,17 @@ class RouterTuner:
             "tokens": tokens,
             "sequences": sequences,
         }
+
+    def _global(self, meter: CapacityMeter, nll: float, kd: float, coefficients: list[float]):
+        """The step's statistics summed over the ranks (one all-reduce)."""
+        layers = sorted(meter.total)
+        sums = self.world.sum(
+            [nll, kd, sum(coefficients), len(coefficients), *(meter.kept[i] for i in layers),
+             *(meter.total[i] for i in layers)], self.device)
+        out = CapacityMeter()
+        for j, idx in enumerate(layers):
+            out.kept[idx], out.total[idx] = int(sums[4 + j]), int(sums[4 + len(layers) + j])
+        return out, sums[0], sums[1], [sums[2] / sums[3]]
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -197,6 +242,12 @@ class RouterTuner:
         folder, routers, state = found
         if state["fingerprint"] != self._fingerprint():
             changed = sorted(k for k in state["fingerprint"] if state["fingerprint"][k] != self._fingerprint().get(k))
+            if "world_size" in changed:
+                saved = state["fingerprint"]["world_size"]
+                raise ValueError(
+                    f"cannot resume from {folder}: it was written by a run of {saved} process(es) and this run has "
+                    f"{self.world.size}; the data each rank reads depends on the number, so resume with {saved}"
+                )
             raise ValueError(
                 f"cannot resume from {folder}: the run differs from the checkpoint in {', '.join(changed)}; "
                 "use the same data and settings, or a new output directory"
@@ -212,6 +263,8 @@ class RouterTuner:
     # ------------------------------------------------------------------ run
 
     def _log(self, entry: dict) -> None:
+        if not self.world.is_main:
+            return
         with open(self.output_dir / LOG_NAME, "a") as handle:
             handle.write(json.dumps(entry, sort_keys=True) + "\n")
 
@@ -229,7 +282,8 @@ class RouterTuner:
         resumed_from = self.step if resume and self.load_checkpoint() else None
         init = None
         if resumed_from is None:
-            (self.output_dir / LOG_NAME).unlink(missing_ok=True)
+            if self.world.is_main:
+                (self.output_dir / LOG_NAME).unlink(missing_ok=True)
             if c.router_init == "redundancy":
                 init = redundancy_init(
                     self.model, self.train_examples[: c.calibration_sequences], self.pad_id,
@@ -238,7 +292,7 @@ class RouterTuner:
                 )
                 self._log({"step": 0, "router_init": init})
         bar = None
-        if self.progress:
+        if self.progress and self.world.is_main:
             from tqdm.auto import tqdm
 
             bar = tqdm(
@@ -268,7 +322,7 @@ class RouterTuner:
                 if self.step % c.log_every == 0 or self.step == self.total_steps:
                     entry = {
                         "step": self.step,
-                        "epoch": self.step * c.grad_accum / self.batches_per_epoch,
+                        "epoch": self.step * self.micro_per_step / self.batches_per_epoch,
                         "lr": self.scheduler.get_last_lr()[0],
                         **{k: v for k, v in stats.items() if k not in ("tokens", "sequences")},
                         "tokens_per_s": window_tokens / max(window_time, 1e-9),
@@ -281,8 +335,13 @@ class RouterTuner:
                 if c.eval_every and self.step % c.eval_every == 0 and self.step < self.total_steps:
                     held = self.evaluate_heldout()
                     self._log({"step": self.step, "heldout": held})
-                if c.save_every and self.step % c.save_every == 0 and self.step < self.total_steps:
+                stopping = c.stop_after_steps is not None and self.step >= c.stop_after_steps < self.total_steps
+                saving = c.save_every and self.step % c.save_every == 0 and self.step < self.total_steps
+                if (saving or stopping) and self.world.is_main:
                     self.save_checkpoint()
+                if stopping:
+                    self.world.barrier()  # the checkpoint is complete before any rank leaves
+                    return {"stopped_at_step": self.step, "last_step": last}
         finally:
             if bar is not None:
                 bar.close()
@@ -294,6 +353,10 @@ class RouterTuner:
                 self.model, calibration_examples, c.target_capacity, self.pad_id, c.eval_batch_size, c.bf16
             )
         heldout = self.evaluate_heldout()
+        if not self.world.is_main:
+            self.world.barrier()  # until the main rank has written the router directory
+            return {"steps": self.step, "calibration": calibration, "heldout": heldout, "last_step": last,
+                    "router_dir": str(self.output_dir), "rank": self.world.rank}
         self.model.save_pretrained(self.output_dir)
         trainable, total = self.model.get_nb_trainable_parameters()
         summary = {
@@ -302,6 +365,7 @@ class RouterTuner:
             "l1_lambda": c.l1_lambda,
             "steps": self.step,
             "resumed_from_step": resumed_from,
+            "world_size": self.world.size,
             "train_examples": len(self.train_examples),
             "heldout_examples": len(self.heldout_examples),
             "padding_fraction": padding_fraction(
@@ -313,6 +377,7 @@ class RouterTuner:
             "heldout": heldout,
             "train_seconds": train_seconds,
             "train_tokens_per_s": total_tokens / step_seconds if step_seconds > 0 else None,  # steps only, no evals
+            "peak_memory_mib": peak_memory_mib(self.device),
             "trainable_parameters": trainable,
             "total_parameters": total,
             "router_dir": str(self.output_dir),
@@ -324,4 +389,5 @@ class RouterTuner:
         atomic_write_json(self.output_dir / SUMMARY_NAME, summary)
         if not c.keep_checkpoints:
             remove_checkpoints(self.output_dir)
+        self.world.barrier()
         return summary

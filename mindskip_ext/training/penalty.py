@@ -48,7 +48,7 @@ class FixedPenalty:
     def observe(self, stats, all_sequences: bool) -> None:
         pass
 
-    def end_step(self, capacity: float) -> None:
+    def end_step(self, capacity: float, reduce=None) -> None:
         pass
 
     def state_dict(self) -> dict:
@@ -109,11 +109,18 @@ class CapacityController:
         """Dual ascent of the multiplier on a step's capacity."""
         self.integral = min(INTEGRAL_LIMIT, max(-INTEGRAL_LIMIT, self.integral + self.ki * (capacity - self.target)))
 
-    def end_step(self, capacity: float) -> None:
-        """After an optimizer step: fold the step's gate-pressure samples into the scale, then :meth:`step`."""
-        if self._samples:
-            self.observe_scale(sum(self._samples) / len(self._samples))
-            self._samples = []
+    def end_step(self, capacity: float, reduce=None) -> None:
+        """After an optimizer step: fold the step's gate-pressure samples into the scale, then :meth:`step`.
+
+        ``reduce(total, count) -> (total, count)`` sums the samples over the training processes, so that every
+        rank applies the same scale (:meth:`~mindskip_ext.training.distributed.World.sum`).
+        """
+        total, count = sum(self._samples), len(self._samples)
+        if reduce is not None:
+            total, count = reduce(total, count)
+        if count:
+            self.observe_scale(total / count)
+        self._samples = []
         self.step(capacity)
 
     def state_dict(self) -> dict:
