@@ -52,6 +52,7 @@ def test_ranks_take_disjoint_shares_of_the_one_process_micro_batches(tok):
         assert not {i for b in shares[0] for i in b} & {i for b in shares[1] for i in b}  # disjoint sequences
 
 
+@pytest.mark.hf
 def test_activation_checkpointing_keeps_router_gradients_and_decisions(monkeypatch):
     from transformers.models.llama.modeling_llama import LlamaMLP
 
@@ -176,6 +177,7 @@ def test_resume_under_torchrun_is_exact_and_refuses_another_world_size(setup, on
 # ----------------------------------------------------------------------------------- transformers.Trainer
 
 
+@pytest.mark.hf
 def test_hf_trainer_path_lands_on_the_target_capacity(tok, tmp_path):
     from transformers import TrainingArguments
 
