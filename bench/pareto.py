@@ -289,8 +289,9 @@ def run_stage(args) -> Run:
     run.meta["attention_drop_similarity"] = {str(k): round(v, 6) for k, v in scores.items()}
     ensure("dense", {"kind": "dense", "label": label}, lambda: (base, lambda: None), tasks=not ablation)
     ratios = (ABLATION_RATIO,) if ablation else RATIOS
-
-    for ratio in ratios:
+    recipes = args.recipes if ablation else ["paper", args.best or best_recipe(run.models)]
+    # Ratio by ratio, the ablation's first, so that an interrupted run has whole comparisons to report.
+    for ratio in sorted(ratios, key=lambda r: (r != ABLATION_RATIO, r)):
         n = round(ratio * num_layers)
         drops = {}
         for scope, candidates in (("all", None), ("restricted", layer_sets(num_layers)["paper"])):
@@ -301,9 +302,6 @@ def run_stage(args) -> Run:
         if not ablation:  # the better scope by perplexity gets the tasks
             better = min(drops, key=lambda k: drops[k]["wikitext2"]["perplexity"])
             ensure(better, {"best_of_scopes": True}, lambda d=drops[better]["dropped_layers"]: static(d), tasks=True)
-
-    recipes = args.recipes if ablation else ["paper", args.best or best_recipe(run.models)]
-    for ratio in ratios:
         for recipe_name in dict.fromkeys(recipes):
             name = f"{recipe_name}@{ratio}"
             model, entry = train_recipe(run, name, base, tokenizer, RECIPES[recipe_name], ratio, data, work)
