@@ -287,6 +287,7 @@ def test_help_of_every_subcommand(command, flags, capsys):
     text = capsys.readouterr().out
     for flag in flags:
         assert flag in text
+    assert "CONFIG." not in text  # options generated from config fields show their flag's name, not the dest
 
 
 def test_train_options_come_from_the_config_fields():

@@ -62,6 +62,8 @@ def add_options(parser, cls, *, exclude=(), exclusive_required=()) -> None:
             kwargs.update(nargs="+", metavar="LAYERS")
         else:
             kwargs.update(type=kind, choices=meta.get("choices"))
+            if not kwargs["choices"]:  # argparse would show the dotted dest, "ROUTERTUNINGCONFIG.GRAD_ACCUM"
+                kwargs["metavar"] = flag.lstrip("-").replace("-", "_").upper()
             if default is not None:
                 help_text += f" (default: {default})"
         target = group if f.name in exclusive_required else parser
