@@ -29,9 +29,9 @@ from torch import nn
 from . import attention as _attention
 from . import ops
 from .architectures import ArchSpec
-from .cache import Decision, routing_slot
+from .cache import Decision, StaticCompactMixin, routing_slot
 from .config import MindSkipConfig
-from .hf_compat import cache_kwargs, pop_cache
+from .hf_compat import cache_kwargs, cache_name, pop_cache
 
 # Name of the keyword argument that carries the per-forward MindSkip state from the patched decoder
 # forward down to the MindSkip layers (through the stock decoder's **kwargs).
@@ -118,19 +118,9 @@ class CapacityMeter:
 class ForwardState:
     """Per-call data the patched decoder forward hands to its MindSkip layers."""
 
-    def __init__(
-        self, attention_mask: torch.Tensor | None, num_tokens: int, record: RoutingRecord, bypass: bool = False
-    ):
-        if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):
-            shape = (
-                tuple(attention_mask.shape)
-                if isinstance(attention_mask, torch.Tensor)
-                else type(attention_mask).__name__
-            )
-            raise ValueError(
-                f"MindSkip routes on the 2D padding mask (batch, sequence); got attention_mask of shape {shape}. "
-                "Pass the tokenizer's attention_mask rather than a prepared 4D mask."
-            )
+    def __init__(self, attention_mask, num_tokens: int, record: RoutingRecord, bypass: bool = False):
+        # Any mask is taken here and checked where routing reads it: a decode step reuses cached decisions and never
+        # does, and generate() with a static cache passes the masks it prepared (see prefill_padding_mask).
         self._attention_mask = attention_mask
         self._num_tokens = num_tokens
         self.record = record
@@ -143,10 +133,34 @@ class ForwardState:
 
         Computed on first use only: decode steps reuse cached decisions and never need it.
         """
-        if self._attention_mask is None:
+        mask = self._attention_mask
+        if mask is None:
             return None
-        step = self._attention_mask[:, -self._num_tokens :]
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(
+                f"MindSkip routes on the 2D padding mask (batch, sequence); got attention_mask of shape {shape}. "
+                "Pass the tokenizer's attention_mask rather than a prepared 4D mask."
+            )
+        step = mask[:, -self._num_tokens :]
         return None if bool(step.all()) else step
+
+    @functools.cached_property
+    def prefill_padding_mask(self) -> torch.Tensor | None:
+        """:attr:`padding_mask` of the first forward on a fresh static cache, where the mask may be one transformers
+        prepared: generate() builds the 4D masks (one per layer type in a dict, None where no mask is needed) before
+        the forward when the cache is compileable. Query ``i`` is then key ``i``, and every mask transformers builds
+        hides a padding key from all queries and shows a real key to its own query: the diagonal is the padding mask.
+        """
+        mask = self._attention_mask
+        if isinstance(mask, dict):
+            mask = next((m for m in mask.values() if m is not None), None)
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+            return self.padding_mask
+        n = self._num_tokens
+        own = torch.diagonal(mask[:, 0, :n, :n], dim1=-2, dim2=-1)
+        real = own if own.dtype == torch.bool else own == 0  # eager's additive masks: 0 where attended
+        return None if bool(real.all()) else real
 
 
 def _select_rows(t, rows: torch.Tensor, batch: int):
@@ -180,6 +194,9 @@ class MindSkipDecoderLayer(nn.Module):
         self.router = nn.Linear(hidden_size, 1, bias=True, device=param.device, dtype=torch.float32)
         nn.init.zeros_(self.router.weight)
         nn.init.zeros_(self.router.bias)
+        # The keyword the attention module takes the cache by, found once here: a compiled decode step then traces
+        # no signature inspection.
+        self._attn_cache_name = cache_name(self._attn_module())
 
     @property
     def gates_attention(self) -> bool:
@@ -217,7 +234,17 @@ class MindSkipDecoderLayer(nn.Module):
                     f"but this step has {batch}"
                 )
             return decision, None
-        mask = state.padding_mask if state is not None and not self.pool_padding else None
+        mask = None
+        if state is not None and not self.pool_padding:
+            if isinstance(slot, StaticCompactMixin):
+                if int(slot.get_seq_length()) != 0:
+                    raise ValueError(
+                        f"MindSkip layer {self.layer_idx} routes at the first forward on a static cache, but its slot "
+                        "already holds tokens written without MindSkip routing; start generation from a fresh cache"
+                    )
+                mask = state.prefill_padding_mask
+            else:
+                mask = state.padding_mask
         score, keep, order, num_kept = ops.router_gate(
             normed, mask, self.router.weight, self.router.bias, self.threshold
         )
@@ -248,7 +275,7 @@ class MindSkipDecoderLayer(nn.Module):
             attention_mask=attention_mask,
             position_ids=position_ids,
             position_embeddings=position_embeddings,
-            **cache_kwargs(attn, cache),
+            **{self._attn_cache_name: cache},
             **kwargs,
         )
         return out
@@ -322,7 +349,7 @@ class MindSkipDecoderLayer(nn.Module):
             raise ValueError(f"hidden_states must be (batch, seq, hidden), got shape {tuple(hidden_states.shape)}")
         x = hidden_states
         normed = getattr(self.base_layer, self.spec.input_norm)(x)
-        slot = routing_slot(cache, self.layer_idx, compact=self.gates_attention) if cache is not None else None
+        slot = routing_slot(cache, self.layer_idx, self.gates_attention, x.device) if cache is not None else None
         decision, routing = self._decide(normed, state, slot)
         gate = routing.gate if routing is not None else None
         sublayers = functools.partial(

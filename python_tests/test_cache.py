@@ -1,6 +1,8 @@
 """The compact KV cache and generate(): greedy, beam search and sampling equal the unbatched runs, a MindSkip
-layer stores only its kept rows, interleaved caches and two models do not interfere, and a static cache is
-refused. Tiny models built from configs; no downloads."""
+layer stores only its kept rows, interleaved caches and two models do not interfere; the fixed-shape static cache
+(``cache_implementation="static"`` or a ``StaticCache`` object) gives the dynamic cache's tokens with the same kept
+fraction of KV, through beam search, batch selection, repetition, crop and reset. Tiny models built from configs; no
+downloads."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 import mindskip_ext as msk
 from mindskip_ext.cache import kv_bytes
@@ -159,8 +161,106 @@ def test_cuda_identity_skipping_and_compact_kv(attn, granularity):
             assert torch.equal(alone[0, int(real.sum()):], out.sequences[i, ids.shape[1]:])
 
 
-def test_static_cache_is_rejected_with_a_clear_error():
-    wrapped = msk.get_mindskip_model(tiny_lm("llama"))
-    ids = torch.randint(1, VOCAB, (2, 5))
-    with pytest.raises(TypeError, match="dynamic KV cache"):
-        wrapped.generate(input_ids=ids, max_new_tokens=2, cache_implementation="static")
+def _static_kv_rows(cache) -> dict[int, tuple]:
+    return {idx: tuple(slot.keys.shape) for idx, slot in enumerate(cache.layers) if slot.keys is not None}
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("attn", ATTN_IMPLS)
+def test_static_cache_generate_equals_dynamic_and_holds_only_kept_rows(model_type, granularity, attn):
+    model = msk.get_mindskip_model(tiny_lm(model_type, attn), msk.MindSkipConfig(granularity=granularity))
+    randomize_routers(model)
+    _, ids, mask = padded_batch([7, 12, 3, 9, 12, 5], "left")
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    dynamic = model.generate(**kwargs)
+    capacity = model.last_capacity
+    assert any(0.0 < c < 1.0 for c in capacity.values()), capacity
+    static = model.generate(**kwargs, cache_implementation="static")
+    assert model.last_capacity == capacity
+    assert torch.equal(static.sequences, dynamic.sequences)
+
+    cache = output_cache(static)
+    assert isinstance(cache, StaticCache)
+    held, rows = kv_bytes(cache), _static_kv_rows(cache)
+    width = rows[0][2]  # every layer is preallocated to the same max_cache_len
+    for idx, frac in capacity.items():
+        compact = granularity in ("attn", "block")
+        assert held[idx] == pytest.approx(held[0] * frac if compact else held[0], rel=1e-9), (idx, frac)
+        assert rows[idx][2] == width
+        assert rows[idx][0] == (round(frac * ids.shape[0]) if compact else ids.shape[0])
+
+
+def test_static_cache_object_is_reusable_after_reset():
+    model = msk.get_mindskip_model(tiny_lm("llama"))
+    randomize_routers(model)
+    cache = StaticCache(config=model.config, max_cache_len=24)
+    kept = []
+    for seed in (2, 3, 4):  # the same batch size (as for transformers' own static cache), other prompts
+        _, ids, mask = padded_batch([7, 12, 3, 9, 12, 5], "left", seed=seed)
+        dynamic = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+        capacity = model.last_capacity
+        static = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                                **cache_kwargs(model.base_model, cache))
+        assert torch.equal(static, dynamic)
+        assert model.last_capacity == capacity
+        kept.append(tuple(capacity.values()))
+        # The next prefill may keep another number of rows: reset drops the compact tensors, the prefill reallocates.
+        cache.reset()
+        assert int(cache.get_seq_length()) == 0
+    assert len(set(kept)) > 1, kept
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_static_cache_beam_search_equals_dynamic(granularity):
+    model = msk.get_mindskip_model(tiny_lm("llama"), msk.MindSkipConfig(granularity=granularity))
+    randomize_routers(model)
+    _, ids, mask = padded_batch([7, 12, 4, 9], "left")
+    kwargs = dict(input_ids=ids, attention_mask=mask, num_beams=3, do_sample=False, max_new_tokens=5)
+    assert torch.equal(model.generate(**kwargs, cache_implementation="static"), model.generate(**kwargs))
+
+
+def _prefill(model, ids, mask, cache):
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True,
+              **cache_kwargs(model, cache))
+
+
+def _step(model, ids, mask, cache):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)[:, -ids.shape[1]:],
+                     use_cache=True, **cache_kwargs(model, cache)).logits
+
+
+def test_static_cache_crop_equals_dynamic_and_batch_edits_are_refused():
+    model = msk.get_mindskip_model(tiny_lm("llama"))
+    randomize_routers(model)
+    _, ids, mask = padded_batch([7, 12, 3, 9, 12, 5], "left")
+    caches = DynamicCache(), StaticCache(config=model.config, max_cache_len=32)
+    nxt = torch.randint(1, VOCAB, (ids.shape[0], 2), generator=torch.Generator().manual_seed(5))
+    step_mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+    logits = []
+    for cache in caches:  # decode two tokens, crop them away, decode them again
+        _prefill(model, ids, mask, cache)
+        _step(model, nxt, step_mask, cache)
+        cache.crop(-2)
+        assert int(cache.get_seq_length()) == ids.shape[1]
+        logits.append(_step(model, nxt, step_mask, cache))
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+
+    slot = caches[1].layers[1]
+    assert slot.mindskip_decision is not None
+    with pytest.raises(NotImplementedError, match="fixed batch"):
+        slot.batch_select_indices(torch.tensor([4, 0, 3]))
+    with pytest.raises(NotImplementedError, match="fixed batch"):
+        slot.batch_repeat_interleave(2)
+
+
+def test_static_cache_filled_without_routing_is_refused():
+    base = tiny_lm("llama")
+    _, ids, mask = padded_batch([5, 7], "left")
+    cache = StaticCache(config=base.config, max_cache_len=16)
+    _prefill(base, ids, mask, cache)
+    wrapped = msk.get_mindskip_model(base)
+    with pytest.raises(ValueError, match="start generation from a fresh cache"):
+        _step(wrapped, ids[:, :1], torch.cat([mask, torch.ones_like(mask[:, :1])], 1), cache)
