@@ -14,6 +14,7 @@
 
 #include <initializer_list>
 #include <optional>
+#include <utility>
 #include <vector>
 
 namespace mindskip {
@@ -116,16 +117,10 @@ struct RouterShape {
   int64_t dim;
 };
 
-// router_gate: hidden (B, T, D) floating; weight (D,) or (1, D); bias with one element;
-// threshold in (0, 1). The mask is checked by router_tensors.
-inline RouterShape check_router_gate(const at::Tensor& hidden, const at::Tensor& weight,
-                                     const at::Tensor& bias, double threshold, const char* op) {
-  TORCH_CHECK(hidden.dim() == 3, op, ": hidden must have shape (B, T, D), got rank ",
-              hidden.dim(), " with shape ", hidden.sizes());
-  TORCH_CHECK(is_kernel_float(hidden.scalar_type()), op,
-              ": hidden must be float32, float16, bfloat16 or float64, got ",
-              hidden.scalar_type());
-  const int64_t dim = hidden.size(2);
+// The router parameters of router_gate and router_gate_varlen: weight (D,) or (1, D) for the D of
+// hidden, bias with one element, both floating and on hidden's device; threshold in (0, 1).
+inline void check_router_parameters(const at::Tensor& hidden, int64_t dim, const at::Tensor& weight,
+                                    const at::Tensor& bias, double threshold, const char* op) {
   TORCH_CHECK(weight.dim() == 1 || (weight.dim() == 2 && weight.size(0) == 1), op,
               ": weight must have shape (D,) or (1, D), got ", weight.sizes());
   TORCH_CHECK(weight.size(-1) == dim, op, ": weight has D = ", weight.size(-1),
@@ -140,7 +135,48 @@ inline RouterShape check_router_gate(const at::Tensor& hidden, const at::Tensor&
   check_same_device(bias, hidden, op, "bias", "hidden");
   TORCH_CHECK(threshold > 0.0 && threshold < 1.0, op,
               ": threshold must lie strictly between 0 and 1, got ", threshold);
-  return {hidden.size(0), hidden.size(1), dim};
+}
+
+inline void check_router_hidden(const at::Tensor& hidden, int64_t rank, const char* shape,
+                                const char* op) {
+  TORCH_CHECK(hidden.dim() == rank, op, ": hidden must have shape ", shape, ", got rank ",
+              hidden.dim(), " with shape ", hidden.sizes());
+  TORCH_CHECK(is_kernel_float(hidden.scalar_type()), op,
+              ": hidden must be float32, float16, bfloat16 or float64, got ",
+              hidden.scalar_type());
+}
+
+// router_gate: hidden (B, T, D) floating, and the router parameters. The mask is checked by
+// router_tensors.
+inline RouterShape check_router_gate(const at::Tensor& hidden, const at::Tensor& weight,
+                                     const at::Tensor& bias, double threshold, const char* op) {
+  check_router_hidden(hidden, 3, "(B, T, D)", op);
+  check_router_parameters(hidden, hidden.size(2), weight, bias, threshold, op);
+  return {hidden.size(0), hidden.size(1), hidden.size(2)};
+}
+
+// The sizes of router_gate_varlen's flat hidden (N, D) and its B = cu_seqlens.size(0) - 1 segments.
+struct VarlenRouterShape {
+  int64_t batch;
+  int64_t tokens;
+  int64_t dim;
+};
+
+// router_gate_varlen: hidden (N, D) floating; cu_seqlens (B + 1,) int32 or int64 on hidden's
+// device; the router parameters. The values of cu_seqlens (0 <= cu[0] <= ... <= cu[B] <= N) are
+// checked by the kernels, which read them.
+inline VarlenRouterShape check_router_gate_varlen(const at::Tensor& hidden,
+                                                  const at::Tensor& cu_seqlens,
+                                                  const at::Tensor& weight, const at::Tensor& bias,
+                                                  double threshold, const char* op) {
+  check_router_hidden(hidden, 2, "(N, D)", op);
+  check_same_device(cu_seqlens, hidden, op, "cu_seqlens", "hidden");
+  TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt || cu_seqlens.scalar_type() == at::kLong, op,
+              ": cu_seqlens must be int32 or int64, got ", cu_seqlens.scalar_type());
+  TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 1, op,
+              ": cu_seqlens must have shape (B + 1,) with B >= 0, got ", cu_seqlens.sizes());
+  check_router_parameters(hidden, hidden.size(1), weight, bias, threshold, op);
+  return {cu_seqlens.size(0) - 1, hidden.size(0), hidden.size(1)};
 }
 
 // router_gate_backward: hidden (B, T, D) floating, weight D elements, grad_score and score B
@@ -178,16 +214,29 @@ struct RouterTensors {
   }
 };
 
+// Without a mask: router_gate_varlen, whose segments hold only real tokens.
+inline RouterTensors router_tensors(const at::Tensor& hidden, const at::Tensor& weight,
+                                    int64_t dim) {
+  RouterTensors in;
+  in.hidden = hidden.contiguous();
+  in.acc_type = compute_dtype(in.hidden.scalar_type());
+  in.weight = in.vector(weight, dim);
+  return in;
+}
+
 inline RouterTensors router_tensors(const at::Tensor& hidden,
                                     const std::optional<at::Tensor>& mask,
                                     const at::Tensor& weight, const RouterShape& shape,
                                     const char* op) {
-  RouterTensors in;
-  in.mask = real_token_mask(mask, shape.batch, shape.seqlen, hidden, op, "hidden");
-  in.hidden = hidden.contiguous();
-  in.acc_type = compute_dtype(in.hidden.scalar_type());
-  in.weight = in.vector(weight, shape.dim);
+  at::Tensor real = real_token_mask(mask, shape.batch, shape.seqlen, hidden, op, "hidden");
+  RouterTensors in = router_tensors(hidden, weight, shape.dim);
+  in.mask = std::move(real);
   return in;
+}
+
+// cu_seqlens as the contiguous int64 offsets the router_gate_varlen kernels read.
+inline at::Tensor segment_offsets(const at::Tensor& cu_seqlens) {
+  return cu_seqlens.to(at::kLong).contiguous();
 }
 
 // router_gate's outputs, allocated for the kernels to fill: score (B,) in the compute dtype,

@@ -18,6 +18,12 @@ TORCH_LIBRARY(mindskip, m) {
       "router_gate_backward(Tensor grad_score, Tensor hidden, Tensor? mask, Tensor weight,"
       " Tensor score) -> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)",
       {at::Tag::pt2_compliant_tag});
+  // router_gate over the segments [cu_seqlens[b], cu_seqlens[b+1]) of a flat (N, D) token batch,
+  // every token real (vLLM's layout: no batch dimension, no padding). Same outputs; no gradient.
+  m.def(
+      "router_gate_varlen(Tensor hidden, Tensor cu_seqlens, Tensor weight, Tensor bias,"
+      " float threshold) -> (Tensor score, Tensor keep, Tensor order, Tensor num_kept)",
+      {at::Tag::pt2_compliant_tag});
   // x (B, T, ...) -> x[order[:k]] (k, T, ...), contiguous.
   m.def("gather_kept(Tensor x, Tensor order, SymInt k) -> Tensor",
         {at::Tag::pt2_compliant_tag});

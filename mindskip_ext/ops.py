@@ -21,9 +21,9 @@ Gradients
 ---------
 ``router_gate`` is differentiable through ``score`` only (w.r.t. ``hidden``, ``weight`` and a
 tensor ``bias``), by ``router_gate_backward``; ``keep``, ``order`` and ``num_kept`` carry no
-gradient. For the straight-through estimator multiply the sublayer output by
-``straight_through(score, keep)``, whose value is the 0/1 keep decision and whose gradient
-w.r.t. ``score`` is 1. ``gather_kept`` / ``scatter_add_kept_`` and ``pack_kept`` /
+gradient, and ``router_gate_varlen`` (serving) none at all. For the straight-through estimator
+multiply the sublayer output by ``straight_through(score, keep)``, whose value is the 0/1 keep
+decision and whose gradient w.r.t. ``score`` is 1. ``gather_kept`` / ``scatter_add_kept_`` and ``pack_kept`` /
 ``unpack_add_kept_`` are each other's backward.
 """
 
@@ -45,6 +45,7 @@ __all__ = [
     "pack_sequences",
     "router_gate",
     "router_gate_backward",
+    "router_gate_varlen",
     "scatter_add_kept_",
     "straight_through",
     "unpack_add_kept_",
@@ -64,6 +65,14 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # router_gate / router_gate_backward
 
 
+def _bias_tensor(bias, hidden):
+    """A router bias given as a float or None (no bias), as the 0-d compute-dtype tensor the schema takes."""
+    if isinstance(bias, torch.Tensor):
+        return bias
+    value = 0.0 if bias is None else float(bias)
+    return torch.full((), value, dtype=_compute_dtype(hidden.dtype), device=hidden.device)
+
+
 def router_gate(hidden, mask, weight, bias, threshold):
     """Fused router: per sequence, ``score = sigmoid(w . mean_real_tokens(hidden) + bias)``.
 
@@ -80,11 +89,7 @@ def router_gate(hidden, mask, weight, bias, threshold):
         (B,)`` int64 (stable, kept first) and ``num_kept (1,)`` int64. No host sync: read ``k =
         int(num_kept)`` where the count is needed. Only ``score`` carries gradient.
     """
-    if not isinstance(bias, torch.Tensor):
-        bias = torch.full(
-            (), 0.0 if bias is None else float(bias), dtype=_compute_dtype(hidden.dtype), device=hidden.device
-        )
-    return _ops.router_gate(hidden, mask, weight, bias, float(threshold))
+    return _ops.router_gate(hidden, mask, weight, _bias_tensor(bias, hidden), float(threshold))
 
 
 def router_gate_backward(grad_score, hidden, mask, weight, score):
@@ -99,14 +104,17 @@ def router_gate_backward(grad_score, hidden, mask, weight, score):
     return _ops.router_gate_backward(grad_score, hidden, mask, weight, score)
 
 
-@torch.library.register_fake("mindskip::router_gate")
-def _router_gate_fake(hidden, mask, weight, bias, threshold):
-    batch = hidden.shape[0]
+def _router_outputs_fake(hidden, batch):
     score = hidden.new_empty((batch,), dtype=_compute_dtype(hidden.dtype))
     keep = hidden.new_empty((batch,), dtype=torch.bool)
     order = hidden.new_empty((batch,), dtype=torch.int64)
     num_kept = hidden.new_empty((1,), dtype=torch.int64)
     return score, keep, order, num_kept
+
+
+@torch.library.register_fake("mindskip::router_gate")
+def _router_gate_fake(hidden, mask, weight, bias, threshold):
+    return _router_outputs_fake(hidden, hidden.shape[0])
 
 
 @torch.library.register_fake("mindskip::router_gate_backward")
@@ -141,6 +149,44 @@ def _router_gate_backward(ctx, grad_score, _grad_keep, _grad_order, _grad_num_ke
 torch.library.register_autograd(
     "mindskip::router_gate", _router_gate_backward, setup_context=_router_gate_setup_context
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# router_gate_varlen
+
+
+def router_gate_varlen(hidden, cu_seqlens, weight, bias, threshold):
+    """:func:`router_gate` over the sequences of a flat token batch (vLLM's layout), every token real.
+
+    Args:
+        hidden: ``(N, D)`` float32, float16, bfloat16 (or float64); sequence ``b`` is the rows
+            ``cu_seqlens[b]:cu_seqlens[b+1]``. Rows outside every segment are never read.
+        cu_seqlens: ``(B + 1,)`` int32 or int64 offsets, non-decreasing, within ``[0, N]``. An
+            empty segment pools to zero, so its score is ``sigmoid(bias)``.
+        weight, bias, threshold: as for :func:`router_gate`.
+
+    Returns:
+        ``score (B,)``, ``keep (B,)``, ``order (B,)`` and ``num_kept (1,)``, as :func:`router_gate`.
+        On the CPU a segment's score is bit for bit :func:`router_gate`'s for that sequence alone
+        (unpadded), whatever the other segments. No host sync on CUDA. For serving: it has no
+        gradient (train routers with :func:`router_gate`; a backward through it raises).
+    """
+    return _ops.router_gate_varlen(hidden, cu_seqlens, weight, _bias_tensor(bias, hidden), float(threshold))
+
+
+@torch.library.register_fake("mindskip::router_gate_varlen")
+def _router_gate_varlen_fake(hidden, cu_seqlens, weight, bias, threshold):
+    return _router_outputs_fake(hidden, cu_seqlens.shape[0] - 1)
+
+
+def _router_gate_varlen_backward(ctx, *grads):
+    raise RuntimeError(
+        "mindskip::router_gate_varlen has no gradient: it routes at serving time; train routers with router_gate"
+    )
+
+
+# Registered so that a backward through it fails with that message rather than autograd's generic warning.
+torch.library.register_autograd("mindskip::router_gate_varlen", _router_gate_varlen_backward)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ __all__ = [
     "pack_plan",
     "router_gate",
     "router_gate_backward",
+    "router_gate_varlen",
     "scatter_add_kept_",
     "unpack_add_kept_",
 ]
@@ -81,6 +82,20 @@ def router_gate_backward(grad_score, hidden, mask, weight, score):
     grad_hidden = (per_token.unsqueeze(-1) * w).to(hidden.dtype)
     grad_weight = torch.einsum("bt,btd->d", per_token, hidden.to(compute))
     return grad_hidden, grad_weight, dz.sum()
+
+
+def router_gate_varlen(hidden, cu_seqlens, weight, bias, threshold):
+    """:func:`router_gate` of the segments ``hidden[cu_seqlens[b]:cu_seqlens[b+1]]`` of a flat ``(N, D)`` batch,
+    padded into a ``(B, T, D)`` batch with a padding mask. Same outputs, without gradient."""
+    bounds = cu_seqlens.tolist()
+    lengths = [end - begin for begin, end in zip(bounds, bounds[1:])]
+    seqlen = max(lengths, default=0)
+    padded = hidden.new_zeros(len(lengths), seqlen, hidden.shape[1])
+    mask = torch.zeros(len(lengths), seqlen, dtype=torch.bool, device=hidden.device)
+    for b, (begin, length) in enumerate(zip(bounds, lengths)):
+        padded[b, :length] = hidden[begin : begin + length]
+        mask[b, :length] = True
+    return tuple(t.detach() for t in router_gate(padded, mask, weight, bias, threshold))
 
 
 def gather_kept(x, order, k):

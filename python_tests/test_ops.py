@@ -166,17 +166,21 @@ def test_router_gate_low_precision_error_within_2x_of_pytorch(device, dtype):
     assert our_err <= 2 * torch_err + 1e-6, (our_err, torch_err)
 
 
-def test_router_gate_does_not_depend_on_thread_count():
+@pytest.mark.parametrize("varlen", [False, True])
+def test_router_gate_does_not_depend_on_thread_count(varlen):
     hidden = randn(3, 257, 300, seed=15)
     weight = randn(300, seed=16)
-    mask = make_mask("holes", 3, 257, "cpu")
+    if varlen:
+        op, args = ops.router_gate_varlen, (hidden.reshape(-1, 300), torch.tensor([0, 300, 301, 771]))
+    else:
+        op, args = ops.router_gate, (hidden, make_mask("holes", 3, 257, "cpu"))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = ops.router_gate(hidden, mask, weight, 0.0, 0.5)
+        one = op(*args, weight, 0.0, 0.5)
     finally:
         torch.set_num_threads(threads)
-    for got, want in zip(ops.router_gate(hidden, mask, weight, 0.0, 0.5), one):
+    for got, want in zip(op(*args, weight, 0.0, 0.5), one):
         assert torch.equal(got, want)
 
 
@@ -221,6 +225,85 @@ def test_router_gate_backward_reference_is_the_gradient_of_the_reference():
         got = ref.router_gate_backward(grad_score, hidden.detach(), m, weight.detach(), score.detach())
         for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# router_gate_varlen
+
+
+def flat_batch(lengths, dim, device, dtype=torch.float32, seed=0, extra_rows=0):
+    """A flat ``(N, D)`` batch of sequences of ``lengths`` (plus ``extra_rows`` rows outside every segment) and its
+    int32 ``cu_seqlens``."""
+    hidden = randn(sum(lengths) + extra_rows, dim, dtype=dtype, device=device, seed=seed)
+    cu = torch.tensor([0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int32)
+    return hidden, cu.to(device)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize(
+    "lengths, dim",
+    [([1], 8), ([3, 7, 1], 33), ([5, 0, 2, 0], 64), ([], 16), ([0], 16), ([9] * 17, 130), ([1100, 3, 257], 257)],
+)
+def test_router_gate_varlen_matches_reference(device, dtype, lengths, dim):
+    hidden, cu = flat_batch(lengths, dim, device, dtype, seed=len(lengths), extra_rows=2)
+    weight = randn(dim, device=device, seed=2, scale=dim**-0.5)
+    out = ops.router_gate_varlen(hidden, cu, weight, 0.1, 0.5)
+    check_router(out, ref.router_gate_varlen(hidden, cu, weight, 0.1, 0.5), 0.5, atol=2e-6)
+    assert out[0].shape == (len(lengths),)
+
+
+def test_router_gate_varlen_is_router_gate_of_each_sequence_alone(device):
+    """On the CPU bit for bit (the same chunks summed in the same order), whatever the other segments; on CUDA to
+    rounding. So a request routes the same in vLLM's flat batch as alone in the transformers path."""
+    lengths, dim = [1, 40, 3, 0, 700, 9], 576
+    hidden, cu = flat_batch(lengths, dim, device, seed=3)
+    weight, bias = randn(dim, device=device, seed=4, scale=dim**-0.5), torch.tensor(0.05, device=device)
+    score, keep, order, num_kept = ops.router_gate_varlen(hidden, cu, weight, bias, 0.5)
+    alone = []
+    for b in range(len(lengths)):
+        segment = hidden[int(cu[b]) : int(cu[b + 1])].unsqueeze(0)
+        alone.append(ops.router_gate(segment, None, weight, bias, 0.5)[0])
+    alone = torch.cat(alone)
+    if device.type == "cpu":
+        assert torch.equal(score, alone)
+    else:
+        torch.testing.assert_close(score, alone, atol=2e-6, rtol=0)
+    assert torch.equal(keep, score >= 0.5) and torch.equal(order, stable_kept_first(keep))
+    assert int(num_kept) == int(keep.sum())
+
+
+def test_router_gate_varlen_reads_only_its_segments(device):
+    """Offsets need not start at 0 or reach N (vLLM pads its token batch); other rows are never read."""
+    hidden = randn(12, 16, device=device, seed=5)
+    cu = torch.tensor([2, 5, 5, 9], device=device)  # int64 offsets work too
+    noisy = hidden.clone()
+    noisy[:2] = noisy[9:] = float("nan")
+    weight = randn(16, device=device, seed=6)
+    out = ops.router_gate_varlen(noisy, cu, weight, 0.0, 0.5)
+    for got, want in zip(out, ops.router_gate_varlen(hidden, cu, weight, 0.0, 0.5)):
+        assert torch.equal(got, want)
+    check_router(out, ref.router_gate_varlen(hidden, cu, weight, 0.0, 0.5), 0.5, atol=2e-6)
+    assert out[0][1].item() == 0.5  # the empty segment pools to zero: its score is sigmoid(bias)
+
+
+def test_router_gate_varlen_float64_and_parameter_forms(device):
+    hidden, cu = flat_batch([4, 2, 6], 8, device, torch.float64, seed=7)
+    weight = randn(8, dtype=torch.float64, device=device, seed=8)
+    out = ops.router_gate_varlen(hidden, cu, weight, 0.0, 0.5)
+    assert out[0].dtype == torch.float64
+    check_router(out, ref.router_gate_varlen(hidden, cu, weight, 0.0, 0.5), 0.5, atol=1e-12)
+    hidden = hidden.float()
+    expected = ops.router_gate_varlen(hidden, cu, weight.float(), 0.25, 0.5)
+    for w, b in [(weight.float().reshape(1, 8), 0.25), (weight.float(), torch.tensor([0.25], device=device))]:
+        for got, want in zip(ops.router_gate_varlen(hidden, cu, w, b, 0.5), expected):
+            assert torch.equal(got, want)
+
+
+def test_router_gate_varlen_has_no_gradient():
+    hidden, cu = flat_batch([3, 2], 8, "cpu", seed=11)
+    score = ops.router_gate_varlen(hidden.requires_grad_(), cu, randn(8, seed=12), 0.0, 0.5)[0]
+    with pytest.raises(RuntimeError, match="router_gate_varlen has no gradient: .* train routers with router_gate"):
+        score.sum().backward()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,6 +481,8 @@ def opcheck_cases(device):
     x = randn(4, 5, 24, device=device, seed=42).requires_grad_()
     cu, index, _ = torch.ops.mindskip.pack_plan(mask, order, 2, 5)
     total = int(cu[-1])
+    flat = randn(12, 24, device=device, seed=43)
+    segments = torch.tensor([0, 3, 3, 11], dtype=torch.int32, device=device)
     m = torch.ops.mindskip
     return [
         (m.router_gate.default, (hidden, mask, weight, bias, 0.5)),
@@ -406,6 +491,9 @@ def opcheck_cases(device):
             m.router_gate_backward.default,
             (randn(4, device=device), hidden.detach(), mask, weight.detach(), randn(4, device=device).sigmoid()),
         ),
+        # Inference only (a backward through it raises): no input requires grad.
+        (m.router_gate_varlen.default, (flat, segments, weight.detach(), bias.detach(), 0.5)),
+        (m.router_gate_varlen.default, (flat, segments[:1], weight.detach(), bias.detach(), 0.5)),
         (m.gather_kept.default, (x, order, 2)),
         (m.scatter_add_kept_.default, (randn(4, 5, 24, device=device), randn(2, 5, 24, device=device), order)),
         (m.pack_plan.default, (mask, order, 2, 5)),
@@ -421,7 +509,7 @@ def test_opcheck_every_op(device):
         torch.library.opcheck(op, args)
         seen.add(op.name())
     defined = {name for name in torch._C._dispatch_get_all_op_names() if name.startswith("mindskip::")}
-    assert len(defined) == 7
+    assert len(defined) == 8
     assert defined <= seen, f"ops without an opcheck case: {defined - seen}"
 
 
@@ -435,7 +523,7 @@ def test_ops_and_reference_mirror_every_schema():
     """Each schema op has a function of its exact name in ops and in reference, taking the schema's
     arguments in the schema's order; reference has nothing else."""
     schemas = mindskip_schemas()
-    assert len(schemas) == 7
+    assert len(schemas) == 8
     for name, schema in schemas.items():
         want = [arg.name for arg in schema.arguments]
         for module in (ops, ref):
@@ -569,6 +657,27 @@ def test_router_gate_rejects_bad_input(device, overrides, message):
         ops.router_gate(**args)
 
 
+@pytest.mark.parametrize(
+    "hidden, cu_seqlens, weight, message",
+    [
+        (torch.zeros(2, 3, 4), torch.tensor([0, 2]), torch.zeros(4), r"hidden must have shape \(N, D\), got rank 3"),
+        (torch.zeros(5, 4), torch.tensor([0, 2.0]), torch.zeros(4), "cu_seqlens must be int32 or int64, got Float"),
+        (torch.zeros(5, 4), torch.tensor([], dtype=torch.int32), torch.zeros(4), r"shape \(B \+ 1,\) with B >= 0"),
+        (torch.zeros(5, 4), torch.tensor([[0, 2]]), torch.zeros(4), r"cu_seqlens must have shape \(B \+ 1,\)"),
+        (torch.zeros(5, 4), torch.tensor([0, 2]), torch.zeros(3), "weight has D = 3 but hidden has D = 4"),
+        (torch.zeros(5, 4), torch.tensor([0, 6]), torch.zeros(4), r"cu_seqlens spans \[0, 6\), outside the 5 rows"),
+        (torch.zeros(5, 4), torch.tensor([-1, 2]), torch.zeros(4), r"cu_seqlens spans \[-1, 2\)"),
+        (torch.zeros(5, 4), torch.tensor([0, 3, 1]), torch.zeros(4), r"non-decreasing, but cu_seqlens\[1\] = 3 >"),
+    ],
+)
+def test_router_gate_varlen_rejects_bad_input(device, hidden, cu_seqlens, weight, message):
+    if device.type == "cuda" and ("spans" in message or "non-decreasing" in message):
+        pytest.skip("offsets out of order are a device-side assert on CUDA")
+    with pytest.raises(RuntimeError, match=message):
+        ops.router_gate_varlen(hidden.to(device), cu_seqlens.to(device), weight.to(device), 0.0, 0.5)
+
+
+@pytest.mark.cuda
 def test_ops_reject_mixed_devices():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")

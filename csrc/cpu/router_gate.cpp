@@ -1,5 +1,6 @@
 // CPU router gate: z_b = bias + (1/n_b) * sum_t m_bt (w . x_bt), score = sigmoid(z), keep =
-// score >= threshold, order = stable kept-first permutation, num_kept = sum(keep).
+// score >= threshold, order = stable kept-first permutation, num_kept = sum(keep). The varlen form
+// takes the sequences as segments of a flat token batch instead of padded rows.
 //
 // One pass over hidden. The (b, token-chunk) work items are fixed by the shape alone, and the
 // partial sums are combined in a fixed order, so results do not depend on the thread count.
@@ -22,6 +23,7 @@ namespace {
 
 constexpr const char* kOp = "mindskip::router_gate";
 constexpr const char* kBackwardOp = "mindskip::router_gate_backward";
+constexpr const char* kVarlenOp = "mindskip::router_gate_varlen";
 
 // Tokens per work item: about 32K elements, so a chunk is worth scheduling but B * chunks still
 // spreads over the threads when B is small.
@@ -32,6 +34,40 @@ int64_t chunk_tokens(int64_t seqlen, int64_t dim) {
 template <typename acc_t>
 acc_t sigmoid(acc_t z) {
   return acc_t(1) / (acc_t(1) + std::exp(-z));
+}
+
+// sum over rows r in [row0, row1) of w . x_r, skipping padding rows when there is a mask.
+template <typename scalar_t, typename acc_t>
+acc_t rows_dot_sum(const scalar_t* hidden, const bool* mask, const acc_t* weight, int64_t row0,
+                   int64_t row1, int64_t dim) {
+  acc_t sum = 0;
+  for (int64_t r = row0; r < row1; ++r) {
+    if (mask == nullptr || mask[r]) {
+      sum += dot(hidden + r * dim, weight, dim);
+    }
+  }
+  return sum;
+}
+
+// From each sequence's dot-product sum and real-token count: score, keep, the stable kept-first
+// order and the kept count. Shared by router_gate and router_gate_varlen, so that both make the
+// same decision from the same sums.
+template <typename acc_t>
+void finish_router(const acc_t* sums, const int64_t* real, acc_t bias, acc_t threshold,
+                   int64_t batch, acc_t* score, bool* keep, int64_t* order, int64_t* num_kept) {
+  int64_t kept = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    const acc_t z = bias + (real[b] > 0 ? sums[b] / static_cast<acc_t>(real[b]) : acc_t(0));
+    score[b] = sigmoid(z);
+    keep[b] = score[b] >= threshold;
+    kept += keep[b];
+  }
+  int64_t next_kept = 0;
+  int64_t next_skipped = kept;
+  for (int64_t b = 0; b < batch; ++b) {
+    order[keep[b] ? next_kept++ : next_skipped++] = b;
+  }
+  num_kept[0] = kept;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -46,37 +82,61 @@ void router_gate_kernel(const scalar_t* hidden, const bool* mask, const acc_t* w
       const int64_t b = item / chunks;
       const int64_t t0 = (item % chunks) * chunk;
       const int64_t t1 = std::min(seqlen, t0 + chunk);
-      acc_t sum = 0;
-      for (int64_t t = t0; t < t1; ++t) {
-        if (mask == nullptr || mask[b * seqlen + t]) {
-          sum += dot(hidden + (b * seqlen + t) * dim, weight, dim);
-        }
-      }
-      partial[item] = sum;
+      partial[item] = rows_dot_sum(hidden, mask, weight, b * seqlen + t0, b * seqlen + t1, dim);
     }
   });
 
-  int64_t kept = 0;
+  std::vector<acc_t> sums(static_cast<size_t>(batch), acc_t(0));
+  std::vector<int64_t> real(static_cast<size_t>(batch), seqlen);
   for (int64_t b = 0; b < batch; ++b) {
-    acc_t sum = 0;
     for (int64_t c = 0; c < chunks; ++c) {
-      sum += partial[b * chunks + c];
+      sums[b] += partial[b * chunks + c];
     }
-    int64_t real = seqlen;
     if (mask != nullptr) {
-      real = std::count(mask + b * seqlen, mask + (b + 1) * seqlen, true);
+      real[b] = std::count(mask + b * seqlen, mask + (b + 1) * seqlen, true);
     }
-    const acc_t z = bias + (real > 0 ? sum / static_cast<acc_t>(real) : acc_t(0));
-    score[b] = sigmoid(z);
-    keep[b] = score[b] >= threshold;
-    kept += keep[b];
   }
-  int64_t next_kept = 0;
-  int64_t next_skipped = kept;
+  finish_router(sums.data(), real.data(), bias, threshold, batch, score, keep, order, num_kept);
+}
+
+// Each segment is cut into chunks exactly as router_gate cuts an unpadded sequence of its length,
+// and its chunk sums are added in the same order: a segment gets bit for bit the score that
+// router_gate gives that sequence alone, whatever the other segments are.
+template <typename scalar_t, typename acc_t>
+void router_gate_varlen_kernel(const scalar_t* hidden, const int64_t* cu, const acc_t* weight,
+                               acc_t bias, acc_t threshold, int64_t batch, int64_t dim,
+                               acc_t* score, bool* keep, int64_t* order, int64_t* num_kept) {
+  // Work items: the chunks of every segment, segment by segment.
+  std::vector<int64_t> first_item(static_cast<size_t>(batch + 1), 0);
+  std::vector<int64_t> chunk(static_cast<size_t>(batch), 1);
   for (int64_t b = 0; b < batch; ++b) {
-    order[keep[b] ? next_kept++ : next_skipped++] = b;
+    const int64_t length = cu[b + 1] - cu[b];
+    chunk[b] = chunk_tokens(length, dim);
+    first_item[b + 1] = first_item[b] + (length + chunk[b] - 1) / chunk[b];
   }
-  num_kept[0] = kept;
+  std::vector<int64_t> segment_of(static_cast<size_t>(first_item[batch]));
+  for (int64_t b = 0; b < batch; ++b) {
+    std::fill(segment_of.begin() + first_item[b], segment_of.begin() + first_item[b + 1], b);
+  }
+  std::vector<acc_t> partial(segment_of.size(), acc_t(0));
+  at::parallel_for(0, first_item[batch], 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = segment_of[item];
+      const int64_t t0 = cu[b] + (item - first_item[b]) * chunk[b];
+      partial[item] = rows_dot_sum<scalar_t, acc_t>(hidden, nullptr, weight, t0,
+                                                    std::min(cu[b + 1], t0 + chunk[b]), dim);
+    }
+  });
+
+  std::vector<acc_t> sums(static_cast<size_t>(batch), acc_t(0));
+  std::vector<int64_t> real(static_cast<size_t>(batch));
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t item = first_item[b]; item < first_item[b + 1]; ++item) {
+      sums[b] += partial[item];
+    }
+    real[b] = cu[b + 1] - cu[b];
+  }
+  finish_router(sums.data(), real.data(), bias, threshold, batch, score, keep, order, num_kept);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_gate_cpu(
@@ -93,6 +153,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_gate_cpu(
         bias.item<acc_t>(), static_cast<acc_t>(threshold), shape.batch, shape.seqlen, shape.dim,
         out.score.mutable_data_ptr<acc_t>(), out.keep.mutable_data_ptr<bool>(),
         out.order.mutable_data_ptr<int64_t>(), out.num_kept.mutable_data_ptr<int64_t>());
+  });
+  return {out.score, out.keep, out.order, out.num_kept};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_gate_varlen_cpu(
+    const at::Tensor& hidden_in, const at::Tensor& cu_seqlens, const at::Tensor& weight_in,
+    const at::Tensor& bias_in, double threshold) {
+  const VarlenRouterShape shape =
+      check_router_gate_varlen(hidden_in, cu_seqlens, weight_in, bias_in, threshold, kVarlenOp);
+  const at::Tensor offsets = segment_offsets(cu_seqlens);
+  const int64_t* cu = offsets.const_data_ptr<int64_t>();
+  TORCH_CHECK(cu[0] >= 0 && cu[shape.batch] <= shape.tokens, kVarlenOp, ": cu_seqlens spans [",
+              cu[0], ", ", cu[shape.batch], "), outside the ", shape.tokens, " rows of hidden");
+  for (int64_t b = 0; b < shape.batch; ++b) {
+    TORCH_CHECK(cu[b] <= cu[b + 1], kVarlenOp, ": cu_seqlens must be non-decreasing, but cu_seqlens[",
+                b, "] = ", cu[b], " > cu_seqlens[", b + 1, "] = ", cu[b + 1]);
+  }
+  const RouterTensors in = router_tensors(hidden_in, weight_in, shape.dim);
+  const at::Tensor bias = in.vector(bias_in, 1);
+  const RouterGateOutputs out = router_gate_outputs(in, shape.batch);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.hidden.scalar_type(), "router_gate_varlen", [&] {
+    using acc_t = at::opmath_type<scalar_t>;  // float, or double for double
+    router_gate_varlen_kernel<scalar_t, acc_t>(
+        in.hidden.const_data_ptr<scalar_t>(), cu, in.weight.const_data_ptr<acc_t>(), bias.item<acc_t>(),
+        static_cast<acc_t>(threshold), shape.batch, shape.dim, out.score.mutable_data_ptr<acc_t>(),
+        out.keep.mutable_data_ptr<bool>(), out.order.mutable_data_ptr<int64_t>(),
+        out.num_kept.mutable_data_ptr<int64_t>());
   });
   return {out.score, out.keep, out.order, out.num_kept};
 }
@@ -179,6 +266,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_gate_backward_cpu(
 TORCH_LIBRARY_IMPL(mindskip, CPU, m) {
   m.impl("router_gate", &router_gate_cpu);
   m.impl("router_gate_backward", &router_gate_backward_cpu);
+  m.impl("router_gate_varlen", &router_gate_varlen_cpu);
 }
 
 }  // namespace mindskip::cpu

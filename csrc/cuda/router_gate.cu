@@ -1,9 +1,10 @@
 // CUDA router gate, deterministic two-kernel design:
 //   1. router_partial_kernel: one block per (sequence, token chunk); each warp takes one token
 //      at a time, skips padding without reading it, and computes w . x_bt with 16-byte loads.
-//      The block writes its partial sum and real-token count.
-//   2. router_finish_kernel: one block sums the partials of each sequence in a fixed order,
-//      computes score / keep, and writes the stable kept-first order with a block scan.
+//      The block writes its partial sum and real-token count. router_varlen_partial_kernel does
+//      the same over the segments of a flat token batch (router_gate_varlen).
+//   2. router_finish_kernel (shared): one block sums the partials of each sequence in a fixed
+//      order, computes score / keep, and writes the stable kept-first order with a block scan.
 // No host sync; everything runs on the current stream.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -25,6 +26,7 @@ namespace {
 
 constexpr const char* kOp = "mindskip::router_gate";
 constexpr const char* kBackwardOp = "mindskip::router_gate_backward";
+constexpr const char* kVarlenOp = "mindskip::router_gate_varlen";
 
 constexpr int kPartialThreads = 256;
 constexpr int kPartialWarps = kPartialThreads / kWarpSize;
@@ -45,25 +47,22 @@ int one_block_threads(int64_t n) {
                                               kWarpSize, kMaxThreads));
 }
 
+// The block's sum over rows [row0, row1) of w . x_row and its count of real rows, written to
+// partial[item] and partial_count[item]: each warp takes one row at a time, skips padding without
+// reading it, and computes the dot product with 16-byte loads when kVector.
 template <typename scalar_t, typename acc_t, bool kVector>
-__global__ void __launch_bounds__(kPartialThreads)
-    router_partial_kernel(const scalar_t* __restrict__ hidden, const bool* __restrict__ mask,
-                          const acc_t* __restrict__ weight, acc_t* __restrict__ partial,
-                          int* __restrict__ partial_count, int64_t seqlen, int64_t dim,
-                          int64_t chunk, int64_t chunks) {
+__device__ void block_rows_dot(const scalar_t* __restrict__ hidden, const bool* __restrict__ mask,
+                               const acc_t* __restrict__ weight, int64_t row0, int64_t row1,
+                               int64_t dim, int64_t item, acc_t* __restrict__ partial,
+                               int* __restrict__ partial_count) {
   constexpr int kVec = 16 / sizeof(scalar_t);
   __shared__ acc_t warp_sums[kPartialWarps];
   __shared__ int warp_counts[kPartialWarps];
-  const int64_t item = blockIdx.x;
-  const int64_t b = item / chunks;
-  const int64_t t0 = (item % chunks) * chunk;
-  const int64_t t1 = min(seqlen, t0 + chunk);
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
 
   acc_t sum = 0;
   int count = 0;
-  for (int64_t t = t0 + warp; t < t1; t += kPartialWarps) {
-    const int64_t row = b * seqlen + t;
+  for (int64_t row = row0 + warp; row < row1; row += kPartialWarps) {
     if (mask != nullptr && !mask[row]) {
       continue;  // the same for the whole warp: padding rows are never read
     }
@@ -103,6 +102,39 @@ __global__ void __launch_bounds__(kPartialThreads)
     partial[item] = total;
     partial_count[item] = real;
   }
+}
+
+// One block per (sequence b, chunk of `chunk` tokens) of a padded (B, T, D) hidden.
+template <typename scalar_t, typename acc_t, bool kVector>
+__global__ void __launch_bounds__(kPartialThreads)
+    router_partial_kernel(const scalar_t* __restrict__ hidden, const bool* __restrict__ mask,
+                          const acc_t* __restrict__ weight, acc_t* __restrict__ partial,
+                          int* __restrict__ partial_count, int64_t seqlen, int64_t dim,
+                          int64_t chunk, int64_t chunks) {
+  const int64_t item = blockIdx.x;
+  const int64_t b = item / chunks;
+  const int64_t t0 = (item % chunks) * chunk;
+  const int64_t t1 = min(seqlen, t0 + chunk);
+  block_rows_dot<scalar_t, acc_t, kVector>(hidden, mask, weight, b * seqlen + t0,
+                                           b * seqlen + t1, dim, item, partial, partial_count);
+}
+
+// One block per (segment b, chunk c): the segment's tokens [cu[b], cu[b+1]) of a flat (N, D)
+// hidden are cut into `chunks` equal parts.
+template <typename scalar_t, typename acc_t, bool kVector>
+__global__ void __launch_bounds__(kPartialThreads)
+    router_varlen_partial_kernel(const scalar_t* __restrict__ hidden,
+                                 const int64_t* __restrict__ cu, const acc_t* __restrict__ weight,
+                                 acc_t* __restrict__ partial, int* __restrict__ partial_count,
+                                 int64_t tokens, int64_t dim, int64_t chunks) {
+  const int64_t item = blockIdx.x;
+  const int64_t b = item / chunks;
+  const int64_t begin = cu[b], end = cu[b + 1];
+  CUDA_KERNEL_ASSERT(begin >= 0 && begin <= end && end <= tokens);
+  const int64_t chunk = (end - begin + chunks - 1) / chunks;
+  const int64_t row0 = min(end, begin + (item % chunks) * chunk);
+  block_rows_dot<scalar_t, acc_t, kVector>(hidden, nullptr, weight, row0, min(end, row0 + chunk),
+                                           dim, item, partial, partial_count);
 }
 
 template <typename acc_t>
@@ -147,6 +179,38 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
+// The partial sums of `chunks` blocks per sequence, then the finish kernel. `launch_partial(vector,
+// partial, partial_count)` launches the op's partial kernel (with 16-byte loads when `vector`).
+template <typename scalar_t, typename LaunchPartial>
+void launch_router(const RouterTensors& in, const at::Tensor& bias, double threshold,
+                   const RouterGateOutputs& out, int64_t batch, int64_t dim, int64_t chunks,
+                   const LaunchPartial& launch_partial) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  const auto opts = in.hidden.options();
+  at::Tensor partial = at::empty({batch * chunks}, opts.dtype(in.acc_type));
+  at::Tensor partial_count = at::empty({batch * chunks}, opts.dtype(at::kInt));
+  const bool vector = dim % kVec == 0 && aligned16(in.hidden.const_data_ptr()) &&
+                      aligned16(in.weight.const_data_ptr());
+  launch_partial(vector, partial.mutable_data_ptr<acc_t>(), partial_count.mutable_data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  router_finish_kernel<acc_t><<<1, one_block_threads(batch), 0, c10::cuda::getCurrentCUDAStream()>>>(
+      partial.const_data_ptr<acc_t>(), partial_count.const_data_ptr<int>(),
+      bias.const_data_ptr<acc_t>(), static_cast<acc_t>(threshold), batch, chunks,
+      out.score.mutable_data_ptr<acc_t>(), out.keep.mutable_data_ptr<bool>(),
+      out.order.mutable_data_ptr<int64_t>(), out.num_kept.mutable_data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Chunks per sequence: enough (sequence, chunk) blocks to fill the GPU about four times over, and
+// no more than a sequence of `tokens_per_sequence` tokens gives each warp of a block one token.
+int64_t router_chunks(int64_t batch, int64_t tokens_per_sequence) {
+  const int64_t max_chunks =
+      std::max<int64_t>(1, (tokens_per_sequence + kPartialWarps - 1) / kPartialWarps);
+  const int64_t wanted = (4 * static_cast<int64_t>(sm_count()) + batch - 1) / batch;
+  return std::clamp<int64_t>(wanted, 1, max_chunks);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_gate_cuda(
     const at::Tensor& hidden_in, const std::optional<at::Tensor>& mask_in,
     const at::Tensor& weight_in, const at::Tensor& bias_in, double threshold) {
@@ -160,37 +224,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_gate_cuda(
     out.num_kept.zero_();
     return {out.score, out.keep, out.order, out.num_kept};
   }
-
-  // Enough (sequence, chunk) blocks to fill the GPU about four times over.
-  const int64_t max_chunks = std::max<int64_t>(1, (seqlen + kPartialWarps - 1) / kPartialWarps);
-  const int64_t wanted = (4 * static_cast<int64_t>(sm_count()) + batch - 1) / batch;
-  int64_t chunks = std::clamp<int64_t>(wanted, 1, max_chunks);
-  const int64_t chunk = std::max<int64_t>(1, (seqlen + chunks - 1) / chunks);
-  chunks = std::max<int64_t>(1, (seqlen + chunk - 1) / chunk);
+  // Equal chunks of whole tokens; the count is recomputed so that no chunk is empty.
+  const int64_t wanted = router_chunks(batch, seqlen);
+  const int64_t chunk = std::max<int64_t>(1, (seqlen + wanted - 1) / wanted);
+  const int64_t chunks = std::max<int64_t>(1, (seqlen + chunk - 1) / chunk);
   TORCH_CHECK(batch * chunks <= INT32_MAX, kOp, ": batch of ", batch, " is too large");
-  const auto opts = in.hidden.options();
-  at::Tensor partial = at::empty({batch * chunks}, opts.dtype(in.acc_type));
-  at::Tensor partial_count = at::empty({batch * chunks}, opts.dtype(at::kInt));
-
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.hidden.scalar_type(), "router_gate", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    constexpr int kVec = 16 / sizeof(scalar_t);
-    const bool vector = dim % kVec == 0 && aligned16(in.hidden.const_data_ptr()) &&
-                        aligned16(in.weight.const_data_ptr());
-    const auto partial_kernel = vector ? router_partial_kernel<scalar_t, acc_t, true>
-                                       : router_partial_kernel<scalar_t, acc_t, false>;
-    partial_kernel<<<static_cast<unsigned>(batch * chunks), kPartialThreads, 0, stream>>>(
-        in.hidden.const_data_ptr<scalar_t>(), mask_data(in.mask), in.weight.const_data_ptr<acc_t>(),
-        partial.mutable_data_ptr<acc_t>(), partial_count.mutable_data_ptr<int>(), seqlen, dim,
-        chunk, chunks);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    router_finish_kernel<acc_t><<<1, one_block_threads(batch), 0, stream>>>(
-        partial.const_data_ptr<acc_t>(), partial_count.const_data_ptr<int>(),
-        bias.const_data_ptr<acc_t>(), static_cast<acc_t>(threshold), batch, chunks,
-        out.score.mutable_data_ptr<acc_t>(), out.keep.mutable_data_ptr<bool>(),
-        out.order.mutable_data_ptr<int64_t>(), out.num_kept.mutable_data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_router<scalar_t>(in, bias, threshold, out, batch, dim, chunks,
+                            [&](bool vector, acc_t* partial, int* partial_count) {
+      const auto kernel = vector ? router_partial_kernel<scalar_t, acc_t, true>
+                                 : router_partial_kernel<scalar_t, acc_t, false>;
+      kernel<<<static_cast<unsigned>(batch * chunks), kPartialThreads, 0, stream>>>(
+          in.hidden.const_data_ptr<scalar_t>(), mask_data(in.mask),
+          in.weight.const_data_ptr<acc_t>(), partial, partial_count, seqlen, dim, chunk, chunks);
+    });
+  });
+  return {out.score, out.keep, out.order, out.num_kept};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_gate_varlen_cuda(
+    const at::Tensor& hidden_in, const at::Tensor& cu_seqlens, const at::Tensor& weight_in,
+    const at::Tensor& bias_in, double threshold) {
+  const VarlenRouterShape shape =
+      check_router_gate_varlen(hidden_in, cu_seqlens, weight_in, bias_in, threshold, kVarlenOp);
+  const c10::cuda::CUDAGuard guard(hidden_in.device());
+  const RouterTensors in = router_tensors(hidden_in, weight_in, shape.dim);
+  const at::Tensor bias = in.vector(bias_in, 1);
+  const at::Tensor offsets = segment_offsets(cu_seqlens);
+  const RouterGateOutputs out = router_gate_outputs(in, shape.batch);
+  const int64_t batch = shape.batch, tokens = shape.tokens, dim = shape.dim;
+  if (batch == 0) {
+    out.num_kept.zero_();
+    return {out.score, out.keep, out.order, out.num_kept};
+  }
+  // The segment lengths stay on the device (no host sync): size the chunks for the mean length.
+  const int64_t chunks = router_chunks(batch, (tokens + batch - 1) / batch);
+  TORCH_CHECK(batch * chunks <= INT32_MAX, kVarlenOp, ": batch of ", batch, " is too large");
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.hidden.scalar_type(), "router_gate_varlen", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    launch_router<scalar_t>(in, bias, threshold, out, batch, dim, chunks,
+                            [&](bool vector, acc_t* partial, int* partial_count) {
+      const auto kernel = vector ? router_varlen_partial_kernel<scalar_t, acc_t, true>
+                                 : router_varlen_partial_kernel<scalar_t, acc_t, false>;
+      kernel<<<static_cast<unsigned>(batch * chunks), kPartialThreads, 0, stream>>>(
+          in.hidden.const_data_ptr<scalar_t>(), offsets.const_data_ptr<int64_t>(),
+          in.weight.const_data_ptr<acc_t>(), partial, partial_count, tokens, dim, chunks);
+    });
   });
   return {out.score, out.keep, out.order, out.num_kept};
 }
@@ -336,6 +418,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_gate_backward_cuda(
 TORCH_LIBRARY_IMPL(mindskip, CUDA, m) {
   m.impl("router_gate", &router_gate_cuda);
   m.impl("router_gate_backward", &router_gate_backward_cuda);
+  m.impl("router_gate_varlen", &router_gate_varlen_cuda);
 }
 
 }  // namespace mindskip::cuda
