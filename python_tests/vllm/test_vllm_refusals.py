@@ -1,0 +1,111 @@
+"""Each setting MindSkip cannot serve under is refused when the engine is created, before any engine process
+starts, with a message that names the setting and what to use instead."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+
+import pytest
+
+import mindskip_ext as msk
+from mindskip_ext.vllm import ROUTERS_KEY, check_vllm_version, engine_kwargs, hf_overrides, llm, register
+
+
+def creation_error(create) -> str:
+    """The message of the error that ``create()`` (creating an engine) raises."""
+    with pytest.raises(Exception) as info:  # vLLM's config is a pydantic dataclass, which may wrap a ValueError
+        create()
+    return str(info.value)
+
+
+def refused(served, **vllm_kwargs) -> str:
+    return creation_error(lambda: llm(served.base, served.routers, dtype="float32", max_model_len=256, **vllm_kwargs))
+
+
+@pytest.mark.parametrize(
+    "setting, expected",
+    [
+        ({"enable_chunked_prefill": True}, r"chunked prefill is on.*enable_chunked_prefill=False \(--no-enable-chunk"),
+        ({"enable_prefix_caching": True}, r"prefix caching is on.*enable_prefix_caching=False \(--no-enable-prefix"),
+        ({"enforce_eager": False}, r"CUDA graphs and torch.compile are on.*enforce_eager=True \(--enforce-eager\)"),
+    ],
+)
+def test_engine_settings_are_refused(tiny, setting, expected):
+    assert re.search(expected, refused(tiny, **setting), flags=re.S)
+
+
+def test_plain_llm_with_vllm_defaults_names_every_setting(tiny):
+    """Without the helper, vLLM's defaults (prefix caching, torch.compile) are refused, all in one message."""
+    from vllm import LLM
+
+    overrides = hf_overrides(tiny.base, tiny.routers)
+    message = creation_error(lambda: LLM(model=str(tiny.base), hf_overrides=overrides, max_model_len=256))
+    assert "--no-enable-prefix-caching" in message and "--enforce-eager" in message
+
+
+def test_routers_of_another_model_are_refused(tiny, tmp_path):
+    from mindskip_ext.testing import tiny_model
+
+    other = msk.get_mindskip_model(tiny_model("llama", layers=4, hidden=128, heads=4, kv_heads=2))
+    other.save_pretrained(tmp_path / "routers")
+    message = refused(dataclasses.replace(tiny, routers=tmp_path / "routers"))
+    assert re.search(r"were trained for .*'num_hidden_layers': 4.*but vLLM serves .*'num_hidden_layers': 6", message)
+    assert "serve the base model they were trained on" in message
+
+
+def test_routers_of_another_granularity_are_refused(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny.base)
+    mlp = msk.get_mindskip_model(base, msk.MindSkipConfig(granularity="mlp"))
+    mlp.save_pretrained(tmp_path / "routers")
+    message = refused(dataclasses.replace(tiny, routers=tmp_path / "routers"))
+    assert "gate granularity 'mlp'; the vLLM plugin serves granularity 'attn'" in message
+
+
+def test_missing_routers_are_refused(tiny):
+    from vllm import LLM
+
+    overrides = {"architectures": hf_overrides(tiny.base, tiny.routers)["architectures"]}
+    kwargs = dict(enforce_eager=True, enable_chunked_prefill=False, enable_prefix_caching=False, max_model_len=256)
+    message = creation_error(lambda: LLM(model=str(tiny.base), hf_overrides=overrides, **kwargs))
+    assert f"no MindSkip routers: set hf_overrides={{'{ROUTERS_KEY}'" in message
+
+
+def test_other_vllm_releases_are_refused(tiny, monkeypatch, caplog):
+    check_vllm_version("0.32.0")
+    check_vllm_version("0.32.1+cpu")
+    for version in ("0.33.0", "0.3.2", "0.320.0"):
+        expected = rf"supports vLLM 0\.32\.x, found vLLM {re.escape(version)}.*pip install"
+        with pytest.raises(RuntimeError, match=expected):
+            check_vllm_version(version)
+    import vllm
+
+    monkeypatch.setattr(vllm, "__version__", "0.33.0")
+    with pytest.raises(RuntimeError, match="found vLLM 0.33.0"):
+        llm(tiny.base, tiny.routers)
+    # The plugin entry point warns instead: it runs in every vLLM process, whatever the model.
+    with caplog.at_level(logging.WARNING, logger="mindskip_ext.vllm"):
+        register()
+    assert "found vLLM 0.33.0" in caplog.text and "not registered" in caplog.text
+
+
+def test_unsupported_model_types_are_refused(tmp_path, tiny):
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("gpt2").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"model type 'gpt2' has no MindSkip vLLM architecture; supported: llama"):
+        hf_overrides(tmp_path, tiny.routers)
+
+
+def test_engine_kwargs_keep_the_callers_settings(tiny):
+    kwargs = engine_kwargs(tiny.base, tiny.routers, max_num_seqs=3, hf_overrides={"max_position_embeddings": 128})
+    assert kwargs["max_num_seqs"] == 3 and kwargs["enforce_eager"] is True
+    assert kwargs["hf_overrides"] == {
+        "max_position_embeddings": 128,
+        "architectures": ["MindSkipLlamaForCausalLM"],
+        ROUTERS_KEY: str(tiny.routers.resolve()),
+    }
+    assert engine_kwargs(tiny.base, tiny.routers, enforce_eager=False)["enforce_eager"] is False  # refused later

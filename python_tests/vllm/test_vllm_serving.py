@@ -1,0 +1,108 @@
+"""vLLM with the MindSkip plugin generates exactly what transformers MindSkip generates (greedy), and a skipped
+(layer, request) never writes its KV slots."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import NEW_TOKENS, Served, generate, offline_engine, serve_fixture
+
+
+def check_fixture(served: Served) -> None:
+    """The test is only worth something if routing differs across prompts and layers and changes the output."""
+    patterns = {tuple(keep) for keep in served.keep.values()}
+    assert len(patterns) > 1, "every layer routes the prompts alike"
+    assert any(0 < sum(keep) < len(keep) for keep in served.keep.values()), "no layer mixes kept and skipped prompts"
+    assert served.expected != served.dense, "skipping changes no output: the test could not see routing errors"
+
+
+# max_num_seqs 1: one request per step (every layer runs or skips the whole batch); 2: one request's prefill
+# beside another's decode; 8: all six at once, each layer attending for a subset.
+@pytest.mark.parametrize("max_num_seqs", [1, 2, 8])
+def test_tiny_llama_matches_transformers(tiny, max_num_seqs):
+    check_fixture(tiny)
+    with offline_engine(tiny, max_num_seqs) as engine:
+        assert generate(engine, tiny) == tiny.expected
+
+
+@pytest.mark.parametrize("max_num_seqs", [1, 2, 8])
+def test_smollm2_matches_transformers(smollm2, max_num_seqs):
+    check_fixture(smollm2)
+    with offline_engine(smollm2, max_num_seqs) as engine:
+        assert generate(engine, smollm2) == smollm2.expected
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3"])
+def test_other_architectures_match_transformers(tmp_path, tiny_tokenizer, model_type):
+    from mindskip_ext.testing import tiny_model
+
+    model = tiny_model(
+        model_type, tokenizer=tiny_tokenizer, layers=6, hidden=128, heads=4, kv_heads=2, intermediate=256, seed=1,
+        max_position_embeddings=512,
+    )
+    served = serve_fixture(tmp_path, model, tiny_tokenizer, [3, 2, 4])
+    check_fixture(served)
+    with offline_engine(served, 8) as engine:
+        assert generate(engine, served) == served.expected
+
+
+def test_skipped_requests_write_no_kv(tiny):
+    """Fill every KV cache with a sentinel, generate, and count the written token slots of each layer: exactly the
+    tokens of the requests that layer keeps (every request at a layer without router). With all six requests in
+    flight at once, no KV block changes hands. (The sentinel is finite: the CPU kernel reads the unused slots of a
+    block and masks their scores, and a NaN value would survive the zero weight.)"""
+    fed = [len(ids) + NEW_TOKENS - 1 for ids in tiny.prompts]  # the last new token is never fed back
+
+    def layers_attention(model):
+        return [layer.self_attn.attn for layer in model.model.layers]
+
+    sentinel = -7777.0
+
+    def fill(model):
+        for attn in layers_attention(model):
+            attn.kv_cache.fill_(sentinel)
+
+    def written_slots(model):
+        # A token's slot holds its key and value for every KV head, wherever the backend's layout puts them.
+        per_token = [2 * attn.num_kv_heads * attn.head_size for attn in layers_attention(model)]
+        return [int((attn.kv_cache != sentinel).sum()) / n for attn, n in zip(layers_attention(model), per_token)]
+
+    with offline_engine(tiny, 8) as engine:
+        engine.apply_model(fill)
+        assert generate(engine, tiny) == tiny.expected
+        (written,) = engine.apply_model(written_slots)
+    for idx, count in enumerate(written):
+        keep = tiny.keep.get(idx, [True] * len(fed))
+        assert count == sum(n for n, kept in zip(fed, keep) if kept), f"layer {idx}"
+    assert written[2] < sum(fed)
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    from conftest import PROMPTS
+
+    from mindskip_ext.testing import train_word_tokenizer
+
+    return train_word_tokenizer(PROMPTS, chat_template=False)
+
+
+def test_router_state_lives_in_buffers_not_parameters(tiny):
+    """vLLM checks that every parameter came from the base checkpoint; the routers come from their own files."""
+
+    def router_summary(model):
+        names = [name for name, _ in model.named_parameters() if "router" in name]
+        routers = {idx: layer.self_attn.mindskip_router for idx, layer in enumerate(model.model.layers)
+                   if hasattr(layer.self_attn, "mindskip_router")}
+        return names, {idx: (r.weight.dtype, r.weight.clone(), float(r.bias)) for idx, r in routers.items()}
+
+    with offline_engine(tiny, 2) as engine:
+        ((names, routers),) = engine.apply_model(router_summary)
+    assert names == []
+    assert sorted(routers) == sorted(tiny.keep)
+    from safetensors.torch import load_file
+
+    saved = load_file(tiny.routers / "routers.safetensors")
+    for idx, (dtype, weight, bias) in routers.items():
+        assert dtype == torch.float32
+        assert torch.equal(weight, saved[f"layers.{idx}.router.weight"].reshape(-1))
+        assert bias == saved[f"layers.{idx}.router.bias"].item()
