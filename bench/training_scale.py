@@ -63,12 +63,15 @@ def main(argv=None) -> int:
     p.add_argument("--output", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
     rows = []
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         rows.append(train(args, Path(tmp) / "ckpt", 1, "--gradient-checkpointing", "--grad-accum", "2"))
         rows.append(train(args, Path(tmp) / "plain", 1, "--grad-accum", "2"))
         rows.append(train(args, Path(tmp) / "two", 2))
     payload = {"machine": machine_info(("torch", "transformers", "mindskip_ext")), "model": args.model,
-               "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length, "rows": rows}
+               "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length, "rows": rows,
+               # other work on the machine skews the 2-process row most: say how busy it was
+               "load_average_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}}
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "training_scale.json").write_text(json.dumps(payload, indent=2) + "\n")
     table = markdown_table(
@@ -80,7 +83,9 @@ def main(argv=None) -> int:
     text = "\n".join([
         f"# Router-Tuning throughput and memory ({args.model}, {args.steps} steps, batch {args.batch_size} x 2, "
         f"max length {args.max_length})", "",
-        f"{payload['machine']['cpu']}; commit {payload['machine']['git_commit']}.", "", *table, ""])
+        f"{payload['machine']['cpu']}; commit {payload['machine']['git_commit']}; 1-minute load average "
+        f"{payload['load_average_1min']['before']} before, {payload['load_average_1min']['after']} after.", "",
+        *table, ""])
     (args.output / "training_scale.md").write_text(text)
     print(text)
     return 0
