@@ -22,6 +22,16 @@ sublayers of the MindSkip layers) give the share ``a`` of prefill and of decode 
 ideal time is the dense time times ``1 - (1 - f) * a``: what MindSkip would take if skipped work cost
 exactly nothing and the rest ran as fast as in the dense model (time to last token: the prefill and decode
 ideals weighted by the dense model's split). ``frac_of_ideal`` = measured speedup / ideal speedup.
+
+Long-context decode (``--e2e-long``, rows named ``decode-long``): decode steps only, after one dense prefill per point
+(a long prefill costs minutes on a CPU). Each variant's cache is built from that prefill's KV: a ``DynamicCache`` or
+the fixed-shape ``StaticCache`` (``cache`` parameter), the MindSkip layers' slots holding only the rows their decisions
+keep (``keep_counts`` rows per layer, as the calibrated routers keep; which rows does not change the time). The
+variants: dense, MindSkip at each kept fraction, and the static Attention-Drop of the same share (whole MindSkip layers
+skipped), each with both caches. Every timed sample is ``--new-tokens`` greedy decode steps, after which ``crop`` puts
+the cache back. The ideal comes from the attention share of the dense model's decode with the same cache kind, and
+``speedup_vs_hf`` is against the dense model with the same cache kind (``speedup_vs_hf_dynamic``: against the dense
+dynamic cache, the stock default).
 """
 
 from __future__ import annotations
@@ -33,21 +43,25 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, StaticCache
 
 import mindskip_ext as msk
-from mindskip_ext.cache import kv_bytes
+from mindskip_ext.cache import Decision, kv_bytes, routing_slot
 from mindskip_ext.data import Example
 from mindskip_ext.eval.attention_drop import redundancy_scores, select_dropped, set_static_routing
 from mindskip_ext.hf_compat import cache_kwargs, output_cache
 from mindskip_ext.timing import synchronize, time_ms
 
 from .common import quantile
-from .routing import build_model, calibrate_routers
+from .routing import build_model, calibrate_routers, keep_counts
 
 GPU_GRID = {"batches": (1, 8, 32, 64), "lengths": (512, 2048, 8192), "fractions": (1.0, 0.75, 0.5, 0.25)}
 CPU_GRID = {"batches": (1, 4, 8), "lengths": (128, 512), "fractions": (1.0, 0.75, 0.5, 0.25)}
 QUICK_GRID = {"batches": (4,), "lengths": (256,), "fractions": (1.0, 0.5)}
+# Long-context decode points (--e2e-long): prompt lengths x these batches, at these kept fractions.
+LONG_BATCHES = (4, 8)
+LONG_FRACTIONS = (1.0, 0.5)
+QUICK_LONG = {"batches": (2,), "lengths": (256,)}
 # Sequences per Attention-Drop scoring forward: the scores are means over tokens, so this only bounds the fp32
 # copies of the hidden states the scoring makes.
 DROP_SCORE_BATCH = 8
@@ -63,6 +77,11 @@ def add_arguments(parser):
                        help="tokens generated per sequence (default 32; 8 with --quick)")
     group.add_argument("--e2e-reps", type=int, default=None,
                        help="timed rounds over all variants of a point (default 10 on CPU, 5 on GPU; 12 with --quick)")
+    group.add_argument("--e2e-long", default=None,
+                       help="comma-separated prompt lengths of long-context decode points (default: none; 256 with "
+                            "--quick); batches from --e2e-batches (default 4,8), kept fractions 1.0,0.5")
+    group.add_argument("--e2e-grid", default="on", choices=("on", "off"),
+                       help="off: only the long-context decode points")
     group.add_argument("--mem-fraction", type=float, default=0.85,
                        help="skip GPU points whose estimated memory exceeds this share")
 
@@ -139,7 +158,10 @@ def run(args, writer):
     shape = args.e2e_shape or ("llama3-8b" if on_gpu else "cpu-small")
     dtype = torch.bfloat16 if on_gpu else torch.float32
     reps = args.e2e_reps or (12 if args.quick else 5 if on_gpu else 10)
-    model = build_model(shape, device, dtype, max_len=max(lengths) + new_tokens + 8)
+    long_lengths = _ints(args.e2e_long, QUICK_LONG["lengths"] if args.quick else ())
+    if args.e2e_grid == "off":
+        lengths = ()
+    model = build_model(shape, device, dtype, max_len=max(lengths + long_lengths) + new_tokens + 8)
     cfg = model.config
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     layer_ids = msk.MindSkipConfig().resolve_layers(cfg.num_hidden_layers)
@@ -162,6 +184,14 @@ def run(args, writer):
             gc.collect()
             if on_gpu:
                 torch.cuda.empty_cache()
+    long_batches = QUICK_LONG["batches"] if args.quick else _ints(args.e2e_batches, LONG_BATCHES)
+    for seqlen in long_lengths:
+        for batch in long_batches:
+            ids = torch.randint(1, cfg.vocab_size, (batch, seqlen), generator=gen).to(device)
+            params = {"shape": shape, "B": batch, "T": seqlen, "new_tokens": new_tokens}
+            _run_long_point(model, ids, params, layer_ids, _floats(args.e2e_fractions, LONG_FRACTIONS), new_tokens,
+                            min(reps, 3), writer)
+            gc.collect()
     for batch, seqlen, reason in skipped:
         print(f"skipped point B={batch} T={seqlen}: {reason}")
     del model
@@ -353,3 +383,139 @@ def _run_point(model, ids, params, layer_ids, fractions, new_tokens, reps, write
             writer.add("e2e", name, v.provider, dict(params, kept=round(v.kept, 4)), samples, speedup_vs_hf=speedup,
                        speedup_p20=low, speedup_p80=high, ideal_speedup=ideal_speedup,
                        frac_of_ideal=speedup / ideal_speedup, **extra)
+
+
+# ------------------------------------------------------------------ long-context decode
+
+
+def _transplant(model, dense: DynamicCache, kind: str, keeps: dict[int, torch.Tensor] | None, max_len: int):
+    """A ``kind`` ("dynamic" or "static") cache holding ``dense``'s KV; a layer in ``keeps`` becomes a MindSkip slot
+    with that keep mask, holding only the kept rows (every row kept: the dense KV behind a MindSkip decision)."""
+    cache = DynamicCache(config=model.config) if kind == "dynamic" else StaticCache(config=model.config,
+                                                                                    max_cache_len=max_len)
+    for idx, layer in enumerate(dense.layers):
+        keys, values = layer.keys, layer.values
+        if keeps is None or idx not in keeps:
+            cache.layers[idx].update(keys, values)
+            continue
+        slot = routing_slot(cache, idx, True, keys.device)
+        decision = slot.mindskip_decision = Decision.from_keep(keeps[idx].to(keys.device))
+        if decision.num_kept:
+            rows = decision.order[: decision.num_kept]
+            slot.update(keys.index_select(0, rows), values.index_select(0, rows))
+        else:
+            slot.skip_tokens(keys.shape[2])
+    return cache
+
+
+def _keeps(layer_ids, batch, fraction) -> dict[int, torch.Tensor]:
+    """Per MindSkip layer, a keep mask of ``keep_counts`` rows, a different rotation of the batch on each layer."""
+    keeps = {}
+    for j, (idx, count) in enumerate(zip(layer_ids, keep_counts(len(layer_ids), batch, fraction), strict=True)):
+        keep = torch.zeros(batch, dtype=torch.bool)
+        keep[(torch.arange(count) + j) % batch] = True
+        keeps[idx] = keep
+    return keeps
+
+
+def _drop_keeps(layer_ids, batch, fraction) -> dict[int, torch.Tensor]:
+    """Static Attention-Drop of the same share: whole MindSkip layers skip every row (the last ones; which layers
+    does not change the decode time)."""
+    n = round((1 - fraction) * len(layer_ids))
+    return {idx: torch.full((batch,), i >= len(layer_ids) - n) == 0 for i, idx in enumerate(layer_ids)}
+
+
+def _decode_steps(model, cache, first, steps):
+    """``steps`` greedy decode steps from token ``first`` (B, 1) on ``cache``; then crop puts the cache back."""
+    token = first
+    for _ in range(steps):
+        out = model(input_ids=token, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
+        token = out.logits[:, -1:].argmax(-1)
+    cache.crop(-steps)
+
+
+@dataclass
+class LongVariant:
+    provider: str
+    cache: str
+    kept: float | None
+    keeps: dict[int, torch.Tensor] | None
+    built: object = None
+    decode: list[float] = field(default_factory=list)
+
+
+def _run_long_point(model, ids, params, layer_ids, fractions, new_tokens, reps, writer):
+    device = writer.device
+    batch, seqlen = ids.shape
+    steps = new_tokens - 1
+    max_len = seqlen + new_tokens + 8
+    with torch.no_grad():
+        dense = DynamicCache(config=model.config)
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, dense))
+        first = out.logits[:, -1:].argmax(-1)
+    variants = []
+    for kind in ("dynamic", "static"):
+        variants.append(LongVariant("hf", kind, None, None))
+        for fraction in fractions:
+            variants.append(LongVariant("mindskip", kind, fraction, _keeps(layer_ids, batch, fraction)))
+            if fraction < 1.0:
+                keeps = _drop_keeps(layer_ids, batch, fraction)
+                kept = sum(int(k.sum()) for k in keeps.values()) / (batch * len(layer_ids))
+                variants.append(LongVariant("attn-drop", kind, kept, keeps))
+    for v in variants:
+        v.built = _transplant(model, dense, v.cache, v.keeps, max_len)
+    del dense
+
+    # The dense model's attention share of a decode step, per cache kind (instrumented steps, untimed otherwise).
+    share = {}
+    timer = AttentionTimer(model, layer_ids, device)
+    try:
+        for v in variants[:1] + [w for w in variants if w.provider == "hf" and w.cache == "static"]:
+            fractions_of_step = []
+            for _ in range(reps + 1):
+                with torch.no_grad():
+                    (ms,) = time_ms(lambda v=v: _decode_steps(model, v.built, first, steps), device, reps=1, warmup=0)
+                fractions_of_step.append(timer.collect()["decode"] / ms)
+            share[v.cache] = _median(fractions_of_step[1:])
+    finally:
+        timer.remove()
+
+    for v in variants:  # warm-up, and the KV bytes
+        with _long_applied(model, v, layer_ids) as m, torch.no_grad():
+            _decode_steps(m, v.built, first, steps)
+    for r in range(reps):
+        for i in range(len(variants)):
+            v = variants[(i + r) % len(variants)]
+            with _long_applied(model, v, layer_ids) as m, torch.no_grad():
+                (ms,) = time_ms(lambda m=m, v=v: _decode_steps(m, v.built, first, steps), device, reps=1, warmup=0)
+            v.decode.append(ms)
+
+    tokens = batch * steps
+    dense = {v.cache: v for v in variants if v.provider == "hf"}
+    dense_bytes = sum(kv_bytes(dense["dynamic"].built).values())
+    for v in variants:
+        base = dense[v.cache]
+        row_params = dict(params, cache=v.cache) | ({"kept": round(v.kept, 4)} if v.kept is not None else {})
+        held = sum(kv_bytes(v.built).values())
+        factor = 1 - (1 - v.kept) * share[v.cache] if v.kept is not None else 1.0
+        speedup, low, high = _paired_speedup(base.decode, v.decode)
+        writer.add("e2e", "decode-long", v.provider, row_params, v.decode,
+                   tokens_per_s=tokens / (_median(v.decode) / 1e3), attn_share=share[v.cache],
+                   speedup_vs_hf=speedup, speedup_p20=low, speedup_p80=high,
+                   speedup_vs_hf_dynamic=_paired_speedup(dense["dynamic"].decode, v.decode)[0],
+                   ideal_speedup=1 / factor, frac_of_ideal=speedup * factor, kv_bytes=held,
+                   kv_ratio=held / dense_bytes if v.cache == "dynamic" else None)
+        v.built = None
+
+
+@contextlib.contextmanager
+def _long_applied(model, variant: LongVariant, layer_ids):
+    """``model`` converted to MindSkip on ``layer_ids`` when the variant has decisions (they live in its cache)."""
+    if variant.keeps is None:
+        yield model
+        return
+    wrapped = msk.get_mindskip_model(model, msk.MindSkipConfig(layers=layer_ids))
+    try:
+        yield wrapped
+    finally:
+        wrapped.unload()
