@@ -254,7 +254,9 @@ def _rows(variant: str, concurrency: int, result: dict, new_tokens: dict[str, in
             "p80_ms": common.quantile(totals, 0.8),
             "metrics": {
                 "tokens_per_s": tokens / median_total,
-                "decode_tokens_per_s": concurrency * (new_tokens[name] - 1) / (median_total - median_prefill),
+                # None when noise makes the prefill-only run the longer one (one round on a busy machine).
+                "decode_tokens_per_s": concurrency * (new_tokens[name] - 1) / (median_total - median_prefill)
+                if median_total > median_prefill else None,
                 "prefill_ms": median_prefill * 1000,
                 "vllm": result["vllm"],
             },
@@ -301,8 +303,9 @@ def _table(rows: list[dict], routers: str) -> str:
         cells = [first["params"]["prompts"], str(first["params"]["concurrency"])]
         for variant in VARIANTS:
             m = variants.get(variant, {}).get("metrics")
-            cells += [f"{m['tokens_per_s']:.1f}", f"{m['decode_tokens_per_s']:.1f}", f"{m['prefill_ms']:.0f}"] if m \
-                else ["", "", ""]
+            decode = m and m["decode_tokens_per_s"]
+            cells += [f"{m['tokens_per_s']:.1f}", f"{decode:.1f}" if decode else "n/a", f"{m['prefill_ms']:.0f}"] \
+                if m else ["", "", ""]
         for other in ("vllm", "hf-mindskip"):
             ours, theirs = variants.get("vllm-mindskip"), variants.get(other)
             ratio = ours["metrics"]["tokens_per_s"] / theirs["metrics"]["tokens_per_s"] if ours and theirs else None

@@ -41,3 +41,10 @@ def test_table_compares_the_plugin_with_both_baselines():
     assert [line.split(" | ")[:2] for line in lines] == [["| short", "4"], ["| long", "4"]]
     for line in lines:
         assert line.endswith("| 0.50x | 2.00x |")  # the plugin takes twice vLLM's time and half transformers'
+
+
+def test_decode_throughput_is_left_out_when_the_prefill_run_took_longer():
+    timings = {"short": [[3.0, 2.0]]}
+    (row,) = vllm_serving._rows("vllm", 1, {**RESULT, "timings": timings}, NEW_TOKENS, KEPT)
+    assert row["metrics"]["decode_tokens_per_s"] is None
+    assert "| 4.0 | n/a | 3000 |" in vllm_serving._table([row], "none")
