@@ -426,12 +426,16 @@ def _drop_keeps(layer_ids, batch, fraction) -> dict[int, torch.Tensor]:
 
 
 def _decode_steps(model, cache, first, steps):
-    """``steps`` greedy decode steps from token ``first`` (B, 1) on ``cache``; then crop puts the cache back."""
+    """``steps`` greedy decode steps from token ``first`` (B, 1) on ``cache``; then a crop puts the cache back."""
     token = first
     for _ in range(steps):
         out = model(input_ids=token, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
         token = out.logits[:, -1:].argmax(-1)
-    cache.crop(-steps)
+    for layer in cache.layers:
+        if hasattr(layer, "crop"):
+            layer.crop(-steps)
+        else:  # transformers < 5.18: the stock StaticLayer has no crop; its length is this tensor
+            layer.cumulative_length.sub_(steps)
 
 
 @dataclass

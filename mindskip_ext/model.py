@@ -49,14 +49,15 @@ def _model_signature(hf_model) -> dict:
 def _patch_decoder_forward(decoder: nn.Module, owner: MindSkipModel) -> None:
     """Give ``decoder`` an instance-level forward that passes MindSkip's per-call state to the layers."""
     inner = decoder.forward
-    signature = inspect.signature(type(decoder).forward)
+    names = list(inspect.signature(type(decoder).forward).parameters)[1:]  # after self
     owner_ref = weakref.ref(owner)
 
     @functools.wraps(type(decoder).forward)
     def forward(self, *args, **kwargs):
         record = kwargs.pop(RECORD_KWARG, None) or RoutingRecord()
         bypass = bool(kwargs.pop(BYPASS_KWARG, False))
-        bound = signature.bind_partial(self, *args, **kwargs).arguments
+        # The arguments by name, without Signature.bind (a compiled decode step would graph-break on its mappingproxy).
+        bound = dict(zip(names, args), **kwargs)
         tokens = bound.get("input_ids")
         if tokens is None:
             tokens = bound.get("inputs_embeds")
