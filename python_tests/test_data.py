@@ -135,7 +135,8 @@ def test_record_formats():
     assert D.record_format({"instruction": "a", "input": "", "output": "b"}) == "alpaca"
     assert D.record_format({"messages": [{"role": "user", "content": "x"}]}) == "chat"
     assert D.record_format({"text": "hello"}) == "text"
-    assert D.record_format({"question": "q", "answer": "a"}) is None
+    assert D.record_format({"question": "q", "answer": "a"}) == "qa"
+    assert D.record_format({"prompt": "q", "completion": "a"}) is None
     assert D.record_format({"instruction": "a", "output": None, "text": None}) is None
 
 
