@@ -18,17 +18,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TORCH_VERSION="2.14.1"
-venv="${VENV:-.venv}"
-constraints="${CONSTRAINTS:-scripts/constraints.txt}"
-pin=()
-[ "$constraints" = none ] || pin=(-c "$constraints")
-
-if [ ! -x "$venv/bin/python" ]; then
-  python="${PYTHON:-$(command -v python3.11 || command -v python3)}"
-  echo "creating $venv with $python"
-  "$python" -m venv "$venv"
-fi
-py="$venv/bin/python"
+DEFAULT_VENV=.venv DEFAULT_CONSTRAINTS=scripts/constraints.txt
+# shellcheck source=scripts/venv.sh
+source scripts/venv.sh
 
 if ! "$py" -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION' or torch.version.cuda is None)" 2>/dev/null; then
   echo "installing torch $TORCH_VERSION"

