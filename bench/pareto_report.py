@@ -63,10 +63,14 @@ def _ablation(run) -> list[str]:
     dense = m["dense"]
     rows.append(["dense", "", "0.0%", f"{dense['wikitext2']['perplexity']:.2f}", f"{dense['heldout']['loss']:.4f}",
                  "", ""])
+    # The ablation stage ranks on the first blocks; the Pareto stage evaluates every model on the whole split again.
+    blocks = ""
+    if run.meta["stage"] == "ablation":
+        blocks = f"WikiText-2: the first {m['dense']['ablation']['blocks']} blocks. "
     return [
         f"## Recipes at a {100 * ABLATION_RATIO:.0f}% skip ratio",
         "",
-        "Skip ratio: share of all attention sublayers skipped on WikiText-2 (MindSkip: measured; static: its "
+        blocks + "Skip ratio: share of all attention sublayers skipped on WikiText-2 (MindSkip: measured; static: its "
         "layer count). Disagreement: the mean share of held-out sequences whose decision differs from their "
         "layer's majority (0 = static routing).",
         "",
