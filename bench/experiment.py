@@ -58,6 +58,13 @@ class Run:
             self.timings[name] = round(time.perf_counter() - t0, 1)
             self.say(f"--- {name}: {self.timings[name]:.0f} s")
 
+    def announce(self, paths: dict[str, Path], **summary) -> None:
+        """Say where each output went; print the one JSON line: ``summary``, the total seconds, the paths."""
+        for kind, path in paths.items():
+            self.say(f"wrote {kind}: {path}")
+        print(json.dumps({**summary, "total_seconds": self.timings["total"],
+                          "outputs": {k: str(v) for k, v in paths.items()}}))
+
     def save_partial(self) -> None:
         if self.partial is not None:
             self.partial.write_text(json.dumps({"preset": self.preset, "timings": self.timings, "models": self.models},

@@ -47,7 +47,6 @@ from .experiment import (
     Run,
     evaluate,
     load_model,
-    say,
     wikitext_examples,
 )
 from .pareto_report import best_recipe, write_outputs
@@ -362,10 +361,7 @@ def main(argv=None) -> int:
     args.output = args.output or RESULTS_DIR
     run = run_stage(args)
     paths = write_outputs(run, args.output)
-    for kind, path in paths.items():
-        say(f"wrote {kind}: {path}", "pareto")
-    print(json.dumps({"best_recipe": run.meta["best_recipe"], "total_seconds": run.timings["total"],
-                      "outputs": {k: str(v) for k, v in paths.items()}}))
+    run.announce(paths, best_recipe=run.meta["best_recipe"])
     return 0
 
 

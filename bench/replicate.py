@@ -49,7 +49,6 @@ from .experiment import (
     evaluate,
     heldout_summary,
     load_model,
-    say,
     wikitext_examples,
 )
 from .replicate_report import findings, skip_ratio, write_outputs
@@ -320,10 +319,7 @@ def main(argv=None) -> int:
         run = replicate(args)
     paths = write_outputs(run, output)
     run.partial.unlink(missing_ok=True)
-    for kind, path in paths.items():
-        say(f"wrote {kind}: {path}", "replicate")
-    print(json.dumps({"findings": run.meta["findings"], "total_seconds": run.timings["total"],
-                      "outputs": {k: str(v) for k, v in paths.items()}}))
+    run.announce(paths, findings=run.meta["findings"])
     return 0
 
 
