@@ -297,14 +297,16 @@ def _redundancy_scores(model, ids) -> dict[int, float]:
 
 
 @contextlib.contextmanager
-def _applied(model, variant: Variant, layer_ids):
-    """``model`` as ``variant``: unconverted, or converted with the variant's routers (undone on exit)."""
-    if variant.routers is None:
+def _converted(model, layer_ids, convert: bool, routers: dict | None = None):
+    """``model`` converted to MindSkip on ``layer_ids``, with ``routers`` when given (undone on exit); ``model``
+    itself when not ``convert``."""
+    if not convert:
         yield model
         return
     wrapped = msk.get_mindskip_model(model, msk.MindSkipConfig(layers=layer_ids))
     try:
-        wrapped.load_router_state_dict(variant.routers)
+        if routers is not None:
+            wrapped.load_router_state_dict(routers)
         yield wrapped
     finally:
         wrapped.unload()
@@ -327,7 +329,7 @@ def _measure_interleaved(model, ids, new_tokens, reps, layer_ids, variants: list
     its KV bytes and (CUDA) peak memory."""
     device = ids.device
     for variant in variants:
-        with _applied(model, variant, layer_ids) as m, torch.no_grad():
+        with _converted(model, layer_ids, variant.routers is not None, variant.routers) as m, torch.no_grad():
             _prefill(m, ids)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -338,7 +340,7 @@ def _measure_interleaved(model, ids, new_tokens, reps, layer_ids, variants: list
     for r in range(reps):
         for i in range(len(variants)):
             variant = variants[(i + r) % len(variants)]
-            with _applied(model, variant, layer_ids) as m:
+            with _converted(model, layer_ids, variant.routers is not None, variant.routers) as m:
                 _sample(m, ids, new_tokens, device, variant)
 
 
@@ -485,12 +487,13 @@ def _run_long_point(model, ids, params, layer_ids, fractions, new_tokens, reps, 
         timer.remove()
 
     for v in variants:  # warm-up, and the KV bytes
-        with _long_applied(model, v, layer_ids) as m, torch.no_grad():
+        # The decisions live in the variant's cache: converted without routers.
+        with _converted(model, layer_ids, v.keeps is not None) as m, torch.no_grad():
             _decode_steps(m, v.built, first, steps)
     for r in range(reps):
         for i in range(len(variants)):
             v = variants[(i + r) % len(variants)]
-            with _long_applied(model, v, layer_ids) as m, torch.no_grad():
+            with _converted(model, layer_ids, v.keeps is not None) as m, torch.no_grad():
                 (ms,) = time_ms(lambda m=m, v=v: _decode_steps(m, v.built, first, steps), device, reps=1, warmup=0)
             v.decode.append(ms)
 
@@ -510,16 +513,3 @@ def _run_long_point(model, ids, params, layer_ids, fractions, new_tokens, reps, 
                    ideal_speedup=1 / factor, frac_of_ideal=speedup * factor, kv_bytes=held,
                    kv_ratio=held / dense_bytes if v.cache == "dynamic" else None)
         v.built = None
-
-
-@contextlib.contextmanager
-def _long_applied(model, variant: LongVariant, layer_ids):
-    """``model`` converted to MindSkip on ``layer_ids`` when the variant has decisions (they live in its cache)."""
-    if variant.keeps is None:
-        yield model
-        return
-    wrapped = msk.get_mindskip_model(model, msk.MindSkipConfig(layers=layer_ids))
-    try:
-        yield wrapped
-    finally:
-        wrapped.unload()
