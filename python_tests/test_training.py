@@ -285,8 +285,24 @@ def test_kd_with_redundancy_init_lands_on_the_target(tok, split, tmp_path):
     assert all("kd" in e for e in steps if "ce" in e)
 
 
+def test_the_multiplier_can_start_at_balance(tok, split, tmp_path):
+    """With ``initial_multiplier`` the capacity penalty holds a redundancy init from the first step."""
+    model = converted(tok)
+    tuner(tok, split, tmp_path, model=model, target_capacity=0.5, max_steps=2, log_every=1, loss="kd",
+          router_init="redundancy", initial_multiplier=1.0, calibrate=False).train()
+    first, second = [json.loads(line) for line in (tmp_path / LOG_NAME).read_text().splitlines() if '"ce"' in line]
+    assert first["multiplier"] == pytest.approx(1.0 + 0.1 * (first["capacity"] - 0.5))
+    assert second["multiplier"] == pytest.approx(first["multiplier"] + 0.1 * (second["capacity"] - 0.5))
+    # The second step (the first with a measured gate pressure) pushes capacity down at about the task loss's
+    # own strength, whichever side of the target the batch is.
+    assert second["penalty_coefficient"] >= 0.4 * second["gate_pressure"]
+    ctl = CapacityController(0.5, 0.1, 2.0, initial=-50.0)
+    assert ctl.integral == -20.0
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"loss": "mse"}, "loss must be one of"),
+    ({"initial_multiplier": float("inf")}, "initial_multiplier must be in"),
     ({"router_init": "random"}, "router_init must be one of"),
     ({"kd_temperature": 0.0}, "kd_temperature must be > 0"),
 ])

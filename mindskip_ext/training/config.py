@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .penalty import INTEGRAL_LIMIT
+
 SCHEDULES = ("cosine", "linear", "constant")
 LOSSES = ("ce", "kd", "ce+kd")
 ROUTER_INITS = ("zero", "redundancy")
@@ -90,6 +92,13 @@ class RouterTuningConfig:
     integral_gain: float = field(
         default=0.1, metadata={"help": "Target mode: dual-ascent step of the capacity multiplier."}
     )
+    initial_multiplier: float = field(
+        default=0.0,
+        metadata={"help": "Target mode: the capacity multiplier's start, in units of the task loss's pressure on the "
+                  "gates. 0 starts without penalty; about 1 balances the task loss from the first step, which holds a "
+                  "start already at the target (--router-init redundancy) instead of letting the task loss pull every "
+                  "router to keep first."},
+    )
     proportional_gain: float = field(
         default=1.0, metadata={"help": "Target mode: weight of a batch's capacity deviation in the penalty."}
     )
@@ -125,6 +134,9 @@ class RouterTuningConfig:
         for name in ("max_steps", "stop_after_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.initial_multiplier) and abs(self.initial_multiplier) <= INTEGRAL_LIMIT):
+            raise ValueError(f"initial_multiplier must be in [-{INTEGRAL_LIMIT:g}, {INTEGRAL_LIMIT:g}], "
+                             f"got {self.initial_multiplier!r}")
         if not self.epochs > 0:
             raise ValueError(f"epochs must be > 0, got {self.epochs}")
         if not 0.0 <= self.warmup_ratio < 1.0:

@@ -67,7 +67,8 @@ def peak_memory_mib(device: torch.device) -> float:
 
 def make_penalty(config: RouterTuningConfig):
     if config.mode == "target":
-        return CapacityController(config.target_capacity, config.integral_gain, config.proportional_gain)
+        return CapacityController(config.target_capacity, config.integral_gain, config.proportional_gain,
+                                  config.initial_multiplier)
     return FixedPenalty(config.l1_lambda)
 
 

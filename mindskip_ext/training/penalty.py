@@ -13,9 +13,11 @@ ascent (as in CoFi / Sheared-LLaMA's target-sparsity training)::
 ``mu`` is dimensionless because ``s`` is a running measure of the task loss's own pressure on the gates
 (the mean |dCE/dgate|, read off the gates' gradients in the same backward pass). One pair of gains therefore
 works for any model, dataset and learning rate: ``mu + kp*(c-t) = 1`` means the capacity penalty pushes a
-gate as hard as the task loss typically does. ``mu`` may go negative, which raises the capacity when it is
-below target (needed with the kept-only variant, where a skipped sequence gets no task-loss gradient to bring
-it back).
+gate as hard as the task loss typically does. ``mu`` starts at 0 (no penalty while the paper's zero init keeps
+everything) or where it is given: about 1 holds a start that is already at the target (the redundancy init)
+instead of letting the task loss pull every gate to "keep" while the multiplier builds up. ``mu`` may go
+negative, which raises the capacity when it is below target (needed with the kept-only variant, where a
+skipped sequence gets no task-loss gradient to bring it back).
 
 Both penalties have the same interface: ``coefficient(c)`` for the loss, ``observe(stats, all_sequences)``
 after each backward, ``end_step(c)`` after each optimizer step, ``value(c)`` for the log, and a state dict.
@@ -63,11 +65,11 @@ class CapacityController:
 
     reads_gate_gradients = True
 
-    def __init__(self, target: float, integral_gain: float, proportional_gain: float):
+    def __init__(self, target: float, integral_gain: float, proportional_gain: float, initial: float = 0.0):
         self.target = target
         self.ki = integral_gain
         self.kp = proportional_gain
-        self.integral = 0.0
+        self.integral = min(INTEGRAL_LIMIT, max(-INTEGRAL_LIMIT, initial))
         self.scale: float | None = None
         self._samples: list[float] = []
 
