@@ -2,6 +2,7 @@
 and the Pareto curves that show it (perplexity and accuracy against the share of attention sublayers skipped).
 
     python -m bench.pareto --stage ablation          # every recipe at 25%: held-out loss, WikiText-2, dynamics
+    python -m bench.pareto --stage ablation --ratios 0.125,0.375 --recipes kd+init+wide   # a recipe at more ratios
     python -m bench.pareto --stage pareto            # every method at 12.5/25/37.5%, with the six tasks
     python -m bench.pareto --smoke                   # a tiny model and a handful of items: checks every stage
 
@@ -11,7 +12,9 @@ Recipes (the levers of Router-Tuning; ``paper`` is the paper's: CE, zero init, l
 * ``init``: ``zero``, or ``redundancy``: router biases from Attention-Drop's scores (the static drop as the start);
 * ``layers``: ``paper`` (the last half but the last), or ``wide`` (every layer but the first few and the last);
 * ``data``: ``alpaca``, or ``mix``: Alpaca with GSM8K's train split and WikiText-2's validation text, as many
-  examples as Alpaca alone (the same budget).
+  examples as Alpaca alone (the same budget);
+* ``hold``: the capacity multiplier starts at 1 instead of 0, so that a redundancy init, already at the target, is
+  held there from the first step (with 0 the task loss first pulls every router to keep); ``slow``: lr 5e-4.
 
 Every model is trained for one epoch to a target capacity that gives the skip ratio: capacity =
 1 - ratio * num_layers / len(layers). Methods per ratio: dense; Attention-Drop over all layers and restricted to
@@ -21,6 +24,12 @@ least-kept layers always skipped, as many as it skips per sequence on training d
 Metrics: WikiText-2 test perplexity (the whole split), the held-out Alpaca loss, the six local tasks with the
 standard error of their average, the capacity and the measured skip ratio, and how dynamic the routing is.
 
+A MindSkip model skips a different share on each evaluation set (its routers see the input), so a nominal ratio
+does not match it to Attention-Drop. Every stage therefore also evaluates Attention-Drop over all layers with the
+whole numbers of layers around each MindSkip model's measured skips per sequence, on WikiText-2 and on the
+held-out set (``attention-drop-all@<k>/<layers>``), and the report interpolates between them: the comparison at
+the same skip ratio, set by set.
+
 Everything is resumable (``--resume``): finished models come from ``<output>/pareto.partial.json``, trained
 routers and their checkpoints from ``--work-dir``. Writes ``pareto.json``, ``pareto.md`` and two figures.
 """
@@ -29,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -49,7 +59,7 @@ from .experiment import (
     load_model,
     wikitext_examples,
 )
-from .pareto_report import best_recipe, write_outputs
+from .pareto_report import best_recipe, skipped_per_sequence, write_outputs
 
 RATIOS = (0.125, 0.25, 0.375)
 ABLATION_RATIO = 0.25
@@ -64,6 +74,8 @@ class Recipe:
     init: str = "zero"
     layers: str = "paper"
     data: str = "alpaca"
+    multiplier: float = 0.0  # the capacity multiplier's start (``initial_multiplier``)
+    learning_rate: float | None = None  # None: the preset's
 
 
 RECIPES = {
@@ -74,6 +86,8 @@ RECIPES = {
     "wide": Recipe(layers="wide"),
     "kd+init+wide": Recipe(loss="kd", init="redundancy", layers="wide"),
     "kd+init+wide+mix": Recipe(loss="kd", init="redundancy", layers="wide", data="mix"),
+    "kd+init+wide+hold": Recipe(loss="kd", init="redundancy", layers="wide", multiplier=1.0),
+    "kd+init+wide+hold+slow": Recipe(loss="kd", init="redundancy", layers="wide", multiplier=1.0, learning_rate=5e-4),
 }
 
 
@@ -181,7 +195,8 @@ def train_recipe(run: Run, name: str, base, tokenizer, recipe: Recipe, ratio: fl
     capacity = target_capacity(ratio, num_layers, layers)
     out = work / name
     tuning = RouterTuningConfig(
-        target_capacity=capacity, loss=recipe.loss, router_init=recipe.init, learning_rate=sizes.learning_rate,
+        target_capacity=capacity, loss=recipe.loss, router_init=recipe.init, initial_multiplier=recipe.multiplier,
+        learning_rate=recipe.learning_rate or sizes.learning_rate,
         batch_size=sizes.batch_size, max_steps=sizes.steps, seed=sizes.seed, log_every=5, save_every=20,
         calibration_sequences=sizes.calibration_sequences, eval_batch_size=sizes.eval_batch_size,
     )
@@ -232,7 +247,8 @@ def run_stage(args) -> Run:
     args.output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     run.meta.update(started=utc_timestamp(), machine=machine_info(MACHINE_PACKAGES), data_dir=str(args.data_dir),
-                    stage=args.stage, ratios=list(RATIOS), ablation_ratio=ABLATION_RATIO,
+                    stage=args.stage, ratios=list(RATIOS) if args.stage == "pareto" else list(args.ratios),
+                    ablation_ratio=ABLATION_RATIO,
                     recipes={k: asdict(v) for k, v in RECIPES.items()})
     torch.manual_seed(sizes.seed)
     work = Path(args.work_dir) / args.preset
@@ -282,12 +298,33 @@ def run_stage(args) -> Run:
         # Input-independent routing: the plain (padded-batch) evaluation path is exact and faster.
         return model.base_model, model.unload
 
+    def drop_all(count: int) -> None:
+        """Attention-Drop over all layers with ``count`` layers dropped, under an existing name where there is one."""
+        dropped = select_dropped(scores, count)
+        have = [k for k, e in run.models.items()
+                if e["kind"] == "attention-drop" and e["scope"] == "all" and e["dropped_layers"] == dropped]
+        if have:
+            name, entry = have[0], {}
+        else:
+            name = f"attention-drop-all@{count}/{num_layers}"
+            entry = {"kind": "attention-drop", "scope": "all", "ratio": count / num_layers, "dropped_layers": dropped,
+                     "skip_ratio": count / num_layers, "matched": True}
+        ensure(name, entry, lambda: static(dropped), tasks=False)
+
+    def matched_drops(result: dict) -> None:
+        """Attention-Drop at the layer counts around a MindSkip model's measured skips on each evaluation set."""
+        for where in ("wikitext2", "heldout"):
+            skipped = skipped_per_sequence(result, where)
+            for count in sorted({math.floor(skipped), math.ceil(skipped)}):
+                if count >= 1:
+                    drop_all(count)
+
     with run.stage("attention-drop scores"):
         scores = redundancy_scores(base, data.train["alpaca"][: sizes.drop_records], pad, "attn",
                                    sizes.eval_batch_size)
     run.meta["attention_drop_similarity"] = {str(k): round(v, 6) for k, v in scores.items()}
     ensure("dense", {"kind": "dense", "label": label}, lambda: (base, lambda: None), tasks=not ablation)
-    ratios = (ABLATION_RATIO,) if ablation else RATIOS
+    ratios = tuple(args.ratios) if ablation else RATIOS
     recipes = args.recipes if ablation else ["paper", args.best or best_recipe(run.models)]
     # Ratio by ratio, the ablation's first, so that an interrupted run has whole comparisons to report.
     for ratio in sorted(ratios, key=lambda r: (r != ABLATION_RATIO, r)):
@@ -305,15 +342,16 @@ def run_stage(args) -> Run:
             name = f"{recipe_name}@{ratio}"
             model, entry = train_recipe(run, name, base, tokenizer, RECIPES[recipe_name], ratio, data, work)
             entry["routing_heldout"] = routing_dynamics(model, tokenizer, data.heldout, sizes.eval_batch_size)
-            ensure(name, entry, lambda m=model: (m, lambda: None), tasks=not ablation)
+            result = ensure(name, entry, lambda m=model: (m, lambda: None), tasks=not ablation)
             model.unload()
-            if not ablation and recipe_name != "paper":
+            matched_drops(result)
+            if recipe_name != "paper":
                 count = round(entry["routing_train"]["skipped_layers_per_sequence"])
                 ranked = sorted(entry["routing_train"]["layers"].items(), key=lambda kv: (kv[1]["kept"], -int(kv[0])))
                 dropped = sorted(int(i) for i, _ in ranked[:count])
                 entry = {"kind": "static-projection", "of": name, "ratio": ratio, "dropped_layers": dropped,
                          "skip_ratio": len(dropped) / num_layers}
-                ensure(f"{recipe_name}-static@{ratio}", entry, lambda d=dropped: static(d), tasks=True)
+                ensure(f"{recipe_name}-static@{ratio}", entry, lambda d=dropped: static(d), tasks=not ablation)
 
     run.meta["best_recipe"] = args.best or best_recipe(run.models)
     run.timings["total"] = round(time.perf_counter() - started, 1)
@@ -332,6 +370,9 @@ def parse_args(argv=None):
                    help="The recipe to compare (default: the ablation's lowest WikiText-2 perplexity).")
     p.add_argument("--recipes", default=",".join(RECIPES),
                    help=f"Recipes the ablation trains, comma-separated (default: all of {', '.join(RECIPES)}).")
+    p.add_argument("--ratios", default=str(ABLATION_RATIO),
+                   help=f"Skip ratios the ablation trains the recipes at, comma-separated (default: {ABLATION_RATIO}; "
+                   f"the Pareto stage always runs {', '.join(map(str, RATIOS))}).")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
                    help=f"Shared data folder (default: {DEFAULT_DATA_DIR}).")
     p.add_argument("--model", default=None, help="Model folder (default: SmolLM2-135M-Instruct, fetched once).")
@@ -346,6 +387,14 @@ def parse_args(argv=None):
     unknown = [r for r in args.recipes if r not in RECIPES]
     if unknown:
         p.error(f"unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
+    try:
+        args.ratios = sorted({float(r) for r in args.ratios.split(",") if r.strip()})
+    except ValueError:
+        p.error(f"--ratios takes comma-separated numbers, got {args.ratios!r}")
+    if not args.ratios or not all(0.0 < r < 1.0 for r in args.ratios):
+        p.error(f"--ratios must be skip ratios in (0, 1), got {args.ratios}")
+    if args.stage == "pareto" and args.ratios != [ABLATION_RATIO]:
+        p.error("--ratios is an option of the ablation stage; the Pareto stage runs " + ", ".join(map(str, RATIOS)))
     if not (args.data_dir / "eval").is_dir():
         p.error(f"the shared data folder {args.data_dir} is missing (pass --data-dir; see ../shared/data/README.md)")
     args.data_dir = args.data_dir.resolve()

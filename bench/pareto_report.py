@@ -7,6 +7,7 @@ Model names are ``<method>@<ratio>``: ``attention-drop-all``, ``attention-drop-r
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from .common import markdown_table
@@ -27,13 +28,36 @@ def _points(value: float | None) -> float | None:
     return None if value is None else 100 * value
 
 
-def measured_skip_ratio(entry: dict, num_layers: int, where: str = "wikitext2") -> float:
-    """Share of all attention sublayers skipped on an evaluation set (a static drop: its layer count)."""
+def skipped_per_sequence(entry: dict, where: str = "wikitext2") -> float:
+    """Attention sublayers skipped per sequence on ``wikitext2`` or the ``heldout`` set (a static drop: its count)."""
     if entry["kind"] == "dense":
         return 0.0
     if entry["kind"] in ("attention-drop", "static-projection"):
-        return entry["skip_ratio"]
-    return entry[where]["skipped_layers_per_sequence"] / num_layers
+        return float(len(entry["dropped_layers"]))
+    routing = entry["wikitext2"] if where == "wikitext2" else entry["routing_heldout"]
+    return routing["skipped_layers_per_sequence"]
+
+
+def measured_skip_ratio(entry: dict, num_layers: int, where: str = "wikitext2") -> float:
+    """Share of all attention sublayers skipped on an evaluation set (a static drop: its layer count)."""
+    return skipped_per_sequence(entry, where) / num_layers
+
+
+def drop_at(models: dict, skipped: float, where: str, tokens: int | None = None) -> float | None:
+    """Attention-Drop over all layers at ``skipped`` layers per sequence: its loss on ``where`` interpolated
+    linearly between the whole layer counts around it (0: dense). None where a count was not evaluated (on
+    WikiText-2: on the same ``tokens``)."""
+    curve = {0: models["dense"]}
+    curve.update({len(e["dropped_layers"]): e for e in models.values()
+                  if e["kind"] == "attention-drop" and e["scope"] == "all"})
+    lo, hi = math.floor(skipped), math.ceil(skipped)
+    losses = []
+    for count in (lo, hi):
+        result = curve.get(count, {}).get(where)
+        if result is None or (tokens is not None and result.get("target_tokens") != tokens):
+            return None
+        losses.append(result["loss"])
+    return losses[0] + (skipped - lo) * (losses[1] - losses[0])
 
 
 def best_recipe(models: dict) -> str:
@@ -44,20 +68,27 @@ def best_recipe(models: dict) -> str:
     return min(trained, key=lambda name: trained[name]["wikitext2_ppl"])
 
 
-def _ablation(run) -> list[str]:
+def _ablation(run, ratio: float) -> list[str]:
     m, n = run.models, run.meta["num_layers"]
     rows = []
     for name, e in m.items():
-        if e.get("ratio") != ABLATION_RATIO or e["kind"] == "static-projection":
+        if e.get("ratio") != ratio or e.get("matched"):
             continue
+        dynamic, speed = "0.0%", ""
         if e["kind"] == "mindskip":
             r = e["recipe"]
             layers = f"{e['layers'][0]}..{e['layers'][-1]}"
             how = f"{r['loss']}, {r['init']} init, {r['layers']} layers ({layers}), {r['data']}"
+            if r.get("multiplier"):
+                how += f", multiplier from {r['multiplier']:g}"
+            if r.get("learning_rate"):
+                how += f", lr {r['learning_rate']:g}"
             dynamic = f"{100 * e['routing_heldout']['mean_disagreement']:.1f}%"
             speed = fmt(e["train_tokens_per_s"], ".0f")
+        elif e["kind"] == "static-projection":
+            how = f"static projection of {e['of']}, layers {e['dropped_layers']}"
         else:
-            how, dynamic, speed = f"static, layers {e['dropped_layers']}", "0.0%", ""
+            how = f"static, layers {e['dropped_layers']}"
         rows.append([method_of(name), how, f"{100 * measured_skip_ratio(e, n):.1f}%",
                      f"{e['wikitext2']['perplexity']:.2f}", f"{e['heldout']['loss']:.4f}", dynamic, speed])
     dense = m["dense"]
@@ -68,7 +99,7 @@ def _ablation(run) -> list[str]:
     if run.meta["stage"] == "ablation":
         blocks = f"WikiText-2: the first {m['dense']['ablation']['blocks']} blocks. "
     return [
-        f"## Recipes at a {100 * ABLATION_RATIO:.0f}% skip ratio",
+        f"## Recipes at a {100 * ratio:g}% skip ratio",
         "",
         blocks + "Skip ratio: share of all attention sublayers skipped on WikiText-2 (MindSkip: measured; static: its "
         "layer count). Disagreement: the mean share of held-out sequences whose decision differs from their "
@@ -76,6 +107,42 @@ def _ablation(run) -> list[str]:
         "",
         *markdown_table(["model", "recipe", "skip ratio", "WikiText-2 ppl", "held-out loss", "disagreement",
                          "train tok/s"], rows),
+        "",
+    ]
+
+
+def matched(run) -> list[dict]:
+    """Every MindSkip model against Attention-Drop (all layers) at its own measured skip ratio, set by set."""
+    m, n = run.models, run.meta["num_layers"]
+    out = []
+    for name, e in sorted(m.items(), key=lambda kv: (kv[1].get("ratio", 0.0), kv[0])):
+        if e["kind"] != "mindskip":
+            continue
+        row = {"model": name}
+        for where, key in (("wikitext2", "wikitext2"), ("heldout", "heldout")):
+            skipped = skipped_per_sequence(e, where)
+            drop = drop_at(m, skipped, key, e[key].get("target_tokens"))
+            row[where] = {"skip_ratio": skipped / n, "loss": e[key]["loss"], "drop_loss": drop,
+                          "minus_drop": None if drop is None else e[key]["loss"] - drop}
+        out.append(row)
+    return out
+
+
+def _matched_table(rows: list[dict]) -> list[str]:
+    def cells(r: dict, exp: bool) -> list[str]:
+        value = (lambda x: fmt(None if x is None else math.exp(x), ".2f")) if exp else (lambda x: fmt(x, ".4f"))
+        return [f"{100 * r['skip_ratio']:.1f}%", value(r["loss"]), value(r["drop_loss"]), fmt(r["minus_drop"], "+.4f")]
+
+    return [
+        "## At the same skip ratio as Attention-Drop",
+        "",
+        "A MindSkip model skips a different share on each set (its routers see the input). Attention-Drop over all "
+        "layers is evaluated at the whole layer counts around its measured skips per sequence and interpolated "
+        "linearly in loss; Δ is MindSkip's loss minus Attention-Drop's (negative: MindSkip better).",
+        "",
+        *markdown_table(["model", "WikiText-2 skip", "ppl", "Attention-Drop ppl", "Δ loss", "held-out skip",
+                         "loss", "Attention-Drop loss", "Δ loss"],
+                        [[r["model"], *cells(r["wikitext2"], True), *cells(r["heldout"], False)] for r in rows]),
         "",
     ]
 
@@ -140,8 +207,11 @@ def render_markdown(run) -> str:
         "(resumed stages not counted).",
         "",
     ]
-    if any(e.get("ratio") == ABLATION_RATIO and e["kind"] == "mindskip" for e in run.models.values()):
-        lines += _ablation(run)
+    for ratio in meta["ratios"] if meta["stage"] == "ablation" else [ABLATION_RATIO]:
+        if any(e.get("ratio") == ratio and e["kind"] == "mindskip" for e in run.models.values()):
+            lines += _ablation(run, ratio)
+    if meta.get("matched"):
+        lines += _matched_table(meta["matched"])
     rows = _pareto_rows(run)
     if rows:
         tasks = list(meta["metric"])
@@ -194,7 +264,7 @@ def plot(run, output: Path) -> dict[str, Path]:
     dense = m["dense"]
     methods: dict[str, list[tuple[float, dict]]] = {}
     for name, e in m.items():
-        if e["kind"] != "dense" and "ratio" in e and (e["ratio"] in run.meta["ratios"]):
+        if e["kind"] != "dense" and "ratio" in e:
             methods.setdefault(method_of(name), []).append((measured_skip_ratio(e, n), e))
     paths = {}
     for key, ylabel, value, err in (
@@ -233,6 +303,7 @@ def write_outputs(run, output: Path) -> dict[str, Path]:
 
     output.mkdir(parents=True, exist_ok=True)
     run.meta["goal_checks"] = goal_checks(run) if "best_recipe" in run.meta else []
+    run.meta["matched"] = matched(run)
     paths = {"json": output / "pareto.json", "markdown": output / "pareto.md"}
     payload = {"preset": run.preset, "sizes": asdict(run.sizes), "meta": run.meta, "timings": run.timings,
                "models": run.models}

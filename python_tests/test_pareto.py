@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 
 from bench import pareto
-from bench.pareto_report import best_recipe, measured_skip_ratio
+from bench.pareto_report import best_recipe, drop_at, measured_skip_ratio, skipped_per_sequence
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -22,17 +23,35 @@ pytestmark = [
 def results(tmp_path_factory):
     out, work = tmp_path_factory.mktemp("pareto"), tmp_path_factory.mktemp("work")
     common = ["--smoke", "--data-dir", str(DATA_DIR), "--output", str(out), "--work-dir", str(work)]
-    assert pareto.main([*common, "--stage", "ablation", "--recipes", "paper,kd+init+wide"]) == 0
+    ablation_args = ["--stage", "ablation", "--recipes", "paper,kd+init+wide", "--ratios", "0.25,0.125"]
+    assert pareto.main([*common, *ablation_args]) == 0
     ablation = json.loads((out / "pareto.json").read_text())
     assert pareto.main([*common, "--stage", "pareto", "--resume"]) == 0
     return out, ablation, json.loads((out / "pareto.json").read_text())
 
 
-def test_ablation_trains_the_recipes_at_the_ablation_ratio(results):
-    _, ablation, _ = results
-    models = ablation["models"]
-    assert {"paper@0.25", "kd+init+wide@0.25", "attention-drop-all@0.25", "attention-drop-restricted@0.25",
-            "dense"} == set(models)
+def test_ablation_trains_the_recipes_at_the_ablation_ratios(results):
+    out, ablation, _ = results
+    models, num_layers = ablation["models"], ablation["meta"]["num_layers"]
+    assert ablation["meta"]["ratios"] == [0.125, 0.25]
+    nominal = {f"{method}@{ratio}" for ratio in (0.125, 0.25)
+               for method in ("paper", "kd+init+wide", "kd+init+wide-static", "attention-drop-all",
+                              "attention-drop-restricted")}
+    matched = {name for name, e in models.items() if e.get("matched")}
+    assert nominal | {"dense"} | matched == set(models)
+    # Attention-Drop at the whole layer counts around every MindSkip model's skips, on both sets, and the
+    # report's comparison at the same skip ratio from them.
+    drops = {len(e["dropped_layers"]) for e in models.values() if e.get("scope") == "all"}
+    rows = {r["model"]: r for r in ablation["meta"]["matched"]}
+    assert set(rows) == {n for n, e in models.items() if e["kind"] == "mindskip"}
+    for name, row in rows.items():
+        for where in ("wikitext2", "heldout"):
+            skipped = skipped_per_sequence(models[name], where)
+            assert row[where]["skip_ratio"] == pytest.approx(skipped / num_layers)
+            assert {math.floor(skipped), math.ceil(skipped)} - {0} <= drops
+            assert row[where]["drop_loss"] is not None
+            assert row[where]["minus_drop"] == pytest.approx(row[where]["loss"] - row[where]["drop_loss"])
+    assert "## At the same skip ratio as Attention-Drop" in (out / "pareto.md").read_text()
     best = ablation["meta"]["best_recipe"]
     assert best == best_recipe(models) and best in ("paper", "kd+init+wide")
     wide = models["kd+init+wide@0.25"]
@@ -71,3 +90,29 @@ def test_pareto_compares_every_method_at_every_ratio(results):
     assert (out / "pareto_ppl.png").stat().st_size > 0 and (out / "pareto_acc.png").stat().st_size > 0
     if best != "paper":
         assert [c["ratio"] for c in final["meta"]["goal_checks"]] == list(pareto.RATIOS)
+
+
+def test_attention_drop_is_interpolated_between_layer_counts():
+    def drop(count, wiki, heldout):
+        return {"kind": "attention-drop", "scope": "all", "dropped_layers": list(range(count)),
+                "wikitext2": {"loss": wiki, "target_tokens": 100}, "heldout": {"loss": heldout}}
+
+    models = {"dense": {"kind": "dense", "wikitext2": {"loss": 3.0, "target_tokens": 100}, "heldout": {"loss": 1.0}},
+              "a": drop(1, 3.2, 1.1), "b": drop(2, 3.6, 1.5),
+              "r": {**drop(3, 9.0, 9.0), "scope": "restricted"}}
+    assert drop_at(models, 1.25, "wikitext2", 100) == pytest.approx(3.3)
+    assert drop_at(models, 0.5, "heldout") == pytest.approx(1.05)
+    assert drop_at(models, 2.0, "heldout") == pytest.approx(1.5)
+    assert drop_at(models, 1.5, "wikitext2", 200) is None  # evaluated on other tokens
+    assert drop_at(models, 2.5, "heldout") is None  # 3 layers only in the restricted scope
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ratios", "0.1,x"], "comma-separated numbers"),
+    (["--ratios", "1.5"], "skip ratios in (0, 1)"),
+    (["--stage", "pareto", "--ratios", "0.125"], "option of the ablation stage"),
+])
+def test_bad_ratios_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        pareto.parse_args(["--data-dir", str(DATA_DIR), *argv])
+    assert message in capsys.readouterr().err
