@@ -61,11 +61,12 @@ def drop_at(models: dict, skipped: float, where: str, tokens: int | None = None)
 
 
 def best_recipe(models: dict) -> str:
-    """The recipe with the lowest WikiText-2 perplexity at the ablation's skip ratio."""
-    trained = {method_of(n): e["ablation"] for n, e in models.items() if e["kind"] == "mindskip" and "ablation" in e}
+    """The recipe with the lowest WikiText-2 perplexity at the ablation's skip ratio (25%)."""
+    trained = {method_of(n): e["ablation"] for n, e in models.items()
+               if e["kind"] == "mindskip" and e["ratio"] == ABLATION_RATIO and "ablation" in e}
     if not trained:
         raise SystemExit("no recipe ranked by the ablation yet: run --stage ablation first, or pass --best")
-    return min(trained, key=lambda name: trained[name]["wikitext2_ppl"])
+    return min(trained, key=lambda name: (trained[name]["wikitext2_ppl"], name))  # ties: by name, in any order
 
 
 def _ablation(run, ratio: float) -> list[str]:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
 from bench import pareto
 from bench.pareto_report import best_recipe, drop_at, measured_skip_ratio, skipped_per_sequence
+from mindskip_ext.training import SUMMARY_NAME
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+RECIPES = "paper,kd+init+wide,kd+init+wide+hold+slow"
 
 pytestmark = [
     pytest.mark.slow,
@@ -23,7 +26,7 @@ pytestmark = [
 def results(tmp_path_factory):
     out, work = tmp_path_factory.mktemp("pareto"), tmp_path_factory.mktemp("work")
     common = ["--smoke", "--data-dir", str(DATA_DIR), "--output", str(out), "--work-dir", str(work)]
-    ablation_args = ["--stage", "ablation", "--recipes", "paper,kd+init+wide", "--ratios", "0.25,0.125"]
+    ablation_args = ["--stage", "ablation", "--recipes", RECIPES, "--ratios", "0.25,0.125"]
     assert pareto.main([*common, *ablation_args]) == 0
     ablation = json.loads((out / "pareto.json").read_text())
     assert pareto.main([*common, "--stage", "pareto", "--resume"]) == 0
@@ -35,8 +38,8 @@ def test_ablation_trains_the_recipes_at_the_ablation_ratios(results):
     models, num_layers = ablation["models"], ablation["meta"]["num_layers"]
     assert ablation["meta"]["ratios"] == [0.125, 0.25]
     nominal = {f"{method}@{ratio}" for ratio in (0.125, 0.25)
-               for method in ("paper", "kd+init+wide", "kd+init+wide-static", "attention-drop-all",
-                              "attention-drop-restricted")}
+               for method in ("paper", "kd+init+wide", "kd+init+wide-static", "kd+init+wide+hold+slow",
+                              "kd+init+wide+hold+slow-static", "attention-drop-all", "attention-drop-restricted")}
     matched = {name for name, e in models.items() if e.get("matched")}
     assert nominal | {"dense"} | matched == set(models)
     # Attention-Drop at the whole layer counts around every MindSkip model's skips, on both sets, and the
@@ -53,9 +56,11 @@ def test_ablation_trains_the_recipes_at_the_ablation_ratios(results):
             assert row[where]["minus_drop"] == pytest.approx(row[where]["loss"] - row[where]["drop_loss"])
     assert "## At the same skip ratio as Attention-Drop" in (out / "pareto.md").read_text()
     best = ablation["meta"]["best_recipe"]
-    assert best == best_recipe(models) and best in ("paper", "kd+init+wide")
+    assert best == best_recipe(models) and best in RECIPES.split(",")
     wide = models["kd+init+wide@0.25"]
-    assert wide["recipe"] == {"loss": "kd", "init": "redundancy", "layers": "wide", "data": "alpaca"}
+    assert wide["recipe"] == asdict(pareto.Recipe(loss="kd", init="redundancy", layers="wide"))
+    hold = json.loads((Path(models["kd+init+wide+hold+slow@0.25"]["router_dir"]) / SUMMARY_NAME).read_text())
+    assert hold["config"]["initial_multiplier"] == 1.0 and hold["config"]["learning_rate"] == 5e-4
     assert wide["layers"] == ablation["meta"]["layer_sets"]["wide"]
     assert wide["target_capacity"] == pytest.approx(1 - 0.25 * 8 / len(wide["layers"]))
     assert wide["router_init"]["skipped_layers"]  # it started from the static drop
