@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -59,7 +58,7 @@ from .experiment import (
     load_model,
     wikitext_examples,
 )
-from .pareto_report import best_recipe, skipped_per_sequence, write_outputs
+from .pareto_report import best_recipe, counts_around, skipped_per_sequence, write_outputs
 
 RATIOS = (0.125, 0.25, 0.375)
 ABLATION_RATIO = 0.25
@@ -315,7 +314,7 @@ def run_stage(args) -> Run:
         """Attention-Drop at the layer counts around a MindSkip model's measured skips on each evaluation set."""
         for where in ("wikitext2", "heldout"):
             skipped = skipped_per_sequence(result, where)
-            for count in sorted({math.floor(skipped), math.ceil(skipped)}):
+            for count in sorted(set(counts_around(skipped))):
                 if count >= 1:
                     drop_all(count)
 
@@ -324,7 +323,7 @@ def run_stage(args) -> Run:
                                    sizes.eval_batch_size)
     run.meta["attention_drop_similarity"] = {str(k): round(v, 6) for k, v in scores.items()}
     ensure("dense", {"kind": "dense", "label": label}, lambda: (base, lambda: None), tasks=not ablation)
-    ratios = tuple(args.ratios) if ablation else RATIOS
+    ratios = run.meta["ratios"]
     recipes = args.recipes if ablation else ["paper", args.best or best_recipe(run.models)]
     # Ratio by ratio, the ablation's first, so that an interrupted run has whole comparisons to report.
     for ratio in sorted(ratios, key=lambda r: (r != ABLATION_RATIO, r)):

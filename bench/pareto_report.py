@@ -43,6 +43,11 @@ def measured_skip_ratio(entry: dict, num_layers: int, where: str = "wikitext2") 
     return skipped_per_sequence(entry, where) / num_layers
 
 
+def counts_around(skipped: float) -> tuple[int, int]:
+    """The whole layer counts around ``skipped`` layers per sequence (equal when it is whole)."""
+    return math.floor(skipped), math.ceil(skipped)
+
+
 def drop_at(models: dict, skipped: float, where: str, tokens: int | None = None) -> float | None:
     """Attention-Drop over all layers at ``skipped`` layers per sequence: its loss on ``where`` interpolated
     linearly between the whole layer counts around it (0: dense). None where a count was not evaluated (on
@@ -50,7 +55,7 @@ def drop_at(models: dict, skipped: float, where: str, tokens: int | None = None)
     curve = {0: models["dense"]}
     curve.update({len(e["dropped_layers"]): e for e in models.values()
                   if e["kind"] == "attention-drop" and e["scope"] == "all"})
-    lo, hi = math.floor(skipped), math.ceil(skipped)
+    lo, hi = counts_around(skipped)
     losses = []
     for count in (lo, hi):
         result = curve.get(count, {}).get(where)
@@ -120,11 +125,11 @@ def matched(run) -> list[dict]:
         if e["kind"] != "mindskip":
             continue
         row = {"model": name}
-        for where, key in (("wikitext2", "wikitext2"), ("heldout", "heldout")):
+        for where in ("wikitext2", "heldout"):
             skipped = skipped_per_sequence(e, where)
-            drop = drop_at(m, skipped, key, e[key].get("target_tokens"))
-            row[where] = {"skip_ratio": skipped / n, "loss": e[key]["loss"], "drop_loss": drop,
-                          "minus_drop": None if drop is None else e[key]["loss"] - drop}
+            drop = drop_at(m, skipped, where, e[where].get("target_tokens"))
+            row[where] = {"skip_ratio": skipped / n, "loss": e[where]["loss"], "drop_loss": drop,
+                          "minus_drop": None if drop is None else e[where]["loss"] - drop}
         out.append(row)
     return out
 

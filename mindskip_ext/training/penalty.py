@@ -60,6 +60,10 @@ class FixedPenalty:
         pass
 
 
+def _clip(multiplier: float) -> float:
+    return min(INTEGRAL_LIMIT, max(-INTEGRAL_LIMIT, multiplier))
+
+
 class CapacityController:
     """PI control of the capacity-penalty coefficient, in units of the task loss's gate pressure."""
 
@@ -69,7 +73,7 @@ class CapacityController:
         self.target = target
         self.ki = integral_gain
         self.kp = proportional_gain
-        self.integral = min(INTEGRAL_LIMIT, max(-INTEGRAL_LIMIT, initial))
+        self.integral = _clip(initial)
         self.scale: float | None = None
         self._samples: list[float] = []
 
@@ -109,7 +113,7 @@ class CapacityController:
 
     def step(self, capacity: float) -> None:
         """Dual ascent of the multiplier on a step's capacity."""
-        self.integral = min(INTEGRAL_LIMIT, max(-INTEGRAL_LIMIT, self.integral + self.ki * (capacity - self.target)))
+        self.integral = _clip(self.integral + self.ki * (capacity - self.target))
 
     def end_step(self, capacity: float, reduce=None) -> None:
         """After an optimizer step: fold the step's gate-pressure samples into the scale, then :meth:`step`.
