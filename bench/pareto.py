@@ -28,7 +28,8 @@ A MindSkip model skips a different share on each evaluation set (its routers see
 does not match it to Attention-Drop. Every stage therefore also evaluates Attention-Drop over all layers with the
 whole numbers of layers around each MindSkip model's measured skips per sequence, on WikiText-2 and on the
 held-out set (``attention-drop-all@<k>/<layers>``), and the report interpolates between them: the comparison at
-the same skip ratio, set by set.
+the same skip ratio, set by set. How much per-sequence routing could gain over the best static drop at all, and
+how much of it each model takes, is measured on the held-out set (:mod:`mindskip_ext.eval.headroom`).
 
 Everything is resumable (``--resume``): finished models come from ``<output>/pareto.partial.json``, trained
 routers and their checkpoints from ``--work-dir``. Writes ``pareto.json``, ``pareto.md`` and two figures.
@@ -224,12 +225,23 @@ def train_recipe(run: Run, name: str, base, tokenizer, recipe: Recipe, ratio: fl
     return model, entry
 
 
-def routing_dynamics(model, tokenizer, examples, batch_size: int) -> dict:
-    from mindskip_ext.data import pad_token_id
-    from mindskip_ext.eval.routing import routing_decisions, routing_report
+def heldout_costs(run: Run, base, data: Data, pad: int, layers: list[int], work: Path):
+    """The held-out set's per-sequence cost of skipping each of ``layers`` alone (computed once, kept in ``work``)."""
+    import mindskip_ext as msk
+    from mindskip_ext.eval.headroom import SkipCosts, skip_costs
 
-    decisions = routing_decisions(model, examples, pad_token_id(tokenizer), batch_size)
-    return routing_report(decisions, model.config.num_hidden_layers)
+    path, key = work / "skip_costs_heldout.pt", [e.input_ids for e in data.heldout]
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        if saved["key"] == key and saved["layers"] == layers:
+            return SkipCosts(saved["layers"], saved["costs"], saved["tokens"])
+    model = msk.get_mindskip_model(base, msk.MindSkipConfig(layers=layers))
+    with run.stage("held-out skip costs"):
+        costs = skip_costs(model, data.heldout, pad, layers, run.sizes.eval_batch_size)
+    model.unload()
+    work.mkdir(parents=True, exist_ok=True)
+    torch.save({"key": key, "layers": costs.layers, "costs": costs.costs, "tokens": costs.tokens}, path)
+    return costs
 
 
 # ---------------------------------------------------------------------------------------------------- run
@@ -238,6 +250,8 @@ def routing_dynamics(model, tokenizer, examples, batch_size: int) -> dict:
 def run_stage(args) -> Run:
     from mindskip_ext.data import pad_token_id
     from mindskip_ext.eval.attention_drop import dropped_model, redundancy_scores, select_dropped
+    from mindskip_ext.eval.headroom import headroom
+    from mindskip_ext.eval.routing import routing_decisions, routing_report
 
     from . import local_tasks
 
@@ -322,6 +336,7 @@ def run_stage(args) -> Run:
         scores = redundancy_scores(base, data.train["alpaca"][: sizes.drop_records], pad, "attn",
                                    sizes.eval_batch_size)
     run.meta["attention_drop_similarity"] = {str(k): round(v, 6) for k, v in scores.items()}
+    costs = heldout_costs(run, base, data, pad, sorted(set().union(*layer_sets(num_layers).values())), work)
     ensure("dense", {"kind": "dense", "label": label}, lambda: (base, lambda: None), tasks=not ablation)
     ratios = run.meta["ratios"]
     recipes = args.recipes if ablation else ["paper", args.best or best_recipe(run.models)]
@@ -340,8 +355,11 @@ def run_stage(args) -> Run:
         for recipe_name in dict.fromkeys(recipes):
             name = f"{recipe_name}@{ratio}"
             model, entry = train_recipe(run, name, base, tokenizer, RECIPES[recipe_name], ratio, data, work)
-            entry["routing_heldout"] = routing_dynamics(model, tokenizer, data.heldout, sizes.eval_batch_size)
+            decisions = routing_decisions(model, data.heldout, pad, sizes.eval_batch_size)
+            entry["routing_heldout"] = routing_report(decisions, num_layers)
             result = ensure(name, entry, lambda m=model: (m, lambda: None), tasks=not ablation)
+            result["headroom_heldout"] = headroom(costs, decisions)  # also for a model resumed without it
+            run.save_partial()
             model.unload()
             matched_drops(result)
             if recipe_name != "paper":

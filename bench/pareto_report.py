@@ -153,6 +153,29 @@ def _matched_table(rows: list[dict]) -> list[str]:
     ]
 
 
+def _headroom_table(run) -> list[str]:
+    rows = [[name, f"{h['skips_per_token']:.2f}", f"{h['static']:.4f}", f"{h['oracle']:.4f}",
+             f"{100 * h['headroom']:.1f}%", f"{h['routers']:.4f}", f"{h['shuffled']:.4f}"]
+            for name, e in sorted(run.models.items(), key=lambda kv: (kv[1].get("ratio", 0.0), kv[0]))
+            if (h := e.get("headroom_heldout")) and h["headroom"] is not None]
+    if not rows:
+        return []
+    return [
+        "## How much could per-sequence routing gain?",
+        "",
+        "First-order KL from the dense model on the held-out set, in nats per supervised token: the cost of skipping "
+        "each layer alone for each sequence, summed over the skipped (layer, sequence) pairs "
+        "(`mindskip_ext.eval.headroom`), at each model's own token-weighted skips and over its router layers. "
+        "Static: the cheapest layers for every sequence. Oracle: the cheapest pairs per token, the best any "
+        "per-sequence router could do; headroom = 1 − oracle / static. Routers: the model's decisions. Shuffled: "
+        "its per-layer kept fractions with input-independent decisions (routers below shuffled: informative "
+        "per-sequence choices; routers above static: the layers chosen cost more than those choices gain).",
+        "",
+        *markdown_table(["model", "skips per token", "static", "oracle", "headroom", "routers", "shuffled"], rows),
+        "",
+    ]
+
+
 def _pareto_rows(run) -> list[list[str]]:
     m, n = run.models, run.meta["num_layers"]
     tasks = list(run.meta["metric"])
@@ -218,6 +241,7 @@ def render_markdown(run) -> str:
             lines += _ablation(run, ratio)
     if meta.get("matched"):
         lines += _matched_table(meta["matched"])
+    lines += _headroom_table(run)
     rows = _pareto_rows(run)
     if rows:
         tasks = list(meta["metric"])

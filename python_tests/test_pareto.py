@@ -55,6 +55,13 @@ def test_ablation_trains_the_recipes_at_the_ablation_ratios(results):
             assert row[where]["drop_loss"] is not None
             assert row[where]["minus_drop"] == pytest.approx(row[where]["loss"] - row[where]["drop_loss"])
     assert "## At the same skip ratio as Attention-Drop" in (out / "pareto.md").read_text()
+    # The headroom of per-sequence routing at each model's own budget, over its own router layers.
+    for name in rows:
+        h, routing = models[name]["headroom_heldout"], models[name]["routing_heldout"]
+        assert h["layers"] == models[name]["layers"]
+        assert h["skips_per_sequence"] == pytest.approx(routing["skipped_layers_per_sequence"], abs=1e-5)
+        assert h["oracle"] <= h["static"] + 1e-6 and h["oracle"] <= h["routers"] + 1e-6
+    assert "## How much could per-sequence routing gain?" in (out / "pareto.md").read_text()
     best = ablation["meta"]["best_recipe"]
     assert best == best_recipe(models) and best in RECIPES.split(",")
     wide = models["kd+init+wide@0.25"]

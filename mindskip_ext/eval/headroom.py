@@ -1,0 +1,161 @@
+"""How much could input-dependent routing gain at all, and how much of it do trained routers take?
+
+The first-order cost of skipping MindSkip layer ``l`` for sequence ``x`` is KL(dense || the model with only
+``l`` skipped), summed over ``x``'s supervised positions (:func:`skip_costs`: one forward per layer and batch).
+Summed over the (layer, sequence) pairs that a routing skips, it approximates that routing's KL from the dense
+model (interactions between skipped layers ignored). That compares routings at the same budget without running
+each one (:func:`headroom`), in nats per supervised token:
+
+* ``static``: the layers that are cheapest on average, as many as the routing skips per token (interpolated
+  between whole counts): the best static drop of these candidates by this measure;
+* ``oracle``: the cheapest (layer, sequence) pairs per supervised token, until the same token-weighted number of
+  skips: the best that any per-sequence router over these layers could do. A budget counted per *sequence*
+  instead would let it skip every layer of the short sequences, which costs little loss but saves little
+  compute;
+* ``routers``: the routers' own decisions;
+* ``shuffled``: the routers' per-layer kept fractions with decisions independent of the input (expected cost).
+
+``headroom = 1 - oracle / static`` is what per-sequence routing could gain over the best static drop. Routers
+below ``shuffled`` make informative per-sequence choices; routers above ``static`` lose more on which layers they
+skip than those choices gain.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..data import IGNORE_INDEX, Example, collate, length_batches
+from ..devices import autocast_for, model_device
+from ..model import MindSkipModel
+from .attention_drop import set_static_routing
+
+
+@dataclass
+class SkipCosts:
+    """Per-sequence first-order costs of skipping each layer alone."""
+
+    layers: list[int]
+    costs: torch.Tensor  # (sequences, layers): KL(dense || only that layer skipped), summed over the sequence
+    tokens: torch.Tensor  # (sequences,): supervised positions of each sequence
+
+
+def _sequence_kl(student: torch.Tensor, teacher_logp: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:
+    """(B,) KL(teacher || student) summed over each sequence's ``covered`` next-token positions."""
+    student_logp = F.log_softmax(student[:, :-1].float(), dim=-1)
+    kl = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="none").sum(-1)
+    return (kl * covered).sum(1)
+
+
+@torch.no_grad()
+def skip_costs(
+    model: MindSkipModel,
+    examples: Sequence[Example],
+    pad_id: int,
+    layers: Sequence[int] | None = None,
+    batch_size: int = 8,
+    bf16: bool = False,
+) -> SkipCosts:
+    """The cost of skipping each of ``layers`` (default: every MindSkip layer) alone, for every example.
+
+    Runs ``len(layers) + 1`` forwards per batch. The routers are restored afterwards."""
+    if not isinstance(model, MindSkipModel):
+        raise TypeError(f"skip_costs needs a MindSkipModel with routers on the layers to cost, got "
+                        f"{type(model).__name__}")
+    layers = sorted(model.routers) if layers is None else sorted(layers)
+    missing = sorted(set(layers) - set(model.routers))
+    if missing:
+        raise ValueError(f"layer {missing[0]} is not a MindSkip layer of this model ({sorted(model.routers)})")
+    if not layers or not examples:
+        raise ValueError("skip_costs needs at least one layer and one example")
+    device = model_device(model)
+    costs = torch.zeros(len(examples), len(layers), dtype=torch.float64)
+    tokens = torch.zeros(len(examples), dtype=torch.long)
+    saved = {k: v.clone() for k, v in model.router_state_dict().items()}
+    was_training = model.training
+    model.eval()
+    try:
+        for index in length_batches([len(e) for e in examples], batch_size, shuffle=False):
+            batch = collate([examples[i] for i in index], pad_id)
+            inputs = {"input_ids": batch["input_ids"].to(device),
+                      "attention_mask": batch["attention_mask"].to(device), "use_cache": False}
+            covered = (batch["labels"][:, 1:] != IGNORE_INDEX).to(device)
+            rows = torch.tensor(index)
+            with autocast_for(device, bf16):
+                teacher = model(**inputs, mindskip_bypass=True).logits
+            teacher_logp = F.log_softmax(teacher[:, :-1].float(), dim=-1)
+            tokens[rows] = covered.sum(1).cpu()
+            for j, layer in enumerate(layers):
+                set_static_routing(model, [layer])
+                with autocast_for(device, bf16):
+                    student = model(**inputs).logits
+                costs[rows, j] = _sequence_kl(student, teacher_logp, covered).double().cpu()
+    finally:
+        model.load_router_state_dict(saved)
+        model.train(was_training)
+    return SkipCosts(layers, costs, tokens)
+
+
+def _static(mean_cost: torch.Tensor, count: float) -> float:
+    """Summed cost of the ``count`` cheapest columns, linear between whole counts."""
+    ranked = torch.cat([torch.zeros(1, dtype=mean_cost.dtype), torch.sort(mean_cost).values.cumsum(0)])
+    lo = min(math.floor(count), len(mean_cost))
+    hi = min(lo + 1, len(mean_cost))
+    return float(ranked[lo] + (count - lo) * (ranked[hi] - ranked[lo]))
+
+
+def _oracle(costs: torch.Tensor, weights: torch.Tensor, budget: float) -> float:
+    """Least summed cost of (sequence, layer) pairs whose summed sequence ``weights`` reach ``budget``: the pairs
+    in order of cost per weight, the last one taken in part."""
+    per_weight = (costs / weights[:, None]).flatten()
+    pair_weight = weights[:, None].expand_as(costs).flatten()
+    order = torch.argsort(per_weight)
+    taken = torch.cumsum(pair_weight[order], 0)
+    whole = int((taken <= budget).sum())
+    total = float(costs.flatten()[order[:whole]].sum())
+    if whole < len(order):
+        spent = float(taken[whole - 1]) if whole else 0.0
+        total += float(per_weight[order[whole]]) * (budget - spent)
+    return total
+
+
+def headroom(costs: SkipCosts, decisions: dict[int, torch.Tensor]) -> dict:
+    """Static best, oracle, the routers' decisions and their input-independent shuffle, at the routers' budget.
+
+    ``decisions`` maps each router layer to its ``(sequences,)`` bool keep decisions on the examples ``costs`` was
+    measured on, in the same order (:func:`~mindskip_ext.eval.routing.routing_decisions`). Costs in nats per
+    supervised token; the candidates are the routers' layers."""
+    missing = sorted(set(decisions) - set(costs.layers))
+    if missing:
+        raise ValueError(f"no skip costs for router layer {missing[0]} (costed: {costs.layers})")
+    columns = [costs.layers.index(i) for i in sorted(decisions)]
+    cost = costs.costs[:, columns]
+    keep = torch.stack([decisions[i].to(torch.bool).cpu() for i in sorted(decisions)], dim=1)
+    if keep.shape != cost.shape:
+        raise ValueError(f"decisions for {keep.shape[0]} sequences, skip costs for {cost.shape[0]}")
+    scored = costs.tokens > 0
+    cost, keep, weights = cost[scored], keep[scored], costs.tokens[scored].to(torch.float64)
+    total = float(weights.sum())
+    if total == 0:
+        raise ValueError("no supervised tokens in the examples the skip costs were measured on")
+    skipped = (~keep).to(torch.float64)
+    budget = float((skipped.sum(1) * weights).sum())  # token-weighted skips
+    per_token_skips = budget / total
+    static = _static(cost.sum(0) / total, per_token_skips)
+    oracle = _oracle(cost, weights, budget) / total
+    return {
+        "layers": sorted(decisions),
+        "sequences": len(weights),
+        "tokens": int(total),
+        "skips_per_sequence": round(float(skipped.sum(1).mean()), 6),
+        "skips_per_token": round(per_token_skips, 6),
+        "static": round(static, 6),
+        "oracle": round(oracle, 6),
+        "routers": round(float((cost * skipped).sum()) / total, 6),
+        "shuffled": round(float((skipped.mean(0) * cost.sum(0)).sum()) / total, 6),
+        "headroom": round(1.0 - oracle / static, 6) if static > 0 else None,
+    }

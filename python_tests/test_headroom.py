@@ -1,0 +1,106 @@
+"""How much could per-sequence routing gain: the per-sequence cost of skipping each layer alone, and the static
+best, oracle, routers and shuffled routing at the routers' budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mindskip_ext as msk
+from mindskip_ext import data as D
+from mindskip_ext.eval.attention_drop import set_static_routing
+from mindskip_ext.eval.headroom import SkipCosts, headroom, skip_costs
+from mindskip_ext.eval.routing import routing_decisions
+from mindskip_ext.testing import synthetic_instructions, tiny_model
+from mindskip_ext.training.loss import distillation_kl
+
+
+@pytest.fixture(scope="module")
+def examples(tok):
+    return D.prepare_examples(tok, synthetic_instructions(20, seed=7), 96).examples
+
+
+@pytest.fixture
+def model(tok):
+    model = msk.get_mindskip_model(tiny_model(tokenizer=tok, layers=5), msk.MindSkipConfig(layers=[1, 2, 3]))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for router in model.routers.values():
+            router.weight.copy_(torch.randn(router.weight.shape, generator=gen) * 2.0)
+    return model
+
+
+def test_costs_are_the_kl_of_skipping_one_layer_and_leave_the_routers_as_they_were(tok, examples, model):
+    pad = D.pad_token_id(tok)
+    before = {k: v.clone() for k, v in model.router_state_dict().items()}
+    costs = skip_costs(model, examples, pad, batch_size=6)
+    assert costs.layers == [1, 2, 3] and costs.costs.shape == (len(examples), 3)
+    assert all(torch.equal(v, model.router_state_dict()[k]) for k, v in before.items())
+    assert bool((costs.costs >= -1e-6).all()) and float(costs.costs.sum()) > 0
+    # One sequence, one layer, computed directly: KL(bypassed || only layer 2 skipped) over its supervised tokens.
+    i = 3
+    batch = D.collate([examples[i]], pad)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    with torch.no_grad():
+        teacher = model(**inputs, mindskip_bypass=True).logits
+        set_static_routing(model, [2])
+        student = model(**inputs).logits
+    kl, count = distillation_kl(student, teacher, batch["labels"])
+    assert float(costs.costs[i, 1]) == pytest.approx(float(kl), rel=1e-4, abs=1e-6)
+    assert int(costs.tokens[i]) == count
+    # Padding does not change a sequence's costs.
+    model.load_router_state_dict(before)
+    alone = skip_costs(model, examples[:5], pad, layers=[3, 1], batch_size=1)
+    assert alone.layers == [1, 3]
+    torch.testing.assert_close(alone.costs, costs.costs[:5, [0, 2]], rtol=1e-4, atol=1e-5)
+
+
+def test_bad_inputs_are_refused(tok, examples, model):
+    pad = D.pad_token_id(tok)
+    with pytest.raises(TypeError, match="MindSkipModel"):
+        skip_costs(model.base_model, examples, pad)
+    with pytest.raises(ValueError, match="layer 4 is not a MindSkip layer"):
+        skip_costs(model, examples, pad, layers=[1, 4])
+    with pytest.raises(ValueError, match="at least one layer and one example"):
+        skip_costs(model, [], pad)
+    costs = SkipCosts([1, 2], torch.ones(3, 2, dtype=torch.float64), torch.ones(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="no skip costs for router layer 3"):
+        headroom(costs, {1: torch.ones(3, dtype=torch.bool), 3: torch.ones(3, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="decisions for 2 sequences, skip costs for 3"):
+        headroom(costs, {1: torch.ones(2, dtype=torch.bool)})
+
+
+def costs_of(rows, tokens, layers=None):
+    rows = torch.tensor(rows, dtype=torch.float64)
+    return SkipCosts(layers or list(range(rows.shape[1])), rows, torch.tensor(tokens))
+
+
+def test_headroom_by_hand():
+    # Each sequence has a free layer; a static drop must pay for one of them.
+    costs = costs_of([[0.0, 4.0], [4.0, 0.0]], [1, 1])
+    free = headroom(costs, {0: torch.tensor([False, True]), 1: torch.tensor([True, False])})
+    assert free == {"layers": [0, 1], "sequences": 2, "tokens": 2, "skips_per_sequence": 1.0,
+                    "skips_per_token": 1.0, "static": 2.0, "oracle": 0.0, "routers": 0.0, "shuffled": 2.0,
+                    "headroom": 1.0}
+    wrong = headroom(costs, {0: torch.tensor([True, False]), 1: torch.tensor([False, True])})
+    assert wrong["routers"] == 4.0 and wrong["shuffled"] == 2.0 and wrong["oracle"] == 0.0
+    # The budget is counted in tokens: skipping the 3-token sequence spends 3 of 4 token-skips. The oracle takes
+    # the cheaper sequence per token whole and two thirds of the other.
+    weighted = headroom(costs_of([[0.5], [3.0]], [1, 3]), {0: torch.tensor([True, False])})
+    assert weighted["skips_per_sequence"] == 0.5 and weighted["skips_per_token"] == 0.75
+    assert weighted["oracle"] == pytest.approx((0.5 + 2.0) / 4)
+    assert weighted["static"] == pytest.approx(0.75 * 3.5 / 4)
+    assert weighted["routers"] == pytest.approx(3.0 / 4)
+    # Sequences without supervised tokens count for nothing.
+    empty = headroom(costs_of([[0.5], [3.0], [9.0]], [1, 3, 0]), {0: torch.tensor([True, False, False])})
+    assert {k: empty[k] for k in ("oracle", "static", "routers")} == pytest.approx(
+        {k: weighted[k] for k in ("oracle", "static", "routers")})
+
+
+def test_the_oracle_is_a_lower_bound_of_trained_decisions(tok, examples, model):
+    pad = D.pad_token_id(tok)
+    costs = skip_costs(model, examples, pad)
+    report = headroom(costs, routing_decisions(model, examples, pad))
+    assert 0.0 < report["skips_per_sequence"] < 3.0, "random routers must skip some (layer, sequence) pairs"
+    assert report["oracle"] <= report["static"] + 1e-9 and report["oracle"] <= report["routers"] + 1e-9
+    assert 0.0 <= report["headroom"] <= 1.0
