@@ -25,11 +25,12 @@ Metrics: WikiText-2 test perplexity (the whole split), the held-out Alpaca loss,
 standard error of their average, the capacity and the measured skip ratio, and how dynamic the routing is.
 
 A MindSkip model skips a different share on each evaluation set (its routers see the input), so a nominal ratio
-does not match it to Attention-Drop. Every stage therefore also evaluates Attention-Drop over all layers with the
-whole numbers of layers around each MindSkip model's measured skips per sequence, on WikiText-2 and on the
-held-out set (``attention-drop-all@<k>/<layers>``), and the report interpolates between them: the comparison at
-the same skip ratio, set by set. How much per-sequence routing could gain over the best static drop at all, and
-how much of it each model takes, is measured on the held-out set (:mod:`mindskip_ext.eval.headroom`).
+does not match it to Attention-Drop. Every stage therefore also evaluates Attention-Drop, over all layers and
+restricted to the paper's, with the whole numbers of layers around each MindSkip model's measured skips per
+sequence, on WikiText-2 and on the held-out set (``attention-drop-<scope>@<k>/<layers>``), and the report
+interpolates between the better of the two at each count: the comparison at the same skip ratio, set by set.
+How much per-sequence routing could gain over the best static drop at all, and how much of it each model takes,
+is measured on the held-out set (:mod:`mindskip_ext.eval.headroom`).
 
 Everything is resumable (``--resume``): finished models come from ``<output>/pareto.partial.json``, trained
 routers and their checkpoints from ``--work-dir``. Writes ``pareto.json``, ``pareto.md`` and two figures.
@@ -311,26 +312,28 @@ def run_stage(args) -> Run:
         # Input-independent routing: the plain (padded-batch) evaluation path is exact and faster.
         return model.base_model, model.unload
 
-    def drop_all(count: int) -> None:
-        """Attention-Drop over all layers with ``count`` layers dropped, under an existing name where there is one."""
-        dropped = select_dropped(scores, count)
+    def drop_count(scope: str, count: int) -> None:
+        """Attention-Drop in ``scope`` with ``count`` layers dropped, under an existing name where there is one."""
+        dropped = select_dropped(scores, count, None if scope == "all" else layer_sets(num_layers)["paper"])
         have = [k for k, e in run.models.items()
-                if e["kind"] == "attention-drop" and e["scope"] == "all" and e["dropped_layers"] == dropped]
+                if e["kind"] == "attention-drop" and e["scope"] == scope and e["dropped_layers"] == dropped]
         if have:
             name, entry = have[0], {}
         else:
-            name = f"attention-drop-all@{count}/{num_layers}"
-            entry = {"kind": "attention-drop", "scope": "all", "ratio": count / num_layers, "dropped_layers": dropped,
+            name = f"attention-drop-{scope}@{count}/{num_layers}"
+            entry = {"kind": "attention-drop", "scope": scope, "ratio": count / num_layers, "dropped_layers": dropped,
                      "skip_ratio": count / num_layers, "matched": True}
         ensure(name, entry, lambda: static(dropped), tasks=False)
 
     def matched_drops(result: dict) -> None:
-        """Attention-Drop at the layer counts around a MindSkip model's measured skips on each evaluation set."""
+        """Attention-Drop in both scopes at the layer counts around a MindSkip model's measured skips on each
+        evaluation set."""
         for where in ("wikitext2", "heldout"):
             skipped = skipped_per_sequence(result, where)
             for count in sorted(set(counts_around(skipped))):
-                if count >= 1:
-                    drop_all(count)
+                for scope, candidates in (("all", num_layers), ("restricted", len(layer_sets(num_layers)["paper"]))):
+                    if 1 <= count <= candidates:
+                        drop_count(scope, count)
 
     with run.stage("attention-drop scores"):
         scores = redundancy_scores(base, data.train["alpaca"][: sizes.drop_records], pad, "attn",

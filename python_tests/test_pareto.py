@@ -45,13 +45,16 @@ def test_ablation_trains_the_recipes_at_the_ablation_ratios(results):
     # Attention-Drop at the whole layer counts around every MindSkip model's skips, on both sets, and the
     # report's comparison at the same skip ratio from them.
     drops = {len(e["dropped_layers"]) for e in models.values() if e.get("scope") == "all"}
+    restricted = {len(e["dropped_layers"]) for e in models.values() if e.get("scope") == "restricted"}
     rows = {r["model"]: r for r in ablation["meta"]["matched"]}
     assert set(rows) == {n for n, e in models.items() if e["kind"] == "mindskip"}
     for name, row in rows.items():
         for where in ("wikitext2", "heldout"):
             skipped = skipped_per_sequence(models[name], where)
             assert row[where]["skip_ratio"] == pytest.approx(skipped / num_layers)
-            assert {math.floor(skipped), math.ceil(skipped)} - {0} <= drops
+            around = {math.floor(skipped), math.ceil(skipped)} - {0}
+            assert around <= drops
+            assert {c for c in around if c <= len(ablation["meta"]["layer_sets"]["paper"])} <= restricted
             assert row[where]["drop_loss"] is not None
             assert row[where]["minus_drop"] == pytest.approx(row[where]["loss"] - row[where]["drop_loss"])
     assert "## At the same skip ratio as Attention-Drop" in (out / "pareto.md").read_text()
@@ -116,7 +119,11 @@ def test_attention_drop_is_interpolated_between_layer_counts():
     assert drop_at(models, 0.5, "heldout") == pytest.approx(1.05)
     assert drop_at(models, 2.0, "heldout") == pytest.approx(1.5)
     assert drop_at(models, 1.5, "wikitext2", 200) is None  # evaluated on other tokens
-    assert drop_at(models, 2.5, "heldout") is None  # 3 layers only in the restricted scope
+    assert drop_at(models, 3.5, "heldout") is None  # 4 layers not evaluated
+    assert drop_at(models, 2.5, "heldout") == pytest.approx(1.5 + 0.5 * 7.5)  # 3 layers: the restricted scope only
+    models["r2"] = {**drop(2, 3.5, 1.3), "scope": "restricted"}  # better than all layers at 2 on held-out only
+    assert drop_at(models, 1.5, "heldout") == pytest.approx(1.2)
+    assert drop_at(models, 1.5, "wikitext2", 100) == pytest.approx(3.35)
 
 
 @pytest.mark.parametrize("argv, message", [
