@@ -121,6 +121,11 @@ def test_eval_routing_report_and_static_projection(model_dir, data_file, trained
     assert all(static["capacity_per_layer"][str(i)] == (0.0 if i in dropped else 1.0) for i in range(3, 7))
     code, _, err = run_cli("eval", "--model", model_dir, "--data", data_file, "--static-projection")
     assert code == 1 and "need --routers and --data" in err
+    code, stdout, _ = run_cli(*common[:-3], "--max-records", "40", "--no-progress", "--headroom")
+    assert code == 0
+    headroom = last_json(stdout)["routing"]["headroom"]
+    assert headroom["layers"] == [int(i) for i in report["layers"]] and "per-sequence oracle" in stdout
+    assert headroom["oracle"] <= headroom["static"] + 1e-6 and headroom["oracle"] <= headroom["routers"] + 1e-6
 
 
 def test_eval_runs_a_local_lm_eval_task(model_dir, trained, monkeypatch):

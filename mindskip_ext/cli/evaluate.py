@@ -29,6 +29,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--static-projection", action="store_true",
                    help="With --routers and --data: evaluate the routers' static projection instead (every layer "
                    "frozen to its majority decision on --data), after the routing report.")
+    p.add_argument("--headroom", action="store_true",
+                   help="With --routers and --data: how much per-sequence routing could gain over the best static "
+                   "drop at the routers' budget, and how much of it the routers take (first-order KL from the "
+                   "dense model; one extra forward per router layer). Implies --routing-report.")
     add_common(p)
     p.set_defaults(func=run)
 
@@ -39,14 +43,14 @@ def run(args) -> int:
 
     if not args.data and not args.tasks:
         raise ValueError("give --data (perplexity), --tasks (lm-eval), or both")
-    if (args.routing_report or args.static_projection) and not (args.routers and args.data):
-        raise ValueError("--routing-report and --static-projection need --routers and --data")
+    if (args.routing_report or args.static_projection or args.headroom) and not (args.routers and args.data):
+        raise ValueError("--routing-report, --static-projection and --headroom need --routers and --data")
     if args.limit is not None and args.limit > 1:
         args.limit = int(args.limit)
     model, tokenizer = load_for_eval(args)
     result: dict = {"command": "eval", "routers": args.routers}
     bf16 = pick_device(args.device).type == "cuda"
-    if args.routing_report or args.static_projection:
+    if args.routing_report or args.static_projection or args.headroom:
         result["routing"] = report_routing(model, tokenizer, args, bf16)
     if args.data:
         ppl = evaluate_dataset(
@@ -77,14 +81,17 @@ def run(args) -> int:
 
 
 def report_routing(model, tokenizer, args, bf16: bool) -> dict:
-    """Print how dynamic the routing is on ``--data``; with ``--static-projection``, freeze it to the majorities."""
+    """Print how dynamic the routing is on ``--data`` (with ``--headroom``: how much it could gain); with
+    ``--static-projection``, freeze it to the majorities."""
     from ..data import load_examples, pad_token_id
+    from ..eval.headroom import headroom, skip_costs
     from ..eval.routing import apply_static_projection, routing_decisions, routing_report
 
     examples = load_examples(
         args.data, tokenizer, args.max_length, args.data_split, args.data_config, args.max_records
     ).examples
-    decisions = routing_decisions(model, examples, pad_token_id(tokenizer), args.batch_size, bf16)
+    pad = pad_token_id(tokenizer)
+    decisions = routing_decisions(model, examples, pad, args.batch_size, bf16)
     report = routing_report(decisions, model.config.num_hidden_layers)
     for idx, layer in report["layers"].items():
         say(f"  layer {idx:>3}: kept {layer['kept']:.3f}, majority {layer['majority']}, "
@@ -92,6 +99,13 @@ def report_routing(model, tokenizer, args, bf16: bool) -> dict:
     say(f"routing: {report['skipped_layers_per_sequence']:.2f} skipped layers per sequence "
         f"(skip ratio {100 * report['skip_ratio']:.1f}%), mean disagreement with the majority "
         f"{100 * report['mean_disagreement']:.1f}%; dynamic layers {report['dynamic_layers']}")
+    if args.headroom:
+        h = report["headroom"] = headroom(skip_costs(model, examples, pad, batch_size=args.batch_size, bf16=bf16),
+                                          decisions)
+        say(f"headroom at {h['skips_per_token']:.2f} skips per token (KL from dense, nats/token, first order): "
+            f"best static drop {h['static']:.4f}, per-sequence oracle {h['oracle']:.4f} "
+            f"({100 * (h['headroom'] or 0.0):.1f}% below static), these routers {h['routers']:.4f}, their "
+            f"input-independent shuffle {h['shuffled']:.4f}")
     if args.static_projection:
         dropped = apply_static_projection(model, report)
         say(f"static projection: layers {dropped} always skipped, the others always kept "
