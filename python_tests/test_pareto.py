@@ -126,6 +126,29 @@ def test_attention_drop_is_interpolated_between_layer_counts():
     assert drop_at(models, 1.5, "wikitext2", 100) == pytest.approx(3.35)
 
 
+def test_the_best_recipe_is_ranked_at_its_own_skip_ratio():
+    def entry(kind, wiki, heldout, skipped, **extra):
+        e = {"kind": kind, "wikitext2": {"loss": wiki, "target_tokens": 100}, "heldout": {"loss": heldout}, **extra}
+        if kind == "attention-drop":
+            e.update(scope="all", dropped_layers=list(range(skipped)))
+        else:
+            e["wikitext2"]["skipped_layers_per_sequence"] = skipped
+            e["routing_heldout"] = {"skipped_layers_per_sequence": skipped}
+        return e
+
+    mindskip = {"kind": "mindskip", "ratio": 0.25, "ablation": {}}
+    models = {"dense": entry("dense", 3.0, 1.0, 0), "d1": entry("attention-drop", 3.2, 1.2, 1),
+              "d2": entry("attention-drop", 3.6, 1.6, 2),
+              # lower losses, but it skips one layer where the other skips two: worse than Attention-Drop there
+              "less@0.25": {**entry("mindskip", 3.3, 1.3, 1), **mindskip},
+              "more@0.25": {**entry("mindskip", 3.5, 1.5, 2), **mindskip}}
+    assert best_recipe(models) == "more"
+    models["tied@0.25"] = {**entry("mindskip", 3.5, 1.5, 2), **mindskip}
+    assert best_recipe(models) == "more"  # a tie goes to the first name
+    models["d2"]["heldout"] = None  # held-out not evaluated at 2 layers: the recipes there rank last
+    assert best_recipe(models) == "less"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--ratios", "0.1,x"], "comma-separated numbers"),
     (["--ratios", "1.5"], "skip ratios in (0, 1)"),
