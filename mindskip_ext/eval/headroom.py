@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from ..data import IGNORE_INDEX, Example, collate, length_batches
 from ..devices import autocast_for, model_device
 from ..model import MindSkipModel
+from ..training.loss import covered_log_probs
 from .attention_drop import set_static_routing
 
 
@@ -42,13 +43,6 @@ class SkipCosts:
     layers: list[int]
     costs: torch.Tensor  # (sequences, layers): KL(dense || only that layer skipped), summed over the sequence
     tokens: torch.Tensor  # (sequences,): supervised positions of each sequence
-
-
-def _sequence_kl(student: torch.Tensor, teacher_logp: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:
-    """(B,) KL(teacher || student) summed over each sequence's ``covered`` next-token positions."""
-    student_logp = F.log_softmax(student[:, :-1].float(), dim=-1)
-    kl = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="none").sum(-1)
-    return (kl * covered).sum(1)
 
 
 @torch.no_grad()
@@ -87,13 +81,16 @@ def skip_costs(
             rows = torch.tensor(index)
             with autocast_for(device, bf16):
                 teacher = model(**inputs, mindskip_bypass=True).logits
-            teacher_logp = F.log_softmax(teacher[:, :-1].float(), dim=-1)
+            teacher_logp = covered_log_probs(teacher, covered)
+            owner = covered.nonzero()[:, 0]  # the sequence of each covered position
             tokens[rows] = covered.sum(1).cpu()
             for j, layer in enumerate(layers):
                 set_static_routing(model, [layer])
                 with autocast_for(device, bf16):
                     student = model(**inputs).logits
-                costs[rows, j] = _sequence_kl(student, teacher_logp, covered).double().cpu()
+                kl = F.kl_div(covered_log_probs(student, covered), teacher_logp, log_target=True, reduction="none")
+                per_sequence = torch.zeros(len(index), dtype=torch.float64, device=device)
+                costs[rows, j] = per_sequence.index_add_(0, owner, kl.sum(-1).double()).cpu()
     finally:
         model.load_router_state_dict(saved)
         model.train(was_training)

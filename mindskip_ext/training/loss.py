@@ -41,13 +41,18 @@ class LossStats:
     gates: dict[int, torch.Tensor]  # layer -> (B,) straight-through gate
 
 
+def covered_log_probs(logits: torch.Tensor, covered: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``(positions, vocab)`` float log-probabilities of the next token at the ``covered`` positions only
+    (``covered``: ``(batch, length - 1)`` bool, position ``t`` predicting token ``t + 1``)."""
+    return F.log_softmax(logits[:, :-1][covered].float() / temperature, dim=-1)
+
+
 def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0):
     """``(sum, count)``: KL(teacher || student) of the next-token distributions, summed over the supervised
     positions (those ``labels`` covers, shifted by one as in :func:`token_nll`), times ``temperature**2``."""
     covered = labels[:, 1:] != IGNORE_INDEX
-    s = student[:, :-1][covered].float() / temperature
-    t = teacher[:, :-1][covered].float() / temperature
-    kl = F.kl_div(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1), log_target=True, reduction="sum")
+    kl = F.kl_div(covered_log_probs(student, covered, temperature), covered_log_probs(teacher, covered, temperature),
+                  log_target=True, reduction="sum")
     return kl * temperature**2, int(covered.sum())
 
 
