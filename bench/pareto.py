@@ -275,7 +275,9 @@ def run_stage(args) -> Run:
             mmlu_limit=sizes.mmlu_per_subject, mmlu_subjects=sizes.mmlu_subjects, seed=1234,
         )
     num_layers = base.config.num_hidden_layers
-    run.meta.update(model=label, num_layers=num_layers, layer_sets=layer_sets(num_layers), data=data.stats,
+    sets = layer_sets(num_layers)
+    scopes = {"all": list(range(num_layers)), "restricted": sets["paper"]}  # Attention-Drop's candidates
+    run.meta.update(model=label, num_layers=num_layers, layer_sets=sets, data=data.stats,
                     items=written.sizes, items_available=written.totals, num_fewshot=written.num_fewshot,
                     metric=METRIC, sizes=asdict(sizes))
     if args.resume:
@@ -315,7 +317,7 @@ def run_stage(args) -> Run:
 
     def drop_count(scope: str, count: int) -> None:
         """Attention-Drop in ``scope`` with ``count`` layers dropped, under an existing name where there is one."""
-        dropped = select_dropped(scores, count, None if scope == "all" else layer_sets(num_layers)["paper"])
+        dropped = select_dropped(scores, count, scopes[scope])
         have = [k for k, e in run.models.items()
                 if e["kind"] == "attention-drop" and e["scope"] == scope and e["dropped_layers"] == dropped]
         if have:
@@ -332,15 +334,15 @@ def run_stage(args) -> Run:
         for where in ("wikitext2", "heldout"):
             skipped = skipped_per_sequence(result, where)
             for count in sorted(set(counts_around(skipped))):
-                for scope, candidates in (("all", num_layers), ("restricted", len(layer_sets(num_layers)["paper"]))):
-                    if 1 <= count <= candidates:
+                for scope, candidates in scopes.items():
+                    if 1 <= count <= len(candidates):
                         drop_count(scope, count)
 
     with run.stage("attention-drop scores"):
         scores = redundancy_scores(base, data.train["alpaca"][: sizes.drop_records], pad, "attn",
                                    sizes.eval_batch_size)
     run.meta["attention_drop_similarity"] = {str(k): round(v, 6) for k, v in scores.items()}
-    costs = heldout_costs(run, base, data, pad, sorted(set().union(*layer_sets(num_layers).values())), work)
+    costs = heldout_costs(run, base, data, pad, sorted(set().union(*sets.values())), work)
     ensure("dense", {"kind": "dense", "label": label}, lambda: (base, lambda: None), tasks=not ablation)
     ratios = run.meta["ratios"]
     # The Pareto stage compares the recipe ranked by the ablation's results, before it evaluates anything again.
@@ -350,7 +352,7 @@ def run_stage(args) -> Run:
     for ratio in sorted(ratios, key=lambda r: (r != ABLATION_RATIO, r)):
         n = round(ratio * num_layers)
         drops = {}
-        for scope, candidates in (("all", None), ("restricted", layer_sets(num_layers)["paper"])):
+        for scope, candidates in scopes.items():
             name, dropped = f"attention-drop-{scope}@{ratio}", select_dropped(scores, n, candidates)
             entry = {"kind": "attention-drop", "scope": scope, "ratio": ratio, "dropped_layers": dropped,
                      "skip_ratio": n / num_layers}

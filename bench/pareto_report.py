@@ -65,9 +65,14 @@ def drop_at(models: dict, skipped: float, where: str, tokens: int | None = None)
     return curve[lo] + (skipped - lo) * (curve[hi] - curve[lo])
 
 
-def against_drop(models: dict, entry: dict, where: str) -> float | None:
-    """``entry``'s loss on ``where`` minus the better Attention-Drop's at its own measured skips (negative: better)."""
-    drop = drop_at(models, skipped_per_sequence(entry, where), where, entry[where].get("target_tokens"))
+def drop_matching(models: dict, entry: dict, where: str) -> float | None:
+    """The better Attention-Drop's loss on ``where`` at ``entry``'s own measured skips there."""
+    return drop_at(models, skipped_per_sequence(entry, where), where, entry[where].get("target_tokens"))
+
+
+def minus_drop(models: dict, entry: dict, where: str) -> float | None:
+    """``entry``'s loss on ``where`` minus :func:`drop_matching` (negative: MindSkip better)."""
+    drop = drop_matching(models, entry, where)
     return None if drop is None else entry[where]["loss"] - drop
 
 
@@ -78,7 +83,7 @@ def best_recipe(models: dict) -> str:
     scores = {}
     for name, e in models.items():
         if e["kind"] == "mindskip" and e["ratio"] == ABLATION_RATIO and "ablation" in e:
-            deltas = [against_drop(models, e, where) for where in ("wikitext2", "heldout")]
+            deltas = [minus_drop(models, e, where) for where in ("wikitext2", "heldout")]
             scores[method_of(name)] = math.inf if None in deltas else sum(deltas) / 2
     if not scores:
         raise SystemExit("no recipe ranked by the ablation yet: run --stage ablation first, or pass --best")
@@ -137,9 +142,9 @@ def matched(run) -> list[dict]:
             continue
         row = {"model": name}
         for where in ("wikitext2", "heldout"):
-            minus = against_drop(m, e, where)
+            drop = drop_matching(m, e, where)
             row[where] = {"skip_ratio": skipped_per_sequence(e, where) / n, "loss": e[where]["loss"],
-                          "drop_loss": None if minus is None else e[where]["loss"] - minus, "minus_drop": minus}
+                          "drop_loss": drop, "minus_drop": None if drop is None else e[where]["loss"] - drop}
         out.append(row)
     return out
 
