@@ -90,6 +90,8 @@ RECIPES = {
     "kd+init+wide+mix": Recipe(loss="kd", init="redundancy", layers="wide", data="mix"),
     "kd+init+wide+hold": Recipe(loss="kd", init="redundancy", layers="wide", multiplier=1.0),
     "kd+init+wide+hold+slow": Recipe(loss="kd", init="redundancy", layers="wide", multiplier=1.0, learning_rate=5e-4),
+    "kd+init+wide+hold+slow+mix": Recipe(loss="kd", init="redundancy", layers="wide", data="mix", multiplier=1.0,
+                                         learning_rate=5e-4),
 }
 
 
