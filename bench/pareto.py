@@ -136,9 +136,9 @@ PRESETS = {
 
 
 def layer_sets(num_layers: int) -> dict[str, list[int]]:
-    from mindskip_ext.config import default_layers
+    from mindskip_ext.config import default_layers, wide_layers
 
-    return {"paper": default_layers(num_layers), "wide": list(range(max(1, round(0.13 * num_layers)), num_layers - 1))}
+    return {"paper": default_layers(num_layers), "wide": wide_layers(num_layers)}
 
 
 def target_capacity(ratio: float, num_layers: int, layers: list[int]) -> float:

@@ -24,6 +24,17 @@ def default_layers(num_layers: int) -> list[int]:
     return list(range(num_layers // 2 - 1, num_layers - 1))
 
 
+def wide_layers(num_layers: int) -> list[int]:
+    """Every layer but the first eighth or so and the last: the candidates of the ``kd-wide`` Router-Tuning recipe,
+    which may then skip the early layers that Attention-Drop finds redundant too.
+
+    30 layers give 4..28 (25 layers), 32 layers give 4..30.
+    """
+    if num_layers < 2:
+        raise ValueError(f"MindSkip needs a model with at least 2 decoder layers, got {num_layers}")
+    return list(range(max(1, round(0.13 * num_layers)), num_layers - 1)) or [0]
+
+
 @dataclass
 class MindSkipConfig:
     """How a model is converted to MindSkip.

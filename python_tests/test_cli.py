@@ -103,6 +103,24 @@ def test_train_mixes_sources_with_kd_and_redundancy_init(model_dir, data_file, t
     assert code == 1 and "1 data sources but 2 weights" in err
 
 
+def test_train_recipe_sets_the_defaults_and_explicit_options_win(model_dir, data_file, tmp_path):
+    common = ["train", "--model", model_dir, "--data", data_file, "--target-capacity", "0.7", "--max-steps", "3",
+              "--batch-size", "16", "--calibration-sequences", "32", "--no-progress", "--recipe", "kd-wide"]
+    code, stdout, _ = run_cli(*common, "--output", str(tmp_path / "a"))
+    assert code == 0
+    result = last_json(stdout)
+    config = json.loads((tmp_path / "a" / "training_summary.json").read_text())["config"]
+    assert result["recipe"] == "kd-wide" and set(result["capacity_per_layer"]) == {str(i) for i in range(1, 7)}
+    assert (config["loss"], config["router_init"], config["initial_multiplier"], config["learning_rate"]) == (
+        "kd", "redundancy", 1.0, 5e-4)
+    code, stdout, _ = run_cli(*common, "--output", str(tmp_path / "b"), "--loss", "ce", "--lr", "0.002",
+                              "--layers", "3-6")
+    assert code == 0
+    config = json.loads((tmp_path / "b" / "training_summary.json").read_text())["config"]
+    assert set(last_json(stdout)["capacity_per_layer"]) == {"3", "4", "5", "6"}
+    assert (config["loss"], config["router_init"], config["learning_rate"]) == ("ce", "redundancy", 0.002)
+
+
 def test_eval_routing_report_and_static_projection(model_dir, data_file, trained):
     out, _ = trained
     common = ["eval", "--model", model_dir, "--routers", str(out), "--data", data_file, "--max-records", "200",

@@ -16,6 +16,15 @@ def test_default_layers_follow_the_paper():
     assert msk.MindSkipConfig().resolve_layers(30) == list(range(14, 29))
 
 
+def test_wide_layers_leave_out_the_first_eighth_and_the_last():
+    from mindskip_ext.config import wide_layers
+
+    assert wide_layers(30) == list(range(4, 29)) and wide_layers(32) == list(range(4, 31))
+    assert wide_layers(8) == list(range(1, 7)) and wide_layers(2) == [0]
+    with pytest.raises(ValueError, match="at least 2 decoder layers"):
+        wide_layers(1)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -70,8 +70,9 @@ def add_options(parser, cls, *, exclude=(), exclusive_required=()) -> None:
         target.add_argument(flag, help=help_text, **kwargs)
 
 
-def from_options(cls, args: argparse.Namespace, **overrides):
-    """An instance of ``cls`` from the options :func:`add_options` added: given ones, then ``overrides``."""
+def from_options(cls, args: argparse.Namespace, defaults: dict | None = None, **overrides):
+    """An instance of ``cls`` from the options :func:`add_options` added: ``defaults``, then the given options,
+    then ``overrides``."""
     hints = typing.get_type_hints(cls)
     values = {}
     for f in dataclasses.fields(cls):
@@ -79,4 +80,4 @@ def from_options(cls, args: argparse.Namespace, **overrides):
         if value is None:
             continue
         values[f.name] = parse_layers(value) if _base_type(hints[f.name]) is list else value
-    return cls(**{**values, **overrides})
+    return cls(**{**(defaults or {}), **values, **overrides})

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..config import MindSkipConfig
-from ..training.config import RouterTuningConfig
+from ..training.config import RECIPES, RouterTuningConfig
 from .common import add_common, add_data_args, add_model_args, emit_json, say
 from .options import add_options, from_options
 
@@ -27,6 +29,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="Continue from --output/checkpoints/latest when present.")
     p.add_argument("--fsdp", action="store_true",
                    help="Under torchrun: shard the frozen weights over the processes with FSDP2 (routers replicated).")
+    p.add_argument("--recipe", choices=list(RECIPES), default="paper",
+                   help="Defaults of the settings below and of --layers; options given explicitly win. "
+                   + "; ".join(f"{name}: {r.description}" for name, r in RECIPES.items())
+                   + ". --target-capacity is the kept fraction over the router layers either way.")
     add_options(p, RouterTuningConfig, exclusive_required=("target_capacity", "l1_lambda"))
     add_options(p, MindSkipConfig, exclude=EXCLUDED[MindSkipConfig])
     add_common(p)
@@ -61,7 +67,8 @@ def _train(args, device, world) -> int:
     from ..training.distributed import shard_frozen_layers
 
     show = say if world.is_main else (lambda *parts: None)
-    config = from_options(RouterTuningConfig, args)
+    recipe = RECIPES[args.recipe]
+    config = from_options(RouterTuningConfig, args, defaults=recipe.tuning)
     ms_config = from_options(MindSkipConfig, args)
     if args.fsdp and not world.active:
         raise ValueError("--fsdp shards the weights over several processes: run under torchrun --nproc_per_node N")
@@ -78,13 +85,16 @@ def _train(args, device, world) -> int:
     # Under FSDP each rank reads the weights to the CPU and moves only its shards to the device.
     model = load_weights(path, torch.device("cpu") if args.fsdp else device, pick_dtype(args.dtype, device),
                          args.attn_implementation)
+    if ms_config.layers is None:
+        ms_config = dataclasses.replace(ms_config, layers=recipe.layers(model.config.num_hidden_layers))
     mindskip = get_mindskip_model(model, ms_config)
     if args.fsdp:
         units = shard_frozen_layers(mindskip, device)
         show(f"FSDP: the frozen weights are sharded over {world.size} processes ({units} units)")
     trainable, total = mindskip.get_nb_trainable_parameters()
     show(
-        f"MindSkip layers {sorted(mindskip.routers)} ({ms_config.granularity}); trainable {trainable:,} of {total:,} "
+        f"recipe {args.recipe}: MindSkip layers {sorted(mindskip.routers)} ({ms_config.granularity}); "
+        f"trainable {trainable:,} of {total:,} "
         f"parameters ({100 * trainable / total:.4f}%); {len(train)} training / {len(heldout)} held-out sequences"
         + (f"; {world.size} processes, global batch {config.batch_size * config.grad_accum * world.size}"
            if world.active else "")
@@ -108,6 +118,7 @@ def _train(args, device, world) -> int:
     emit_json(
         {
             "command": "train",
+            "recipe": args.recipe,
             "capacity": held["capacity"],
             "capacity_per_layer": held["capacity_per_layer"],
             "target_capacity": config.target_capacity,

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from .calibration import calibrate_capacity
-from .config import RouterTuningConfig
+from .config import RECIPES, Recipe, RouterTuningConfig
 from .fit import LOG_NAME, SUMMARY_NAME, RouterTuner
 from .loss import LossStats, router_tuning_loss
 from .penalty import CapacityController, FixedPenalty
@@ -20,6 +20,8 @@ __all__ = [
     "CapacityController",
     "FixedPenalty",
     "LossStats",
+    "RECIPES",
+    "Recipe",
     "RouterTuner",
     "RouterTuningConfig",
     "calibrate_capacity",

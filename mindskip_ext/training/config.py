@@ -9,8 +9,10 @@ defaults to True as ``negated`` (the flag turns it off, e.g. ``--no-bf16``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..config import default_layers, wide_layers
 from .penalty import INTEGRAL_LIMIT
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -149,3 +151,27 @@ class RouterTuningConfig:
     @property
     def mode(self) -> str:
         return "target" if self.target_capacity is not None else "l1"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named Router-Tuning setup: values for :class:`RouterTuningConfig` fields (the rest keep their defaults;
+    settings given explicitly win) and the router layers for a model with a given number of decoder layers."""
+
+    description: str
+    tuning: dict[str, object]
+    layers: Callable[[int], list[int]]
+
+
+RECIPES = {
+    "paper": Recipe("the paper's: cross-entropy, zero-initialised routers on the last half of the layers but the "
+                    "last", {}, default_layers),
+    # The best of bench/pareto's ablation on SmolLM2-135M (bench/results/pareto.md): below static Attention-Drop on
+    # WikiText-2 at 12.5%, 25% and 37.5% of all attention sublayers skipped, and far below the paper's recipe.
+    "kd-wide": Recipe(
+        "self-distillation, routers on every layer but the first eighth and the last, initialised from the "
+        "Attention-Drop redundancy and held there by the capacity multiplier from the first step, lr 5e-4",
+        {"loss": "kd", "router_init": "redundancy", "initial_multiplier": 1.0, "learning_rate": 5e-4},
+        wide_layers,
+    ),
+}
