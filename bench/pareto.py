@@ -9,7 +9,8 @@ and the Pareto curves that show it (perplexity and accuracy against the share of
 Recipes (the levers of Router-Tuning; ``paper`` is the paper's: CE, zero init, layers 14..28, Alpaca):
 
 * ``loss``: ``ce``, or ``kd``: self-distillation from the same model with its routers bypassed;
-* ``init``: ``zero``, or ``redundancy``: router biases from Attention-Drop's scores (the static drop as the start);
+* ``init``: ``zero``, or ``redundancy``: router biases from Attention-Drop's scores (the static drop as the start),
+  or ``cost``: from the measured cost of skipping each layer alone (the cheapest static drop by that measure);
 * ``layers``: ``paper`` (the last half but the last), or ``wide`` (every layer but the first few and the last);
 * ``data``: ``alpaca``, or ``mix``: Alpaca with GSM8K's train split and WikiText-2's validation text, as many
   examples as Alpaca alone (the same budget);
@@ -92,6 +93,7 @@ RECIPES = {
     "kd+init+wide+hold+slow": Recipe(loss="kd", init="redundancy", layers="wide", multiplier=1.0, learning_rate=5e-4),
     "kd+init+wide+hold+slow+mix": Recipe(loss="kd", init="redundancy", layers="wide", data="mix", multiplier=1.0,
                                          learning_rate=5e-4),
+    "kd+cost+wide+hold+slow": Recipe(loss="kd", init="cost", layers="wide", multiplier=1.0, learning_rate=5e-4),
 }
 
 

@@ -11,6 +11,7 @@ import torch
 import mindskip_ext as msk
 from mindskip_ext import data as D
 from mindskip_ext.eval.perplexity import evaluate_examples
+from mindskip_ext.eval.routing import routing_decisions
 from mindskip_ext.model import CONFIG_NAME, WEIGHTS_NAME
 from mindskip_ext.testing import synthetic_instructions, tiny_model
 from mindskip_ext.training import (
@@ -264,21 +265,58 @@ def test_kd_loss_vanishes_at_a_fresh_conversion_and_teaches_the_routers_once_the
 
 def test_redundancy_init_starts_from_the_static_drop_at_the_target(tok, split):
     from mindskip_ext.eval.attention_drop import redundancy_scores, select_dropped
-    from mindskip_ext.training.init import redundancy_init
+    from mindskip_ext.training.init import static_init
 
     model = converted(tok, layers=[1, 2, 3, 4, 5, 6])
     pad = D.pad_token_id(tok)
-    init = redundancy_init(model, split[0][:32], pad, target=0.5, scale=0.5)
+    init = static_init(model, "redundancy", split[0][:32], pad, target=0.5, scale=0.5)
     scores = redundancy_scores(model.unload(), split[0][:32], pad)  # the same scores as the unconverted model's
+    assert init["kind"] == "redundancy"
     assert init["skipped_layers"] == select_dropped(scores, 3, candidates=[1, 2, 3, 4, 5, 6])
     assert init["scores"] == {str(i): pytest.approx(scores[i], abs=1e-6) for i in range(1, 7)}
 
 
-def test_kd_with_redundancy_init_lands_on_the_target(tok, split, tmp_path):
+def test_cost_init_starts_from_the_cheapest_layers_to_skip(tok, split):
+    """``cost`` ranks the layers by the measured KL of skipping each alone: the cheapest (1 - target) start
+    skipped, the rest kept, with zero weights (the start does not depend on the input)."""
+    from mindskip_ext.eval.headroom import skip_costs
+    from mindskip_ext.training.init import static_init
+
+    model = converted(tok, layers=[1, 2, 3, 4, 5, 6])
+    pad, examples = D.pad_token_id(tok), split[0][:24]
+    costs = skip_costs(model, examples, pad, batch_size=8)
+    per_token = costs.costs.sum(0) / costs.tokens.sum()
+    cheapest = sorted(costs.layers[j] for j in torch.argsort(per_token)[:2].tolist())
+    init = static_init(model, "cost", examples, pad, target=2 / 3, scale=0.25, batch_size=8)
+    assert init["kind"] == "cost" and init["skipped_layers"] == cheapest and init["sequences"] == 24
+    assert init["scores"] == {str(i): pytest.approx(float(c), abs=1e-6) for i, c in zip(costs.layers, per_token)}
+    for idx, router in model.routers.items():
+        assert torch.count_nonzero(router.weight) == 0
+        assert router.bias.item() == pytest.approx(-0.25 if idx in cheapest else 0.25)  # threshold 0.5: logit 0
+    # The start is the static drop: every held-out sequence skips exactly the cheapest layers.
+    decisions = routing_decisions(model, split[1][:8], pad, batch_size=8)
+    assert {i for i, keep in decisions.items() if not keep.any()} == set(cheapest)
+    assert all(keep.all() for i, keep in decisions.items() if i not in cheapest)
+
+
+def test_static_init_refuses_what_it_cannot_rank(tok, split):
+    from mindskip_ext.training.init import static_init
+
+    model = converted(tok, layers=[1, 2])
+    pad = D.pad_token_id(tok)
+    with pytest.raises(ValueError, match="must be 'redundancy' or 'cost'"):
+        static_init(model, "random", split[0][:4], pad, target=0.5)
+    unsupervised = [D.Example(e.input_ids, [D.IGNORE_INDEX] * len(e.labels)) for e in split[0][:4]]
+    with pytest.raises(ValueError, match="calibration sequences with supervised tokens"):
+        static_init(model, "cost", unsupervised, pad, target=0.5)
+
+
+@pytest.mark.parametrize("init", ["redundancy", "cost"])
+def test_kd_with_a_static_init_lands_on_the_target(tok, split, tmp_path, init):
     model = converted(tok)
     summary = tuner(tok, split, tmp_path, model=model, target_capacity=0.5, max_steps=40, loss="kd",
-                    router_init="redundancy").train()
-    assert summary["router_init"]["skipped_layers"] and len(summary["router_init"]["skipped_layers"]) == 2
+                    router_init=init).train()
+    assert summary["router_init"]["kind"] == init and len(summary["router_init"]["skipped_layers"]) == 2
     assert abs(summary["heldout"]["capacity"] - 0.5) <= 0.05
     steps = [json.loads(line) for line in (tmp_path / LOG_NAME).read_text().splitlines()]
     assert steps[0]["router_init"] == summary["router_init"]

@@ -17,7 +17,7 @@ from .penalty import INTEGRAL_LIMIT
 
 SCHEDULES = ("cosine", "linear", "constant")
 LOSSES = ("ce", "kd", "ce+kd")
-ROUTER_INITS = ("zero", "redundancy")
+ROUTER_INITS = ("zero", "redundancy", "cost")
 
 
 @dataclass
@@ -44,15 +44,16 @@ class RouterTuningConfig:
     router_init: str = field(
         default="zero",
         metadata={
-            "help": "Router start: 'zero' (the paper's: keeps everything) or 'redundancy' (biases from the layers' "
+            "help": "Router start: 'zero' (the paper's: keeps everything), 'redundancy' (biases from the layers' "
             "Attention-Drop scores: the most redundant layers start skipped, so the initial capacity is near the "
-            "target; weights stay zero).",
+            "target; weights stay zero) or 'cost' (the same, ranked by the measured KL of skipping each layer alone "
+            "on the calibration sequences: one forward per router layer and batch).",
             "choices": ROUTER_INITS,
         },
     )
     router_init_scale: float = field(
         default=0.5,
-        metadata={"help": "With --router-init redundancy: how far from the threshold the initial biases are."},
+        metadata={"help": "With --router-init redundancy or cost: how far from the threshold the initial biases are."},
     )
     learning_rate: float = field(
         default=1e-3, metadata={"help": "Peak AdamW learning rate of the routers.", "flag": "--lr"}

@@ -33,7 +33,7 @@ from .calibration import calibrate_capacity
 from .checkpoint import load_checkpoint, remove_checkpoints, save_checkpoint, set_rng_state
 from .config import RouterTuningConfig
 from .distributed import World, current
-from .init import redundancy_init
+from .init import static_init
 from .loss import router_tuning_loss
 from .penalty import CapacityController, FixedPenalty
 
@@ -285,9 +285,9 @@ class RouterTuner:
         if resumed_from is None:
             if self.world.is_main:
                 (self.output_dir / LOG_NAME).unlink(missing_ok=True)
-            if c.router_init == "redundancy":
-                init = redundancy_init(
-                    self.model, self.train_examples[: c.calibration_sequences], self.pad_id,
+            if c.router_init != "zero":
+                init = static_init(
+                    self.model, c.router_init, self.train_examples[: c.calibration_sequences], self.pad_id,
                     c.target_capacity if c.target_capacity is not None else 0.5, c.router_init_scale,
                     c.eval_batch_size, c.bf16,
                 )

@@ -1,10 +1,15 @@
-"""Where the routers start: the paper's zero init (keep everything), or the static Attention-Drop choice.
+"""Where the routers start: the paper's zero init (keep everything), or a static drop at the target.
 
-``redundancy`` gives the optimiser the static baseline as its starting point, so that training only has to add
-input-dependence on top. The layers are ranked by Attention-Drop's similarity score (how little the sublayer
-changes the hidden states, on calibration tokens of the unconverted model); the ``(1 - target)`` share most
-redundant start skipped (bias ``threshold_logit - scale``), the others kept (``threshold_logit + scale``). The
-weights stay zero, so the start is input-independent and the initial capacity is about the target.
+Both static starts give the optimiser a static baseline as its starting point, so that training only has to add
+input-dependence on top. The ``(1 - target)`` share of the router layers ranked most skippable start skipped (bias
+``threshold_logit - scale``), the others kept (``threshold_logit + scale``); the weights stay zero, so the start is
+input-independent and the initial capacity is about the target. The ranking, on calibration sequences:
+
+* ``redundancy``: Attention-Drop's similarity score (how little the sublayer changes the hidden states, on the
+  unconverted model): cheap (one forward per batch), but a proxy;
+* ``cost``: the measured cost of skipping each layer alone, KL(dense || only that layer skipped) per supervised
+  token (:func:`~mindskip_ext.eval.headroom.skip_costs`: one forward per layer and batch). On SmolLM2-135M the
+  two disagree: the cheapest layers by cost are 7, 6, 5 and 25, while the most similar are 25, 26, 28 and 14.
 """
 
 from __future__ import annotations
@@ -18,9 +23,19 @@ from ..data import Example
 from ..eval.attention_drop import redundancy_scores, select_dropped
 
 
+def _start_static(model, skipped: Sequence[int], scale: float) -> None:
+    """Zero every router's weight; bias ``scale`` below the threshold's logit on ``skipped``, above elsewhere."""
+    threshold = model.mindskip_config.threshold
+    center = math.log(threshold / (1.0 - threshold))
+    for idx, router in model.routers.items():
+        router.weight.zero_()
+        router.bias.fill_(center - scale if idx in skipped else center + scale)
+
+
 @torch.no_grad()
-def redundancy_init(
+def static_init(
     model,
+    kind: str,
     examples: Sequence[Example],
     pad_id: int,
     target: float,
@@ -28,20 +43,32 @@ def redundancy_init(
     batch_size: int = 16,
     bf16: bool = False,
 ) -> dict:
-    """Set every router of ``model`` (a :class:`~mindskip_ext.MindSkipModel`) from the layers' redundancy scores.
+    """Start every router of ``model`` (a :class:`~mindskip_ext.MindSkipModel`) from the static drop that ``kind``
+    (``"redundancy"`` or ``"cost"``) ranks best at kept fraction ``target``.
 
-    Returns the scores of the MindSkip layers, the layers that start skipped and the bias distance.
+    Returns the layers' scores (``redundancy``: similarity, higher is more skippable; ``cost``: nats per supervised
+    token, lower is), the layers that start skipped and the bias distance.
     """
     layers = sorted(model.routers)
-    scores = redundancy_scores(model, examples, pad_id, model.mindskip_config.granularity, batch_size, bf16)
     n_skip = round((1.0 - target) * len(layers))
-    skipped = select_dropped(scores, n_skip, candidates=layers) if n_skip else []
-    threshold = model.mindskip_config.threshold
-    center = math.log(threshold / (1.0 - threshold))
-    for idx, router in model.routers.items():
-        router.weight.zero_()
-        router.bias.fill_(center - scale if idx in skipped else center + scale)
+    if kind == "redundancy":
+        scores = redundancy_scores(model, examples, pad_id, model.mindskip_config.granularity, batch_size, bf16)
+        scores = {i: scores[i] for i in layers}
+        skipped = select_dropped(scores, n_skip, candidates=layers) if n_skip else []
+    elif kind == "cost":
+        from ..eval.headroom import skip_costs  # eval.headroom imports the training package
+
+        costs = skip_costs(model, examples, pad_id, layers, batch_size, bf16)
+        total = int(costs.tokens.sum())
+        if total == 0:
+            raise ValueError("--router-init cost needs calibration sequences with supervised tokens; these have none")
+        scores = dict(zip(costs.layers, (costs.costs.sum(0) / total).tolist()))
+        skipped = sorted(sorted(layers, key=lambda i: (scores[i], -i))[:n_skip])
+    else:
+        raise ValueError(f"static router init must be 'redundancy' or 'cost', got {kind!r}")
+    _start_static(model, skipped, scale)
     return {
+        "kind": kind,
         "scores": {str(i): round(scores[i], 6) for i in layers},
         "skipped_layers": skipped,
         "scale": scale,
