@@ -143,14 +143,6 @@ def layer_sets(num_layers: int) -> dict[str, list[int]]:
     return {"paper": default_layers(num_layers), "wide": wide_layers(num_layers)}
 
 
-def target_capacity(ratio: float, num_layers: int, layers: list[int]) -> float:
-    """The kept fraction on ``layers`` that skips ``ratio`` of all ``num_layers`` attention sublayers."""
-    capacity = 1.0 - ratio * num_layers / len(layers)
-    if not 0.0 < capacity <= 1.0:
-        raise ValueError(f"a skip ratio of {ratio} cannot be reached on {len(layers)} of {num_layers} layers")
-    return capacity
-
-
 # ---------------------------------------------------------------------------------------------------- data
 
 
@@ -192,13 +184,14 @@ def load_data(args, sizes: Sizes, tokenizer) -> Data:
 def train_recipe(run: Run, name: str, base, tokenizer, recipe: Recipe, ratio: float, data: Data, work: Path):
     """Router-tune ``recipe`` at skip ``ratio`` (or reload its finished router directory); (model, entry)."""
     import mindskip_ext as msk
+    from mindskip_ext.config import capacity_for_skip_ratio
     from mindskip_ext.data import pad_token_id
     from mindskip_ext.eval.routing import routing_decisions, routing_report
     from mindskip_ext.training import LOG_NAME, SUMMARY_NAME, RouterTuner, RouterTuningConfig
 
     sizes, pad, num_layers = run.sizes, pad_token_id(tokenizer), base.config.num_hidden_layers
     layers = layer_sets(num_layers)[recipe.layers]
-    capacity = target_capacity(ratio, num_layers, layers)
+    capacity = capacity_for_skip_ratio(ratio, num_layers, len(layers))
     out = work / name
     tuning = RouterTuningConfig(
         target_capacity=capacity, loss=recipe.loss, router_init=recipe.init, initial_multiplier=recipe.multiplier,

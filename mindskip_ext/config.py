@@ -35,6 +35,18 @@ def wide_layers(num_layers: int) -> list[int]:
     return list(range(max(1, round(0.13 * num_layers)), num_layers - 1)) or [0]
 
 
+def capacity_for_skip_ratio(skip_ratio: float, num_layers: int, router_layers: int) -> float:
+    """The kept fraction over ``router_layers`` MindSkip layers that skips ``skip_ratio`` of all ``num_layers``
+    attention sublayers (0.125 of 30 over 25 routers: 0.85)."""
+    if not 0.0 < skip_ratio < 1.0:
+        raise ValueError(f"skip_ratio must be in (0, 1), got {skip_ratio!r}")
+    capacity = 1.0 - skip_ratio * num_layers / router_layers
+    if not 0.0 < capacity <= 1.0:
+        raise ValueError(f"a skip ratio of {skip_ratio} cannot be reached with routers on {router_layers} of "
+                         f"{num_layers} layers (at most {router_layers / num_layers:.3f})")
+    return capacity
+
+
 @dataclass
 class MindSkipConfig:
     """How a model is converted to MindSkip.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,45 @@ def test_train_recipe_sets_the_defaults_and_explicit_options_win(model_dir, data
     config = json.loads((tmp_path / "b" / "training_summary.json").read_text())["config"]
     assert set(last_json(stdout)["capacity_per_layer"]) == {"3", "4", "5", "6"}
     assert (config["loss"], config["router_init"], config["learning_rate"]) == ("ce", "redundancy", 0.002)
+
+
+def test_calibrate_moves_trained_routers_to_a_new_target(model_dir, data_file, trained, tmp_path):
+    """``calibrate`` shifts the biases so that the kept fraction on --data is the target, writes a new router
+    directory that ``eval`` measures at that capacity, and leaves the routers it read as they were."""
+    routers, _ = trained
+    before = (routers / WEIGHTS_NAME).read_bytes()
+    data = ["--data", data_file, "--max-records", "200", "--no-progress"]
+    code, stdout, _ = run_cli("calibrate", "--model", model_dir, "--routers", str(routers), *data,
+                              "--target-capacity", "0.75", "--output", str(tmp_path / "c"))
+    assert code == 0
+    result = last_json(stdout)
+    assert result["command"] == "calibrate" and result["target_capacity"] == 0.75 and result["sequences"] == 200
+    assert abs(result["capacity"] - 0.75) <= 0.05 and result["bias_shift"] > 0  # keeps more than the trained 0.5
+    assert result["skip_ratio"] == pytest.approx((1 - result["capacity"]) * 4 / 8)
+    assert json.loads((tmp_path / "c" / "calibration.json").read_text())["capacity"] == result["capacity"]
+    code, stdout, _ = run_cli("eval", "--model", model_dir, "--routers", str(tmp_path / "c"), *data)
+    assert code == 0 and last_json(stdout)["capacity"] == pytest.approx(result["capacity"], abs=1e-6)
+    assert (routers / WEIGHTS_NAME).read_bytes() == before
+    # --skip-ratio counts all 8 attention sublayers: 25% of them over the 4 router layers is capacity 0.5.
+    code, stdout, _ = run_cli("calibrate", "--model", model_dir, "--routers", str(routers), *data,
+                              "--skip-ratio", "0.25", "--output", str(tmp_path / "s"))
+    assert code == 0 and last_json(stdout)["target_capacity"] == 0.5
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--skip-ratio", "0.6", "--output", "{tmp}/x"], "cannot be reached with routers on 4 of 8 layers"),
+    (["--target-capacity", "1.5", "--output", "{tmp}/x"], r"--target-capacity must be in \(0, 1\]"),
+    (["--target-capacity", "0.5", "--output", "{routers}"], "must be a new directory"),
+])
+def test_calibrate_refuses_bad_targets_and_keeps_the_routers(model_dir, data_file, trained, tmp_path, extra,
+                                                             message):
+    routers, _ = trained
+    before = (routers / WEIGHTS_NAME).read_bytes()
+    extra = [a.format(tmp=tmp_path, routers=routers) for a in extra]
+    code, _, err = run_cli("calibrate", "--model", model_dir, "--routers", str(routers), "--data", data_file,
+                           "--max-records", "50", *extra)
+    assert code == 1 and re.search(message, err) and (routers / WEIGHTS_NAME).read_bytes() == before
+    assert not (tmp_path / "x").exists()
 
 
 def test_eval_routing_report_and_static_projection(model_dir, data_file, trained):
@@ -270,8 +310,6 @@ def test_bad_input_is_one_readable_line(model_dir, data_file, tmp_path):
             "not a MindSkip router directory",
         ),
     ]
-    import re
-
     for argv, message in cases:
         code, _, err = run_cli(*argv)
         assert code == 1, argv
@@ -298,6 +336,7 @@ def test_console_entry_point_in_a_fresh_process(tmp_path):
 @pytest.mark.parametrize("command, flags", [
     ("train", ["--target-capacity", "--l1-lambda", "--layers", "--max-steps", "--kept-only", "--resume"]),
     ("eval", ["--routers", "--tasks", "--include-path"]),
+    ("calibrate", ["--routers", "--target-capacity", "--skip-ratio", "--output"]),
     ("drop", ["--n", "--output", "--granularity"]),
     ("generate", ["--prompt", "--routers"]),
     ("demo", ["--target-capacity", "--model"]),

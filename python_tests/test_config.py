@@ -25,6 +25,17 @@ def test_wide_layers_leave_out_the_first_eighth_and_the_last():
         wide_layers(1)
 
 
+def test_capacity_for_skip_ratio_counts_all_attention_sublayers():
+    from mindskip_ext.config import capacity_for_skip_ratio
+
+    assert capacity_for_skip_ratio(0.125, 30, 25) == pytest.approx(0.85)
+    assert capacity_for_skip_ratio(0.25, 8, 4) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="cannot be reached with routers on 4 of 8 layers"):
+        capacity_for_skip_ratio(0.6, 8, 4)
+    with pytest.raises(ValueError, match=r"skip_ratio must be in \(0, 1\)"):
+        capacity_for_skip_ratio(0.0, 8, 4)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -1,4 +1,5 @@
-"""The ``mindskip`` command line: ``train``, ``eval``, ``drop``, ``generate``, ``fetch-model``, ``demo``.
+"""The ``mindskip`` command line: ``train``, ``calibrate``, ``eval``, ``drop``, ``generate``, ``fetch-model``,
+``demo``.
 
 One module per command, each with ``add_parser(subparsers)`` (which sets ``func``) and ``run(args)``.
 ``train`` and ``eval`` end with one JSON line of the final numbers on stdout. Errors are one readable
@@ -10,9 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import demo, drop, evaluate, fetch_model, generate, train
+from . import calibrate, demo, drop, evaluate, fetch_model, generate, train
 
-COMMANDS = (train, evaluate, drop, generate, fetch_model, demo)
+COMMANDS = (train, calibrate, evaluate, drop, generate, fetch_model, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
