@@ -144,16 +144,22 @@ def select_dropped(scores: dict[int, float], n: int, candidates: Sequence[int] |
     return sorted(ranked[:n])
 
 
-def set_static_routing(model: MindSkipModel, dropped: Sequence[int]) -> None:
-    """Make every router of ``model`` input-independent: the layers in ``dropped`` skip every sequence, the other
-    MindSkip layers keep every sequence."""
+def set_static_routing(
+    model: MindSkipModel,
+    dropped: Sequence[int],
+    skip_bias: float = FORCED_SKIP_BIAS,
+    keep_bias: float = FORCED_KEEP_BIAS,
+) -> None:
+    """Make every router of ``model`` input-independent: zero weights, ``skip_bias`` on the layers in ``dropped``
+    and ``keep_bias`` on the other MindSkip layers. The defaults skip / keep every sequence at any threshold;
+    biases near the threshold make a trainable static start (:mod:`mindskip_ext.training.init`)."""
     unknown = sorted(set(dropped) - set(model.routers))
     if unknown:
         raise ValueError(f"layer {unknown[0]} is not a MindSkip layer of this model ({sorted(model.routers)})")
     with torch.no_grad():
         for idx, router in model.routers.items():
             router.weight.zero_()
-            router.bias.fill_(FORCED_SKIP_BIAS if idx in dropped else FORCED_KEEP_BIAS)
+            router.bias.fill_(skip_bias if idx in dropped else keep_bias)
 
 
 def dropped_model(model, dropped: Sequence[int], granularity: str = "attn") -> MindSkipModel:

@@ -20,16 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from ..data import Example
-from ..eval.attention_drop import redundancy_scores, select_dropped
-
-
-def _start_static(model, skipped: Sequence[int], scale: float) -> None:
-    """Zero every router's weight; bias ``scale`` below the threshold's logit on ``skipped``, above elsewhere."""
-    threshold = model.mindskip_config.threshold
-    center = math.log(threshold / (1.0 - threshold))
-    for idx, router in model.routers.items():
-        router.weight.zero_()
-        router.bias.fill_(center - scale if idx in skipped else center + scale)
+from ..eval.attention_drop import redundancy_scores, select_dropped, set_static_routing
 
 
 @torch.no_grad()
@@ -52,9 +43,8 @@ def static_init(
     layers = sorted(model.routers)
     n_skip = round((1.0 - target) * len(layers))
     if kind == "redundancy":
-        scores = redundancy_scores(model, examples, pad_id, model.mindskip_config.granularity, batch_size, bf16)
-        scores = {i: scores[i] for i in layers}
-        skipped = select_dropped(scores, n_skip, candidates=layers) if n_skip else []
+        similarity = redundancy_scores(model, examples, pad_id, model.mindskip_config.granularity, batch_size, bf16)
+        scores = skippable = {i: similarity[i] for i in layers}
     elif kind == "cost":
         from ..eval.headroom import skip_costs  # eval.headroom imports the training package
 
@@ -63,10 +53,13 @@ def static_init(
         if total == 0:
             raise ValueError("--router-init cost needs calibration sequences with supervised tokens; these have none")
         scores = dict(zip(costs.layers, (costs.costs.sum(0) / total).tolist()))
-        skipped = sorted(sorted(layers, key=lambda i: (scores[i], -i))[:n_skip])
+        skippable = {i: -cost for i, cost in scores.items()}  # the cheapest first
     else:
         raise ValueError(f"static router init must be 'redundancy' or 'cost', got {kind!r}")
-    _start_static(model, skipped, scale)
+    skipped = select_dropped(skippable, n_skip, candidates=layers) if n_skip else []
+    threshold = model.mindskip_config.threshold
+    center = math.log(threshold / (1.0 - threshold))
+    set_static_routing(model, skipped, skip_bias=center - scale, keep_bias=center + scale)
     return {
         "kind": kind,
         "scores": {str(i): round(scores[i], 6) for i in layers},
