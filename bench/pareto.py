@@ -79,6 +79,8 @@ class Recipe:
     data: str = "alpaca"
     multiplier: float = 0.0  # the capacity multiplier's start (``initial_multiplier``)
     learning_rate: float | None = None  # None: the preset's
+    steps: int | None = None  # None: the preset's (one epoch)
+    init_sequences: int | None = None  # calibration sequences of a static init (None: the preset's)
 
 
 RECIPES = {
@@ -94,6 +96,8 @@ RECIPES = {
     "kd+init+wide+hold+slow+mix": Recipe(loss="kd", init="redundancy", layers="wide", data="mix", multiplier=1.0,
                                          learning_rate=5e-4),
     "kd+cost+wide+hold+slow": Recipe(loss="kd", init="cost", layers="wide", multiplier=1.0, learning_rate=5e-4),
+    "kd+joint+wide+hold+slow+mix+short": Recipe(loss="kd", init="joint", layers="wide", data="mix", multiplier=1.0,
+                                                learning_rate=5e-4, steps=48, init_sequences=32),
 }
 
 
@@ -193,11 +197,13 @@ def train_recipe(run: Run, name: str, base, tokenizer, recipe: Recipe, ratio: fl
     layers = layer_sets(num_layers)[recipe.layers]
     capacity = capacity_for_skip_ratio(ratio, num_layers, len(layers))
     out = work / name
+    steps = [s for s in (recipe.steps, sizes.steps) if s is not None]  # a smoke preset's cap wins
     tuning = RouterTuningConfig(
         target_capacity=capacity, loss=recipe.loss, router_init=recipe.init, initial_multiplier=recipe.multiplier,
         learning_rate=recipe.learning_rate or sizes.learning_rate,
-        batch_size=sizes.batch_size, max_steps=sizes.steps, seed=sizes.seed, log_every=5, save_every=20,
-        calibration_sequences=sizes.calibration_sequences, eval_batch_size=sizes.eval_batch_size,
+        batch_size=sizes.batch_size, max_steps=min(steps, default=None), seed=sizes.seed, log_every=5,
+        save_every=20, calibration_sequences=sizes.calibration_sequences, eval_batch_size=sizes.eval_batch_size,
+        router_init_sequences=recipe.init_sequences and min(recipe.init_sequences, sizes.calibration_sequences),
     )
     if (out / SUMMARY_NAME).is_file():
         model = msk.MindSkipModel.from_pretrained(base, out)

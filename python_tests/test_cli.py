@@ -122,6 +122,24 @@ def test_train_recipe_sets_the_defaults_and_explicit_options_win(model_dir, data
     assert (config["loss"], config["router_init"], config["learning_rate"]) == ("ce", "redundancy", 0.002)
 
 
+def test_train_to_a_skip_ratio_sets_the_capacity_from_the_router_layers(model_dir, data_file, tmp_path):
+    """--skip-ratio is a share of all attention sublayers: 0.25 of the tiny model's 8 layers over kd-wide's 6
+    router layers (1..6) is a kept fraction of 2/3 there, and of 1/2 over the paper recipe's 4 (3..6)."""
+    common = ["train", "--model", model_dir, "--data", data_file, "--skip-ratio", "0.25", "--max-steps", "3",
+              "--batch-size", "16", "--calibration-sequences", "32", "--no-progress"]
+    for recipe, routers in (("kd-wide", 6), ("paper", 4)):
+        code, stdout, _ = run_cli(*common, "--recipe", recipe, "--output", str(tmp_path / recipe))
+        assert code == 0
+        result = last_json(stdout)
+        assert len(result["capacity_per_layer"]) == routers and result["skip_ratio"] == 0.25
+        assert result["target_capacity"] == pytest.approx(1 - 0.25 * 8 / routers)
+        summary = json.loads((tmp_path / recipe / "training_summary.json").read_text())
+        assert summary["skip_ratio"] == 0.25 and summary["target_capacity"] == result["target_capacity"]
+    code, _, err = run_cli(*common, "--recipe", "paper", "--skip-ratio", "0.6", "--output", str(tmp_path / "x"))
+    assert code == 1 and "a skip ratio of 0.6 cannot be reached with routers on 4 of 8 layers" in err
+    assert not (tmp_path / "x").exists()
+
+
 def test_calibrate_moves_trained_routers_to_a_new_target(model_dir, data_file, trained, tmp_path):
     """``calibrate`` shifts the biases so that the kept fraction on --data is the target, writes a new router
     directory that ``eval`` measures at that capacity, and leaves the routers it read as they were."""
@@ -257,6 +275,7 @@ def test_bad_input_is_one_readable_line(model_dir, data_file, tmp_path):
     cases = [
         (train + ["--target-capacity", "1.5"], r"target_capacity must be in \(0, 1\]"),
         (train + ["--target-capacity", "0"], r"target_capacity must be in \(0, 1\]"),
+        (train + ["--skip-ratio", "1"], r"skip_ratio must be in \(0, 1\)"),
         (
             [
                 "train",
@@ -334,7 +353,8 @@ def test_console_entry_point_in_a_fresh_process(tmp_path):
 
 
 @pytest.mark.parametrize("command, flags", [
-    ("train", ["--target-capacity", "--l1-lambda", "--layers", "--max-steps", "--kept-only", "--resume"]),
+    ("train", ["--target-capacity", "--skip-ratio", "--l1-lambda", "--layers", "--max-steps", "--kept-only",
+               "--resume"]),
     ("eval", ["--routers", "--tasks", "--include-path"]),
     ("calibrate", ["--routers", "--target-capacity", "--skip-ratio", "--output"]),
     ("drop", ["--n", "--output", "--granularity"]),

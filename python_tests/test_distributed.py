@@ -194,7 +194,8 @@ def test_hf_trainer_path_lands_on_the_target_capacity(tok, tmp_path):
         logging_steps=5, use_cpu=True, dataloader_num_workers=0, seed=0,
     )
     trainer = RouterTuningTrainer(model=model, args=args, train_dataset=train, data_collator=example_collator(pad),
-                                  tuning=RouterTuningConfig(target_capacity=0.5))
+                                  tuning=RouterTuningConfig(skip_ratio=0.25))
+    assert trainer.tuning.target_capacity == 0.5  # a quarter of 8 layers is half of the 4 router layers
     trainer.train()
     assert len(trainer.routing.history) == 20 and trainer.routing.penalty.scale is not None
     assert all(not p.requires_grad for n, p in model.named_parameters() if ".router." not in n)

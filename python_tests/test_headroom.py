@@ -55,6 +55,25 @@ def test_costs_are_the_kl_of_skipping_one_layer_and_leave_the_routers_as_they_we
     torch.testing.assert_close(alone.costs, costs.costs[:5, [0, 2]], rtol=1e-4, atol=1e-5)
 
 
+def test_costs_with_layers_already_skipped_are_those_of_the_whole_set(tok, examples, model):
+    """``also_skipped`` costs each layer together with those: the joint cost a greedy search adds layers by."""
+    pad = D.pad_token_id(tok)
+    joint = skip_costs(model, examples[:6], pad, batch_size=6, also_skipped=[1])
+    assert joint.layers == [2, 3]  # every MindSkip layer but those already skipped
+    batch = D.collate(examples[:6], pad)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    saved = {k: v.clone() for k, v in model.router_state_dict().items()}
+    with torch.no_grad():
+        teacher = model(**inputs, mindskip_bypass=True).logits
+        set_static_routing(model, [1, 3])
+        student = model(**inputs).logits
+    model.load_router_state_dict(saved)
+    kl, _ = distillation_kl(student, teacher, batch["labels"])
+    assert float(joint.costs[:, 1].sum()) == pytest.approx(float(kl), rel=1e-4, abs=1e-6)
+    alone = skip_costs(model, examples[:6], pad, layers=[3], batch_size=6)
+    assert not torch.allclose(alone.costs[:, 0], joint.costs[:, 1])  # skipping 1 as well changes the cost
+
+
 def test_bad_inputs_are_refused(tok, examples, model):
     pad = D.pad_token_id(tok)
     with pytest.raises(TypeError, match="MindSkipModel"):
@@ -63,6 +82,10 @@ def test_bad_inputs_are_refused(tok, examples, model):
         skip_costs(model, examples, pad, layers=[1, 4])
     with pytest.raises(ValueError, match="at least one layer and one example"):
         skip_costs(model, [], pad)
+    with pytest.raises(ValueError, match="layer 2 is both a layer to cost and one already skipped"):
+        skip_costs(model, examples, pad, layers=[2, 3], also_skipped=[2])
+    with pytest.raises(ValueError, match="layer 0 is not a MindSkip layer"):
+        skip_costs(model, examples, pad, also_skipped=[0])
     costs = SkipCosts([1, 2], torch.ones(3, 2, dtype=torch.float64), torch.ones(3, dtype=torch.long))
     with pytest.raises(ValueError, match="no skip costs for router layer 3"):
         headroom(costs, {1: torch.ones(3, dtype=torch.bool), 3: torch.ones(3, dtype=torch.bool)})

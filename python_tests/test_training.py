@@ -52,6 +52,9 @@ def tuner(tok, split, out, model=None, **settings):
     [
         ({}, "exactly one"),
         ({"target_capacity": 0.5, "l1_lambda": 0.1}, "exactly one"),
+        ({"target_capacity": 0.5, "skip_ratio": 0.25}, "exactly one"),
+        ({"skip_ratio": 0.0}, r"skip_ratio must be in \(0, 1\)"),
+        ({"skip_ratio": float("nan")}, r"skip_ratio must be in \(0, 1\)"),
         ({"target_capacity": 0.0}, r"\(0, 1\]"),
         ({"target_capacity": 1.5}, r"\(0, 1\]"),
         ({"target_capacity": float("nan")}, r"\(0, 1\]"),
@@ -69,6 +72,17 @@ def test_bad_settings_fail_before_training(settings, message):
 
 def test_full_capacity_target_is_allowed():
     assert RouterTuningConfig(target_capacity=1).target_capacity == 1.0
+
+
+def test_a_skip_ratio_resolves_to_the_capacity_of_the_router_layers():
+    config = RouterTuningConfig(skip_ratio=0.125, loss="kd")
+    assert config.mode == "target"
+    resolved = config.resolved(num_layers=30, router_layers=25)
+    assert resolved.target_capacity == pytest.approx(0.85) and resolved.skip_ratio is None
+    assert resolved.loss == "kd" and config.skip_ratio == 0.125  # the original is unchanged
+    assert RouterTuningConfig(target_capacity=0.5).resolved(30, 25).target_capacity == 0.5
+    with pytest.raises(ValueError, match="cannot be reached with routers on 15 of 30 layers"):
+        RouterTuningConfig(skip_ratio=0.6).resolved(30, 15)
 
 
 def test_lr_schedule_warms_up_and_decays():
@@ -299,24 +313,56 @@ def test_cost_init_starts_from_the_cheapest_layers_to_skip(tok, split):
     assert all(keep.all() for i, keep in decisions.items() if i not in cheapest)
 
 
+def test_joint_init_adds_the_layer_cheapest_together_with_those_chosen(tok, split):
+    """``joint`` is a greedy search on the cost of the whole skipped set: it starts from the cheapest layer alone,
+    so with two layers to skip its pair costs at most what the two cheapest alone cost together."""
+    from mindskip_ext.eval.headroom import skip_costs
+    from mindskip_ext.training.init import static_init
+
+    model = converted(tok, layers=[1, 2, 3, 4, 5, 6])
+    pad, examples = D.pad_token_id(tok), split[0][:24]
+
+    def joint_cost(layers):
+        *rest, last = sorted(layers)
+        costs = skip_costs(model, examples, pad, [last], batch_size=8, also_skipped=rest)
+        return float(costs.costs.sum() / costs.tokens.sum())
+
+    alone = static_init(model, "cost", examples, pad, target=2 / 3, scale=0.25, batch_size=8)
+    init = static_init(model, "joint", examples, pad, target=2 / 3, scale=0.25, batch_size=8)
+    assert init["kind"] == "joint" and init["scores"] == alone["scores"]
+    first, second = init["path"]
+    cheapest = min(alone["scores"], key=lambda i: (alone["scores"][i], -int(i)))  # ties: the later layer
+    assert first["layer"] == int(cheapest)
+    assert first["cost"] == pytest.approx(alone["scores"][str(first["layer"])], abs=1e-6)
+    assert init["skipped_layers"] == sorted([first["layer"], second["layer"]])
+    assert second["cost"] == pytest.approx(joint_cost(init["skipped_layers"]), abs=1e-6)  # rounded to 6 places
+    pairs = {b: joint_cost([first["layer"], b]) for b in range(1, 7) if b != first["layer"]}
+    assert second["layer"] == min(pairs, key=lambda b: (pairs[b], -b))  # the cheapest pair with the first layer,
+    assert second["cost"] <= joint_cost(alone["skipped_layers"]) + 1e-6  # so no dearer than the two cheapest alone
+    for idx, router in model.routers.items():
+        assert torch.count_nonzero(router.weight) == 0
+        assert router.bias.item() == pytest.approx(-0.25 if idx in init["skipped_layers"] else 0.25)
+
+
 def test_static_init_refuses_what_it_cannot_rank(tok, split):
     from mindskip_ext.training.init import static_init
 
     model = converted(tok, layers=[1, 2])
     pad = D.pad_token_id(tok)
-    with pytest.raises(ValueError, match="must be 'redundancy' or 'cost'"):
+    with pytest.raises(ValueError, match="must be 'redundancy', 'cost' or 'joint'"):
         static_init(model, "random", split[0][:4], pad, target=0.5)
     unsupervised = [D.Example(e.input_ids, [D.IGNORE_INDEX] * len(e.labels)) for e in split[0][:4]]
     with pytest.raises(ValueError, match="calibration sequences with supervised tokens"):
         static_init(model, "cost", unsupervised, pad, target=0.5)
 
 
-@pytest.mark.parametrize("init", ["redundancy", "cost"])
+@pytest.mark.parametrize("init", ["redundancy", "cost", "joint"])
 def test_kd_with_a_static_init_lands_on_the_target(tok, split, tmp_path, init):
     model = converted(tok)
     summary = tuner(tok, split, tmp_path, model=model, target_capacity=0.5, max_steps=40, loss="kd",
-                    router_init=init).train()
+                    router_init=init, router_init_sequences=12).train()
     assert summary["router_init"]["kind"] == init and len(summary["router_init"]["skipped_layers"]) == 2
+    assert summary["router_init"]["sequences"] == 12
     assert abs(summary["heldout"]["capacity"] - 0.5) <= 0.05
     steps = [json.loads(line) for line in (tmp_path / LOG_NAME).read_text().splitlines()]
     assert steps[0]["router_init"] == summary["router_init"]
@@ -343,6 +389,7 @@ def test_the_multiplier_can_start_at_balance(tok, split, tmp_path):
     ({"initial_multiplier": float("inf")}, "initial_multiplier must be in"),
     ({"router_init": "random"}, "router_init must be one of"),
     ({"kd_temperature": 0.0}, "kd_temperature must be > 0"),
+    ({"router_init_sequences": 0}, "router_init_sequences must be at least 1"),
 ])
 def test_bad_quality_settings_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):

@@ -18,7 +18,8 @@ def add_parser(subparsers) -> None:
         "train",
         help="Router-Tuning: train only the MindSkip routers of a frozen model.",
         description="Convert a model to MindSkip and train only its routers on instruction/chat/text data. "
-        "With --target-capacity the capacity is controlled to the target and calibrated at the end; "
+        "With --target-capacity (the kept fraction over the router layers) or --skip-ratio (the share of all "
+        "attention sublayers skipped) the capacity is controlled to the target and calibrated at the end; "
         "--l1-lambda uses the paper's fixed-lambda L1 penalty instead. Writes a router directory "
         "(mindskip_config.json + routers.safetensors), train_log.jsonl and training_summary.json to --output.",
     )
@@ -32,8 +33,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--recipe", choices=list(RECIPES), default="paper",
                    help="Defaults of the settings below and of --layers; options given explicitly win. "
                    + "; ".join(f"{name}: {r.description}" for name, r in RECIPES.items())
-                   + ". --target-capacity is the kept fraction over the router layers either way.")
-    add_options(p, RouterTuningConfig, exclusive_required=("target_capacity", "l1_lambda"))
+                   + ". --target-capacity is the kept fraction over the router layers either way; --skip-ratio "
+                   "means the same speed whatever the layers.")
+    add_options(p, RouterTuningConfig, exclusive_required=("target_capacity", "skip_ratio", "l1_lambda"))
     add_options(p, MindSkipConfig, exclude=EXCLUDED[MindSkipConfig])
     add_common(p)
     p.set_defaults(func=run)
@@ -121,7 +123,8 @@ def _train(args, device, world) -> int:
             "recipe": args.recipe,
             "capacity": held["capacity"],
             "capacity_per_layer": held["capacity_per_layer"],
-            "target_capacity": config.target_capacity,
+            "target_capacity": tuner.config.target_capacity,
+            "skip_ratio": config.skip_ratio,
             "calibrated_capacity": summary["calibration"]["capacity"] if summary["calibration"] else None,
             "loss": held["loss"],
             "perplexity": held["perplexity"],

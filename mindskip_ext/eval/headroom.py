@@ -53,17 +53,24 @@ def skip_costs(
     layers: Sequence[int] | None = None,
     batch_size: int = 8,
     bf16: bool = False,
+    also_skipped: Sequence[int] = (),
 ) -> SkipCosts:
-    """The cost of skipping each of ``layers`` (default: every MindSkip layer) alone, for every example.
+    """The cost of skipping each of ``layers`` (default: every MindSkip layer but ``also_skipped``) alone, for every
+    example: KL(dense || that layer skipped). With ``also_skipped``, each layer is skipped together with those, so
+    a cost is that of the whole set (the joint cost a greedy search adds layers by).
 
     Runs ``len(layers) + 1`` forwards per batch. The routers are restored afterwards."""
     if not isinstance(model, MindSkipModel):
         raise TypeError(f"skip_costs needs a MindSkipModel with routers on the layers to cost, got "
                         f"{type(model).__name__}")
-    layers = sorted(model.routers) if layers is None else sorted(layers)
-    missing = sorted(set(layers) - set(model.routers))
+    also_skipped = sorted(also_skipped)
+    layers = sorted(set(model.routers) - set(also_skipped)) if layers is None else sorted(layers)
+    missing = sorted(set(layers).union(also_skipped) - set(model.routers))
     if missing:
         raise ValueError(f"layer {missing[0]} is not a MindSkip layer of this model ({sorted(model.routers)})")
+    both = sorted(set(layers) & set(also_skipped))
+    if both:
+        raise ValueError(f"layer {both[0]} is both a layer to cost and one already skipped")
     if not layers or not examples:
         raise ValueError("skip_costs needs at least one layer and one example")
     device = model_device(model)
@@ -85,7 +92,7 @@ def skip_costs(
             owner = covered.nonzero()[:, 0]  # the sequence of each covered position
             tokens[rows] = covered.sum(1).cpu()
             for j, layer in enumerate(layers):
-                set_static_routing(model, [layer])
+                set_static_routing(model, [*also_skipped, layer])
                 with autocast_for(device, bf16):
                     student = model(**inputs).logits
                 kl = F.kl_div(covered_log_probs(student, covered), teacher_logp, log_target=True, reduction="none")

@@ -8,25 +8,32 @@ defaults to True as ``negated`` (the flag turns it off, e.g. ``--no-bf16``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..config import default_layers, wide_layers
+from ..config import capacity_for_skip_ratio, default_layers, wide_layers
 from .penalty import INTEGRAL_LIMIT
 
 SCHEDULES = ("cosine", "linear", "constant")
 LOSSES = ("ce", "kd", "ce+kd")
-ROUTER_INITS = ("zero", "redundancy", "cost")
+ROUTER_INITS = ("zero", "redundancy", "cost", "joint")
 
 
 @dataclass
 class RouterTuningConfig:
-    """Settings of one Router-Tuning run. Exactly one of ``target_capacity`` and ``l1_lambda``."""
+    """Settings of one Router-Tuning run. Exactly one of ``target_capacity``, ``skip_ratio`` (a target capacity
+    set by the model's layers: :meth:`resolved`) and ``l1_lambda``."""
 
     target_capacity: float | None = field(
         default=None,
         metadata={"help": "Kept fraction to land on, in (0, 1]: controlled in training, calibrated at the end."},
+    )
+    skip_ratio: float | None = field(
+        default=None,
+        metadata={"help": "Share of all attention sublayers to skip, in (0, 1): the target capacity over the router "
+                  "layers that gives it (the same speed whatever layers carry routers)."},
     )
     l1_lambda: float | None = field(
         default=None, metadata={"help": "The paper's penalty lambda*mean(keep), with a fixed lambda."}
@@ -46,14 +53,21 @@ class RouterTuningConfig:
         metadata={
             "help": "Router start: 'zero' (the paper's: keeps everything), 'redundancy' (biases from the layers' "
             "Attention-Drop scores: the most redundant layers start skipped, so the initial capacity is near the "
-            "target; weights stay zero) or 'cost' (the same, ranked by the measured KL of skipping each layer alone "
-            "on the calibration sequences: one forward per router layer and batch).",
+            "target; weights stay zero), 'cost' (the same, ranked by the measured KL of skipping each layer alone "
+            "on the calibration sequences: one forward per router layer and batch) or 'joint' (a greedy search: "
+            "again and again the layer whose skip costs least together with those already chosen; about as many "
+            "times the forwards of 'cost' as layers start skipped).",
             "choices": ROUTER_INITS,
         },
     )
     router_init_scale: float = field(
         default=0.5,
-        metadata={"help": "With --router-init redundancy or cost: how far from the threshold the initial biases are."},
+        metadata={"help": "With a static --router-init: how far from the threshold the initial biases are."},
+    )
+    router_init_sequences: int | None = field(
+        default=None,
+        metadata={"help": "Training sequences a static --router-init ranks the layers on (default: "
+                  "--calibration-sequences)."},
     )
     learning_rate: float = field(
         default=1e-3, metadata={"help": "Peak AdamW learning rate of the routers.", "flag": "--lr"}
@@ -113,8 +127,13 @@ class RouterTuningConfig:
     eval_batch_size: int = field(default=16, metadata={"help": "Sequences per held-out evaluation batch."})
 
     def __post_init__(self):
-        if (self.target_capacity is None) == (self.l1_lambda is None):
-            raise ValueError("give exactly one of target_capacity (target control) and l1_lambda (paper's L1 penalty)")
+        if sum(v is not None for v in (self.target_capacity, self.skip_ratio, self.l1_lambda)) != 1:
+            raise ValueError("give exactly one of target_capacity or skip_ratio (target control) and l1_lambda "
+                             "(paper's L1 penalty)")
+        if self.skip_ratio is not None:
+            r = self.skip_ratio
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < r < 1.0:
+                raise ValueError(f"skip_ratio must be in (0, 1), got {r!r}")
         if self.target_capacity is not None:
             t = self.target_capacity
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t <= 1.0 or math.isnan(t):
@@ -134,7 +153,7 @@ class RouterTuningConfig:
         for name in ("eval_every", "save_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("max_steps", "stop_after_steps"):
+        for name in ("max_steps", "stop_after_steps", "router_init_sequences"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not (math.isfinite(self.initial_multiplier) and abs(self.initial_multiplier) <= INTEGRAL_LIMIT):
@@ -151,7 +170,15 @@ class RouterTuningConfig:
 
     @property
     def mode(self) -> str:
-        return "target" if self.target_capacity is not None else "l1"
+        return "l1" if self.l1_lambda is not None else "target"
+
+    def resolved(self, num_layers: int, router_layers: int) -> RouterTuningConfig:
+        """This config with a ``skip_ratio`` turned into the ``target_capacity`` that skips it, for routers on
+        ``router_layers`` of a model's ``num_layers`` decoder layers (otherwise itself)."""
+        if self.skip_ratio is None:
+            return self
+        capacity = capacity_for_skip_ratio(self.skip_ratio, num_layers, router_layers)
+        return dataclasses.replace(self, target_capacity=capacity, skip_ratio=None)
 
 
 @dataclass(frozen=True)

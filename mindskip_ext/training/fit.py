@@ -97,7 +97,8 @@ class RouterTuner:
         self.model = model
         self.train_examples = list(train_examples)
         self.heldout_examples = list(heldout_examples)
-        self.config = config
+        self.skip_ratio = config.skip_ratio
+        self.config = config = config.resolved(model.config.num_hidden_layers, len(model.routers))
         self.output_dir = Path(output_dir)
         self.pad_id = pad_id
         self.progress = progress
@@ -286,8 +287,9 @@ class RouterTuner:
             if self.world.is_main:
                 (self.output_dir / LOG_NAME).unlink(missing_ok=True)
             if c.router_init != "zero":
+                sequences = c.router_init_sequences or c.calibration_sequences
                 init = static_init(
-                    self.model, c.router_init, self.train_examples[: c.calibration_sequences], self.pad_id,
+                    self.model, c.router_init, self.train_examples[:sequences], self.pad_id,
                     c.target_capacity if c.target_capacity is not None else 0.5, c.router_init_scale,
                     c.eval_batch_size, c.bf16,
                 )
@@ -363,6 +365,7 @@ class RouterTuner:
         summary = {
             "mode": c.mode,
             "target_capacity": c.target_capacity,
+            "skip_ratio": self.skip_ratio,
             "l1_lambda": c.l1_lambda,
             "steps": self.step,
             "resumed_from_step": resumed_from,

@@ -67,7 +67,7 @@ class RouterTuningTrainer(Trainer):
 
     def __init__(self, *args, tuning: RouterTuningConfig, **kwargs):
         super().__init__(*args, **kwargs)
-        self.tuning = tuning
+        self.tuning = tuning = tuning.resolved(self.model.config.num_hidden_layers, len(self.model.routers))
         self.routing = RouterTuningCallback(make_penalty(tuning), self.model.mindskip_config.train_all_sequences)
         self.add_callback(self.routing)
         self.model_accepts_loss_kwargs = True  # the loss below is normalised by num_items_in_batch itself
