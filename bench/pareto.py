@@ -185,26 +185,34 @@ def load_data(args, sizes: Sizes, tokenizer) -> Data:
 # ------------------------------------------------------------------------------------------------ training
 
 
-def train_recipe(run: Run, name: str, base, tokenizer, recipe: Recipe, ratio: float, data: Data, work: Path):
-    """Router-tune ``recipe`` at skip ``ratio`` (or reload its finished router directory); (model, entry)."""
-    import mindskip_ext as msk
-    from mindskip_ext.config import capacity_for_skip_ratio
-    from mindskip_ext.data import pad_token_id
-    from mindskip_ext.eval.routing import routing_decisions, routing_report
-    from mindskip_ext.training import LOG_NAME, SUMMARY_NAME, RouterTuner, RouterTuningConfig
+def tuning_config(recipe: Recipe, sizes: Sizes, capacity: float):
+    """The Router-Tuning settings of ``recipe`` at ``capacity`` under preset ``sizes`` (whose step cap, the smoke
+    preset's, wins over the recipe's own)."""
+    from mindskip_ext.training import RouterTuningConfig
 
-    sizes, pad, num_layers = run.sizes, pad_token_id(tokenizer), base.config.num_hidden_layers
-    layers = layer_sets(num_layers)[recipe.layers]
-    capacity = capacity_for_skip_ratio(ratio, num_layers, len(layers))
-    out = work / name
-    steps = [s for s in (recipe.steps, sizes.steps) if s is not None]  # a smoke preset's cap wins
-    tuning = RouterTuningConfig(
+    steps = [s for s in (recipe.steps, sizes.steps) if s is not None]
+    return RouterTuningConfig(
         target_capacity=capacity, loss=recipe.loss, router_init=recipe.init, initial_multiplier=recipe.multiplier,
         learning_rate=recipe.learning_rate or sizes.learning_rate,
         batch_size=sizes.batch_size, max_steps=min(steps, default=None), seed=sizes.seed, log_every=5,
         save_every=20, calibration_sequences=sizes.calibration_sequences, eval_batch_size=sizes.eval_batch_size,
         router_init_sequences=recipe.init_sequences and min(recipe.init_sequences, sizes.calibration_sequences),
     )
+
+
+def train_recipe(run: Run, name: str, base, tokenizer, recipe: Recipe, ratio: float, data: Data, work: Path):
+    """Router-tune ``recipe`` at skip ``ratio`` (or reload its finished router directory); (model, entry)."""
+    import mindskip_ext as msk
+    from mindskip_ext.config import capacity_for_skip_ratio
+    from mindskip_ext.data import pad_token_id
+    from mindskip_ext.eval.routing import routing_decisions, routing_report
+    from mindskip_ext.training import LOG_NAME, SUMMARY_NAME, RouterTuner
+
+    sizes, pad, num_layers = run.sizes, pad_token_id(tokenizer), base.config.num_hidden_layers
+    layers = layer_sets(num_layers)[recipe.layers]
+    capacity = capacity_for_skip_ratio(ratio, num_layers, len(layers))
+    out = work / name
+    tuning = tuning_config(recipe, sizes, capacity)
     if (out / SUMMARY_NAME).is_file():
         model = msk.MindSkipModel.from_pretrained(base, out)
         summary = json.loads((out / SUMMARY_NAME).read_text())

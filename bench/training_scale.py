@@ -37,7 +37,7 @@ def train(args, out: Path, processes: int, *extra: str) -> dict:
     flags = ["train", "--model", args.model, "--data", str(args.data_dir / ALPACA), "--output", str(out),
              "--target-capacity", "0.5", "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
              "--max-length", str(args.max_length), "--save-every", "0", "--no-progress", "--threads", "1",
-             "--no-calibrate", *extra]
+             "--no-calibrate", "--recipe", "paper", *extra]  # the recipe of the committed results
     command = [sys.executable, "-m", "mindskip_ext.cli", *flags]
     if processes > 1:
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",

@@ -34,7 +34,8 @@ def data_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(model_dir, data_file, tmp_path_factory):
-    """`mindskip train` with --target-capacity 0.5: (router dir, its final JSON line)."""
+    """`mindskip train` with the default recipe (kd-wide: routers on 1..6) and --target-capacity 0.5: (router dir,
+    its final JSON line)."""
     out = tmp_path_factory.mktemp("routers")
     code, stdout, _ = run_cli(
         "train", "--model", model_dir, "--data", data_file, "--target-capacity", "0.5", "--output", str(out),
@@ -63,13 +64,13 @@ def last_json(stdout: str) -> dict:
 
 def test_train_lands_on_the_target_capacity_on_heldout_data(trained):
     out, result = trained
-    assert result["command"] == "train" and result["target_capacity"] == 0.5
+    assert result["command"] == "train" and result["target_capacity"] == 0.5 and result["recipe"] == "kd-wide"
     assert abs(result["capacity"] - 0.5) <= 0.05
-    assert set(result["capacity_per_layer"]) == {"3", "4", "5", "6"}
+    assert set(result["capacity_per_layer"]) == {str(i) for i in range(1, 7)}
     assert result["perplexity"] > 1.0 and result["steps"] == 80
     for name in (CONFIG_NAME, WEIGHTS_NAME, "train_log.jsonl", "training_summary.json"):
         assert (out / name).is_file(), name
-    assert (out / WEIGHTS_NAME).stat().st_size < 1024 * 4  # under 1 KB per MindSkip layer
+    assert (out / WEIGHTS_NAME).stat().st_size < 1024 * 6  # under 1 KB per MindSkip layer
     assert result["router_file_bytes"] == (out / WEIGHTS_NAME).stat().st_size
 
 
@@ -91,7 +92,8 @@ def test_eval_reports_perplexity_and_capacity(model_dir, data_file, trained):
 def test_train_mixes_sources_with_kd_and_redundancy_init(model_dir, data_file, tmp_path):
     code, stdout, _ = run_cli(
         "train", "--model", model_dir, "--data", data_file, "--data", str(DATA_DIR / "alpaca_small.json"),
-        "--data-weights", "3,1", "--target-capacity", "0.5", "--loss", "kd", "--router-init", "redundancy",
+        "--data-weights", "3,1", "--target-capacity", "0.5", "--recipe", "paper", "--loss", "kd", "--router-init",
+        "redundancy",
         "--output", str(tmp_path), "--max-steps", "12", "--batch-size", "16", "--no-progress",
     )
     assert code == 0
@@ -152,19 +154,19 @@ def test_calibrate_moves_trained_routers_to_a_new_target(model_dir, data_file, t
     result = last_json(stdout)
     assert result["command"] == "calibrate" and result["target_capacity"] == 0.75 and result["sequences"] == 200
     assert abs(result["capacity"] - 0.75) <= 0.05 and result["bias_shift"] > 0  # keeps more than the trained 0.5
-    assert result["skip_ratio"] == pytest.approx((1 - result["capacity"]) * 4 / 8)
+    assert result["skip_ratio"] == pytest.approx((1 - result["capacity"]) * 6 / 8)
     assert json.loads((tmp_path / "c" / "calibration.json").read_text())["capacity"] == result["capacity"]
     code, stdout, _ = run_cli("eval", "--model", model_dir, "--routers", str(tmp_path / "c"), *data)
     assert code == 0 and last_json(stdout)["capacity"] == pytest.approx(result["capacity"], abs=1e-6)
     assert (routers / WEIGHTS_NAME).read_bytes() == before
-    # --skip-ratio counts all 8 attention sublayers: 25% of them over the 4 router layers is capacity 0.5.
+    # --skip-ratio counts all 8 attention sublayers: 25% of them over the 6 router layers is capacity 2/3.
     code, stdout, _ = run_cli("calibrate", "--model", model_dir, "--routers", str(routers), *data,
                               "--skip-ratio", "0.25", "--output", str(tmp_path / "s"))
-    assert code == 0 and last_json(stdout)["target_capacity"] == 0.5
+    assert code == 0 and last_json(stdout)["target_capacity"] == pytest.approx(2 / 3)
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--skip-ratio", "0.6", "--output", "{tmp}/x"], "cannot be reached with routers on 4 of 8 layers"),
+    (["--skip-ratio", "0.8", "--output", "{tmp}/x"], "cannot be reached with routers on 6 of 8 layers"),
     (["--target-capacity", "1.5", "--output", "{tmp}/x"], r"--target-capacity must be in \(0, 1\]"),
     (["--target-capacity", "0.5", "--output", "{routers}"], "must be a new directory"),
 ])
@@ -194,7 +196,7 @@ def test_eval_routing_report_and_static_projection(model_dir, data_file, trained
     assert code == 0
     static = last_json(stdout)
     dropped = static["routing"]["static_projection"]["dropped_layers"]
-    assert all(static["capacity_per_layer"][str(i)] == (0.0 if i in dropped else 1.0) for i in range(3, 7))
+    assert all(static["capacity_per_layer"][str(i)] == (0.0 if i in dropped else 1.0) for i in range(1, 7))
     code, _, err = run_cli("eval", "--model", model_dir, "--data", data_file, "--static-projection")
     assert code == 1 and "need --routers and --data" in err
     code, stdout, _ = run_cli(*common[:-3], "--max-records", "40", "--no-progress", "--headroom")
@@ -261,7 +263,7 @@ def test_generate_shows_skipped_layers(model_dir, trained):
     assert code == 0
     lines = stdout.splitlines()
     assert lines[0].startswith("[0] Add the two numbers.") and any(line.startswith("[1] What is") for line in lines)
-    assert sum("skipped attention in" in line and "of 4 MindSkip layers" in line for line in lines) == 2
+    assert sum("skipped attention in" in line and "of 6 MindSkip layers" in line for line in lines) == 2
 
 
 # ----------------------------------------------------------------------------------- errors and help

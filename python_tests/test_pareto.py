@@ -107,6 +107,17 @@ def test_pareto_compares_every_method_at_every_ratio(results):
         assert [c["ratio"] for c in final["meta"]["goal_checks"]] == list(pareto.RATIOS)
 
 
+def test_a_recipe_may_cap_its_steps_and_init_sequences():
+    joint = pareto.RECIPES["kd+joint+wide+hold+slow+mix+short"]
+    full = pareto.tuning_config(joint, pareto.PRESETS["default"], 0.85)
+    assert (full.router_init, full.max_steps, full.router_init_sequences, full.calibration_sequences) == (
+        "joint", 48, 32, 128)
+    smoke = pareto.tuning_config(joint, pareto.PRESETS["smoke"], 0.85)
+    assert (smoke.max_steps, smoke.router_init_sequences) == (4, 16)  # the smoke preset's caps win
+    paper = pareto.tuning_config(pareto.RECIPES["paper"], pareto.PRESETS["default"], 0.5)
+    assert paper.max_steps is None and paper.router_init_sequences is None and paper.router_init == "zero"
+
+
 def test_attention_drop_is_interpolated_between_layer_counts():
     def drop(count, wiki, heldout):
         return {"kind": "attention-drop", "scope": "all", "dropped_layers": list(range(count)),

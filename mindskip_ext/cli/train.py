@@ -30,7 +30,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="Continue from --output/checkpoints/latest when present.")
     p.add_argument("--fsdp", action="store_true",
                    help="Under torchrun: shard the frozen weights over the processes with FSDP2 (routers replicated).")
-    p.add_argument("--recipe", choices=list(RECIPES), default="paper",
+    p.add_argument("--recipe", choices=list(RECIPES), default="kd-wide",
                    help="Defaults of the settings below and of --layers; options given explicitly win. "
                    + "; ".join(f"{name}: {r.description}" for name, r in RECIPES.items())
                    + ". --target-capacity is the kept fraction over the router layers either way; --skip-ratio "
