@@ -116,9 +116,13 @@ class MindSkipModel(nn.Module):
     # ------------------------------------------------------------------ routers
 
     @property
+    def decoder_layers(self) -> nn.ModuleList:
+        """Every decoder layer of the wrapped model, MindSkip or not, in order."""
+        return layer_list(self.base_model, self._spec)
+
+    @property
     def mindskip_layers(self) -> dict[int, MindSkipDecoderLayer]:
-        layers = layer_list(self.base_model, self._spec)
-        return {i: layer for i, layer in enumerate(layers) if isinstance(layer, MindSkipDecoderLayer)}
+        return {i: layer for i, layer in enumerate(self.decoder_layers) if isinstance(layer, MindSkipDecoderLayer)}
 
     @property
     def routers(self) -> dict[int, nn.Linear]:

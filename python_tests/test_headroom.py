@@ -48,6 +48,20 @@ def test_costs_are_the_kl_of_skipping_one_layer_and_leave_the_routers_as_they_we
     kl, count = distillation_kl(student, teacher, batch["labels"])
     assert float(costs.costs[i, 1]) == pytest.approx(float(kl), rel=1e-4, abs=1e-6)
     assert int(costs.tokens[i]) == count
+    # Every layer computes again afterwards (the replayed prefixes are gone), and a forward set on an instance
+    # before (as accelerate's hooks do) is put back.
+    assert all("forward" not in layer.__dict__ for layer in model.decoder_layers)
+    hooked = model.decoder_layers[0]
+    calls, own = [], hooked.forward
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return own(*args, **kwargs)
+
+    hooked.forward = wrapped
+    skip_costs(model, examples[:2], pad, layers=[3], batch_size=2)
+    assert hooked.__dict__["forward"] is wrapped and len(calls) == 2  # ran in the dense and recorded forwards only
+    del hooked.forward
     # Padding does not change a sequence's costs.
     model.load_router_state_dict(before)
     alone = skip_costs(model, examples[:5], pad, layers=[3, 1], batch_size=1)

@@ -1,7 +1,8 @@
 """How much could input-dependent routing gain at all, and how much of it do trained routers take?
 
 The first-order cost of skipping MindSkip layer ``l`` for sequence ``x`` is KL(dense || the model with only
-``l`` skipped), summed over ``x``'s supervised positions (:func:`skip_costs`: one forward per layer and batch).
+``l`` skipped), summed over ``x``'s supervised positions (:func:`skip_costs`: about half a forward per layer and
+batch).
 Summed over the (layer, sequence) pairs that a routing skips, it approximates that routing's KL from the dense
 model (interactions between skipped layers ignored). That compares routings at the same budget without running
 each one (:func:`headroom`), in nats per supervised token:
@@ -22,12 +23,14 @@ skip than those choices gain.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..data import IGNORE_INDEX, Example, collate, length_batches
 from ..devices import autocast_for, model_device
@@ -59,7 +62,10 @@ def skip_costs(
     example: KL(dense || that layer skipped). With ``also_skipped``, each layer is skipped together with those, so
     a cost is that of the whole set (the joint cost a greedy search adds layers by).
 
-    Runs ``len(layers) + 1`` forwards per batch. The routers are restored afterwards."""
+    Per batch: the dense forward, one forward with ``also_skipped`` that records every decoder layer's output, and
+    per layer ``l`` a forward that starts at ``l`` from the recorded output of layer ``l - 1`` (the layers before
+    ``l`` compute the same either way), so a late layer costs a fraction of a forward. The routers are restored
+    afterwards."""
     if not isinstance(model, MindSkipModel):
         raise TypeError(f"skip_costs needs a MindSkipModel with routers on the layers to cost, got "
                         f"{type(model).__name__}")
@@ -91,9 +97,12 @@ def skip_costs(
             teacher_logp = covered_log_probs(teacher, covered)
             owner = covered.nonzero()[:, 0]  # the sequence of each covered position
             tokens[rows] = covered.sum(1).cpu()
+            set_static_routing(model, also_skipped)
+            with _recorded(model.decoder_layers) as outputs, autocast_for(device, bf16):
+                model(**inputs)
             for j, layer in enumerate(layers):
                 set_static_routing(model, [*also_skipped, layer])
-                with autocast_for(device, bf16):
+                with _replayed(model.decoder_layers, outputs, layer), autocast_for(device, bf16):
                     student = model(**inputs).logits
                 kl = F.kl_div(covered_log_probs(student, covered), teacher_logp, log_target=True, reduction="none")
                 per_sequence = torch.zeros(len(index), dtype=torch.float64, device=device)
@@ -102,6 +111,37 @@ def skip_costs(
         model.load_router_state_dict(saved)
         model.train(was_training)
     return SkipCosts(layers, costs, tokens)
+
+
+@contextlib.contextmanager
+def _recorded(layers: nn.ModuleList):
+    """Collects each decoder layer's output of the forwards run inside, by index."""
+    outputs = {}
+    hooks = [layer.register_forward_hook(lambda _m, _a, out, i=i: outputs.__setitem__(i, out))
+             for i, layer in enumerate(layers)]
+    try:
+        yield outputs
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+@contextlib.contextmanager
+def _replayed(layers: nn.ModuleList, outputs: dict, start: int):
+    """The layers before ``start`` return their recorded ``outputs`` instead of computing (no layer changes its
+    input in place, so the recorded tensors stay valid); any forward set on an instance (accelerate's hooks) is
+    put back."""
+    own = {i: layers[i].__dict__.get("forward") for i in range(start)}
+    for i in range(start):
+        layers[i].forward = lambda *args, _out=outputs[i], **kwargs: _out
+    try:
+        yield
+    finally:
+        for i, forward in own.items():
+            if forward is None:
+                del layers[i].forward
+            else:
+                layers[i].forward = forward
 
 
 def _static(mean_cost: torch.Tensor, count: float) -> float:
