@@ -54,9 +54,9 @@ class RouterTuningConfig:
             "help": "Router start: 'zero' (the paper's: keeps everything), 'redundancy' (biases from the layers' "
             "Attention-Drop scores: the most redundant layers start skipped, so the initial capacity is near the "
             "target; weights stay zero), 'cost' (the same, ranked by the measured KL of skipping each layer alone "
-            "on the calibration sequences: one forward per router layer and batch) or 'joint' (a greedy search: "
-            "again and again the layer whose skip costs least together with those already chosen; about as many "
-            "times the forwards of 'cost' as layers start skipped).",
+            "on the calibration sequences: about half a forward per router layer and batch) or 'joint' (a greedy "
+            "search: again and again the layer whose skip costs least together with those already chosen; about as "
+            "many times the forwards of 'cost' as layers start skipped).",
             "choices": ROUTER_INITS,
         },
     )

@@ -8,8 +8,9 @@ input-independent and the initial capacity is about the target. The ranking, on 
 * ``redundancy``: Attention-Drop's similarity score (how little the sublayer changes the hidden states, on the
   unconverted model): cheap (one forward per batch), but a proxy;
 * ``cost``: the measured cost of skipping each layer alone, KL(dense || only that layer skipped) per supervised
-  token (:func:`~mindskip_ext.eval.headroom.skip_costs`: one forward per layer and batch). On SmolLM2-135M the
-  two disagree: the cheapest layers by cost are 7, 6, 5 and 25, while the most similar are 25, 26, 28 and 14;
+  token (:func:`~mindskip_ext.eval.headroom.skip_costs`: about half a forward per layer and batch). On
+  SmolLM2-135M the two disagree: the cheapest layers by cost are 7, 6, 5 and 25, while the most similar are 25,
+  26, 28 and 14;
 * ``joint``: a greedy search on the measured cost of the whole skipped set: the cheapest layer alone, then again
   and again the layer whose skip costs least *together with* those already chosen. Skip costs interact: on
   SmolLM2-135M, 5, 6 and 7 are the cheapest alone, but 5, 6, 7 and 25 cost more perplexity than 6, 7, 25 and
