@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,6 +124,11 @@ class MindSkipConfig:
             if len(set(layers)) != len(layers):
                 raise ValueError(f"layers has duplicates: {layers}")
             self.layers = sorted(layers)
+
+    @property
+    def threshold_logit(self) -> float:
+        """The router logit at which a sequence is kept: ``log(threshold / (1 - threshold))``."""
+        return math.log(self.threshold / (1.0 - self.threshold))
 
     def resolve_layers(self, num_layers: int) -> list[int]:
         """The layer indices for a model with ``num_layers`` decoder layers, checked against that count."""

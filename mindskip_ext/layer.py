@@ -194,6 +194,8 @@ class MindSkipDecoderLayer(nn.Module):
         self.router = nn.Linear(hidden_size, 1, bias=True, device=param.device, dtype=torch.float32)
         nn.init.zeros_(self.router.weight)
         nn.init.zeros_(self.router.bias)
+        # Router-Tuning may centre the router's pooled input (see set_router_centre); None at inference.
+        self.register_buffer("router_centre", None, persistent=False)
         # The keyword the attention module takes the cache by, found once here: a compiled decode step then traces
         # no signature inspection.
         self._attn_cache_name = cache_name(self._attn_module())
@@ -217,6 +219,33 @@ class MindSkipDecoderLayer(nn.Module):
             return getattr(super().__getattr__("base_layer"), name)
 
     # ------------------------------------------------------------------ routing
+
+    def router_bias(self) -> torch.Tensor:
+        """The bias the gate applies: ``router.bias``, less ``router.weight . router_centre`` while centred."""
+        if self.router_centre is None:
+            return self.router.bias
+        return self.router.bias - self.router.weight @ self.router_centre
+
+    @torch.no_grad()
+    def set_router_centre(self, centre: torch.Tensor | None) -> None:
+        """Centre the router's input on ``centre`` (``(hidden,)``), or stop centring (None), keeping every decision.
+
+        Centred, the logit is ``w . (mean - centre) + b'``: ``router.bias`` holds ``b'``, re-expressed here so that
+        the logit of any input is unchanged. The point is the optimiser's view: the pooled input has a large part
+        common to every sequence, through which a weight step moves all logits together like a bias step; centring
+        on that part leaves the weights only the per-input differences.
+        """
+        effective = self.router_bias().clone()
+        if centre is None:
+            self.router_centre = None
+            self.router.bias.copy_(effective)
+            return
+        size = self.router.weight.shape[1]
+        if centre.shape != (size,) or not centre.is_floating_point() or not torch.isfinite(centre).all():
+            raise ValueError(f"MindSkip layer {self.layer_idx}: a router centre must be a finite float vector of "
+                             f"shape ({size},), got {centre.dtype} of shape {tuple(centre.shape)}")
+        self.router_centre = centre.detach().to(self.router.weight.device, torch.float32).clone()
+        self.router.bias.copy_(effective + self.router.weight @ self.router_centre)
 
     def _decide(self, normed, state: ForwardState | None, slot):
         """The routing of this batch: reused from the cache slot, or made now (prefill / no cache)."""
@@ -246,7 +275,7 @@ class MindSkipDecoderLayer(nn.Module):
             else:
                 mask = state.padding_mask
         score, keep, order, num_kept = ops.router_gate(
-            normed, mask, self.router.weight, self.router.bias, self.threshold
+            normed, mask, self.router.weight, self.router_bias(), self.threshold
         )
         # The one host sync of a MindSkip layer: the kept count sizes the gathered batch.
         decision = Decision(keep=keep, order=order, num_kept=int(num_kept.item()))

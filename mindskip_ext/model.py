@@ -154,10 +154,12 @@ class MindSkipModel(nn.Module):
     # ------------------------------------------------------------------ save / load
 
     def router_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every router's weight and the bias its gate applies (a centred router's, uncentred: see
+        :meth:`MindSkipDecoderLayer.set_router_centre`), fp32 on the CPU."""
         out = {}
-        for idx, router in self.routers.items():
-            out[f"layers.{idx}.router.weight"] = router.weight.detach().to("cpu", torch.float32).contiguous()
-            out[f"layers.{idx}.router.bias"] = router.bias.detach().to("cpu", torch.float32).contiguous()
+        for idx, layer in self.mindskip_layers.items():
+            out[f"layers.{idx}.router.weight"] = layer.router.weight.detach().to("cpu", torch.float32).contiguous()
+            out[f"layers.{idx}.router.bias"] = layer.router_bias().detach().to("cpu", torch.float32).contiguous()
         return out
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
@@ -211,10 +213,29 @@ class MindSkipModel(nn.Module):
         return wrapped
 
     def load_router_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load :meth:`router_state_dict`'s tensors; a centred router keeps its centre and gets the same logits."""
         with torch.no_grad():
-            for idx, router in self.routers.items():
-                router.weight.copy_(state[f"layers.{idx}.router.weight"])
-                router.bias.copy_(state[f"layers.{idx}.router.bias"])
+            for idx, layer in self.mindskip_layers.items():
+                centre = layer.router_centre
+                layer.set_router_centre(None)
+                layer.router.weight.copy_(state[f"layers.{idx}.router.weight"])
+                layer.router.bias.copy_(state[f"layers.{idx}.router.bias"])
+                if centre is not None:
+                    layer.set_router_centre(centre)
+
+    @property
+    def router_centres(self) -> dict[int, torch.Tensor] | None:
+        """Layer index -> the centre of its router's input while Router-Tuning centres them, else None."""
+        centres = {i: layer.router_centre for i, layer in self.mindskip_layers.items()}
+        return None if all(c is None for c in centres.values()) else centres
+
+    def set_router_centres(self, centres: dict[int, torch.Tensor] | None) -> None:
+        """Centre every router's input (a centre per router layer), or stop centring (None); decisions unchanged."""
+        if centres is not None and set(centres) != set(self.mindskip_layers):
+            raise ValueError(f"router centres are for layers {sorted(centres)}, the routers are on "
+                             f"{sorted(self.mindskip_layers)}")
+        for idx, layer in self.mindskip_layers.items():
+            layer.set_router_centre(None if centres is None else centres[idx])
 
     # ------------------------------------------------------------------ unload
 

@@ -344,6 +344,44 @@ def test_joint_init_adds_the_layer_cheapest_together_with_those_chosen(tok, spli
         assert router.bias.item() == pytest.approx(-0.25 if idx in init["skipped_layers"] else 0.25)
 
 
+def test_a_margin_start_puts_the_next_ranked_layer_at_the_threshold(tok, split):
+    """With ``margin`` only the whole layers of the target start skipped (6 routers at a kept 0.6 skip 2.4: two)
+    and the next-ranked layer sits exactly at the threshold, kept until training moves it; ``joint`` searches one
+    step further for it."""
+    from mindskip_ext.training.init import static_init
+
+    model = converted(tok, layers=[1, 2, 3, 4, 5, 6], threshold=0.7)
+    pad, examples = D.pad_token_id(tok), split[0][:24]
+    plain = static_init(model, "cost", examples, pad, target=0.6, scale=0.25, batch_size=8)
+    init = static_init(model, "cost", examples, pad, target=0.6, scale=0.25, batch_size=8, margin=True)
+    ranked = [int(i) for i in sorted(plain["scores"], key=lambda i: (plain["scores"][i], -int(i)))]
+    assert plain["margin"] is None and plain["skipped_layers"] == sorted(ranked[:2])
+    assert init["skipped_layers"] == sorted(ranked[:2]) and init["margin"] == ranked[2]
+    at = model.mindskip_config.threshold_logit
+    assert at == pytest.approx(math.log(0.7 / 0.3))
+    for idx, router in model.routers.items():
+        assert torch.count_nonzero(router.weight) == 0
+        expected = at if idx == ranked[2] else (at - 0.25 if idx in ranked[:2] else at + 0.25)
+        assert router.bias.item() == pytest.approx(expected)
+    decisions = routing_decisions(model, split[1][:8], pad, batch_size=8)
+    assert decisions[ranked[2]].all()  # at the threshold: kept
+    joint = static_init(model, "joint", examples, pad, target=0.6, scale=0.25, batch_size=8, margin=True)
+    assert [step["layer"] for step in joint["path"]][:1] == ranked[:1] and len(joint["path"]) == 3
+    assert joint["skipped_layers"] == sorted(step["layer"] for step in joint["path"][:2])
+    assert joint["margin"] == joint["path"][2]["layer"] not in joint["skipped_layers"]
+
+
+def test_a_margin_start_with_centred_routers_lands_on_a_target_between_whole_layers(tok, split, tmp_path):
+    model = converted(tok)  # routers on 3, 4, 5, 6: a kept 0.625 is 1.5 layers skipped
+    summary = tuner(tok, split, tmp_path, model=model, target_capacity=0.625, max_steps=40, loss="kd",
+                    router_init="cost", router_init_margin=True, router_init_sequences=12,
+                    centre_router_inputs=True).train()
+    init = summary["router_init"]
+    assert len(init["skipped_layers"]) == 1 and init["margin"] not in (None, *init["skipped_layers"])
+    assert abs(summary["heldout"]["capacity"] - 0.625) <= 0.05
+    assert model.router_centres is None
+
+
 def test_static_init_refuses_what_it_cannot_rank(tok, split):
     from mindskip_ext.training.init import static_init
 
@@ -390,6 +428,7 @@ def test_the_multiplier_can_start_at_balance(tok, split, tmp_path):
     ({"router_init": "random"}, "router_init must be one of"),
     ({"kd_temperature": 0.0}, "kd_temperature must be > 0"),
     ({"router_init_sequences": 0}, "router_init_sequences must be at least 1"),
+    ({"router_init_margin": True}, "router_init_margin needs a static router_init"),
 ])
 def test_bad_quality_settings_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):

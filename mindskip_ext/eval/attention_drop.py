@@ -132,16 +132,18 @@ def redundancy_scores(
     return {idx: capture.total[idx] / capture.tokens[idx] for idx in sorted(capture.total)}
 
 
-def select_dropped(scores: dict[int, float], n: int, candidates: Sequence[int] | None = None) -> list[int]:
-    """The ``n`` candidate layers with the highest similarity (ties: the later layer), sorted."""
+def select_dropped(scores: dict[int, float], n: int, candidates: Sequence[int] | None = None,
+                   ordered: bool = False) -> list[int]:
+    """The ``n`` candidate layers with the highest similarity (ties: the later layer), sorted (``ordered``: the
+    highest first)."""
     pool = list(scores) if candidates is None else list(candidates)
     unknown = [i for i in pool if i not in scores]
     if unknown:
         raise ValueError(f"layer {unknown[0]} is not a decoder layer of this model (0..{len(scores) - 1})")
     if not 1 <= n <= len(pool):
         raise ValueError(f"n must be between 1 and the number of candidate layers ({len(pool)}), got {n}")
-    ranked = sorted(pool, key=lambda i: (scores[i], i), reverse=True)
-    return sorted(ranked[:n])
+    ranked = sorted(pool, key=lambda i: (scores[i], i), reverse=True)[:n]
+    return ranked if ordered else sorted(ranked)
 
 
 def set_static_routing(

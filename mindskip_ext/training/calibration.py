@@ -8,7 +8,6 @@ rounds, since skipping in one layer changes the inputs of the next.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -44,7 +43,7 @@ def calibrate_capacity(
     (k = target * pairs), then re-measures, because a changed decision in one layer changes the
     inputs of the later layers. Stops within ``tolerance`` or after ``rounds`` shifts.
     """
-    threshold = math.log(model.mindskip_config.threshold / (1.0 - model.mindskip_config.threshold))
+    threshold = model.mindskip_config.threshold_logit
     total_shift, history = 0.0, []
     for _ in range(rounds + 1):
         logits, capacity = router_logits(model, examples, pad_id, batch_size, bf16)

@@ -64,6 +64,18 @@ class RouterTuningConfig:
         default=0.5,
         metadata={"help": "With a static --router-init: how far from the threshold the initial biases are."},
     )
+    router_init_margin: bool = field(
+        default=False,
+        metadata={"help": "With a static --router-init: only the layers the target skips in whole start skipped, and "
+                  "the next-ranked layer starts exactly at the threshold, so that training splits it per input "
+                  "(a target between whole layers then comes from routing, not from flipping a whole layer)."},
+    )
+    centre_router_inputs: bool = field(
+        default=False,
+        metadata={"help": "Train every router on its input less the input's mean over the calibration sequences at "
+                  "the start (folded into the bias when saved). Without it the common part of the pooled input "
+                  "makes weight steps act like bias steps, and routers stay static or flip whole layers."},
+    )
     router_init_sequences: int | None = field(
         default=None,
         metadata={"help": "Training sequences a static --router-init ranks the layers on (default: "
@@ -139,6 +151,8 @@ class RouterTuningConfig:
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t <= 1.0 or math.isnan(t):
                 raise ValueError(f"target_capacity must be in (0, 1], got {t!r}")
             self.target_capacity = float(t)
+        if self.router_init_margin and self.router_init == "zero":
+            raise ValueError("router_init_margin needs a static router_init ('redundancy', 'cost' or 'joint')")
         if self.l1_lambda is not None and not self.l1_lambda >= 0.0:
             raise ValueError(f"l1_lambda must be >= 0, got {self.l1_lambda!r}")
         for name, choices in (("schedule", SCHEDULES), ("loss", LOSSES), ("router_init", ROUTER_INITS)):
@@ -179,6 +193,10 @@ class RouterTuningConfig:
             return self
         capacity = capacity_for_skip_ratio(self.skip_ratio, num_layers, router_layers)
         return dataclasses.replace(self, target_capacity=capacity, skip_ratio=None)
+
+    def resolved_for(self, model) -> RouterTuningConfig:
+        """:meth:`resolved` for the layers and routers of ``model`` (a :class:`~mindskip_ext.MindSkipModel`)."""
+        return self.resolved(model.config.num_hidden_layers, len(model.routers))
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from ..hf_compat import enable_activation_checkpointing
 from ..layer import CapacityMeter
 from ..model import WEIGHTS_NAME, MindSkipModel
 from .calibration import calibrate_capacity
+from .centring import router_input_means
 from .checkpoint import load_checkpoint, remove_checkpoints, save_checkpoint, set_rng_state
 from .config import RouterTuningConfig
 from .distributed import World, current
@@ -98,7 +99,7 @@ class RouterTuner:
         self.train_examples = list(train_examples)
         self.heldout_examples = list(heldout_examples)
         self.skip_ratio = config.skip_ratio
-        self.config = config = config.resolved(model.config.num_hidden_layers, len(model.routers))
+        self.config = config = config.resolved_for(model)
         self.output_dir = Path(output_dir)
         self.pad_id = pad_id
         self.progress = progress
@@ -159,6 +160,8 @@ class RouterTuner:
             "world_size": self.world.size,
             "loss": c.loss,
             "router_init": c.router_init,
+            **({"router_init_margin": True} if c.router_init_margin else {}),
+            **({"centre_router_inputs": True} if c.centre_router_inputs else {}),
             "layers": sorted(self.model.routers),
             "mindskip_config": self.model.mindskip_config.to_dict(),
         }
@@ -234,6 +237,9 @@ class RouterTuner:
             "controller": self.penalty.state_dict(),
             "fingerprint": self._fingerprint(),
         }
+        centres = self.model.router_centres
+        if centres is not None:
+            state["router_centres"] = {str(i): centre.cpu() for i, centre in centres.items()}
         return save_checkpoint(self.output_dir, self.step, self.model, state)
 
     def load_checkpoint(self) -> bool:
@@ -254,6 +260,8 @@ class RouterTuner:
                 f"cannot resume from {folder}: the run differs from the checkpoint in {', '.join(changed)}; "
                 "use the same data and settings, or a new output directory"
             )
+        if "router_centres" in state:  # before the routers: their saved biases are uncentred
+            self.model.set_router_centres({int(i): centre for i, centre in state["router_centres"].items()})
         self.model.load_router_state_dict(routers)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -269,6 +277,15 @@ class RouterTuner:
             return
         with open(self.output_dir / LOG_NAME, "a") as handle:
             handle.write(json.dumps(entry, sort_keys=True) + "\n")
+
+    def centre_routers(self) -> None:
+        """Centre every router's input on its mean over the calibration sequences, at the current routing (see
+        :mod:`.centring`); the decisions stay the same."""
+        examples = self.train_examples[: self.config.calibration_sequences]
+        centres = router_input_means(self.model, examples, self.pad_id, self.config.eval_batch_size, self.config.bf16)
+        self.model.set_router_centres(centres)
+        self._log({"step": 0, "router_centres": {
+            "sequences": len(examples), "norm": {str(i): round(float(v.norm()), 4) for i, v in centres.items()}}})
 
     def evaluate_heldout(self) -> dict:
         return evaluate_examples(
@@ -291,9 +308,11 @@ class RouterTuner:
                 init = static_init(
                     self.model, c.router_init, self.train_examples[:sequences], self.pad_id,
                     c.target_capacity if c.target_capacity is not None else 0.5, c.router_init_scale,
-                    c.eval_batch_size, c.bf16,
+                    c.eval_batch_size, c.bf16, margin=c.router_init_margin,
                 )
                 self._log({"step": 0, "router_init": init})
+            if c.centre_router_inputs:
+                self.centre_routers()
         bar = None
         if self.progress and self.world.is_main:
             from tqdm.auto import tqdm
@@ -348,6 +367,7 @@ class RouterTuner:
         finally:
             if bar is not None:
                 bar.close()
+            self.model.set_router_centres(None)  # folded into the biases: the routers are ordinary again
         train_seconds = time.perf_counter() - started
         calibration = None
         if c.mode == "target" and c.calibrate:

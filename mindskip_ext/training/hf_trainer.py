@@ -66,8 +66,11 @@ class RouterTuningTrainer(Trainer):
     """``transformers.Trainer`` with the Router-Tuning loss; only the routers train."""
 
     def __init__(self, *args, tuning: RouterTuningConfig, **kwargs):
+        if tuning.centre_router_inputs:
+            raise ValueError("centre_router_inputs is run by RouterTuner (mindskip train), not by "
+                             "RouterTuningTrainer: its checkpoints do not carry the centres")
         super().__init__(*args, **kwargs)
-        self.tuning = tuning = tuning.resolved(self.model.config.num_hidden_layers, len(self.model.routers))
+        self.tuning = tuning = tuning.resolved_for(self.model)
         self.routing = RouterTuningCallback(make_penalty(tuning), self.model.mindskip_config.train_all_sequences)
         self.add_callback(self.routing)
         self.model_accepts_loss_kwargs = True  # the loss below is normalised by num_items_in_batch itself

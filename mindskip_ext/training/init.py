@@ -3,7 +3,10 @@
 Both static starts give the optimiser a static baseline as its starting point, so that training only has to add
 input-dependence on top. The ``(1 - target)`` share of the router layers ranked most skippable start skipped (bias
 ``threshold_logit - scale``), the others kept (``threshold_logit + scale``); the weights stay zero, so the start is
-input-independent and the initial capacity is about the target. The ranking, on calibration sequences:
+input-independent and the initial capacity is about the target. With ``margin``, only the layers the target skips in
+whole start skipped and the next-ranked one starts at the threshold itself (bias ``threshold_logit``, kept until
+training moves it), so that a target between whole layers is met by routing that layer per input. The ranking,
+on calibration sequences:
 
 * ``redundancy``: Attention-Drop's similarity score (how little the sublayer changes the hidden states, on the
   unconverted model): cheap (one forward per batch), but a proxy;
@@ -38,16 +41,20 @@ def static_init(
     scale: float = 0.5,
     batch_size: int = 16,
     bf16: bool = False,
+    margin: bool = False,
 ) -> dict:
     """Start every router of ``model`` (a :class:`~mindskip_ext.MindSkipModel`) from the static drop that ``kind``
     (``"redundancy"``, ``"cost"`` or ``"joint"``) ranks best at kept fraction ``target``.
 
     Returns the layers' scores (``redundancy``: similarity, higher is more skippable; ``cost`` and ``joint``: the
     cost of skipping each alone, nats per supervised token, lower is), the layers that start skipped and the bias
-    distance; ``joint`` also the search's ``path``: each layer in the order chosen, with the cost of the set so far.
+    distance; ``joint`` also the search's ``path``: each layer in the order chosen, with the cost of the set so far;
+    ``margin`` the layer at the threshold (None without ``margin``).
     """
     layers = sorted(model.routers)
-    n_skip = round((1.0 - target) * len(layers))
+    share = (1.0 - target) * len(layers)
+    n_skip = math.floor(share + 1e-9) if margin else round(share)
+    n_ranked = n_skip + 1 if margin else n_skip  # the margin layer is ranked next (share < len(layers): it exists)
     if kind == "redundancy":
         similarity = redundancy_scores(model, examples, pad_id, model.mindskip_config.granularity, batch_size, bf16)
         scores = skippable = {i: similarity[i] for i in layers}
@@ -57,25 +64,28 @@ def static_init(
     else:
         raise ValueError(f"static router init must be 'redundancy', 'cost' or 'joint', got {kind!r}")
     path = None
-    if kind == "joint" and n_skip:
+    if kind == "joint" and n_ranked:
         (first,) = select_dropped(skippable, 1, candidates=layers)
         path = [{"layer": first, "cost": round(scores[first], 6)}]
-        while len(path) < n_skip:
+        while len(path) < n_ranked:
             chosen = [step["layer"] for step in path]
             pool = [i for i in layers if i not in chosen]
             joint = _cost_per_token(model, examples, pad_id, pool, chosen, batch_size, bf16)
             (best,) = select_dropped({i: -cost for i, cost in joint.items()}, 1, candidates=pool)
             path.append({"layer": best, "cost": round(joint[best], 6)})
-        skipped = sorted(step["layer"] for step in path)
+        ranked = [step["layer"] for step in path]
     else:
-        skipped = select_dropped(skippable, n_skip, candidates=layers) if n_skip else []
-    threshold = model.mindskip_config.threshold
-    center = math.log(threshold / (1.0 - threshold))
+        ranked = select_dropped(skippable, n_ranked, candidates=layers, ordered=True) if n_ranked else []
+    skipped, at_threshold = sorted(ranked[:n_skip]), (ranked[n_skip] if n_ranked > n_skip else None)
+    center = model.mindskip_config.threshold_logit
     set_static_routing(model, skipped, skip_bias=center - scale, keep_bias=center + scale)
+    if at_threshold is not None:
+        model.routers[at_threshold].bias.fill_(center)
     init = {
         "kind": kind,
         "scores": {str(i): round(scores[i], 6) for i in layers},
         "skipped_layers": skipped,
+        "margin": at_threshold,
         "scale": scale,
         "sequences": len(examples),
     }
