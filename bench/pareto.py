@@ -10,7 +10,10 @@ Recipes (the levers of Router-Tuning; ``paper`` is the paper's: CE, zero init, l
 
 * ``loss``: ``ce``, or ``kd``: self-distillation from the same model with its routers bypassed;
 * ``init``: ``zero``, or ``redundancy``: router biases from Attention-Drop's scores (the static drop as the start),
-  or ``cost``: from the measured cost of skipping each layer alone (the cheapest static drop by that measure);
+  or ``cost``: from the measured cost of skipping each layer alone (the cheapest static drop by that measure), or
+  ``joint``: a greedy search on the joint cost of the skipped set; ``margin``: the whole layers of the target start
+  skipped and the next-ranked one at the threshold;
+* ``centre``: the routers train on their input less its mean over the calibration sequences;
 * ``layers``: ``paper`` (the last half but the last), or ``wide`` (every layer but the first few and the last);
 * ``data``: ``alpaca``, or ``mix``: Alpaca with GSM8K's train split and WikiText-2's validation text, as many
   examples as Alpaca alone (the same budget);
@@ -81,6 +84,8 @@ class Recipe:
     learning_rate: float | None = None  # None: the preset's
     steps: int | None = None  # None: the preset's (one epoch)
     init_sequences: int | None = None  # calibration sequences of a static init (None: the preset's)
+    margin: bool = False  # the static init's next-ranked layer starts at the threshold (``router_init_margin``)
+    centre: bool = False  # centred router inputs (``centre_router_inputs``)
 
 
 RECIPES = {
@@ -98,6 +103,9 @@ RECIPES = {
     "kd+cost+wide+hold+slow": Recipe(loss="kd", init="cost", layers="wide", multiplier=1.0, learning_rate=5e-4),
     "kd+joint+wide+hold+slow+mix+short": Recipe(loss="kd", init="joint", layers="wide", data="mix", multiplier=1.0,
                                                 learning_rate=5e-4, steps=48, init_sequences=32),
+    "kd+joint+wide+hold+slow+mix+margin+centre": Recipe(
+        loss="kd", init="joint", layers="wide", data="mix", multiplier=1.0, learning_rate=5e-4, steps=60,
+        init_sequences=32, margin=True, centre=True),
 }
 
 
@@ -197,6 +205,7 @@ def tuning_config(recipe: Recipe, sizes: Sizes, capacity: float):
         batch_size=sizes.batch_size, max_steps=min(steps, default=None), seed=sizes.seed, log_every=5,
         save_every=20, calibration_sequences=sizes.calibration_sequences, eval_batch_size=sizes.eval_batch_size,
         router_init_sequences=recipe.init_sequences and min(recipe.init_sequences, sizes.calibration_sequences),
+        router_init_margin=recipe.margin, centre_router_inputs=recipe.centre,
     )
 
 
