@@ -100,11 +100,16 @@ def _ablation(run, ratio: float) -> list[str]:
         if e["kind"] == "mindskip":
             r = e["recipe"]
             layers = f"{e['layers'][0]}..{e['layers'][-1]}"
-            how = f"{r['loss']}, {r['init']} init, {r['layers']} layers ({layers}), {r['data']}"
+            how = f"{r['loss']}, {r['init']} init{' with a margin layer' if r.get('margin') else ''}"
+            how += f", {r['layers']} layers ({layers}), {r['data']}"
+            if r.get("centre"):
+                how += ", centred router inputs"
             if r.get("multiplier"):
                 how += f", multiplier from {r['multiplier']:g}"
             if r.get("learning_rate"):
                 how += f", lr {r['learning_rate']:g}"
+            if r.get("steps"):  # a recipe's own step count (a preset may cap it)
+                how += f", {e['steps']} steps"
             dynamic = f"{100 * e['routing_heldout']['mean_disagreement']:.1f}%"
             speed = fmt(e["train_tokens_per_s"], ".0f")
         elif e["kind"] == "static-projection":

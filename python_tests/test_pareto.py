@@ -14,7 +14,7 @@ from bench.pareto_report import best_recipe, drop_at, measured_skip_ratio, skipp
 from mindskip_ext.training import SUMMARY_NAME
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
-RECIPES = "paper,kd+init+wide,kd+init+wide+hold+slow"
+RECIPES = "paper,kd+init+wide,kd+init+wide+hold+slow,kd+joint+wide+hold+slow+mix+margin+centre"
 
 pytestmark = [
     pytest.mark.slow,
@@ -39,7 +39,9 @@ def test_ablation_trains_the_recipes_at_the_ablation_ratios(results):
     assert ablation["meta"]["ratios"] == [0.125, 0.25]
     nominal = {f"{method}@{ratio}" for ratio in (0.125, 0.25)
                for method in ("paper", "kd+init+wide", "kd+init+wide-static", "kd+init+wide+hold+slow",
-                              "kd+init+wide+hold+slow-static", "attention-drop-all", "attention-drop-restricted")}
+                              "kd+init+wide+hold+slow-static", "kd+joint+wide+hold+slow+mix+margin+centre",
+                              "kd+joint+wide+hold+slow+mix+margin+centre-static", "attention-drop-all",
+                              "attention-drop-restricted")}
     matched = {name for name, e in models.items() if e.get("matched")}
     assert nominal | {"dense"} | matched == set(models)
     # Attention-Drop at the whole layer counts around every MindSkip model's skips, on both sets, and the
@@ -57,7 +59,12 @@ def test_ablation_trains_the_recipes_at_the_ablation_ratios(results):
             assert {c for c in around if c <= len(ablation["meta"]["layer_sets"]["paper"])} <= restricted
             assert row[where]["drop_loss"] is not None
             assert row[where]["minus_drop"] == pytest.approx(row[where]["loss"] - row[where]["drop_loss"])
-    assert "## At the same skip ratio as Attention-Drop" in (out / "pareto.md").read_text()
+    report = (out / "pareto.md").read_text()
+    assert "## At the same skip ratio as Attention-Drop" in report
+    assert ("| kd+joint+wide+hold+slow+mix+margin+centre | kd, joint init with a margin layer, wide layers (1..6), mix, "
+            "centred router inputs, multiplier from 1, lr 0.0005, 4 steps |") in report  # capped by the smoke preset
+    margin = models["kd+joint+wide+hold+slow+mix+margin+centre@0.25"]["router_init"]
+    assert margin["margin"] == margin["path"][-1]["layer"] not in margin["skipped_layers"]
     # The headroom of per-sequence routing at each model's own budget, over its own router layers.
     for name in rows:
         h, routing = models[name]["headroom_heldout"], models[name]["routing_heldout"]
