@@ -3,12 +3,15 @@
 * :func:`router_tuning_loss` (:mod:`.loss`): the loss of one micro-batch, ``CE + capacity penalty``;
 * :class:`CapacityController` / :class:`FixedPenalty` (:mod:`.penalty`): the penalty's coefficient;
 * :func:`calibrate_capacity` (:mod:`.calibration`): the final common router-bias shift onto the target;
+* :func:`router_input_means` (:mod:`.centring`): each router's mean pooled input, to centre it on
+  (``centre_router_inputs``);
 * :class:`RouterTuner` / :func:`fit` (:mod:`.fit`): a whole run, with checkpoints, log and summary.
 """
 
 from __future__ import annotations
 
 from .calibration import calibrate_capacity
+from .centring import router_input_means
 from .config import RECIPES, Recipe, RouterTuningConfig
 from .fit import LOG_NAME, SUMMARY_NAME, RouterTuner
 from .loss import LossStats, router_tuning_loss
@@ -26,6 +29,7 @@ __all__ = [
     "RouterTuningConfig",
     "calibrate_capacity",
     "fit",
+    "router_input_means",
     "router_tuning_loss",
 ]
 
