@@ -106,6 +106,22 @@ def test_train_mixes_sources_with_kd_and_redundancy_init(model_dir, data_file, t
     assert code == 1 and "1 data sources but 2 weights" in err
 
 
+def test_the_kd_joint_recipe_starts_at_a_margin_and_centres_the_routers(model_dir, data_file, tmp_path):
+    """--skip-ratio 0.3 over kd-joint's 6 router layers of 8 is a kept 0.6: 2.4 layers, so 2 start skipped and a
+    third at the threshold; the routers train centred and are saved uncentred."""
+    code, stdout, _ = run_cli("train", "--model", model_dir, "--data", data_file, "--skip-ratio", "0.3",
+                              "--max-steps", "3", "--batch-size", "16", "--calibration-sequences", "32",
+                              "--no-progress", "--recipe", "kd-joint", "--output", str(tmp_path))
+    assert code == 0 and last_json(stdout)["recipe"] == "kd-joint"
+    summary = json.loads((tmp_path / "training_summary.json").read_text())
+    config, init = summary["config"], summary["router_init"]
+    assert (config["router_init"], config["router_init_margin"], config["centre_router_inputs"]) == (
+        "joint", True, True)
+    assert len(init["skipped_layers"]) == 2 and init["margin"] == init["path"][2]["layer"] and init["sequences"] == 32
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert any("router_centres" in e for e in log)
+
+
 def test_train_recipe_sets_the_defaults_and_explicit_options_win(model_dir, data_file, tmp_path):
     common = ["train", "--model", model_dir, "--data", data_file, "--target-capacity", "0.7", "--max-steps", "3",
               "--batch-size", "16", "--calibration-sequences", "32", "--no-progress", "--recipe", "kd-wide"]

@@ -61,8 +61,8 @@ def test_ablation_trains_the_recipes_at_the_ablation_ratios(results):
             assert row[where]["minus_drop"] == pytest.approx(row[where]["loss"] - row[where]["drop_loss"])
     report = (out / "pareto.md").read_text()
     assert "## At the same skip ratio as Attention-Drop" in report
-    assert ("| kd+joint+wide+hold+slow+mix+margin+centre | kd, joint init with a margin layer, wide layers (1..6), mix, "
-            "centred router inputs, multiplier from 1, lr 0.0005, 4 steps |") in report  # capped by the smoke preset
+    assert ("| kd+joint+wide+hold+slow+mix+margin+centre | kd, joint init with a margin layer, wide layers (1..6), "
+            "mix, centred router inputs, multiplier from 1, lr 0.0005, 4 steps |") in report  # the smoke preset's cap
     margin = models["kd+joint+wide+hold+slow+mix+margin+centre@0.25"]["router_init"]
     assert margin["margin"] == margin["path"][-1]["layer"] not in margin["skipped_layers"]
     # The headroom of per-sequence routing at each model's own budget, over its own router layers.
