@@ -183,7 +183,11 @@ def test_router_tuning_centres_during_training_and_resumes_exactly(tok, split, t
         torch.testing.assert_close(resumed.model.router_state_dict()[key], value, atol=1e-6, rtol=1e-6)
 
 
-def test_the_hf_trainer_refuses_centring_before_building_anything(tok):
-    tuning = RouterTuningConfig(target_capacity=0.5, centre_router_inputs=True)
-    with pytest.raises(ValueError, match="centre_router_inputs is run by RouterTuner"):
+@pytest.mark.parametrize("settings, message", [
+    ({"centre_router_inputs": True}, "centre_router_inputs is run by RouterTuner"),
+    ({"router_init": "joint"}, r"does not run router_init='joint': start the routers with .*static_init"),
+])
+def test_the_hf_trainer_refuses_what_only_router_tuner_runs(tok, settings, message):
+    tuning = RouterTuningConfig(target_capacity=0.5, **settings)
+    with pytest.raises(ValueError, match=message):  # before building anything
         RouterTuningTrainer(model=converted(tok), tuning=tuning, args=None)

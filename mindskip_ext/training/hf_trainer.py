@@ -17,7 +17,9 @@ divide again. Under data parallelism the loss is multiplied by the number of pro
 :class:`RouterTuningCallback`: it reads the gates' gradients after each backward and folds the step into the
 controller after each optimizer step, summing over the processes so that every rank applies the same
 coefficient. Keep ``train_all_sequences`` (the default) under DDP: with ``--kept-only`` a router may get no
-gradient in a step, which DDP accepts only with ``ddp_find_unused_parameters=True``.
+gradient in a step, which DDP accepts only with ``ddp_find_unused_parameters=True``. The static router starts
+and centred router inputs are :class:`~mindskip_ext.training.RouterTuner`'s: the trainer refuses them (call
+:func:`~mindskip_ext.training.init.static_init` on the model before building it instead of ``router_init``).
 """
 
 from __future__ import annotations
@@ -69,6 +71,10 @@ class RouterTuningTrainer(Trainer):
         if tuning.centre_router_inputs:
             raise ValueError("centre_router_inputs is run by RouterTuner (mindskip train), not by "
                              "RouterTuningTrainer: its checkpoints do not carry the centres")
+        if tuning.router_init != "zero":
+            raise ValueError(f"RouterTuningTrainer does not run router_init={tuning.router_init!r}: start the routers "
+                             "with mindskip_ext.training.init.static_init(model, ...) before building the trainer, "
+                             "and give router_init='zero'")
         super().__init__(*args, **kwargs)
         self.tuning = tuning = tuning.resolved_for(self.model)
         self.routing = RouterTuningCallback(make_penalty(tuning), self.model.mindskip_config.train_all_sequences)
