@@ -38,6 +38,14 @@ def _real_token_mask(mask: torch.Tensor | None, batch: int, seqlen: int, device)
     return mask != 0
 
 
+def pooled_mean(hidden, mask):
+    """What a router sees: ``hidden (B, T, H)`` averaged over each sequence's real tokens, ``(B, H)`` in fp32 (fp64
+    for fp64 ``hidden``). Not an op of its own: the pooling of :func:`router_gate`, for code that needs the input."""
+    compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    real = _real_token_mask(mask, hidden.shape[0], hidden.shape[1], hidden.device).to(compute)
+    return (hidden.to(compute) * real.unsqueeze(-1)).sum(dim=1) / real.sum(dim=1).clamp_min(1.0).unsqueeze(-1)
+
+
 def router_gate(hidden, mask, weight, bias, threshold):
     """Masked mean over real tokens, then ``score = sigmoid(w . mean + b)`` in fp32, ``keep = score >= threshold``.
 
@@ -45,12 +53,8 @@ def router_gate(hidden, mask, weight, bias, threshold):
     Differentiable through ``score`` (w.r.t. ``hidden``, ``weight`` and ``bias``). fp64 ``hidden`` is
     computed in fp64 (and gives an fp64 ``score``) so that gradients can be checked numerically.
     """
-    batch, seqlen = hidden.shape[0], hidden.shape[1]
-    compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    real = _real_token_mask(mask, batch, seqlen, hidden.device).to(compute)
-    count = real.sum(dim=1)
-    summed = (hidden.to(compute) * real.unsqueeze(-1)).sum(dim=1)
-    mean = summed / count.clamp_min(1.0).unsqueeze(-1)
+    mean = pooled_mean(hidden, mask)
+    compute = mean.dtype
     bias_t = torch.as_tensor(0.0 if bias is None else bias, dtype=compute, device=hidden.device).reshape(())
     logit = mean @ weight.to(compute).reshape(-1) + bias_t
     score = torch.sigmoid(logit)

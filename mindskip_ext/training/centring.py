@@ -17,6 +17,7 @@ import torch
 
 from ..data import Example
 from ..eval.perplexity import routed_forwards
+from ..reference import pooled_mean
 
 
 @torch.no_grad()
@@ -35,11 +36,10 @@ def router_input_means(model, examples: Sequence[Example], pad_id: int, batch_si
     count = 0
     try:
         for _, batch, _, _ in routed_forwards(model, examples, pad_id, batch_size, bf16):
-            mask = batch["attention_mask"].to(torch.float32)
+            mask = batch["attention_mask"]
             for idx, layer in layers.items():
-                real = torch.ones_like(mask) if layer.pool_padding else mask
-                pooled = (normed[idx].float() * real[..., None]).sum(1) / real.sum(1).clamp_min(1.0)[:, None]
-                sums[idx] = sums[idx] + pooled.sum(0)
+                pooled = pooled_mean(normed[idx], None if layer.pool_padding else mask)
+                sums[idx] = sums[idx] + pooled.float().sum(0)
             count += mask.shape[0]
             normed.clear()
     finally:
