@@ -70,21 +70,26 @@ class Run:
             self.partial.write_text(json.dumps({"preset": self.preset, "timings": self.timings, "models": self.models},
                                                indent=2, sort_keys=True) + "\n")
 
-    def resume(self) -> None:
-        """Take the finished stages of an interrupted run from its partial results (same preset and output)."""
-        if self.partial is None or not self.partial.is_file():
-            raise SystemExit(f"--resume: no partial results at {self.partial}")
+    def resume(self, finished: Path | None = None) -> None:
+        """Take the finished stages of an interrupted run from its partial results (same preset and output), or,
+        where there are none (a fresh clone), from ``finished``: the results a completed run wrote (its JSON)."""
+        source = self.partial
+        if source is None or not source.is_file():
+            if finished is None or not finished.is_file():
+                where = " or ".join(str(p) for p in (self.partial, finished) if p is not None)
+                raise SystemExit(f"--resume: no partial or finished results at {where}")
+            source = finished
         try:
-            saved = json.loads(self.partial.read_text())
+            saved = json.loads(source.read_text())
             models, timings = saved["models"], saved["timings"]
         except (ValueError, KeyError) as err:
-            raise SystemExit(f"--resume: {self.partial} is not a partial {self.tag} result ({err})") from None
+            raise SystemExit(f"--resume: {source} is not a {self.tag} result ({err})") from None
         if saved.get("preset", self.preset) != self.preset:
-            raise SystemExit(f"--resume: {self.partial} is from the {saved['preset']!r} preset, not {self.preset!r}")
+            raise SystemExit(f"--resume: {source} is from the {saved['preset']!r} preset, not {self.preset!r}")
         self.models.update(models)
         self.timings.update({k: v for k, v in timings.items() if k.startswith(("train ", "evaluate "))})
         self.meta["resumed"] = sorted(models)
-        self.say(f"resumed {', '.join(sorted(models))} from {self.partial}")
+        self.say(f"resumed {', '.join(sorted(models))} from {source}")
 
 
 def smoke_model(data_dir: Path, seed: int):

@@ -37,8 +37,11 @@ interpolates between the better of the two at each count: the comparison at the 
 How much per-sequence routing could gain over the best static drop at all, and how much of it each model takes,
 is measured on the held-out set (:mod:`mindskip_ext.eval.headroom`).
 
-Everything is resumable (``--resume``): finished models come from ``<output>/pareto.partial.json``, trained
-routers and their checkpoints from ``--work-dir``. Writes ``pareto.json``, ``pareto.md`` and two figures.
+Everything is resumable (``--resume``): finished models come from ``<output>/pareto.partial.json`` (or, on a
+fresh clone, from the committed ``<output>/pareto.json``), trained routers and their checkpoints from
+``<output>/pareto_routers/<preset>/<model>`` (committed with the results: a few KB each, so that a later session
+evaluates them again without training them again), the task files and cached skip costs from ``--work-dir``.
+Writes ``pareto.json``, ``pareto.md`` and two figures.
 """
 
 from __future__ import annotations
@@ -209,8 +212,9 @@ def tuning_config(recipe: Recipe, sizes: Sizes, capacity: float):
     )
 
 
-def train_recipe(run: Run, name: str, base, tokenizer, recipe: Recipe, ratio: float, data: Data, work: Path):
-    """Router-tune ``recipe`` at skip ``ratio`` (or reload its finished router directory); (model, entry)."""
+def train_recipe(run: Run, name: str, base, tokenizer, recipe: Recipe, ratio: float, data: Data, output: Path):
+    """Router-tune ``recipe`` at skip ``ratio`` into ``output``'s router folder (or reload the finished router
+    directory there); (model, entry)."""
     import mindskip_ext as msk
     from mindskip_ext.config import capacity_for_skip_ratio
     from mindskip_ext.data import pad_token_id
@@ -220,7 +224,8 @@ def train_recipe(run: Run, name: str, base, tokenizer, recipe: Recipe, ratio: fl
     sizes, pad, num_layers = run.sizes, pad_token_id(tokenizer), base.config.num_hidden_layers
     layers = layer_sets(num_layers)[recipe.layers]
     capacity = capacity_for_skip_ratio(ratio, num_layers, len(layers))
-    out = work / name
+    router_dir = router_folder(run.preset, name)
+    out = output / router_dir
     tuning = tuning_config(recipe, sizes, capacity)
     if (out / SUMMARY_NAME).is_file():
         model = msk.MindSkipModel.from_pretrained(base, out)
@@ -237,7 +242,7 @@ def train_recipe(run: Run, name: str, base, tokenizer, recipe: Recipe, ratio: fl
     )
     entry = {
         "kind": "mindskip", "recipe": asdict(recipe), "recipe_name": name.rsplit("@", 1)[0], "ratio": ratio,
-        "layers": layers, "target_capacity": capacity, "router_dir": str(out),
+        "layers": layers, "target_capacity": capacity, "router_dir": str(router_dir),
         "train_seconds": summary["train_seconds"], "train_tokens_per_s": summary["train_tokens_per_s"],
         "steps": summary["steps"], "router_init": summary.get("router_init"), "calibration": summary["calibration"],
         "routing_train": projection,
@@ -245,6 +250,11 @@ def train_recipe(run: Run, name: str, base, tokenizer, recipe: Recipe, ratio: fl
                    for e in map(json.loads, (out / LOG_NAME).read_text().splitlines()) if "ce" in e],
     }
     return model, entry
+
+
+def router_folder(preset: str, name: str) -> Path:
+    """Where model ``name``'s routers are kept, relative to the results folder (the entry's ``router_dir``)."""
+    return Path("pareto_routers") / preset / name
 
 
 def heldout_costs(run: Run, base, data: Data, pad: int, layers: list[int], work: Path):
@@ -301,7 +311,7 @@ def run_stage(args) -> Run:
                     items=written.sizes, items_available=written.totals, num_fewshot=written.num_fewshot,
                     metric=METRIC, sizes=asdict(sizes))
     if args.resume:
-        run.resume()
+        run.resume(finished=args.output / "pareto.json")
     pad = pad_token_id(tokenizer)
     ablation = args.stage == "ablation"
     # The ablation ranks recipes on the first blocks of WikiText-2; the Pareto stage reports the whole split.
@@ -382,7 +392,7 @@ def run_stage(args) -> Run:
             ensure(better, {"best_of_scopes": True}, lambda d=drops[better]["dropped_layers"]: static(d), tasks=True)
         for recipe_name in dict.fromkeys(recipes):
             name = f"{recipe_name}@{ratio}"
-            model, entry = train_recipe(run, name, base, tokenizer, RECIPES[recipe_name], ratio, data, work)
+            model, entry = train_recipe(run, name, base, tokenizer, RECIPES[recipe_name], ratio, data, args.output)
             decisions = routing_decisions(model, data.heldout, pad, sizes.eval_batch_size)
             entry["routing_heldout"] = routing_report(decisions, num_layers)
             result = ensure(name, entry, lambda m=model: (m, lambda: None), tasks=not ablation)
@@ -424,8 +434,10 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None, help="Model folder (default: SmolLM2-135M-Instruct, fetched once).")
     p.add_argument("--output", type=Path, default=None, help="Results folder (default: bench/results).")
     p.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR,
-                   help=f"Trained routers, checkpoints and task files (default: {DEFAULT_WORK_DIR}).")
-    p.add_argument("--resume", action="store_true", help="Reuse the models in <output>/pareto.partial.json.")
+                   help=f"Task files and cached skip costs (default: {DEFAULT_WORK_DIR}).")
+    p.add_argument("--resume", action="store_true",
+                   help="Reuse the models in <output>/pareto.partial.json (else <output>/pareto.json) and the routers "
+                   "in <output>/pareto_routers.")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
     args = p.parse_args(argv)
     args.preset = "smoke" if args.smoke else "default"

@@ -76,7 +76,7 @@ def test_ablation_trains_the_recipes_at_the_ablation_ratios(results):
     assert best == best_recipe(models) and best in RECIPES.split(",")
     wide = models["kd+init+wide@0.25"]
     assert wide["recipe"] == asdict(pareto.Recipe(loss="kd", init="redundancy", layers="wide"))
-    hold = json.loads((Path(models["kd+init+wide+hold+slow@0.25"]["router_dir"]) / SUMMARY_NAME).read_text())
+    hold = json.loads((out / models["kd+init+wide+hold+slow@0.25"]["router_dir"] / SUMMARY_NAME).read_text())
     assert hold["config"]["initial_multiplier"] == 1.0 and hold["config"]["learning_rate"] == 5e-4
     assert wide["layers"] == ablation["meta"]["layer_sets"]["wide"]
     assert wide["target_capacity"] == pytest.approx(1 - 0.25 * 8 / len(wide["layers"]))
@@ -112,6 +112,33 @@ def test_pareto_compares_every_method_at_every_ratio(results):
     assert (out / "pareto_ppl.png").stat().st_size > 0 and (out / "pareto_acc.png").stat().st_size > 0
     if best != "paper":
         assert [c["ratio"] for c in final["meta"]["goal_checks"]] == list(pareto.RATIOS)
+
+
+def test_a_fresh_clone_resumes_from_the_committed_results_and_routers(results, tmp_path, monkeypatch):
+    """What a later session has: the committed pareto.json and router folders, no partial results, no work dir."""
+    import shutil
+
+    from mindskip_ext.training import RouterTuner
+
+    out, ablation, _ = results
+    clone = tmp_path / "results"
+    clone.mkdir()
+    shutil.copy(out / "pareto.json", clone / "pareto.json")
+    shutil.copytree(out / "pareto_routers", clone / "pareto_routers")
+
+    def no_training(self, *args, **kwargs):
+        raise AssertionError("a committed router folder was trained again")
+
+    monkeypatch.setattr(RouterTuner, "train", no_training)
+    argv = ["--smoke", "--data-dir", str(DATA_DIR), "--output", str(clone), "--work-dir", str(tmp_path / "work"),
+            "--stage", "ablation", "--recipes", "kd+init+wide", "--resume"]
+    assert pareto.main(argv) == 0
+    again = json.loads((clone / "pareto.json").read_text())
+    name = "kd+init+wide@0.25"
+    assert again["models"][name]["wikitext2"] == ablation["models"][name]["wikitext2"]  # not evaluated again
+    assert again["models"][name]["router_dir"] == f"pareto_routers/smoke/{name}"
+    with pytest.raises(SystemExit, match="no partial or finished results"):
+        pareto.main([*argv[:4], str(tmp_path / "empty"), *argv[5:]])
 
 
 def test_a_recipe_may_cap_its_steps_and_init_sequences():
