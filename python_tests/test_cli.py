@@ -108,11 +108,13 @@ def test_train_mixes_sources_with_kd_and_redundancy_init(model_dir, data_file, t
 
 def test_the_kd_joint_recipe_starts_at_a_margin_and_centres_the_routers(model_dir, data_file, tmp_path):
     """--skip-ratio 0.3 over kd-joint's 6 router layers of 8 is a kept 0.6: 2.4 layers, so 2 start skipped and a
-    third at the threshold; the routers train centred and are saved uncentred."""
-    code, stdout, _ = run_cli("train", "--model", model_dir, "--data", data_file, "--skip-ratio", "0.3",
-                              "--max-steps", "3", "--batch-size", "16", "--calibration-sequences", "32",
-                              "--no-progress", "--recipe", "kd-joint", "--output", str(tmp_path))
+    third at the threshold; the routers train centred and are saved uncentred. The search says each step."""
+    code, stdout, stderr = run_cli("train", "--model", model_dir, "--data", data_file, "--skip-ratio", "0.3",
+                                   "--max-steps", "3", "--batch-size", "16", "--calibration-sequences", "32",
+                                   "--recipe", "kd-joint", "--output", str(tmp_path))
     assert code == 0 and last_json(stdout)["recipe"] == "kd-joint"
+    said = [line for line in stderr.splitlines() if line.startswith("router init (joint search): step ")]
+    assert [line.split(":")[1] for line in said] == [" step 1/3", " step 2/3", " step 3/3"]
     summary = json.loads((tmp_path / "training_summary.json").read_text())
     config, init = summary["config"], summary["router_init"]
     assert (config["router_init"], config["router_init_margin"], config["centre_router_inputs"]) == (

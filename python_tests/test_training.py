@@ -328,8 +328,12 @@ def test_joint_init_adds_the_layer_cheapest_together_with_those_chosen(tok, spli
         return float(costs.costs.sum() / costs.tokens.sum())
 
     alone = static_init(model, "cost", examples, pad, target=2 / 3, scale=0.25, batch_size=8)
-    init = static_init(model, "joint", examples, pad, target=2 / 3, scale=0.25, batch_size=8)
+    steps = []
+    init = static_init(model, "joint", examples, pad, target=2 / 3, scale=0.25, batch_size=8, on_step=steps.append)
     assert init["kind"] == "joint" and init["scores"] == alone["scores"]
+    assert [{k: s[k] for k in ("step", "layer", "cost")} for s in steps] == [
+        {"step": k + 1, **p} for k, p in enumerate(init["path"])]  # each step reported as it is taken
+    assert all(s["of"] == 2 and s["seconds"] >= 0 for s in steps)
     first, second = init["path"]
     cheapest = min(alone["scores"], key=lambda i: (alone["scores"][i], -int(i)))  # ties: the later layer
     assert first["layer"] == int(cheapest)
@@ -403,7 +407,9 @@ def test_kd_with_a_static_init_lands_on_the_target(tok, split, tmp_path, init):
     assert summary["router_init"]["sequences"] == 12
     assert abs(summary["heldout"]["capacity"] - 0.5) <= 0.05
     steps = [json.loads(line) for line in (tmp_path / LOG_NAME).read_text().splitlines()]
-    assert steps[0]["router_init"] == summary["router_init"]
+    searched = [e["router_init_step"] for e in steps if "router_init_step" in e]
+    assert [e["layer"] for e in searched] == [p["layer"] for p in summary["router_init"].get("path", [])]
+    assert steps[len(searched)]["router_init"] == summary["router_init"]  # after the search's steps
     assert all("kd" in e for e in steps if "ce" in e)
 
 

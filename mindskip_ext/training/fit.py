@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -278,6 +279,14 @@ class RouterTuner:
         with open(self.output_dir / LOG_NAME, "a") as handle:
             handle.write(json.dumps(entry, sort_keys=True) + "\n")
 
+    def _joint_init_step(self, step: dict) -> None:
+        """Log each step of a ``joint`` router init as it is taken (and say it, with progress on)."""
+        self._log({"step": 0, "router_init_step": step})
+        if self.progress and self.world.is_main:
+            print(f"router init (joint search): step {step['step']}/{step['of']}: layer {step['layer']}, "
+                  f"{step['cost']:.4f} nats/token with those before it ({step['seconds']:.0f} s)",
+                  file=sys.stderr, flush=True)
+
     def centre_routers(self) -> None:
         """Centre every router's input on its mean over the calibration sequences, at the current routing (see
         :mod:`.centring`); the decisions stay the same."""
@@ -308,7 +317,7 @@ class RouterTuner:
                 init = static_init(
                     self.model, c.router_init, self.train_examples[:sequences], self.pad_id,
                     c.target_capacity if c.target_capacity is not None else 0.5, c.router_init_scale,
-                    c.eval_batch_size, c.bf16, margin=c.router_init_margin,
+                    c.eval_batch_size, c.bf16, margin=c.router_init_margin, on_step=self._joint_init_step,
                 )
                 self._log({"step": 0, "router_init": init})
             if c.centre_router_inputs:

@@ -23,7 +23,8 @@ on calibration sequences:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -42,6 +43,7 @@ def static_init(
     batch_size: int = 16,
     bf16: bool = False,
     margin: bool = False,
+    on_step: Callable[[dict], None] | None = None,
 ) -> dict:
     """Start every router of ``model`` (a :class:`~mindskip_ext.MindSkipModel`) from the static drop that ``kind``
     (``"redundancy"``, ``"cost"`` or ``"joint"``) ranks best at kept fraction ``target``.
@@ -49,12 +51,15 @@ def static_init(
     Returns the layers' scores (``redundancy``: similarity, higher is more skippable; ``cost`` and ``joint``: the
     cost of skipping each alone, nats per supervised token, lower is), the layers that start skipped and the bias
     distance; ``joint`` also the search's ``path``: each layer in the order chosen, with the cost of the set so far;
-    ``margin`` the layer at the threshold (None without ``margin``).
+    ``margin`` the layer at the threshold (None without ``margin``). ``on_step``, if given, is called with each
+    step of the ``joint`` search as it is taken (``{"step", "of", "layer", "cost", "seconds"}``): on a large model
+    a step takes about as long as the whole ``cost`` ranking.
     """
     layers = sorted(model.routers)
     share = (1.0 - target) * len(layers)
     n_skip = math.floor(share + 1e-9) if margin else round(share)
     n_ranked = n_skip + 1 if margin else n_skip  # the margin layer is ranked next (share < len(layers): it exists)
+    started = time.perf_counter()  # of the ranking, then of each step of the joint search
     if kind == "redundancy":
         similarity = redundancy_scores(model, examples, pad_id, model.mindskip_config.granularity, batch_size, bf16)
         scores = skippable = {i: similarity[i] for i in layers}
@@ -65,14 +70,22 @@ def static_init(
         raise ValueError(f"static router init must be 'redundancy', 'cost' or 'joint', got {kind!r}")
     path = None
     if kind == "joint" and n_ranked:
+        def take(layer: int, cost: float) -> None:
+            path.append({"layer": layer, "cost": round(cost, 6)})
+            if on_step is not None:
+                on_step({"step": len(path), "of": n_ranked, **path[-1],
+                         "seconds": round(time.perf_counter() - started, 1)})
+
+        path = []
         (first,) = select_dropped(skippable, 1, candidates=layers)
-        path = [{"layer": first, "cost": round(scores[first], 6)}]
+        take(first, scores[first])
         while len(path) < n_ranked:
+            started = time.perf_counter()
             chosen = [step["layer"] for step in path]
             pool = [i for i in layers if i not in chosen]
             joint = _cost_per_token(model, examples, pad_id, pool, chosen, batch_size, bf16)
             (best,) = select_dropped({i: -cost for i, cost in joint.items()}, 1, candidates=pool)
-            path.append({"layer": best, "cost": round(joint[best], 6)})
+            take(best, joint[best])
         ranked = [step["layer"] for step in path]
     else:
         ranked = select_dropped(skippable, n_ranked, candidates=layers, ordered=True) if n_ranked else []
