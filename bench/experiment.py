@@ -76,14 +76,15 @@ class Run:
         source = self.partial
         if source is None or not source.is_file():
             if finished is None or not finished.is_file():
-                where = " or ".join(str(p) for p in (self.partial, finished) if p is not None)
-                raise SystemExit(f"--resume: no partial or finished results at {where}")
+                also = f" and no finished results at {finished}" if finished is not None else ""
+                raise SystemExit(f"--resume: no partial results at {self.partial}{also}")
             source = finished
         try:
             saved = json.loads(source.read_text())
             models, timings = saved["models"], saved["timings"]
         except (ValueError, KeyError) as err:
-            raise SystemExit(f"--resume: {source} is not a {self.tag} result ({err})") from None
+            kind = "partial" if source == self.partial else "finished"
+            raise SystemExit(f"--resume: {source} is not a {kind} {self.tag} result ({err})") from None
         if saved.get("preset", self.preset) != self.preset:
             raise SystemExit(f"--resume: {source} is from the {saved['preset']!r} preset, not {self.preset!r}")
         self.models.update(models)
