@@ -220,8 +220,8 @@ RECIPES = {
         {"loss": "kd", "router_init": "redundancy", "initial_multiplier": 1.0, "learning_rate": 5e-4},
         wide_layers,
     ),
-    # The best at 12.5% on SmolLM2-135M (bench/results/pareto.md): WikiText-2 24.39 at 12.6% skipped, within 15% of
-    # dense (kd-wide: 25.06), the held-out loss equal to kd-wide's; not yet measured at 25% and 37.5%.
+    # The best at 12.5%, 25% and 37.5% on SmolLM2-135M (bench/results/pareto.md): WikiText-2 24.39, 29.32 and 44.67
+    # (kd-wide: 25.06, 33.62, 60.42); not the default yet because its start costs a layer-cost pass per skipped layer.
     "kd-joint": Recipe(
         "kd-wide's, started from the greedy joint-cost search with the next-ranked layer at the threshold "
         "(--router-init joint --router-init-margin, on 32 sequences: about as many times the forwards of one "
