@@ -70,22 +70,18 @@ def static_init(
         raise ValueError(f"static router init must be 'redundancy', 'cost' or 'joint', got {kind!r}")
     path = None
     if kind == "joint" and n_ranked:
-        def take(layer: int, cost: float) -> None:
-            path.append({"layer": layer, "cost": round(cost, 6)})
+        path, costs, pool = [], scores, layers  # the first step ranks the single-layer costs
+        while len(path) < n_ranked:
+            if path:
+                chosen = [step["layer"] for step in path]
+                pool = [i for i in layers if i not in chosen]
+                costs = _cost_per_token(model, examples, pad_id, pool, chosen, batch_size, bf16)
+            (best,) = select_dropped({i: -cost for i, cost in costs.items()}, 1, candidates=pool)
+            path.append({"layer": best, "cost": round(costs[best], 6)})
             if on_step is not None:
                 on_step({"step": len(path), "of": n_ranked, **path[-1],
                          "seconds": round(time.perf_counter() - started, 1)})
-
-        path = []
-        (first,) = select_dropped(skippable, 1, candidates=layers)
-        take(first, scores[first])
-        while len(path) < n_ranked:
             started = time.perf_counter()
-            chosen = [step["layer"] for step in path]
-            pool = [i for i in layers if i not in chosen]
-            joint = _cost_per_token(model, examples, pad_id, pool, chosen, batch_size, bf16)
-            (best,) = select_dropped({i: -cost for i, cost in joint.items()}, 1, candidates=pool)
-            take(best, joint[best])
         ranked = [step["layer"] for step in path]
     else:
         ranked = select_dropped(skippable, n_ranked, candidates=layers, ordered=True) if n_ranked else []
