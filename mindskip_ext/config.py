@@ -26,8 +26,9 @@ def default_layers(num_layers: int) -> list[int]:
 
 
 def wide_layers(num_layers: int) -> list[int]:
-    """Every layer but the first eighth or so and the last: the candidates of the ``kd-wide`` Router-Tuning recipe,
-    which may then skip the early layers that Attention-Drop finds redundant too.
+    """Every layer but the first eighth or so and the last: the candidates of the ``kd-joint`` (the default of
+    ``mindskip train``) and ``kd-wide`` Router-Tuning recipes, which may then skip the early layers that
+    Attention-Drop finds redundant too.
 
     30 layers give 4..28 (25 layers), 32 layers give 4..30.
     """

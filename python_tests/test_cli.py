@@ -34,8 +34,8 @@ def data_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(model_dir, data_file, tmp_path_factory):
-    """`mindskip train` with the default recipe (kd-wide: routers on 1..6) and --target-capacity 0.5: (router dir,
-    its final JSON line)."""
+    """`mindskip train` with the default recipe (kd-joint: routers on 1..6, the joint-cost start) and
+    --target-capacity 0.5: (router dir, its final JSON line)."""
     out = tmp_path_factory.mktemp("routers")
     code, stdout, _ = run_cli(
         "train", "--model", model_dir, "--data", data_file, "--target-capacity", "0.5", "--output", str(out),
@@ -64,7 +64,10 @@ def last_json(stdout: str) -> dict:
 
 def test_train_lands_on_the_target_capacity_on_heldout_data(trained):
     out, result = trained
-    assert result["command"] == "train" and result["target_capacity"] == 0.5 and result["recipe"] == "kd-wide"
+    assert result["command"] == "train" and result["target_capacity"] == 0.5 and result["recipe"] == "kd-joint"
+    config = json.loads((out / "training_summary.json").read_text())["config"]
+    assert (config["loss"], config["router_init"], config["router_init_margin"], config["centre_router_inputs"]) == (
+        "kd", "joint", True, True)
     assert abs(result["capacity"] - 0.5) <= 0.05
     assert set(result["capacity_per_layer"]) == {str(i) for i in range(1, 7)}
     assert result["perplexity"] > 1.0 and result["steps"] == 80
@@ -415,8 +418,9 @@ def test_train_options_come_from_the_config_fields():
         target_capacity=0.4, learning_rate=0.002, bf16=False, calibrate=False)
     assert from_options(MindSkipConfig, args) == MindSkipConfig(
         granularity="mlp", layers=[2, 3, 4, 6], train_all_sequences=False)
-    # Nothing given: the dataclasses' own defaults.
+    # Nothing given: the dataclasses' own defaults, and the kd-joint recipe (the best measured one) over them.
     args = parser.parse_args(base + ["--l1-lambda", "0.1"])
+    assert args.recipe == "kd-joint"
     assert from_options(RouterTuningConfig, args) == RouterTuningConfig(l1_lambda=0.1)
     assert from_options(MindSkipConfig, args) == MindSkipConfig()
 
