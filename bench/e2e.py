@@ -403,8 +403,7 @@ def _transplant(model, dense: DynamicCache, kind: str, keeps: dict[int, torch.Te
         slot = routing_slot(cache, idx, True, keys.device)
         decision = slot.mindskip_decision = Decision.from_keep(keeps[idx].to(keys.device))
         if decision.num_kept:
-            rows = decision.order[: decision.num_kept]
-            slot.update(keys.index_select(0, rows), values.index_select(0, rows))
+            slot.update(keys.index_select(0, decision.rows), values.index_select(0, decision.rows))
         else:
             slot.skip_tokens(keys.shape[2])
     return cache

@@ -24,7 +24,7 @@ search (``reorder_cache``) and ``crop`` right, and on a dynamic slot ``batch_sel
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import CompileConfig
@@ -39,6 +39,11 @@ class Decision:
     order: torch.Tensor  # (B,) int64, kept rows first (ascending), then skipped rows
     num_kept: int
     from_training: bool = False  # made by a training-mode forward that wrote no KV for this layer
+    # order[:num_kept], taken once here: every decode step of the layer selects these rows.
+    rows: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.rows = self.order[: self.num_kept]
 
     @property
     def batch_size(self) -> int:

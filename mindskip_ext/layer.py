@@ -407,7 +407,7 @@ class MindSkipDecoderLayer(nn.Module):
         ste = gate is not None and self.training
         full = ste and self.train_all_sequences
         k = decision.num_kept
-        rows = decision.order[:k] if 0 < k < batch else None
+        rows = decision.rows if 0 < k < batch else None
         attn_kwargs = kwargs
 
         # ---- attention sublayer

@@ -231,7 +231,8 @@ def _register_row_pair(select: str, add: str):
             return grad, grad_y, None
 
     def add_rows(residual, y, index):
-        y = y.to(residual.dtype)
+        if y.dtype != residual.dtype:
+            y = y.to(residual.dtype)
         if torch.is_grad_enabled() and (residual.requires_grad or y.requires_grad):
             return AddRows.apply(residual, y, index)
         add_op(residual, y, index)
