@@ -7,23 +7,25 @@
 #
 #   bash bench/gpu_session.sh all [--dry-run]     # every step below, in this order (about 8 minutes on an H100)
 #   bash bench/gpu_session.sh build               # only the build (the other steps build first when needed)
-#   bash bench/gpu_session.sh test                # pytest -m cuda (every failure reported: no -x)
+#   bash bench/gpu_session.sh test                # pytest -m cuda (every failure reported: no -x; a crash too)
 #   bash bench/gpu_session.sh sanitize            # compute-sanitizer memcheck over python -m bench.gpu_sanitize
 #   bash bench/gpu_session.sh micro [ARGS]        # bench.run --only micro (ARGS go to bench.run)
 #   bash bench/gpu_session.sh e2e B T [ARGS]      # one e2e point: batch B x prompt T (comma lists: their grid)
+#   bash bench/gpu_session.sh profile             # python -m bench.decode_profile: one decode step, op by op
 #
 # --dry-run rehearses a step on a machine without a GPU: it checks that the existing build loads instead of
 # building, lists the tests that -m cuda selects, runs the op script on the CPU without compute-sanitizer, runs
-# micro with --quick and the e2e points at a small shape (cpu-small, B 2 and 1), all on the CPU.
+# micro with --quick, the e2e points and the profile at a small shape (cpu-small, B 2 and 1), all on the CPU.
 #
-# Writes under $OUT (default build/gpu-session): session.log (every step's output), summary.txt (the two lines)
-# and the device's bench rows <device>.jsonl and <device>.md (kept in bench/results/ too; a dry run writes those
-# to a temporary folder instead, so that the CPU results of the repository stay as they are).
+# Writes under $OUT (default build/gpu-session): session.log (every step's output), summary.txt (the two lines),
+# decode_profile.md (the profile step's report) and the device's bench rows <device>.jsonl and <device>.md (kept in
+# bench/results/ too; a dry run writes those to a temporary folder instead, so that the CPU results of the
+# repository stay as they are).
 # Environment: PYTHON (default python3), GPU_SESSION_BUDGET_S (default 560: the whole session, leaving a
 # 10-minute command time to return), E2E_REPS (timed rounds per e2e point, default 3).
 set -uo pipefail
 
-usage="usage: gpu_session.sh all|build|test|sanitize|micro [ARGS]|e2e B T [ARGS] [--dry-run]"
+usage="usage: gpu_session.sh all|build|test|sanitize|micro [ARGS]|e2e B T [ARGS]|profile [--dry-run]"
 repo=$(cd "$(dirname "$0")/.." && pwd)
 out=$(realpath -m "${OUT:-$repo/build/gpu-session}")
 cd "$repo"
@@ -37,7 +39,7 @@ set -- "${args[@]}"
 step="${1:-}"
 shift || true
 case "$step" in
-  all|build|test|sanitize|micro) ;;
+  all|build|test|sanitize|micro|profile) ;;
   e2e) [ $# -ge 2 ] || { echo "e2e needs B and T; $usage" >&2; exit 2; } ;;
   *) echo "$usage" >&2; exit 2 ;;
 esac
@@ -51,11 +53,14 @@ if [ -n "$dry" ]; then
   trap 'rm -rf "$results"' EXIT
   points="2x16 1x32"
   e2e_args=(--e2e-shape cpu-small --new-tokens 3 --e2e-fractions 1.0,0.5 --e2e-reps 2)
+  profile_args="--batch 2 --prompt 16 --steps 2"
 else
   export device=cuda results=bench/results
   points="32x2048 8x8192"  # the Llama-3-8B points: pairs, not their grid
   e2e_args=(--e2e-shape llama3-8b --new-tokens 64 --e2e-fractions 1.0,0.5 --e2e-reps "${E2E_REPS:-3}")
+  profile_args="--shape llama3-8b --batch 32 --prompt 2048 --steps 8"
 fi
+export out profile_args
 export stamp_file=build/gpu-session.stamp
 mkdir -p "$out"
 log="$out/session.log"
@@ -95,7 +100,22 @@ step_test() {
     [ "$rc" -eq 5 ] && rc=0
     return "$rc"
   fi
-  "$PYTHON" -m pytest "${args[@]}"
+  # pytest-xdist (there on the lent machines) runs the tests in worker processes: a test that crashes its worker is
+  # reported as failed, by name, and the other tests still run.
+  "$PYTHON" -c "import xdist" 2>/dev/null && args+=(-n 4)
+  local report rc crashed
+  report=$(mktemp)
+  "$PYTHON" -m pytest "${args[@]}" 2>&1 | tee "$report"
+  rc=${PIPESTATUS[0]}
+  # The first test that crashed, once more under cuda-gdb (which also debugs host code) for the native stack.
+  crashed=$(grep -o "crashed while running '[^']*'" "$report" | head -1 | cut -d"'" -f2)
+  rm -f "$report"
+  if [ -n "$crashed" ] && command -v cuda-gdb >/dev/null; then
+    echo "native stack of the crash in $crashed:"
+    timeout 90 cuda-gdb -q -batch -ex run -ex bt --args "$PYTHON" -m pytest -q -p no:cacheprovider "$crashed" 2>&1 \
+      | grep -E "^#[0-9]+ |signal SIG" | head -40
+  fi
+  return "$rc"
 }
 
 step_sanitize() {
@@ -118,7 +138,12 @@ step_bench() {
   "$PYTHON" -m bench.run --device "$device" --results-dir "$results" "$@"
 }
 
-export -f step_build step_test step_sanitize step_bench
+step_profile() {
+  # shellcheck disable=SC2086  # profile_args is a word list (bash cannot export arrays)
+  "$PYTHON" -m bench.decode_profile --device "$device" $profile_args --out "$out/decode_profile.md"
+}
+
+export -f step_build step_test step_sanitize step_bench step_profile
 
 # ------------------------------------------------------------------------------------------------ running them
 
@@ -191,12 +216,15 @@ case "$step" in
     micro
     for point in $points; do
       e2e "${point%x*}" "${point#*x}"
+      # After the first point: where a decode step's time goes (dense, MindSkip at 50% kept, Attention-Drop).
+      [ "$point" = "${points%% *}" ] && run_step profile 90 step_profile
     done
     ;;
   test) run_step test 150 step_test ;;
   sanitize) run_step sanitize 150 step_sanitize ;;
   micro) micro "$@" ;;
   e2e) e2e "$@" ;;
+  profile) run_step profile 90 step_profile ;;
 esac
 
 "$PYTHON" -m bench.gpu_summary --log "$log" ${slug:+--rows "$out/$slug.jsonl"} ${dry:+--dry-run} \

@@ -5,8 +5,9 @@
 * the bench rows of the session's device (``<device>.jsonl``, the schema of :mod:`bench.common`).
 
 Line 1: the tests passed and failed, the sanitizer's error count, the build time and every step that failed, timed
-out or was skipped. Line 2: router_gate's GB/s as a share of the device's copy bandwidth (measured in the same micro
-run) and, per e2e point, MindSkip's speedup over the unconverted model against the ideal one.
+out or was skipped. Line 2: the GB/s of router_gate, gather+scatter and pack+unpack at the largest shape each ran,
+as a share of the device's copy bandwidth (measured in the same micro run), and, per e2e point, MindSkip's speedup
+over the unconverted model against the ideal one.
 
     python -m bench.gpu_summary --log OUT/session.log --rows OUT/<device>.jsonl [--dry-run]
 """
@@ -25,8 +26,9 @@ STEP_END = re.compile(r"^### end (\S+) rc=(\d+) seconds=(\d+) limit=(\d+)$")
 STEP_SKIP = re.compile(r"^### skip (\S+): (.+)$")
 # timeout(1) exits 124 when it stopped the step, 137 when the step ignored that and was killed.
 TIMED_OUT = (124, 137)
-# The micro row the summary quotes: the router case every micro plan has (bench/micro.py).
-ROUTER_PARAMS = {"B": 32, "T": 1024, "D": 2048, "dtype": "bf16", "padding": "none"}
+# The compiled ops of the micro section (bench/micro.py) the summary quotes, at the largest shape each ran.
+MICRO_OPS = {"router": "router_gate", "gather_scatter": "gather+scatter", "pack_unpack": "pack+unpack"}
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 @dataclass
@@ -137,18 +139,36 @@ def latest(rows: list[dict]) -> list[dict]:
     return list(last.values())
 
 
-def router_text(rows: list[dict]) -> str:
-    found = [r for r in rows if r["section"] == "micro" and r["name"] == "router" and r["provider"] == "mindskip"
-             and r["params"] == ROUTER_PARAMS]
-    if not found:
-        return "router_gate: no micro row"
-    row = found[-1]
-    gbps = row["metrics"]["gbps"]
-    shape = f"router_gate bf16 B=32 T=1024 D=2048: {gbps:.4g} GB/s"
-    share = row["metrics"].get("frac_peak_bw")
-    if share is None:
-        return f"{shape} (no copy reference on {row['device']})"
-    return f"{shape} = {share:.0%} of the copy bandwidth {gbps / share:.4g} GB/s"
+def _bytes(params: dict) -> int:
+    """The size of a micro case's (B, T, D) input."""
+    return params["B"] * params["T"] * params["D"] * DTYPE_BYTES[params["dtype"]]
+
+
+def bandwidth_text(rows: list[dict]) -> str:
+    """Per compiled op of the micro section, at its largest shape: GB/s as a share of the copy bandwidth."""
+    largest: dict[str, dict] = {}
+    for row in rows:
+        if row["section"] == "micro" and row["provider"] == "mindskip" and row["name"] in MICRO_OPS:
+            best = largest.get(row["name"])
+            if best is None or _bytes(row["params"]) >= _bytes(best["params"]):
+                largest[row["name"]] = row
+    if not largest:
+        return "micro: no rows"
+    parts, copy = [], None
+    for name, label in MICRO_OPS.items():
+        if (row := largest.get(name)) is None:
+            continue
+        params, metrics = row["params"], row["metrics"]
+        shape = f"{params['dtype']} B={params['B']} T={params['T']} D={params['D']}"
+        share = metrics.get("frac_peak_bw")
+        if share is None:
+            parts.append(f"{label} {shape}: {metrics['gbps']:.4g} GB/s")
+            continue
+        copy = metrics["gbps"] / share
+        parts.append(f"{label} {shape}: {share:.0%}")
+    if copy is None:
+        return ", ".join(parts) + f" (no copy reference on {next(iter(largest.values()))['device']})"
+    return ", ".join(parts) + f" of the copy bandwidth {copy:.4g} GB/s"
 
 
 def e2e_text(rows: list[dict]) -> str:
@@ -186,7 +206,7 @@ def summarize(log: str, rows: list[dict], dry_run: bool = False) -> tuple[str, s
     problems = [f"{step.name} {problem}" for step in steps.values() if (problem := step.problem())]
     first.append("problems: " + ", ".join(problems) if problems else "every step exited 0")
     rows = latest(rows)
-    return " | ".join(first), " | ".join([router_text(rows), e2e_text(rows)])
+    return " | ".join(first), " | ".join([bandwidth_text(rows), e2e_text(rows)])
 
 
 def read_rows(path: Path | None) -> list[dict]:

@@ -38,7 +38,8 @@ def plan(args, device: torch.device):
     cases += [("gather_scatter", 32, 1024, 2048, dt, "none") for dt in ("fp32", "fp16")]
     cases += [("gather_scatter", 64, 512, 4096, "bf16", "none"), ("pack_unpack", 64, 512, 4096, "bf16", "right")]
     if device.type == "cuda":
-        cases += [("router", 64, 2048, 4096, "bf16", "none"), ("gather_scatter", 64, 2048, 4096, "bf16", "none")]
+        cases += [(kind, 64, 2048, 4096, "bf16", pad)
+                  for kind, pad in (("router", "none"), ("gather_scatter", "none"), ("pack_unpack", "right"))]
     return cases
 
 

@@ -113,3 +113,32 @@ def test_e2e_interleaving_times_every_variant_and_restores_the_model(monkeypatch
     kv = {(v.provider, v.kept): v.kv_bytes for v in variants}
     assert kv[("mindskip", 0.5)] == kv[("attn-drop", 0.5)] == 0.75 * kv[("hf", None)]
     assert not any(isinstance(layer, msk.MindSkipDecoderLayer) for layer in model.model.layers)
+
+
+def test_decode_profile_counts_the_ops_that_mindskip_adds_and_attention_drop_removes(tmp_path, capsys):
+    from bench import decode_profile
+
+    out = tmp_path / "profile.md"
+    assert decode_profile.main(["--device", "cpu", "--batch", "2", "--prompt", "8", "--steps", "1",
+                                "--out", str(out)]) == 0
+    text = out.read_text()
+    assert capsys.readouterr().out.strip() == text.strip()
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in text.splitlines()
+            if line.startswith(("| hf", "| mindskip", "| attn-drop"))}
+    assert set(rows) == {"hf", "mindskip kept 0.5", "attn-drop"}
+    # cpu-small routes layers 3..6; at batch 2 and kept 0.5 each keeps one sequence, gathered and scatter-added
+    # back, while Attention-Drop skips 2 of them whole.
+    assert "`mindskip::gather_kept` +4" in rows["mindskip kept 0.5"][4]
+    assert "`mindskip::scatter_add_kept_` +4" in rows["mindskip kept 0.5"][4]
+    assert "`aten::scaled_dot_product_attention` -2" in rows["attn-drop"][4]
+    assert rows["hf"][4].strip(" |") == "-"
+    assert all(float(row[1]) > 0 for row in rows.values())
+
+
+@pytest.mark.parametrize("args", [["--kept", "1.0"], ["--batch", "1"]])
+def test_decode_profile_rejects_bad_arguments(args, capsys):
+    from bench import decode_profile
+
+    with pytest.raises(SystemExit):
+        decode_profile.main(["--device", "cpu", *args])
+    assert "--kept" in capsys.readouterr().err

@@ -39,14 +39,15 @@ def test_rehearsal_writes_the_session_files(tmp_path):
     assert len(files) <= MAX_FILES
     assert all(f.is_file() and f.stat().st_size <= MAX_BYTES and re.fullmatch(r"[\w.-]+", f.name) for f in files)
     (jsonl,) = tmp_path.glob("cpu-*.jsonl")  # the rows are named after the device, as in bench/results/
-    assert {f.name for f in files} == {"session.log", "summary.txt", jsonl.name, f"{jsonl.stem}.md"}
+    assert {f.name for f in files} == {"session.log", "summary.txt", "decode_profile.md", jsonl.name,
+                                       f"{jsonl.stem}.md"}
     assert {json.loads(line)["section"] for line in jsonl.read_text().splitlines()} == {"micro", "e2e"}
     # A rehearsal leaves the repository's results as they were.
     assert {p: p.stat().st_mtime_ns for p in RESULTS_DIR.glob("*.*")} == results_before
 
     log = (tmp_path / "session.log").read_text()
     steps = gpu_summary.read_steps(log)
-    assert list(steps) == ["build", "test", "sanitize", "micro", "e2e-2x16", "e2e-1x32"]
+    assert list(steps) == ["build", "test", "sanitize", "micro", "e2e-2x16", "profile", "e2e-1x32"]
     assert all(step.rc == 0 for step in steps.values())
     assert "test_cache.py::test_cuda_identity_skipping_and_compact_kv" in steps["test"].text  # what -m cuda selects
     assert "pip install -q --no-build-isolation --no-deps -e ." in steps["build"].text  # what a GPU would run
@@ -56,7 +57,9 @@ def test_rehearsal_writes_the_session_files(tmp_path):
     assert re.fullmatch(r"tests \(dry run\): \d+ selected by -m cuda \| sanitizer \(dry run, no compute-sanitizer\): "
                         r"\d+ cases, 0 failed \| every step exited 0", line1)
     assert int(re.search(r"(\d+) selected", line1)[1]) >= 8  # the tests marked cuda (test_ops, test_layer, test_cache)
-    assert line2.startswith("router_gate bf16 B=32 T=1024 D=2048: ")
+    assert re.match(r"router_gate fp32 B=32 T=1024 D=2048: [\d.]+ GB/s, gather\+scatter fp32 B=32 T=1024 D=2048: "
+                    r"[\d.]+ GB/s, pack\+unpack bf16 B=32 T=1024 D=2048: [\d.]+ GB/s \(no copy reference on cpu\) \| ",
+                    line2)
     assert "e2e speedup measured/ideal: cpu-small B=2 T=16 kept 0.5: prefill " in line2
     assert "; cpu-small B=1 T=32 kept 0.5: " in line2
 
@@ -123,9 +126,9 @@ sanitize: 15 cases, 0 failed
 """
 
 
-def router_row(gbps, **metrics):
-    params = dict(gpu_summary.ROUTER_PARAMS)
-    return {"section": "micro", "name": "router", "provider": "mindskip", "params": params, "device": "cuda",
+def micro_row(gbps, name="router", batch=32, **metrics):
+    params = {"B": batch, "T": 1024, "D": 2048, "dtype": "bf16", "padding": "none"}
+    return {"section": "micro", "name": name, "provider": "mindskip", "params": params, "device": "cuda",
             "metrics": {"gbps": gbps, **metrics}}
 
 
@@ -137,7 +140,9 @@ def e2e_rows(batch, seqlen, kept, speedup, ideal, provider="mindskip"):
 
 
 def test_summary_of_a_session_with_failures():
-    rows = [router_row(2400.0, frac_peak_bw=0.8), *e2e_rows(32, 2048, 1.0, 0.99, 1.0),
+    rows = [micro_row(2400.0, frac_peak_bw=0.8), micro_row(900.0, batch=64, frac_peak_bw=0.3),
+            micro_row(1500.0, name="router", batch=8, frac_peak_bw=0.5),
+            micro_row(3000.0, name="pack_unpack", frac_peak_bw=1.0), *e2e_rows(32, 2048, 1.0, 0.99, 1.0),
             *e2e_rows(32, 2048, 0.5, 1.2, 1.4), *e2e_rows(32, 2048, 0.5, 1.0, 1.4, provider="attn-drop")]
     line1, line2 = gpu_summary.summarize(LOG, rows)
     assert line1 == (
@@ -146,7 +151,8 @@ def test_summary_of_a_session_with_failures():
         "e2e-8x8192 skipped (out of time)"
     )
     assert line2 == (
-        "router_gate bf16 B=32 T=1024 D=2048: 2400 GB/s = 80% of the copy bandwidth 3000 GB/s | "
+        "router_gate bf16 B=64 T=1024 D=2048: 30%, pack+unpack bf16 B=32 T=1024 D=2048: 100% of the copy bandwidth "
+        "3000 GB/s | "
         "e2e speedup measured/ideal: llama3-8b B=32 T=2048 kept 0.5: prefill 1.80/2.10x, decode 0.60/0.70x, "
         "ttlt 1.20/1.40x (0.86 of ideal)"
     )
@@ -158,16 +164,16 @@ def test_summary_when_nothing_ran():
     line1, line2 = gpu_summary.summarize(log, [])
     assert line1 == ("tests: not run | sanitizer: not run | problems: build exit 1, test skipped (the build failed), "
                      "sanitize skipped (the build failed), micro skipped (the build failed)")
-    assert line2 == "router_gate: no micro row | e2e: no rows"
+    assert line2 == "micro: no rows | e2e: no rows"
 
 
 def test_summary_keeps_the_latest_row_and_the_order_of_the_points():
     rows = [*e2e_rows(8, 8192, 0.5, 1.0, 1.5), *e2e_rows(32, 2048, 0.5, 1.1, 1.2), *e2e_rows(8, 8192, 0.5, 1.3, 1.5),
-            router_row(10.0, frac_peak_bw=0.5), router_row(20.0)]
+            micro_row(10.0, frac_peak_bw=0.5), micro_row(20.0)]
     text = gpu_summary.e2e_text(gpu_summary.latest(rows))
     assert text.index("B=8 T=8192") < text.index("B=32 T=2048")
     assert "B=8 T=8192 kept 0.5: prefill 1.95/2.25x, decode 0.65/0.75x, ttlt 1.30/1.50x (0.87 of ideal)" in text
-    assert gpu_summary.router_text(gpu_summary.latest(rows)) == (
+    assert gpu_summary.bandwidth_text(gpu_summary.latest(rows)) == (
         "router_gate bf16 B=32 T=1024 D=2048: 20 GB/s (no copy reference on cuda)"
     )
 
@@ -208,4 +214,4 @@ def test_main_prints_two_lines(tmp_path, capsys):
     rows.write_text("".join(json.dumps(row) + "\n" for row in e2e_rows(32, 2048, 0.5, 1.2, 1.4)))
     assert gpu_summary.main(["--log", str(log), "--rows", str(rows)]) == 0
     line1, line2 = capsys.readouterr().out.splitlines()
-    assert line1.startswith("tests: 318 passed, 2 failed") and line2.startswith("router_gate: no micro row | e2e ")
+    assert line1.startswith("tests: 318 passed, 2 failed") and line2.startswith("micro: no rows | e2e ")

@@ -648,6 +648,8 @@ def router_args(device, **overrides):
         ({"threshold": 1.0}, r"threshold must lie strictly between 0 and 1, got 1"),
         ({"threshold": -0.5}, r"threshold must lie strictly between 0 and 1"),
     ],
+    ids=["hidden-rank-2", "hidden-int32", "weight-size", "weight-rank-2", "mask-size", "mask-rank-1", "bias-size",
+         "threshold-0", "threshold-1", "threshold-negative"],
 )
 def test_router_gate_rejects_bad_input(device, overrides, message):
     args = router_args(
@@ -669,6 +671,8 @@ def test_router_gate_rejects_bad_input(device, overrides, message):
         (torch.zeros(5, 4), torch.tensor([-1, 2]), torch.zeros(4), r"cu_seqlens spans \[-1, 2\)"),
         (torch.zeros(5, 4), torch.tensor([0, 3, 1]), torch.zeros(4), r"non-decreasing, but cu_seqlens\[1\] = 3 >"),
     ],
+    ids=["hidden-rank-3", "cu_seqlens-float", "cu_seqlens-empty", "cu_seqlens-rank-2", "weight-size",
+         "cu_seqlens-past-the-rows", "cu_seqlens-negative", "cu_seqlens-decreasing"],
 )
 def test_router_gate_varlen_rejects_bad_input(device, hidden, cu_seqlens, weight, message):
     if device.type == "cuda" and ("spans" in message or "non-decreasing" in message):
