@@ -1,13 +1,18 @@
 """Where a decode step's time goes: the unconverted model, MindSkip at a kept fraction and static Attention-Drop of
-the same share, each decoding from one shared prefill, step by step as ``generate()`` does (a growing attention
-mask, per-sequence positions, a dynamic cache).
+the same share, each decoding from one shared prefill.
 
 Per variant it reports the median wall time of a step, the ops it dispatches (top-level ``aten::``/``mindskip::``
 calls), the summed time of its device kernels (a step whose kernels add up to far less than its wall time is bound
 by the host: dispatch and launches, not the GPU), and the ops that take the most host and device time, with the
 change in op counts against the unconverted model. On a CPU there is no device time.
 
+Two ways to decode: ``--cache dynamic`` (the default) steps as ``generate()`` does by default, eagerly, with a
+growing attention mask, per-sequence positions and a dynamic cache; ``--cache static --compile`` runs the step
+``generate(..., cache_implementation="static")`` compiles on a GPU (transformers' compile config: CUDA graphs), on a
+static cache (every token is real, so no mask is passed, as in the long-context e2e points).
+
     python -m bench.decode_profile --device cuda --shape llama3-8b --batch 32 --prompt 2048 --out profile.md
+    python -m bench.decode_profile --device cuda --cache static --compile --layers 16 --out static.md
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+from torch._dynamo.utils import counters
 from torch.profiler import ProfilerActivity, profile
 from transformers import DynamicCache
 
 import mindskip_ext as msk
+from mindskip_ext.cache import decode_compile_config
 from mindskip_ext.hf_compat import cache_kwargs
 from mindskip_ext.timing import synchronize
 
@@ -31,6 +38,7 @@ from .e2e import _converted, _drop_keeps, _keeps, _transplant
 from .routing import SHAPES, build_model
 
 TOP = 8  # ops listed per variant and measure
+WARMUP_STEPS = 3  # untimed steps per variant: compilation and CUDA-graph capture happen in these
 
 
 @dataclass
@@ -40,38 +48,61 @@ class Profile:
     ops: Counter = field(default_factory=Counter)  # top-level op -> calls in one step
     host_us: Counter = field(default_factory=Counter)  # top-level op -> its host time (with its children) in one step
     device_us: Counter = field(default_factory=Counter)  # op -> self device (kernel) time in one step
+    graph_breaks: int | None = None  # compiled: the graph breaks dynamo reported for this variant
 
 
-def _decode(model, cache, token, mask, start, steps):
-    """``steps`` greedy decode steps as ``generate()`` takes them; returns the last token."""
-    batch = token.shape[0]
-    for i in range(steps):
-        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-        positions = torch.full((batch, 1), start + i, device=token.device)
-        out = model(input_ids=token, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-                    **cache_kwargs(model, cache))
-        token = out.logits[:, -1:].argmax(-1)
-    return token
+def _stepper(model, cache, token, seqlen, static: bool, call):
+    """A function running the next greedy decode step of ``token`` on ``cache``, which holds ``seqlen`` tokens at
+    first. ``call``: the model or its compiled step. Dynamic: as eager ``generate()`` steps, with the attention mask
+    of every token so far and each sequence's position; static: input ids only."""
+    kwargs = cache_kwargs(model, cache)
+    if static:
+        return lambda: call(input_ids=token, use_cache=True, logits_to_keep=1, **kwargs)
+    batch, seen = token.shape[0], [seqlen]
+
+    def step():
+        mask = torch.ones(batch, seen[0] + 1, dtype=torch.long, device=token.device)
+        positions = torch.full((batch, 1), seen[0], device=token.device)
+        call(input_ids=token, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **kwargs)
+        seen[0] += 1
+
+    return step
 
 
-def _profile_variant(model, provider, cache, token, seqlen, steps, device) -> Profile:
-    mask = torch.ones(token.shape[0], seqlen, dtype=torch.long, device=device)
+def _is_op(event) -> bool:
+    return event.name.startswith(("aten::", "mindskip::"))
+
+
+def _has_op_ancestor(event) -> bool:
+    """Whether an op dispatched ``event`` (an op called by an op is not counted again); a compiled region or a
+    CUDA-graph replay around it is no op."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if _is_op(parent):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def _profile_variant(model, provider, cache, token, args, device, call) -> Profile:
+    step = _stepper(model, cache, token, args.prompt, args.cache == "static", call)
     with torch.no_grad():
-        _decode(model, cache, token, mask, seqlen, 2)  # warm-up
+        for _ in range(WARMUP_STEPS):  # compilation and CUDA-graph capture happen here
+            step()
         times = []
-        for i in range(steps):
+        for _ in range(args.steps):
             synchronize(device)
             start = time.perf_counter()
-            _decode(model, cache, token, mask, seqlen + 2 + i, 1)
+            step()
             synchronize(device)
             times.append((time.perf_counter() - start) * 1e3)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=activities) as prof:
-            _decode(model, cache, token, mask, seqlen + 2 + steps, 1)
+            step()
             synchronize(device)
     result = Profile(provider, statistics.median(times))
     for event in prof.events():
-        if event.cpu_parent is None and event.name.startswith(("aten::", "mindskip::")):
+        if _is_op(event) and not _has_op_ancestor(event):
             result.ops[event.name] += 1
             result.host_us[event.name] += event.cpu_time_total
     for avg in prof.key_averages():
@@ -81,10 +112,16 @@ def _profile_variant(model, provider, cache, token, seqlen, steps, device) -> Pr
     return result
 
 
+def _compile_config(args):
+    """What generate() compiles a static cache's decode step with (CUDA graphs on a GPU), on any device."""
+    return decode_compile_config(**({"backend": args.compile_backend} if args.compile_backend else {}))
+
+
 def run(args) -> list[Profile]:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = build_model(args.shape, device, dtype, max_len=args.prompt + args.steps + 16)
+    max_len = args.prompt + WARMUP_STEPS + args.steps + 8
+    model = build_model(args.shape, device, dtype, max_len=max_len, num_layers=args.layers)
     layer_ids = msk.MindSkipConfig().resolve_layers(model.config.num_hidden_layers)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(1, model.config.vocab_size, (args.batch, args.prompt), generator=gen).to(device)
@@ -94,13 +131,18 @@ def run(args) -> list[Profile]:
         token = token[:, -1:].argmax(-1)
     variants = [("hf", None), (f"mindskip kept {args.kept:g}", _keeps(layer_ids, args.batch, args.kept)),
                 ("attn-drop", _drop_keeps(layer_ids, args.batch, args.kept))]
-    max_len = args.prompt + args.steps + 16
+    compile_config = _compile_config(args) if args.compile else None
     profiles = []
     for provider, keeps in variants:
-        cache = _transplant(model, dense, "dynamic", keeps, max_len)
+        cache = _transplant(model, dense, args.cache, keeps, max_len)
+        counters.clear()
         with _converted(model, layer_ids, keeps is not None) as m:
-            profiles.append(_profile_variant(m, provider, cache, token, args.prompt, args.steps, device))
+            call = torch.compile(m, **compile_config.to_dict()) if compile_config is not None else m
+            profiles.append(_profile_variant(m, provider, cache, token, args, device, call))
+        if compile_config is not None:
+            profiles[-1].graph_breaks = sum(counters["graph_break"].values())
         del cache
+        torch._dynamo.reset()  # each variant compiles afresh
     return profiles
 
 
@@ -116,15 +158,24 @@ def _top(counter: Counter, ops: Counter, base: Counter | None) -> str:
 def report(args, profiles: list[Profile]) -> str:
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    layers = f" with {args.layers} layers" if args.layers else ""
+    if args.cache == "static":
+        how = "one eager step on a static cache"
+        if args.compile:
+            config = _compile_config(args).to_dict()
+            how = (f"one step on a static cache, compiled as `generate()` compiles it (mode {config.get('mode')}, "
+                   f"backend {config.get('backend')})")
+    else:
+        how = "one eager step on a dynamic cache, as `generate()` takes it"
     lines = [
         f"# Decode-step profile on {name}",
         "",
-        f"torch {torch.__version__}; shape {args.shape}, batch {args.batch}, prompt {args.prompt}, MindSkip on the "
-        f"default layers at kept {args.kept:g}, Attention-Drop of the same share; one step, a dynamic cache, as "
-        f"`generate()` takes it (median of {args.steps} timed steps).",
+        f"torch {torch.__version__}; shape {args.shape}{layers}, batch {args.batch}, prompt {args.prompt}, MindSkip "
+        f"on the default layers at kept {args.kept:g}, Attention-Drop of the same share; {how} (median of "
+        f"{args.steps} timed steps after {WARMUP_STEPS} untimed).",
         "",
-        "| variant | step ms | ops per step | device kernel ms | ops changed vs hf |",
-        "|---|---|---|---|---|",
+        "| variant | step ms | ops per step | device kernel ms | graph breaks | ops changed vs hf |",
+        "|---|---|---|---|---|---|",
     ]
     base = profiles[0].ops
     for p in profiles:
@@ -132,7 +183,8 @@ def report(args, profiles: list[Profile]) -> str:
         changed = p.ops.copy()
         changed.subtract(base)
         diff = ", ".join(f"`{op}` {n:+d}" for op, n in sorted(changed.items()) if n) or "-"
-        lines.append(f"| {p.provider} | {p.step_ms:.2f} | {sum(p.ops.values())} | {kernels} | {diff} |")
+        breaks = "-" if p.graph_breaks is None else p.graph_breaks
+        lines.append(f"| {p.provider} | {p.step_ms:.2f} | {sum(p.ops.values())} | {kernels} | {breaks} | {diff} |")
     lines.append("")
     for p in profiles:
         lines.append(f"**{p.provider}**: most host time: {_top(p.host_us, p.ops, base)}")
@@ -152,8 +204,17 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--kept", type=float, default=0.5, help="MindSkip's kept fraction (default 0.5)")
     parser.add_argument("--steps", type=int, default=8, help="timed decode steps per variant (default 8)")
+    parser.add_argument("--layers", type=int, default=None, help="override the shape's layer count")
+    parser.add_argument("--cache", choices=("dynamic", "static"), default="dynamic")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the decode step as generate() does for a static cache (needs --cache static)")
+    parser.add_argument("--compile-backend", default=None, help="torch.compile backend (default: inductor)")
     parser.add_argument("--out", default=None, help="write the markdown report here too")
     args = parser.parse_args(argv)
+    if args.compile and args.cache != "static":
+        parser.error("--compile needs --cache static: a compiled step needs the fixed shapes of a static cache")
+    if args.layers is not None and args.layers < 2:
+        parser.error(f"--layers must be at least 2 (MindSkip routes the last half but the last), got {args.layers}")
     if not 0.0 < args.kept < 1.0:
         parser.error(f"--kept must lie strictly between 0 and 1, got {args.kept}")
     if args.batch < 2 or args.prompt < 1 or args.steps < 1:

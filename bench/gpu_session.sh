@@ -11,16 +11,16 @@
 #   bash bench/gpu_session.sh sanitize            # compute-sanitizer memcheck over python -m bench.gpu_sanitize
 #   bash bench/gpu_session.sh micro [ARGS]        # bench.run --only micro (ARGS go to bench.run)
 #   bash bench/gpu_session.sh e2e B T [ARGS]      # one e2e point: batch B x prompt T (comma lists: their grid)
-#   bash bench/gpu_session.sh profile             # python -m bench.decode_profile: one decode step, op by op
+#   bash bench/gpu_session.sh profile             # bench.decode_profile: a decode step op by op, eager and compiled
 #
 # --dry-run rehearses a step on a machine without a GPU: it checks that the existing build loads instead of
 # building, lists the tests that -m cuda selects, runs the op script on the CPU without compute-sanitizer, runs
 # micro with --quick, the e2e points and the profile at a small shape (cpu-small, B 2 and 1), all on the CPU.
 #
 # Writes under $OUT (default build/gpu-session): session.log (every step's output), summary.txt (the two lines),
-# decode_profile.md (the profile step's report) and the device's bench rows <device>.jsonl and <device>.md (kept in
-# bench/results/ too; a dry run writes those to a temporary folder instead, so that the CPU results of the
-# repository stay as they are).
+# decode_profile.md and decode_profile_static.md (the profile steps' reports) and the device's bench rows
+# <device>.jsonl and <device>.md (kept in bench/results/ too; a dry run writes those to a temporary folder instead,
+# so that the CPU results of the repository stay as they are).
 # Environment: PYTHON (default python3), GPU_SESSION_BUDGET_S (default 560: the whole session, leaving a
 # 10-minute command time to return), E2E_REPS (timed rounds per e2e point, default 3).
 set -uo pipefail
@@ -53,14 +53,18 @@ if [ -n "$dry" ]; then
   trap 'rm -rf "$results"' EXIT
   points="2x16 1x32"
   e2e_args=(--e2e-shape cpu-small --new-tokens 3 --e2e-fractions 1.0,0.5 --e2e-reps 2)
-  profile_args="--batch 2 --prompt 16 --steps 2"
+  profile_args=(--batch 2 --prompt 16 --steps 2)
+  static_args=(--batch 2 --prompt 8 --steps 1 --layers 6 --cache static --compile --compile-backend eager)
 else
   export device=cuda results=bench/results
   points="32x2048 8x8192"  # the Llama-3-8B points: pairs, not their grid
   e2e_args=(--e2e-shape llama3-8b --new-tokens 64 --e2e-fractions 1.0,0.5 --e2e-reps "${E2E_REPS:-3}")
-  profile_args="--shape llama3-8b --batch 32 --prompt 2048 --steps 8"
+  profile_args=(--shape llama3-8b --batch 32 --prompt 2048 --steps 8)
+  # The decode step generate() compiles for a static cache (CUDA graphs), on 16 of the 32 layers to bound the
+  # compile time of its three models.
+  static_args=(--shape llama3-8b --layers 16 --batch 32 --prompt 2048 --steps 8 --cache static --compile)
 fi
-export out profile_args
+export out
 export stamp_file=build/gpu-session.stamp
 mkdir -p "$out"
 log="$out/session.log"
@@ -138,9 +142,10 @@ step_bench() {
   "$PYTHON" -m bench.run --device "$device" --results-dir "$results" "$@"
 }
 
-step_profile() {
-  # shellcheck disable=SC2086  # profile_args is a word list (bash cannot export arrays)
-  "$PYTHON" -m bench.decode_profile --device "$device" $profile_args --out "$out/decode_profile.md"
+step_profile() {  # step_profile NAME [bench.decode_profile args]: the report goes to $out/NAME.md
+  local name=$1
+  shift
+  "$PYTHON" -m bench.decode_profile --device "$device" "$@" --out "$out/$name.md"
 }
 
 export -f step_build step_test step_sanitize step_bench step_profile
@@ -216,15 +221,22 @@ case "$step" in
     micro
     for point in $points; do
       e2e "${point%x*}" "${point#*x}"
-      # After the first point: where a decode step's time goes (dense, MindSkip at 50% kept, Attention-Drop).
-      [ "$point" = "${points%% *}" ] && run_step profile 90 step_profile
+      # After the first point: where a decode step's time goes (dense, MindSkip at 50% kept, Attention-Drop),
+      # eager on a dynamic cache and compiled on a static one.
+      if [ "$point" = "${points%% *}" ]; then
+        run_step profile 90 step_profile decode_profile "${profile_args[@]}"
+        run_step profile-static 240 step_profile decode_profile_static "${static_args[@]}"
+      fi
     done
     ;;
   test) run_step test 150 step_test ;;
   sanitize) run_step sanitize 150 step_sanitize ;;
   micro) micro "$@" ;;
   e2e) e2e "$@" ;;
-  profile) run_step profile 90 step_profile ;;
+  profile)
+    run_step profile 90 step_profile decode_profile "${profile_args[@]}"
+    run_step profile-static 240 step_profile decode_profile_static "${static_args[@]}"
+    ;;
 esac
 
 "$PYTHON" -m bench.gpu_summary --log "$log" ${slug:+--rows "$out/$slug.jsonl"} ${dry:+--dry-run} \

@@ -40,9 +40,12 @@ def best_attn_implementation(device: torch.device) -> str:
     return "sdpa"
 
 
-def build_model(shape: str, device: torch.device, dtype: torch.dtype, max_len: int, attn: str | None = None):
-    """A Llama of ``shape`` with random weights (seed 0), built directly on ``device`` in ``dtype`` (eval mode)."""
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=max_len, pad_token_id=0, eos_token_id=None)
+def build_model(shape: str, device: torch.device, dtype: torch.dtype, max_len: int, attn: str | None = None,
+                num_layers: int | None = None):
+    """A Llama of ``shape`` with random weights (seed 0), built directly on ``device`` in ``dtype`` (eval mode);
+    ``num_layers`` overrides the shape's layer count."""
+    dims = dict(SHAPES[shape], **({"num_hidden_layers": num_layers} if num_layers else {}))
+    config = LlamaConfig(**dims, max_position_embeddings=max_len, pad_token_id=0, eos_token_id=None)
     return random_model(config, attn=attn or best_attn_implementation(device), dtype=dtype, device=device)
 
 

@@ -128,17 +128,36 @@ def test_decode_profile_counts_the_ops_that_mindskip_adds_and_attention_drop_rem
     assert set(rows) == {"hf", "mindskip kept 0.5", "attn-drop"}
     # cpu-small routes layers 3..6; at batch 2 and kept 0.5 each keeps one sequence, gathered and scatter-added
     # back, while Attention-Drop skips 2 of them whole.
-    assert "`mindskip::gather_kept` +4" in rows["mindskip kept 0.5"][4]
-    assert "`mindskip::scatter_add_kept_` +4" in rows["mindskip kept 0.5"][4]
-    assert "`aten::scaled_dot_product_attention` -2" in rows["attn-drop"][4]
-    assert rows["hf"][4].strip(" |") == "-"
-    assert all(float(row[1]) > 0 for row in rows.values())
+    assert "`mindskip::gather_kept` +4" in rows["mindskip kept 0.5"][5]
+    assert "`mindskip::scatter_add_kept_` +4" in rows["mindskip kept 0.5"][5]
+    assert "`aten::scaled_dot_product_attention` -2" in rows["attn-drop"][5]
+    assert rows["hf"][5].strip(" |") == "-"
+    assert all(float(row[1]) > 0 and row[4] == "-" for row in rows.values())  # eager: no graph breaks to count
 
 
-@pytest.mark.parametrize("args", [["--kept", "1.0"], ["--batch", "1"]])
-def test_decode_profile_rejects_bad_arguments(args, capsys):
+@pytest.mark.slow  # dynamo traces three models
+def test_decode_profile_compiles_the_static_cache_step_without_graph_breaks(capsys):
+    from bench import decode_profile
+
+    # The "eager" backend runs what dynamo captured: the graphs and their breaks, without inductor's compile time.
+    assert decode_profile.main(["--device", "cpu", "--batch", "2", "--prompt", "8", "--steps", "1", "--layers", "6",
+                                "--cache", "static", "--compile", "--compile-backend", "eager"]) == 0
+    text = capsys.readouterr().out
+    assert "compiled as `generate()` compiles it (mode reduce-overhead, backend eager)" in text
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith(("| hf", "| mindskip", "| attn-drop"))]
+    assert len(rows) == 3 and all(row[4] == "0" for row in rows)
+    assert "`mindskip::gather_kept` +" in rows[1][5]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--kept", "1.0"], "--kept must lie strictly between 0 and 1"),
+    (["--batch", "1"], "--batch must be at least 2"),
+    (["--compile"], "--compile needs --cache static"),
+    (["--layers", "1"], "--layers must be at least 2"),
+])
+def test_decode_profile_rejects_bad_arguments(args, message, capsys):
     from bench import decode_profile
 
     with pytest.raises(SystemExit):
         decode_profile.main(["--device", "cpu", *args])
-    assert "--kept" in capsys.readouterr().err
+    assert message in capsys.readouterr().err

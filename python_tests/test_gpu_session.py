@@ -39,15 +39,15 @@ def test_rehearsal_writes_the_session_files(tmp_path):
     assert len(files) <= MAX_FILES
     assert all(f.is_file() and f.stat().st_size <= MAX_BYTES and re.fullmatch(r"[\w.-]+", f.name) for f in files)
     (jsonl,) = tmp_path.glob("cpu-*.jsonl")  # the rows are named after the device, as in bench/results/
-    assert {f.name for f in files} == {"session.log", "summary.txt", "decode_profile.md", jsonl.name,
-                                       f"{jsonl.stem}.md"}
+    assert {f.name for f in files} == {"session.log", "summary.txt", "decode_profile.md", "decode_profile_static.md",
+                                       jsonl.name, f"{jsonl.stem}.md"}
     assert {json.loads(line)["section"] for line in jsonl.read_text().splitlines()} == {"micro", "e2e"}
     # A rehearsal leaves the repository's results as they were.
     assert {p: p.stat().st_mtime_ns for p in RESULTS_DIR.glob("*.*")} == results_before
 
     log = (tmp_path / "session.log").read_text()
     steps = gpu_summary.read_steps(log)
-    assert list(steps) == ["build", "test", "sanitize", "micro", "e2e-2x16", "profile", "e2e-1x32"]
+    assert list(steps) == ["build", "test", "sanitize", "micro", "e2e-2x16", "profile", "profile-static", "e2e-1x32"]
     assert all(step.rc == 0 for step in steps.values())
     assert "test_cache.py::test_cuda_identity_skipping_and_compact_kv" in steps["test"].text  # what -m cuda selects
     assert "pip install -q --no-build-isolation --no-deps -e ." in steps["build"].text  # what a GPU would run
