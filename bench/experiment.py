@@ -67,8 +67,11 @@ class Run:
 
     def save_partial(self) -> None:
         if self.partial is not None:
-            self.partial.write_text(json.dumps({"preset": self.preset, "timings": self.timings, "models": self.models},
-                                               indent=2, sort_keys=True) + "\n")
+            # Written beside and renamed over, so that a reader (a side run's --merge) never sees half a file.
+            tmp = self.partial.with_name(self.partial.name + ".tmp")
+            tmp.write_text(json.dumps({"preset": self.preset, "timings": self.timings, "models": self.models},
+                                      indent=2, sort_keys=True) + "\n")
+            tmp.replace(self.partial)
 
     def resume(self, finished: Path | None = None) -> None:
         """Take the finished stages of an interrupted run from its partial results (same preset and output), or,

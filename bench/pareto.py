@@ -276,6 +276,61 @@ def heldout_costs(run: Run, base, data: Data, pad: int, layers: list[int], work:
     return costs
 
 
+def _progress(entry: dict) -> tuple:
+    """How far a model's evaluation went: the WikiText-2 tokens scored (the whole split over the ablation's first
+    blocks), then the tasks, then the held-out loss."""
+    return entry.get("wikitext2", {}).get("target_tokens", 0), "tasks" in entry, "heldout" in entry
+
+
+def merge_results(run: Run, source: Path, output: Path) -> list[str]:
+    """Take into ``run`` the models of another run's results folder ``source`` (its partial results, else its
+    finished ones) that ``run`` lacks or that were evaluated further there, with their router folders (copied into
+    ``output``). Runs of different ``--ratios`` can go side by side, one core each, and be merged. Returns the names
+    taken."""
+    import shutil
+
+    path = next((p for p in (source / "pareto.partial.json", source / "pareto.json") if p.is_file()), None)
+    if path is None:
+        raise SystemExit(f"--merge: no pareto.partial.json or pareto.json in {source}")
+    try:
+        saved = json.loads(path.read_text())
+        models, timings = saved["models"], saved["timings"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"--merge: {path} is not a pareto result ({err})") from None
+    if saved.get("preset", run.preset) != run.preset:
+        raise SystemExit(f"--merge: {path} is from the {saved['preset']!r} preset, not {run.preset!r}")
+    taken = []
+    for name, entry in sorted(models.items()):
+        have = run.models.get(name)
+        if have is not None and _progress(entry) <= _progress(have):
+            continue
+        routers = router_folder(run.preset, name)
+        if (source / routers).is_dir():
+            if (source / routers).resolve() != (output / routers).resolve():
+                shutil.copytree(source / routers, output / routers, dirs_exist_ok=True)
+            entry = {**entry, "router_dir": str(routers)}
+        run.models[name] = entry
+        run.timings.update({k: v for k, v in timings.items() if k in (f"train {name}", f"evaluate {name}")})
+        taken.append(name)
+    run.meta.setdefault("merged", {})[str(source)] = taken
+    run.say(f"merged from {path}: {', '.join(taken) or 'nothing new'}")
+    return taken
+
+
+def merge_only(args) -> Run:
+    """``--merge-only``: this results folder's partial (else finished) results, if any, with the ``--merge``
+    folders' models taken in, written as its partial results; no model is loaded, nothing is evaluated."""
+    run = Run("pareto", args.preset, PRESETS[args.preset], partial=args.output / "pareto.partial.json")
+    args.output.mkdir(parents=True, exist_ok=True)
+    if run.partial.is_file() or (args.output / "pareto.json").is_file():
+        run.resume(finished=args.output / "pareto.json")
+    for source in args.merge:
+        merge_results(run, source, args.output)
+    run.save_partial()
+    run.say(f"wrote {run.partial} ({len(run.models)} models); --resume continues from it")
+    return run
+
+
 # ---------------------------------------------------------------------------------------------------- run
 
 
@@ -292,7 +347,7 @@ def run_stage(args) -> Run:
     args.output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     run.meta.update(started=utc_timestamp(), machine=machine_info(MACHINE_PACKAGES), data_dir=str(args.data_dir),
-                    stage=args.stage, ratios=list(RATIOS) if args.stage == "pareto" else list(args.ratios),
+                    stage=args.stage, ratios=list(args.ratios),
                     ablation_ratio=ABLATION_RATIO,
                     recipes={k: asdict(v) for k, v in RECIPES.items()})
     torch.manual_seed(sizes.seed)
@@ -312,6 +367,8 @@ def run_stage(args) -> Run:
                     metric=METRIC, sizes=asdict(sizes))
     if args.resume:
         run.resume(finished=args.output / "pareto.json")
+    for source in args.merge:
+        merge_results(run, source, args.output)
     pad = pad_token_id(tokenizer)
     ablation = args.stage == "ablation"
     # The ablation ranks recipes on the first blocks of WikiText-2; the Pareto stage reports the whole split.
@@ -426,9 +483,9 @@ def parse_args(argv=None):
                    "skip ratio, WikiText-2 and held-out averaged).")
     p.add_argument("--recipes", default=",".join(RECIPES),
                    help=f"Recipes the ablation trains, comma-separated (default: all of {', '.join(RECIPES)}).")
-    p.add_argument("--ratios", default=str(ABLATION_RATIO),
-                   help=f"Skip ratios the ablation trains the recipes at, comma-separated (default: {ABLATION_RATIO}; "
-                   f"the Pareto stage always runs {', '.join(map(str, RATIOS))}).")
+    p.add_argument("--ratios", default=None,
+                   help=f"Skip ratios to run, comma-separated (the ablation's default: {ABLATION_RATIO}; the Pareto "
+                   f"stage's: all of {', '.join(map(str, RATIOS))}, and it takes only those).")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
                    help=f"Shared data folder (default: {DEFAULT_DATA_DIR}).")
     p.add_argument("--model", default=None, help="Model folder (default: SmolLM2-135M-Instruct, fetched once).")
@@ -439,20 +496,30 @@ def parse_args(argv=None):
                    help="Reuse the models in <output>/pareto.partial.json (else <output>/pareto.json) and the routers "
                    "in <output>/pareto_routers.")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+    p.add_argument("--merge", type=Path, action="append", default=[], metavar="DIR",
+                   help="Also take the models of another run's results folder (its pareto.partial.json, else "
+                   "pareto.json) that this run lacks or that were evaluated further there, with their routers. "
+                   "Repeatable; lets runs of different --ratios go side by side (one core each).")
+    p.add_argument("--merge-only", action="store_true",
+                   help="With --merge: write the merged results as <output>/pareto.partial.json (starting from "
+                   "the results already there) and stop; no model is loaded.")
     args = p.parse_args(argv)
     args.preset = "smoke" if args.smoke else "default"
     args.recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     unknown = [r for r in args.recipes if r not in RECIPES]
     if unknown:
         p.error(f"unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
+    text = args.ratios if args.ratios is not None else str(ABLATION_RATIO) if args.stage == "ablation" else ""
     try:
-        args.ratios = sorted({float(r) for r in args.ratios.split(",") if r.strip()})
+        args.ratios = sorted({float(r) for r in text.split(",") if r.strip()}) or list(RATIOS)
     except ValueError:
-        p.error(f"--ratios takes comma-separated numbers, got {args.ratios!r}")
-    if not args.ratios or not all(0.0 < r < 1.0 for r in args.ratios):
+        p.error(f"--ratios takes comma-separated numbers, got {text!r}")
+    if not all(0.0 < r < 1.0 for r in args.ratios):
         p.error(f"--ratios must be skip ratios in (0, 1), got {args.ratios}")
-    if args.stage == "pareto" and args.ratios != [ABLATION_RATIO]:
-        p.error("--ratios is an option of the ablation stage; the Pareto stage runs " + ", ".join(map(str, RATIOS)))
+    if args.stage == "pareto" and not set(args.ratios) <= set(RATIOS):
+        p.error("the Pareto stage runs some of " + ", ".join(map(str, RATIOS)) + f", got {args.ratios}")
+    if args.merge_only and not args.merge:
+        p.error("--merge-only needs at least one --merge DIR")
     if not (args.data_dir / "eval").is_dir():
         p.error(f"the shared data folder {args.data_dir} is missing (pass --data-dir; see ../shared/data/README.md)")
     args.data_dir = args.data_dir.resolve()
@@ -466,6 +533,9 @@ def main(argv=None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     args.output = args.output or RESULTS_DIR
+    if args.merge_only:
+        merge_only(args)
+        return 0
     run = run_stage(args)
     paths = write_outputs(run, args.output)
     run.announce(paths, best_recipe=run.meta["best_recipe"])

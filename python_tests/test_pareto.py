@@ -197,9 +197,57 @@ def test_the_best_recipe_is_ranked_at_its_own_skip_ratio():
 @pytest.mark.parametrize("argv, message", [
     (["--ratios", "0.1,x"], "comma-separated numbers"),
     (["--ratios", "1.5"], "skip ratios in (0, 1)"),
-    (["--stage", "pareto", "--ratios", "0.125"], "option of the ablation stage"),
+    (["--stage", "pareto", "--ratios", "0.125,0.2"], "the Pareto stage runs some of 0.125, 0.25, 0.375"),
+    (["--merge-only"], "--merge-only needs at least one --merge DIR"),
 ])
 def test_bad_ratios_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
         pareto.parse_args(["--data-dir", str(DATA_DIR), *argv])
     assert message in capsys.readouterr().err
+
+
+def test_the_pareto_stage_takes_a_subset_of_its_ratios():
+    args = pareto.parse_args(["--data-dir", str(DATA_DIR), "--stage", "pareto", "--ratios", "0.375"])
+    assert args.ratios == [0.375]
+    assert pareto.parse_args(["--data-dir", str(DATA_DIR), "--stage", "pareto"]).ratios == list(pareto.RATIOS)
+    assert pareto.parse_args(["--data-dir", str(DATA_DIR)]).ratios == list(pareto.RATIOS)
+    assert pareto.parse_args(["--data-dir", str(DATA_DIR), "--stage", "ablation"]).ratios == [pareto.ABLATION_RATIO]
+
+
+def _results(folder: Path, models: dict, timings: dict, name: str = "pareto.partial.json", preset="default"):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(json.dumps({"preset": preset, "timings": timings, "models": models}))
+
+
+def test_merging_takes_what_another_run_evaluated_further_with_its_routers(tmp_path, capsys):
+    """Two runs of different ratios side by side: the second's models and routers join the first's results."""
+    ours, theirs = tmp_path / "results", tmp_path / "side"
+    _results(ours, {"dense": {"kind": "dense", "wikitext2": {"target_tokens": 100}, "heldout": {"loss": 1.0}},
+                    "x@0.25": {"kind": "mindskip", "wikitext2": {"target_tokens": 100}}},
+             {"evaluate dense": 1.0}, name="pareto.json")
+    routers = theirs / pareto.router_folder("default", "y@0.375")
+    routers.mkdir(parents=True)
+    (routers / "routers.safetensors").write_bytes(b"weights")
+    _results(theirs, {
+        "dense": {"kind": "dense", "wikitext2": {"target_tokens": 100}, "heldout": {"loss": 2.0}},  # not further
+        "x@0.25": {"kind": "mindskip", "wikitext2": {"target_tokens": 300}, "tasks": {}},  # the whole split, tasks
+        "y@0.375": {"kind": "mindskip", "wikitext2": {"target_tokens": 300}, "router_dir": "/elsewhere/y"},
+    }, {"evaluate dense": 9.0, "evaluate x@0.25": 5.0, "train y@0.375": 7.0, "stage": 3.0})
+    argv = ["--data-dir", str(DATA_DIR), "--output", str(ours), "--merge", str(theirs), "--merge-only"]
+    assert pareto.main(argv) == 0
+    merged = json.loads((ours / "pareto.partial.json").read_text())
+    assert merged["models"]["dense"]["heldout"] == {"loss": 1.0}
+    assert merged["models"]["x@0.25"]["tasks"] == {}
+    assert merged["models"]["y@0.375"]["router_dir"] == "pareto_routers/default/y@0.375"
+    assert (ours / "pareto_routers/default/y@0.375/routers.safetensors").read_bytes() == b"weights"
+    assert merged["timings"] == {"evaluate dense": 1.0, "evaluate x@0.25": 5.0, "train y@0.375": 7.0}
+    assert "merged from" in capsys.readouterr().err
+    # Merging again takes nothing; the partial results are now where a --resume continues.
+    assert pareto.main(argv) == 0
+    assert json.loads((ours / "pareto.partial.json").read_text()) == merged
+
+    with pytest.raises(SystemExit, match="no pareto.partial.json or pareto.json in"):
+        pareto.main([*argv[:5], str(tmp_path / "empty"), "--merge-only"])
+    _results(tmp_path / "smoke", {}, {}, preset="smoke")
+    with pytest.raises(SystemExit, match="is from the 'smoke' preset, not 'default'"):
+        pareto.main([*argv[:5], str(tmp_path / "smoke"), "--merge-only"])
