@@ -111,13 +111,19 @@ step_test() {
   report=$(mktemp)
   "$PYTHON" -m pytest "${args[@]}" 2>&1 | tee "$report"
   rc=${PIPESTATUS[0]}
-  # The first test that crashed, once more under cuda-gdb (which also debugs host code) for the native stack.
+  # The first test that crashed, again: alone in a fresh process, then under cuda-gdb (which also debugs host code)
+  # for the native stack of the crash.
   crashed=$(grep -o "crashed while running '[^']*'" "$report" | head -1 | cut -d"'" -f2)
   rm -f "$report"
-  if [ -n "$crashed" ] && command -v cuda-gdb >/dev/null; then
-    echo "native stack of the crash in $crashed:"
-    timeout 90 cuda-gdb -q -batch -ex run -ex bt --args "$PYTHON" -m pytest -q -p no:cacheprovider "$crashed" 2>&1 \
-      | grep -E "^#[0-9]+ |signal SIG" | head -40
+  if [ -n "$crashed" ]; then
+    # Alone, nothing (a torch.compile, say) ran before it in the process.
+    timeout 60 "$PYTHON" -m pytest -q -p no:cacheprovider "$crashed" >/dev/null 2>&1
+    echo "the crashed test alone, in a fresh process: exit $?"
+    if command -v cuda-gdb >/dev/null; then
+      echo "native stack of the crash in $crashed:"
+      timeout 60 cuda-gdb -q -batch -ex run -ex bt --args "$PYTHON" -m pytest -q -p no:cacheprovider "$crashed" 2>&1 \
+        | grep -E "^#[0-9]+ |signal SIG" | head -40
+    fi
   fi
   return "$rc"
 }
