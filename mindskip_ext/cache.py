@@ -39,15 +39,13 @@ class Decision:
     order: torch.Tensor  # (B,) int64, kept rows first (ascending), then skipped rows
     num_kept: int
     from_training: bool = False  # made by a training-mode forward that wrote no KV for this layer
-    # order[:num_kept], taken once here: every decode step of the layer selects these rows.
+    # Taken once here, where every decode step of the layer reads them: the rows order[:num_kept], and B.
     rows: torch.Tensor = field(init=False, repr=False)
+    batch_size: int = field(init=False, repr=False)
 
     def __post_init__(self):
         self.rows = self.order[: self.num_kept]
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.keep.shape[0])
+        self.batch_size = int(self.keep.shape[0])
 
     @classmethod
     def from_keep(cls, keep: torch.Tensor) -> Decision:

@@ -186,6 +186,9 @@ class MindSkipDecoderLayer(nn.Module):
         self.layer_idx = layer_idx
         self.spec = spec
         self.granularity = config.granularity
+        # Which sublayers the decision gates: plain attributes, read by every forward.
+        self.gates_attention = config.granularity in ("attn", "block")
+        self.gates_mlp = config.granularity in ("mlp", "block")
         self.threshold = config.threshold
         self.packed_attention = config.packed_attention
         self.train_all_sequences = config.train_all_sequences
@@ -199,14 +202,6 @@ class MindSkipDecoderLayer(nn.Module):
         # The keyword the attention module takes the cache by, found once here: a compiled decode step then traces
         # no signature inspection.
         self._attn_cache_name = cache_name(self._attn_module())
-
-    @property
-    def gates_attention(self) -> bool:
-        return self.granularity in ("attn", "block")
-
-    @property
-    def gates_mlp(self) -> bool:
-        return self.granularity in ("mlp", "block")
 
     def extra_repr(self) -> str:
         return f"layer_idx={self.layer_idx}, granularity={self.granularity!r}, threshold={self.threshold}"
@@ -470,6 +465,8 @@ class MindSkipDecoderLayer(nn.Module):
     def _fire_base_hooks(self, hidden_states, out):
         """Run forward hooks registered on the wrapped layer (e.g. transformers' output_hidden_states capture)."""
         base = self.base_layer
+        if not base._forward_hooks:
+            return
         for hook_id, hook in list(base._forward_hooks.items()):
             if hook_id in base._forward_hooks_with_kwargs:
                 hook(base, (hidden_states,), {}, out)
