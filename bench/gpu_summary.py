@@ -6,8 +6,8 @@
 
 Line 1: the tests passed and failed, the sanitizer's error count, the build time and every step that failed, timed
 out or was skipped. Line 2: the GB/s of router_gate, gather+scatter and pack+unpack at the largest shape each ran,
-as a share of the device's copy bandwidth (measured in the same micro run), and, per e2e point, MindSkip's speedup
-over the unconverted model against the ideal one.
+as a share of the device's copy bandwidth (measured in the same micro run); per e2e point, MindSkip's speedup over
+the unconverted model against the ideal one; and the decode step time of each variant the profile steps timed.
 
     python -m bench.gpu_summary --log OUT/session.log --rows OUT/<device>.jsonl [--dry-run]
 """
@@ -197,6 +197,31 @@ def e2e_text(rows: list[dict]) -> str:
     return "e2e speedup measured/ideal: " + "; ".join(parts)
 
 
+# The profile steps (bench/decode_profile.py's tables in the log) and what the summary calls them.
+PROFILES = {"profile": "decode step, eager", "profile-static": "decode step, static cache compiled"}
+
+
+def profile_text(steps: dict[str, Step]) -> str | None:
+    """Per profile step that printed its table: each variant's step time, and its speedup over the unconverted
+    model; None when no profile step ran."""
+    parts = []
+    for name, label in PROFILES.items():
+        step = steps.get(name)
+        cells = {}
+        for line in (step.text if step is not None else "").splitlines():
+            row = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(row) >= 5 and row[0] and row[0] != "variant" and re.fullmatch(r"[\d.]+", row[1]):
+                cells[row[0]] = (float(row[1]), row[4])
+        if "hf" not in cells:
+            continue
+        base = cells["hf"][0]
+        shown = ", ".join(f"{v} {ms:.2f} ms" + (f" ({base / ms:.2f}x)" if v != "hf" else "")
+                          for v, (ms, _) in cells.items())
+        breaks = sum(int(b) for _, b in cells.values() if b.isdigit())
+        parts.append(f"{label}: {shown}" + (f", {breaks} graph breaks" if breaks else ""))
+    return " | ".join(parts) or None
+
+
 def summarize(log: str, rows: list[dict], dry_run: bool = False) -> tuple[str, str]:
     steps = read_steps(log)
     first = [tests_text(steps.get("test"), dry_run), sanitizer_text(steps.get("sanitize"), dry_run)]
@@ -206,7 +231,8 @@ def summarize(log: str, rows: list[dict], dry_run: bool = False) -> tuple[str, s
     problems = [f"{step.name} {problem}" for step in steps.values() if (problem := step.problem())]
     first.append("problems: " + ", ".join(problems) if problems else "every step exited 0")
     rows = latest(rows)
-    return " | ".join(first), " | ".join([bandwidth_text(rows), e2e_text(rows)])
+    second = [bandwidth_text(rows), e2e_text(rows), profile_text(steps)]
+    return " | ".join(first), " | ".join(part for part in second if part)
 
 
 def read_rows(path: Path | None) -> list[dict]:

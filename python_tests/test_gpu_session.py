@@ -62,6 +62,7 @@ def test_rehearsal_writes_the_session_files(tmp_path):
                     line2)
     assert "e2e speedup measured/ideal: cpu-small B=2 T=16 kept 0.5: prefill " in line2
     assert "; cpu-small B=1 T=32 kept 0.5: " in line2
+    assert " | decode step, eager: hf " in line2 and " | decode step, static cache compiled: hf " in line2
 
 
 @pytest.mark.parametrize("args", [(), ("bogus",), ("e2e", "8")])
@@ -215,3 +216,22 @@ def test_main_prints_two_lines(tmp_path, capsys):
     assert gpu_summary.main(["--log", str(log), "--rows", str(rows)]) == 0
     line1, line2 = capsys.readouterr().out.splitlines()
     assert line1.startswith("tests: 318 passed, 2 failed") and line2.startswith("micro: no rows | e2e ")
+
+
+def test_summary_gives_the_decode_step_of_each_profiled_variant():
+    table = ("| variant | step ms | ops per step | device kernel ms | graph breaks | ops changed vs hf |\n"
+             "|---|---|---|---|---|---|\n"
+             "| hf | 20.00 | 2000 | 6.10 | {b} | - |\n"
+             "| mindskip kept 0.5 | 25.00 | 2080 | 5.20 | {b} | `mindskip::gather_kept` +16 |\n"
+             "| attn-drop | 16.00 | 1700 | 4.90 | {m} | `aten::linear` -32 |\n")
+    log = ("### step profile (limit 90 s)\n# Decode-step profile on NVIDIA H200\n" + table.format(b="-", m="-")
+           + "### end profile rc=0 seconds=40 limit=90\n### step profile-static (limit 240 s)\n"
+           + table.format(b="0", m="2") + "### end profile-static rc=0 seconds=200 limit=240\n")
+    _, line2 = gpu_summary.summarize(log, [])
+    assert line2 == (
+        "micro: no rows | e2e: no rows | decode step, eager: hf 20.00 ms, mindskip kept 0.5 25.00 ms (0.80x), "
+        "attn-drop 16.00 ms (1.25x) | decode step, static cache compiled: hf 20.00 ms, mindskip kept 0.5 25.00 ms "
+        "(0.80x), attn-drop 16.00 ms (1.25x), 2 graph breaks"
+    )
+    # A profile step that printed no table (cut off, or failed) adds nothing.
+    assert gpu_summary.profile_text(gpu_summary.read_steps("### step profile (limit 90 s)\nTraceback\n")) is None
