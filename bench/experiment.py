@@ -82,18 +82,25 @@ class Run:
                 also = f" and no finished results at {finished}" if finished is not None else ""
                 raise SystemExit(f"--resume: no partial results at {self.partial}{also}")
             source = finished
-        try:
-            saved = json.loads(source.read_text())
-            models, timings = saved["models"], saved["timings"]
-        except (ValueError, KeyError) as err:
-            kind = "partial" if source == self.partial else "finished"
-            raise SystemExit(f"--resume: {source} is not a {kind} {self.tag} result ({err})") from None
-        if saved.get("preset", self.preset) != self.preset:
-            raise SystemExit(f"--resume: {source} is from the {saved['preset']!r} preset, not {self.preset!r}")
+        kind = "partial" if source == self.partial else "finished"
+        models, timings = read_results(source, "--resume", f"{kind} {self.tag}", self.preset)
         self.models.update(models)
         self.timings.update({k: v for k, v in timings.items() if k.startswith(("train ", "evaluate "))})
         self.meta["resumed"] = sorted(models)
         self.say(f"resumed {', '.join(sorted(models))} from {source}")
+
+
+def read_results(path: Path, flag: str, what: str, preset: str) -> tuple[dict, dict]:
+    """The models and timings of the results file ``path`` (partial or finished); ``flag``, the option that reads
+    it, names the problem when the file is not ``what`` result or is of another preset than ``preset``."""
+    try:
+        saved = json.loads(path.read_text())
+        models, timings = saved["models"], saved["timings"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"{flag}: {path} is not a {what} result ({err})") from None
+    if saved.get("preset", preset) != preset:
+        raise SystemExit(f"{flag}: {path} is from the {saved['preset']!r} preset, not {preset!r}")
+    return models, timings
 
 
 def smoke_model(data_dir: Path, seed: int):

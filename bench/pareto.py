@@ -66,6 +66,7 @@ from .experiment import (
     Run,
     evaluate,
     load_model,
+    read_results,
     wikitext_examples,
 )
 from .pareto_report import best_recipe, counts_around, skipped_per_sequence, write_outputs
@@ -292,13 +293,7 @@ def merge_results(run: Run, source: Path, output: Path) -> list[str]:
     path = next((p for p in (source / "pareto.partial.json", source / "pareto.json") if p.is_file()), None)
     if path is None:
         raise SystemExit(f"--merge: no pareto.partial.json or pareto.json in {source}")
-    try:
-        saved = json.loads(path.read_text())
-        models, timings = saved["models"], saved["timings"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise SystemExit(f"--merge: {path} is not a pareto result ({err})") from None
-    if saved.get("preset", run.preset) != run.preset:
-        raise SystemExit(f"--merge: {path} is from the {saved['preset']!r} preset, not {run.preset!r}")
+    models, timings = read_results(path, "--merge", "pareto", run.preset)
     taken = []
     for name, entry in sorted(models.items()):
         have = run.models.get(name)
