@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -32,7 +31,7 @@ from transformers import DynamicCache
 import mindskip_ext as msk
 from mindskip_ext.cache import decode_compile_config
 from mindskip_ext.hf_compat import cache_kwargs
-from mindskip_ext.timing import synchronize
+from mindskip_ext.timing import synchronize, time_ms
 
 from .e2e import _converted, _drop_keeps, _keeps, _transplant
 from .routing import SHAPES, build_model
@@ -87,15 +86,8 @@ def _has_op_ancestor(event) -> bool:
 def _profile_variant(model, provider, cache, token, args, device, call) -> Profile:
     step = _stepper(model, cache, token, args.prompt, args.cache == "static", call)
     with torch.no_grad():
-        for _ in range(WARMUP_STEPS):  # compilation and CUDA-graph capture happen here
-            step()
-        times = []
-        for _ in range(args.steps):
-            synchronize(device)
-            start = time.perf_counter()
-            step()
-            synchronize(device)
-            times.append((time.perf_counter() - start) * 1e3)
+        # Compilation and CUDA-graph capture happen in the warm-up steps.
+        times = time_ms(step, device, reps=args.steps, warmup=WARMUP_STEPS)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=activities) as prof:
             step()
