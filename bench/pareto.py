@@ -73,6 +73,7 @@ from .pareto_report import best_recipe, counts_around, skipped_per_sequence, wri
 
 RATIOS = (0.125, 0.25, 0.375)
 ABLATION_RATIO = 0.25
+METHODS = ("attention-drop", "paper", "best", "static", "matched")  # what the Pareto stage evaluates at each ratio
 GSM8K = Path("eval") / "gsm8k" / "train.jsonl"
 WIKITEXT_TRAIN = Path("text") / "wikitext2-valid.txt"
 DEFAULT_WORK_DIR = Path.home() / ".cache" / "mindskip_ext" / "pareto-work"
@@ -429,17 +430,17 @@ def run_stage(args) -> Run:
     ratios = run.meta["ratios"]
     # The Pareto stage compares the recipe ranked by the ablation's results, before it evaluates anything again.
     best = None if ablation else args.best or best_recipe(run.models)
-    recipes = args.recipes if ablation else ["paper", best]
+    recipes = args.recipes if ablation else [r for r, m in (("paper", "paper"), (best, "best")) if m in args.methods]
     # Ratio by ratio, the ablation's first, so that an interrupted run has whole comparisons to report.
     for ratio in sorted(ratios, key=lambda r: (r != ABLATION_RATIO, r)):
         n = round(ratio * num_layers)
         drops = {}
-        for scope, candidates in scopes.items():
+        for scope, candidates in (scopes if "attention-drop" in args.methods else {}).items():
             name, dropped = f"attention-drop-{scope}@{ratio}", select_dropped(scores, n, candidates)
             entry = {"kind": "attention-drop", "scope": scope, "ratio": ratio, "dropped_layers": dropped,
                      "skip_ratio": n / num_layers}
             drops[name] = ensure(name, entry, lambda d=dropped: static(d), tasks=False)
-        if not ablation:  # the better scope by perplexity gets the tasks
+        if drops and not ablation:  # the better scope by perplexity gets the tasks
             better = min(drops, key=lambda k: drops[k]["wikitext2"]["perplexity"])
             ensure(better, {"best_of_scopes": True}, lambda d=drops[better]["dropped_layers"]: static(d), tasks=True)
         for recipe_name in dict.fromkeys(recipes):
@@ -451,8 +452,9 @@ def run_stage(args) -> Run:
             result["headroom_heldout"] = headroom(costs, decisions)  # also for a model resumed without it
             run.save_partial()
             model.unload()
-            matched_drops(result)
-            if recipe_name != "paper":
+            if "matched" in args.methods:
+                matched_drops(result)
+            if recipe_name != "paper" and "static" in args.methods:
                 count = round(entry["routing_train"]["skipped_layers_per_sequence"])
                 ranked = sorted(entry["routing_train"]["layers"].items(), key=lambda kv: (kv[1]["kept"], -int(kv[0])))
                 dropped = sorted(int(i) for i, _ in ranked[:count])
@@ -481,6 +483,11 @@ def parse_args(argv=None):
     p.add_argument("--ratios", default=None,
                    help=f"Skip ratios to run, comma-separated (the ablation's default: {ABLATION_RATIO}; the Pareto "
                    f"stage's: all of {', '.join(map(str, RATIOS))}, and it takes only those).")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="What each ratio evaluates, comma-separated (default: all of " + ", ".join(METHODS) + "): "
+                   "Attention-Drop at the ratio in both scopes, the paper recipe, the best recipe, the best recipe's "
+                   "static projection, and Attention-Drop at the layer counts each MindSkip model actually skips. "
+                   "A subset puts the deciding comparisons first when time is short; a later run adds the rest.")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
                    help=f"Shared data folder (default: {DEFAULT_DATA_DIR}).")
     p.add_argument("--model", default=None, help="Model folder (default: SmolLM2-135M-Instruct, fetched once).")
@@ -504,6 +511,10 @@ def parse_args(argv=None):
     unknown = [r for r in args.recipes if r not in RECIPES]
     if unknown:
         p.error(f"unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown or not args.methods:
+        p.error(f"--methods takes some of {', '.join(METHODS)}, got {', '.join(unknown) or 'none'}")
     text = args.ratios if args.ratios is not None else str(ABLATION_RATIO) if args.stage == "ablation" else ""
     try:
         args.ratios = sorted({float(r) for r in text.split(",") if r.strip()}) or list(RATIOS)

@@ -199,6 +199,8 @@ def test_the_best_recipe_is_ranked_at_its_own_skip_ratio():
     (["--ratios", "1.5"], "skip ratios in (0, 1)"),
     (["--stage", "pareto", "--ratios", "0.125,0.2"], "the Pareto stage runs some of 0.125, 0.25, 0.375"),
     (["--merge-only"], "--merge-only needs at least one --merge DIR"),
+    (["--methods", "best,dropout"], "--methods takes some of attention-drop, paper, best, static, matched, got drop"),
+    (["--methods", ","], "got none"),
 ])
 def test_bad_ratios_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -212,6 +214,19 @@ def test_the_pareto_stage_takes_a_subset_of_its_ratios():
     assert pareto.parse_args(["--data-dir", str(DATA_DIR), "--stage", "pareto"]).ratios == list(pareto.RATIOS)
     assert pareto.parse_args(["--data-dir", str(DATA_DIR)]).ratios == list(pareto.RATIOS)
     assert pareto.parse_args(["--data-dir", str(DATA_DIR), "--stage", "ablation"]).ratios == [pareto.ABLATION_RATIO]
+
+
+def test_the_pareto_stage_runs_only_the_methods_asked_for(tmp_path):
+    """Attention-Drop alone at one ratio: both scopes on the whole split, the tasks for the better one, no router
+    trained and no matched drop."""
+    argv = ["--smoke", "--data-dir", str(DATA_DIR), "--output", str(tmp_path / "out"), "--work-dir",
+            str(tmp_path / "work"), "--stage", "pareto", "--ratios", "0.375", "--methods", "attention-drop",
+            "--best", "paper"]
+    assert pareto.main(argv) == 0
+    models = json.loads((tmp_path / "out" / "pareto.json").read_text())["models"]
+    assert set(models) == {"dense", "attention-drop-all@0.375", "attention-drop-restricted@0.375"}
+    assert sum("tasks" in models[f"attention-drop-{scope}@0.375"] for scope in ("all", "restricted")) == 1
+    assert not (tmp_path / "out" / "pareto_routers").exists()
 
 
 def _results(folder: Path, models: dict, timings: dict, name: str = "pareto.partial.json", preset="default"):
