@@ -7,6 +7,7 @@
 #
 #   bash bench/gpu_session.sh all [--dry-run]     # every step below, in this order (about 8 minutes on an H100)
 #   bash bench/gpu_session.sh build               # only the build (the other steps build first when needed)
+#   bash bench/gpu_session.sh probe               # does a bad input raise, or crash the process? (bench.gpu_throw_probe)
 #   bash bench/gpu_session.sh test                # pytest -m cuda (every failure reported: no -x; a crash too)
 #   bash bench/gpu_session.sh sanitize            # compute-sanitizer memcheck over python -m bench.gpu_sanitize
 #   bash bench/gpu_session.sh micro [ARGS]        # bench.run --only micro (ARGS go to bench.run)
@@ -25,7 +26,7 @@
 # 10-minute command time to return), E2E_REPS (timed rounds per e2e point, default 3).
 set -uo pipefail
 
-usage="usage: gpu_session.sh all|build|test|sanitize|micro [ARGS]|e2e B T [ARGS]|profile [--dry-run]"
+usage="usage: gpu_session.sh all|build|probe|test|sanitize|micro [ARGS]|e2e B T [ARGS]|profile [--dry-run]"
 repo=$(cd "$(dirname "$0")/.." && pwd)
 out=$(realpath -m "${OUT:-$repo/build/gpu-session}")
 cd "$repo"
@@ -39,7 +40,7 @@ set -- "${args[@]}"
 step="${1:-}"
 shift || true
 case "$step" in
-  all|build|test|sanitize|micro|profile) ;;
+  all|build|probe|test|sanitize|micro|profile) ;;
   e2e) [ $# -ge 2 ] || { echo "e2e needs B and T; $usage" >&2; exit 2; } ;;
   *) echo "$usage" >&2; exit 2 ;;
 esac
@@ -91,6 +92,11 @@ step_build() {
     "$PYTHON" -m pip install -q --no-build-isolation --no-deps -e . || return
   mkdir -p build && echo "$stamp" >"$stamp_file"
   echo "built for sm_$arch with $(nproc) jobs in $((SECONDS - start)) s"
+}
+
+step_probe() {
+  # Each case in its own process: the dry run compiles with aot_eager (inductor's C++ build is slow on a small CPU).
+  "$PYTHON" -m bench.gpu_throw_probe --device "$device" ${dry:+--compile-backend aot_eager}
 }
 
 step_test() {
@@ -154,7 +160,7 @@ step_profile() {  # step_profile NAME [bench.decode_profile args]: the report go
   "$PYTHON" -m bench.decode_profile --device "$device" "$@" --out "$out/$name.md"
 }
 
-export -f step_build step_test step_sanitize step_bench step_profile
+export -f step_build step_probe step_test step_sanitize step_bench step_profile
 
 # ------------------------------------------------------------------------------------------------ running them
 
@@ -222,6 +228,7 @@ e2e() {
 build
 case "$step" in
   all)
+    run_step probe 75 step_probe
     run_step test 150 step_test
     run_step sanitize 150 step_sanitize
     micro
@@ -235,6 +242,7 @@ case "$step" in
       fi
     done
     ;;
+  probe) run_step probe 75 step_probe ;;
   test) run_step test 150 step_test ;;
   sanitize) run_step sanitize 150 step_sanitize ;;
   micro) micro "$@" ;;

@@ -4,10 +4,11 @@
   ``### end NAME rc=R seconds=S limit=L`` (or a ``### skip NAME: why`` line instead);
 * the bench rows of the session's device (``<device>.jsonl``, the schema of :mod:`bench.common`).
 
-Line 1: the tests passed and failed, the sanitizer's error count, the build time and every step that failed, timed
-out or was skipped. Line 2: the GB/s of router_gate, gather+scatter and pack+unpack at the largest shape each ran,
-as a share of the device's copy bandwidth (measured in the same micro run); per e2e point, MindSkip's speedup over
-the unconverted model against the ideal one; and the decode step time of each variant the profile steps timed.
+Line 1: whether bad inputs raise or crash (bench.gpu_throw_probe), the tests passed and failed, the sanitizer's error
+count, the build time and every step that failed, timed out or was skipped. Line 2: the GB/s of router_gate,
+gather+scatter and pack+unpack at the largest shape each ran, as a share of the device's copy bandwidth (measured in
+the same micro run); per e2e point, MindSkip's speedup over the unconverted model against the ideal one; and the
+decode step time of each variant the profile steps timed.
 
     python -m bench.gpu_summary --log OUT/session.log --rows OUT/<device>.jsonl [--dry-run]
 """
@@ -114,6 +115,20 @@ def tests_text(step: Step | None, dry_run: bool) -> str:
     if counts.get("skipped"):
         parts.append(f"{counts['skipped']} skipped")
     return "tests: " + ", ".join(parts)
+
+
+PROBE_LINE = re.compile(r"^throw probe: (\S+) on \S+ (in a fresh process|after torch\.compile) ?.*?: (.+)$")
+
+
+def probe_text(step: Step | None) -> str | None:
+    """``throw probe: 5 of 5 raised`` or the cases that did not raise, from bench.gpu_throw_probe's lines."""
+    if step is None or step.skipped is not None:
+        return None
+    found = [m for line in step.text.splitlines() if (m := PROBE_LINE.match(line))]
+    if not found:
+        return f"throw probe: no result ({step.problem() or 'no case reported'})"
+    bad = [f"{m[1]} {'fresh' if m[2].startswith('in') else 'after compile'} {m[3]}" for m in found if m[3] != "raised"]
+    return f"throw probe: {len(found) - len(bad)} of {len(found)} raised" + (f" ({', '.join(bad)})" if bad else "")
 
 
 def _count(n: int, noun: str) -> str:
@@ -225,6 +240,8 @@ def profile_text(steps: dict[str, Step]) -> str | None:
 def summarize(log: str, rows: list[dict], dry_run: bool = False) -> tuple[str, str]:
     steps = read_steps(log)
     first = [tests_text(steps.get("test"), dry_run), sanitizer_text(steps.get("sanitize"), dry_run)]
+    if probe := probe_text(steps.get("probe")):
+        first.insert(0, probe)
     build = steps.get("build")
     if build is not None and build.problem() is None and not dry_run:
         first.append(f"build {build.seconds} s")

@@ -47,14 +47,16 @@ def test_rehearsal_writes_the_session_files(tmp_path):
 
     log = (tmp_path / "session.log").read_text()
     steps = gpu_summary.read_steps(log)
-    assert list(steps) == ["build", "test", "sanitize", "micro", "e2e-2x16", "profile", "profile-static", "e2e-1x32"]
+    assert list(steps) == ["build", "probe", "test", "sanitize", "micro", "e2e-2x16", "profile", "profile-static",
+                           "e2e-1x32"]
     assert all(step.rc == 0 for step in steps.values())
     assert "test_cache.py::test_cuda_identity_skipping_and_compact_kv" in steps["test"].text  # what -m cuda selects
     assert "pip install -q --no-build-isolation --no-deps -e ." in steps["build"].text  # what a GPU would run
 
     line1, line2 = (tmp_path / "summary.txt").read_text().splitlines()
     assert proc.stdout.endswith(f"{line1}\n{line2}\n")
-    assert re.fullmatch(r"tests \(dry run\): \d+ selected by -m cuda \| sanitizer \(dry run, no compute-sanitizer\): "
+    assert re.fullmatch(r"throw probe: 4 of 4 raised \| tests \(dry run\): \d+ selected by -m cuda \| "
+                        r"sanitizer \(dry run, no compute-sanitizer\): "
                         r"\d+ cases, 0 failed \| every step exited 0", line1)
     assert int(re.search(r"(\d+) selected", line1)[1]) >= 8  # the tests marked cuda (test_ops, test_layer, test_cache)
     assert re.match(r"router_gate fp32 B=32 T=1024 D=2048: [\d.]+ GB/s, gather\+scatter fp32 B=32 T=1024 D=2048: "
@@ -110,6 +112,13 @@ LOG = """\
 ### step build (limit 300 s)
 built for sm_9.0 with 16 jobs in 84 s
 ### end build rc=0 seconds=84 limit=300
+### step probe (limit 75 s)
+throw probe: mindskip on cuda in a fresh process: raised
+throw probe: mindskip on cuda after torch.compile (inductor): crashed (SIGSEGV)
+  Fatal Python error: Segmentation fault
+throw probe: torch on cuda after torch.compile (inductor): raised
+throw probe: 1 of 3 cases did not raise
+### end probe rc=1 seconds=21 limit=75
 ### step test (limit 150 s)
 FAILED python_tests/test_ops.py::test_gather_kept_matches_reference[cuda-dtype0-shape0]
 2 failed, 318 passed, 3 skipped, 12 warnings in 41.20s
@@ -147,8 +156,9 @@ def test_summary_of_a_session_with_failures():
             *e2e_rows(32, 2048, 0.5, 1.2, 1.4), *e2e_rows(32, 2048, 0.5, 1.0, 1.4, provider="attn-drop")]
     line1, line2 = gpu_summary.summarize(LOG, rows)
     assert line1 == (
+        "throw probe: 2 of 3 raised (mindskip after compile crashed (SIGSEGV)) | "
         "tests: 318 passed, 2 failed, 3 skipped | sanitizer (memcheck): 1 error, 15 cases, 0 failed | build 84 s | "
-        "problems: test exit 1, sanitize exit 3, micro timed out after 120 s, e2e-32x2048 cut off, "
+        "problems: probe exit 1, test exit 1, sanitize exit 3, micro timed out after 120 s, e2e-32x2048 cut off, "
         "e2e-8x8192 skipped (out of time)"
     )
     assert line2 == (
@@ -157,6 +167,26 @@ def test_summary_of_a_session_with_failures():
         "e2e speedup measured/ideal: llama3-8b B=32 T=2048 kept 0.5: prefill 1.80/2.10x, decode 0.60/0.70x, "
         "ttlt 1.20/1.40x (0.86 of ideal)"
     )
+
+
+def test_throw_probe_names_how_each_case_ended():
+    from bench import gpu_throw_probe as probe
+
+    assert [probe.outcome(rc) for rc in (0, 2, 3, -11, None)] == [
+        "raised", "raised another error", "did not raise", "crashed (SIGSEGV)", "timed out"]
+    # On a GPU the CPU kernel is a case too; every case runs after a compile, and the failing one also fresh.
+    assert probe.plan("cuda") == [("mindskip", False), *((case, True) for case in probe.CASES)]
+    assert ("mindskip-cpu", True) not in probe.plan("cpu")
+
+
+def test_throw_probe_reports_an_op_that_does_not_raise(monkeypatch, capsys):
+    from bench import gpu_throw_probe as probe
+
+    monkeypatch.setattr(probe, "trigger", lambda case, device: None)
+    assert probe.run_case("mindskip", torch.device("cpu"), after_compile=False, backend="eager") == 3
+    monkeypatch.setattr(probe, "trigger", lambda case, device: torch.mm(torch.ones(2, 3), torch.ones(3, 2)).view(5))
+    assert probe.run_case("mindskip", torch.device("cpu"), after_compile=False, backend="eager") == 2
+    assert "raised a RuntimeError without 'hidden must have shape (B, T, D)'" in capsys.readouterr().out
 
 
 def test_summary_when_nothing_ran():
@@ -215,7 +245,8 @@ def test_main_prints_two_lines(tmp_path, capsys):
     rows.write_text("".join(json.dumps(row) + "\n" for row in e2e_rows(32, 2048, 0.5, 1.2, 1.4)))
     assert gpu_summary.main(["--log", str(log), "--rows", str(rows)]) == 0
     line1, line2 = capsys.readouterr().out.splitlines()
-    assert line1.startswith("tests: 318 passed, 2 failed") and line2.startswith("micro: no rows | e2e ")
+    assert line1.startswith("throw probe: 2 of 3 raised") and "| tests: 318 passed, 2 failed" in line1
+    assert line2.startswith("micro: no rows | e2e ")
 
 
 def test_summary_gives_the_decode_step_of_each_profiled_variant():
