@@ -123,7 +123,8 @@ def extension(with_cuda: bool):
     cxx = ["-O3", "-DMINDSKIP_PYTHON_MODULE"]
     if not with_cuda:
         return cpp_extension.CppExtension("mindskip_ext._C", sources, extra_compile_args={"cxx": cxx})
-    sources += relative_sources("cuda", "*.cu")
+    # csrc/cuda/*.cpp (the ops' entries) go to the host compiler, csrc/cuda/*.cu (the kernels) to nvcc.
+    sources += relative_sources("cuda", "*.cpp") + relative_sources("cuda", "*.cu")
     nvcc = ["-O3", "-lineinfo"]
     return cpp_extension.CUDAExtension(
         "mindskip_ext._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc}

@@ -106,8 +106,8 @@ inline const bool* mask_data(const at::Tensor& mask) {
 
 // ---------------------------------------------------------------------------------------------
 // Per-op checks. Each op's CPU and CUDA kernels start with the same function, so both backends
-// accept the same inputs and reject the rest with the same messages. The CUDA kernels call it
-// before taking their device guard, so a tensor on the wrong device gets check_same_device's
+// accept the same inputs and reject the rest with the same messages. The CUDA entries
+// (csrc/cuda/ops.cpp, host-compiled) call it before taking their device guard, so a tensor on the wrong device gets check_same_device's
 // message rather than the guard's.
 
 // The (B, T, D) of a router op's hidden.
@@ -200,7 +200,7 @@ inline RouterShape check_router_gate_backward(const at::Tensor& grad_score,
 
 // A router op's inputs as its kernels read them: the bool mask (undefined when there is none),
 // contiguous hidden, and the weight as a (D,) vector in the compute dtype. Called after the
-// checks; the CUDA kernels call it under their device guard, since the conversions may launch
+// checks; the CUDA entries call it under their device guard, since the conversions may launch
 // kernels.
 struct RouterTensors {
   at::Tensor mask;

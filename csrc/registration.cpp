@@ -1,5 +1,5 @@
 // The schema of every mindskip op, in one place. Kernels are registered per backend in
-// csrc/cpu/*.cpp and csrc/cuda/*.cu; fake kernels and autograd live in mindskip_ext/ops.py.
+// csrc/cpu/*.cpp and csrc/cuda/ops.cpp; fake kernels and autograd live in mindskip_ext/ops.py.
 // Each op has a Python function of the same name, with these arguments in this order and these
 // returns, in mindskip_ext/ops.py (the public wrapper) and mindskip_ext/reference.py (its
 // plain-PyTorch definition); python_tests/test_ops.py checks both against these schemas, so a

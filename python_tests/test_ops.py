@@ -681,6 +681,43 @@ def test_router_gate_varlen_rejects_bad_input(device, hidden, cu_seqlens, weight
         ops.router_gate_varlen(hidden.to(device), cu_seqlens.to(device), weight.to(device), 0.0, 0.5)
 
 
+def test_cuda_entries_check_their_inputs_in_host_compiled_code():
+    """Every CUDA kernel is registered from csrc/cuda/ops.cpp, which checks the inputs before any CUDA call: sent
+    bad inputs (on the CPU, so this runs without a GPU), the CUDA entries raise the CPU kernels' messages. On the
+    first GPU session a check that threw from nvcc-compiled code crashed the process instead."""
+    from mindskip_ext import _extension
+
+    if not _extension.cuda_kernels_built():
+        pytest.skip("the CUDA kernels were not built")
+    cuda = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    for name in ref.__all__:  # one per schema (test_ops_and_reference_mirror_every_schema)
+        (line,) = [line for line in torch._C._dispatch_dump(f"mindskip::{name}").splitlines()
+                   if line.startswith("CUDA:")]
+        assert "csrc/cuda/ops.cpp" in line, line
+    x, order = randn(4, 3, 8), torch.arange(4)
+    calls = [
+        (lambda: torch.ops.mindskip.router_gate.default.redispatch(cuda, randn(2, 4), None, torch.zeros(4),
+                                                                     torch.zeros(()), 0.5),
+         r"router_gate: hidden must have shape \(B, T, D\), got rank 2"),
+        (lambda: torch.ops.mindskip.router_gate_backward.default.redispatch(
+            cuda, torch.ones(3), x, None, torch.zeros(8), torch.ones(2)), "grad_score and score must have B = 4"),
+        (lambda: torch.ops.mindskip.router_gate_varlen.default.redispatch(
+            cuda, randn(5, 4), torch.tensor([0, 2.0]), torch.zeros(4), torch.zeros(()), 0.5),
+         "cu_seqlens must be int32 or int64"),
+        (lambda: torch.ops.mindskip.gather_kept.default.redispatch(cuda, x, order, 5), r"k = 5 is out of range"),
+        (lambda: torch.ops.mindskip.scatter_add_kept_.default.redispatch(cuda, x, x.double(), order),
+         "y is Double but residual is Float"),
+        (lambda: torch.ops.mindskip.pack_plan.default.redispatch(cuda, None, order.int(), 2, 3),
+         "order must be int64"),
+        (lambda: torch.ops.mindskip.pack_kept.default.redispatch(cuda, x, order, 9), "the row count = 9"),
+        (lambda: torch.ops.mindskip.unpack_add_kept_.default.redispatch(cuda, x, randn(2, 7), order),
+         "their trailing dimensions must match"),
+    ]
+    for call, message in calls:
+        with pytest.raises(RuntimeError, match=message):
+            call()
+
+
 @pytest.mark.cuda
 def test_ops_reject_mixed_devices():
     if not torch.cuda.is_available():

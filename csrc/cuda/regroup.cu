@@ -2,21 +2,18 @@
 // unpack_add_kept_ one row scatter-add kernel: a "row" is a whole sequence or a single token.
 // Both move 16 bytes per thread access when the rows allow it, and are one pass over the data.
 // pack_plan is three small kernels: per-row real-token counts, a scan into cu_seqlens, and a
-// per-row block scan that writes the token indices.
+// per-row block scan that writes the token indices. The ops' entries, which check the inputs and
+// call the launchers at the end of this file, are in ops.cpp.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/macros/Macros.h>
-#include <torch/library.h>
 
 #include <algorithm>
-#include <tuple>
 
 #include "../common.h"
+#include "launch.h"
 #include "utils.cuh"
 
 namespace mindskip::cuda {
@@ -27,30 +24,33 @@ constexpr int kItems = 4;  // vectors per thread per block tile
 constexpr int64_t kTile = kThreads * kItems;
 
 // ---------------------------------------------------------------------------------------------
-// Row kernels. Block x handles tile (x % tiles) of output row (x / tiles).
+// Row kernels. Block item i handles tile (i % tiles) of packed row (i / tiles), for the `items` =
+// rows * tiles items in a grid-stride loop (a grid holds fewer blocks than a long batch has tokens).
 
 // dst[i] = src[index[i]], rows of `width` words of type V.
 template <typename V>
 __global__ void __launch_bounds__(kThreads)
     gather_rows_kernel(const V* __restrict__ src, V* __restrict__ dst,
                        const int64_t* __restrict__ index, int64_t src_rows, int64_t width,
-                       int64_t tiles) {
-  const int64_t row = blockIdx.x / tiles;
-  const int64_t first = (blockIdx.x % tiles) * kTile + threadIdx.x;
-  const int64_t from = index[row];
-  CUDA_KERNEL_ASSERT(from >= 0 && from < src_rows);
-  const V* in = src + from * width;
-  V* out = dst + row * width;
-  V values[kItems];
+                       int64_t tiles, int64_t items) {
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int64_t row = item / tiles;
+    const int64_t first = (item % tiles) * kTile + threadIdx.x;
+    const int64_t from = index[row];
+    CUDA_KERNEL_ASSERT(from >= 0 && from < src_rows);
+    const V* in = src + from * width;
+    V* out = dst + row * width;
+    V values[kItems];
 #pragma unroll
-  for (int i = 0; i < kItems; ++i) {
-    const int64_t v = first + i * kThreads;
-    if (v < width) values[i] = in[v];
-  }
+    for (int i = 0; i < kItems; ++i) {
+      const int64_t v = first + i * kThreads;
+      if (v < width) values[i] = in[v];
+    }
 #pragma unroll
-  for (int i = 0; i < kItems; ++i) {
-    const int64_t v = first + i * kThreads;
-    if (v < width) out[v] = values[i];
+    for (int i = 0; i < kItems; ++i) {
+      const int64_t v = first + i * kThreads;
+      if (v < width) out[v] = values[i];
+    }
   }
 }
 
@@ -59,151 +59,52 @@ template <typename scalar_t, int kVec>
 __global__ void __launch_bounds__(kThreads)
     scatter_add_rows_kernel(scalar_t* __restrict__ dst, const scalar_t* __restrict__ src,
                             const int64_t* __restrict__ index, int64_t dst_rows, int64_t width,
-                            int64_t tiles) {
+                            int64_t tiles, int64_t items) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t row = blockIdx.x / tiles;
-  const int64_t first = (blockIdx.x % tiles) * kTile + threadIdx.x;
-  const int64_t to = index[row];
-  CUDA_KERNEL_ASSERT(to >= 0 && to < dst_rows);
-  scalar_t* out = dst + to * width * kVec;
-  const scalar_t* in = src + row * width * kVec;
-  if constexpr (kVec == 1) {
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int64_t row = item / tiles;
+    const int64_t first = (item % tiles) * kTile + threadIdx.x;
+    const int64_t to = index[row];
+    CUDA_KERNEL_ASSERT(to >= 0 && to < dst_rows);
+    scalar_t* out = dst + to * width * kVec;
+    const scalar_t* in = src + row * width * kVec;
+    if constexpr (kVec == 1) {
 #pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      const int64_t v = first + i * kThreads;
-      if (v < width) {
-        out[v] = static_cast<scalar_t>(static_cast<acc_t>(out[v]) + static_cast<acc_t>(in[v]));
-      }
-    }
-  } else {
-    Pack<scalar_t, kVec> a[kItems], b[kItems];
-#pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      const int64_t v = first + i * kThreads;
-      if (v < width) {
-        a[i] = load_pack<scalar_t, kVec>(out + v * kVec);
-        b[i] = load_pack<scalar_t, kVec>(in + v * kVec);
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      const int64_t v = first + i * kThreads;
-      if (v < width) {
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) {
-          a[i].v[j] = static_cast<scalar_t>(static_cast<acc_t>(a[i].v[j]) +
-                                            static_cast<acc_t>(b[i].v[j]));
+      for (int i = 0; i < kItems; ++i) {
+        const int64_t v = first + i * kThreads;
+        if (v < width) {
+          out[v] = static_cast<scalar_t>(static_cast<acc_t>(out[v]) + static_cast<acc_t>(in[v]));
         }
-        store_pack<scalar_t, kVec>(out + v * kVec, a[i]);
+      }
+    } else {
+      Pack<scalar_t, kVec> a[kItems], b[kItems];
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        const int64_t v = first + i * kThreads;
+        if (v < width) {
+          a[i] = load_pack<scalar_t, kVec>(out + v * kVec);
+          b[i] = load_pack<scalar_t, kVec>(in + v * kVec);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        const int64_t v = first + i * kThreads;
+        if (v < width) {
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) {
+            a[i].v[j] = static_cast<scalar_t>(static_cast<acc_t>(a[i].v[j]) +
+                                              static_cast<acc_t>(b[i].v[j]));
+          }
+          store_pack<scalar_t, kVec>(out + v * kVec, a[i]);
+        }
       }
     }
   }
-}
-
-int64_t row_blocks(int64_t rows, int64_t width, int64_t* tiles, const char* op) {
-  *tiles = std::max<int64_t>(1, (width + kTile - 1) / kTile);
-  TORCH_CHECK(rows * *tiles <= INT32_MAX, op, ": too many rows (", rows, ") for one launch");
-  return rows * *tiles;
-}
-
-template <typename V>
-void launch_gather(const char* src, char* dst, const int64_t* index, int64_t count,
-                   int64_t src_rows, int64_t row_bytes, cudaStream_t stream, const char* op) {
-  const int64_t width = row_bytes / static_cast<int64_t>(sizeof(V));
-  int64_t tiles = 0;
-  const int64_t blocks = row_blocks(count, width, &tiles, op);
-  gather_rows_kernel<V><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      reinterpret_cast<const V*>(src), reinterpret_cast<V*>(dst), index, src_rows, width, tiles);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// out[i] = src[index[i]] for i < count; rows of row_bytes bytes, any dtype. Uses the widest
-// word (16, 8, 4, 2 or 1 bytes) that divides the row and both base pointers.
-void gather_rows(const at::Tensor& src, const at::Tensor& out, const int64_t* index,
-                 int64_t count, int64_t src_rows, int64_t row_bytes, const char* op) {
-  if (count == 0 || row_bytes == 0) {
-    return;
-  }
-  const char* in = static_cast<const char*>(src.const_data_ptr());
-  char* dst = static_cast<char*>(out.mutable_data_ptr());
-  const auto fits = [&](int64_t bytes) {
-    return row_bytes % bytes == 0 && reinterpret_cast<uintptr_t>(in) % bytes == 0 &&
-           reinterpret_cast<uintptr_t>(dst) % bytes == 0;
-  };
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (fits(16)) {
-    launch_gather<uint4>(in, dst, index, count, src_rows, row_bytes, stream, op);
-  } else if (fits(8)) {
-    launch_gather<uint2>(in, dst, index, count, src_rows, row_bytes, stream, op);
-  } else if (fits(4)) {
-    launch_gather<uint32_t>(in, dst, index, count, src_rows, row_bytes, stream, op);
-  } else if (fits(2)) {
-    launch_gather<uint16_t>(in, dst, index, count, src_rows, row_bytes, stream, op);
-  } else {
-    launch_gather<uint8_t>(in, dst, index, count, src_rows, row_bytes, stream, op);
-  }
-}
-
-// dst[index[i]] += src[i] for i < count (distinct indices); rows of row_elems elements.
-void scatter_add_rows(const at::Tensor& dst, const at::Tensor& src, const int64_t* index,
-                      int64_t count, int64_t dst_rows, int64_t row_elems, const char* op) {
-  if (count == 0 || row_elems == 0) {
-    return;
-  }
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dst.scalar_type(), "scatter_add_rows", [&] {
-    constexpr int kVec = 16 / sizeof(scalar_t);
-    scalar_t* out = dst.mutable_data_ptr<scalar_t>();
-    const scalar_t* in = src.const_data_ptr<scalar_t>();
-    const bool vector = row_elems % kVec == 0 && aligned16(out) && aligned16(in);
-    const int64_t width = vector ? row_elems / kVec : row_elems;
-    int64_t tiles = 0;
-    const int64_t blocks = row_blocks(count, width, &tiles, op);
-    const auto kernel = vector ? scatter_add_rows_kernel<scalar_t, kVec>
-                               : scatter_add_rows_kernel<scalar_t, 1>;
-    kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(out, in, index, dst_rows,
-                                                                   width, tiles);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
 }
 
 // ---------------------------------------------------------------------------------------------
-// Ops.
-
-// The body of gather_kept and pack_kept, given their checked plan: x's rows index[:count], in a
-// fresh tensor.
-at::Tensor gather_by_plan(const at::Tensor& x_in, const at::Tensor& index_in, const RowPlan& plan,
-                          const char* op) {
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor index = index_in.contiguous();
-  at::Tensor out = at::empty(plan.packed_shape(x), x.options());
-  gather_rows(x, out, index.const_data_ptr<int64_t>(), plan.count, plan.rows,
-              plan.row_elems * x.element_size(), op);
-  return out;
-}
-
-// The body of scatter_add_kept_ and unpack_add_kept_, given their checked plan: residual's rows
-// index[:count] += src's rows, in place.
-void scatter_add_by_plan(const at::Tensor& residual, const at::Tensor& src_in,
-                         const at::Tensor& index_in, const RowPlan& plan, const char* op) {
-  const c10::cuda::CUDAGuard guard(residual.device());
-  const at::Tensor src = src_in.contiguous();
-  const at::Tensor index = index_in.contiguous();
-  scatter_add_rows(residual, src, index.const_data_ptr<int64_t>(), plan.count, plan.rows,
-                   plan.row_elems, op);
-}
-
-at::Tensor gather_kept_cuda(const at::Tensor& x, const at::Tensor& order, int64_t k) {
-  constexpr const char* op = "mindskip::gather_kept";
-  return gather_by_plan(x, order, check_gather_kept(x, order, k, op), op);
-}
-
-void scatter_add_kept_cuda(const at::Tensor& residual, const at::Tensor& y,
-                           const at::Tensor& order) {
-  constexpr const char* op = "mindskip::scatter_add_kept_";
-  scatter_add_by_plan(residual, y, order, check_scatter_add_kept(residual, y, order, op), op);
-}
+// pack_plan's kernels: one block per kept sequence counts its real tokens; one block scans the
+// counts; one block per kept sequence writes its token indices.
 
 __global__ void __launch_bounds__(kThreads)
     pack_lengths_kernel(const bool* __restrict__ mask, const int64_t* __restrict__ order,
@@ -264,21 +165,86 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_plan_cuda(
-    const std::optional<at::Tensor>& mask_in, const at::Tensor& order_in, int64_t k,
-    int64_t seqlen) {
-  constexpr const char* op = "mindskip::pack_plan";
-  const int64_t batch = check_pack_plan(order_in, k, seqlen, op);
-  const c10::cuda::CUDAGuard guard(order_in.device());
-  const at::Tensor mask = real_token_mask(mask_in, batch, seqlen, order_in, op, "order");
-  const at::Tensor order = order_in.contiguous();
-  const bool* mask_ptr = mask_data(mask);
+// ---------------------------------------------------------------------------------------------
+// Launchers (launch.h).
 
-  const auto opts = order.options();
-  at::Tensor cu_seqlens = at::empty({k + 1}, opts.dtype(at::kInt));
-  at::Tensor token_index = at::zeros({k * seqlen}, opts.dtype(at::kLong));
-  at::Tensor max_len = at::empty({1}, opts.dtype(at::kInt));
-  at::Tensor lengths = at::empty({k}, opts.dtype(at::kInt));
+// Blocks for `count` rows of `width` vectors: one per (row, tile) up to a full grid, and `items`,
+// the (row, tile) pairs the kernel's grid-stride loop covers.
+unsigned row_blocks(int64_t count, int64_t width, int64_t* tiles, int64_t* items) {
+  *tiles = std::max<int64_t>(1, (width + kTile - 1) / kTile);
+  *items = count * *tiles;
+  return static_cast<unsigned>(std::min(*items, kMaxBlocks));
+}
+
+template <typename V>
+void launch_gather(const char* src, char* dst, const int64_t* index, const RowPlan& plan,
+                   int64_t row_bytes, cudaStream_t stream) {
+  const int64_t width = row_bytes / static_cast<int64_t>(sizeof(V));
+  int64_t tiles = 0, items = 0;
+  const unsigned blocks = row_blocks(plan.count, width, &tiles, &items);
+  gather_rows_kernel<V><<<blocks, kThreads, 0, stream>>>(
+      reinterpret_cast<const V*>(src), reinterpret_cast<V*>(dst), index, plan.rows, width, tiles,
+      items);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+// Any dtype: the rows move as the widest word (16, 8, 4, 2 or 1 bytes) that divides the row and
+// both base pointers.
+void launch_gather_rows(const at::Tensor& src, const at::Tensor& out, const at::Tensor& index,
+                        const RowPlan& plan) {
+  const int64_t row_bytes = plan.row_elems * src.element_size();
+  if (plan.count == 0 || row_bytes == 0) {
+    return;
+  }
+  const char* in = static_cast<const char*>(src.const_data_ptr());
+  char* dst = static_cast<char*>(out.mutable_data_ptr());
+  const int64_t* rows = index.const_data_ptr<int64_t>();
+  const auto fits = [&](int64_t bytes) {
+    return row_bytes % bytes == 0 && reinterpret_cast<uintptr_t>(in) % bytes == 0 &&
+           reinterpret_cast<uintptr_t>(dst) % bytes == 0;
+  };
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (fits(16)) {
+    launch_gather<uint4>(in, dst, rows, plan, row_bytes, stream);
+  } else if (fits(8)) {
+    launch_gather<uint2>(in, dst, rows, plan, row_bytes, stream);
+  } else if (fits(4)) {
+    launch_gather<uint32_t>(in, dst, rows, plan, row_bytes, stream);
+  } else if (fits(2)) {
+    launch_gather<uint16_t>(in, dst, rows, plan, row_bytes, stream);
+  } else {
+    launch_gather<uint8_t>(in, dst, rows, plan, row_bytes, stream);
+  }
+}
+
+void launch_scatter_add_rows(const at::Tensor& dst, const at::Tensor& src, const at::Tensor& index,
+                             const RowPlan& plan) {
+  if (plan.count == 0 || plan.row_elems == 0) {
+    return;
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dst.scalar_type(), "scatter_add_rows", [&] {
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    scalar_t* out = dst.mutable_data_ptr<scalar_t>();
+    const scalar_t* in = src.const_data_ptr<scalar_t>();
+    const bool vector = plan.row_elems % kVec == 0 && aligned16(out) && aligned16(in);
+    const int64_t width = vector ? plan.row_elems / kVec : plan.row_elems;
+    int64_t tiles = 0, items = 0;
+    const unsigned blocks = row_blocks(plan.count, width, &tiles, &items);
+    const auto kernel = vector ? scatter_add_rows_kernel<scalar_t, kVec>
+                               : scatter_add_rows_kernel<scalar_t, 1>;
+    kernel<<<blocks, kThreads, 0, stream>>>(out, in, index.const_data_ptr<int64_t>(), plan.rows,
+                                            width, tiles, items);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void launch_pack_plan(const at::Tensor& mask, const at::Tensor& order, int64_t k, int64_t batch,
+                      int64_t seqlen, const at::Tensor& lengths, const at::Tensor& cu_seqlens,
+                      const at::Tensor& max_len, const at::Tensor& token_index) {
+  const bool* mask_ptr = mask_data(mask);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (k > 0) {
     pack_lengths_kernel<<<static_cast<unsigned>(k), kThreads, 0, stream>>>(
@@ -295,29 +261,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_plan_cuda(
         token_index.mutable_data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  return {cu_seqlens, token_index, max_len};
-}
-
-at::Tensor pack_kept_cuda(const at::Tensor& x, const at::Tensor& token_index, int64_t total) {
-  constexpr const char* op = "mindskip::pack_kept";
-  return gather_by_plan(x, token_index, check_pack_kept(x, token_index, total, op), op);
-}
-
-void unpack_add_kept_cuda(const at::Tensor& residual, const at::Tensor& packed,
-                          const at::Tensor& token_index) {
-  constexpr const char* op = "mindskip::unpack_add_kept_";
-  scatter_add_by_plan(residual, packed, token_index,
-                      check_unpack_add_kept(residual, packed, token_index, op), op);
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(mindskip, CUDA, m) {
-  m.impl("gather_kept", &gather_kept_cuda);
-  m.impl("scatter_add_kept_", &scatter_add_kept_cuda);
-  m.impl("pack_plan", &pack_plan_cuda);
-  m.impl("pack_kept", &pack_kept_cuda);
-  m.impl("unpack_add_kept_", &unpack_add_kept_cuda);
 }
 
 }  // namespace mindskip::cuda

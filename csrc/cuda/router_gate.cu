@@ -5,28 +5,23 @@
 //      the same over the segments of a flat token batch (router_gate_varlen).
 //   2. router_finish_kernel (shared): one block sums the partials of each sequence in a fixed
 //      order, computes score / keep, and writes the stable kept-first order with a block scan.
-// No host sync; everything runs on the current stream.
+// No host sync; everything runs on the current stream. The ops' entries, which check the inputs and
+// call the launchers at the end of this file, are in ops.cpp.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <algorithm>
-#include <tuple>
 #include <type_traits>
 
 #include "../common.h"
+#include "launch.h"
 #include "utils.cuh"
 
 namespace mindskip::cuda {
 namespace {
-
-constexpr const char* kOp = "mindskip::router_gate";
-constexpr const char* kBackwardOp = "mindskip::router_gate_backward";
-constexpr const char* kVarlenOp = "mindskip::router_gate_varlen";
 
 constexpr int kPartialThreads = 256;
 constexpr int kPartialWarps = kPartialThreads / kWarpSize;
@@ -211,72 +206,6 @@ int64_t router_chunks(int64_t batch, int64_t tokens_per_sequence) {
   return std::clamp<int64_t>(wanted, 1, max_chunks);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_gate_cuda(
-    const at::Tensor& hidden_in, const std::optional<at::Tensor>& mask_in,
-    const at::Tensor& weight_in, const at::Tensor& bias_in, double threshold) {
-  const RouterShape shape = check_router_gate(hidden_in, weight_in, bias_in, threshold, kOp);
-  const c10::cuda::CUDAGuard guard(hidden_in.device());
-  const RouterTensors in = router_tensors(hidden_in, mask_in, weight_in, shape, kOp);
-  const at::Tensor bias = in.vector(bias_in, 1);
-  const RouterGateOutputs out = router_gate_outputs(in, shape.batch);
-  const int64_t batch = shape.batch, seqlen = shape.seqlen, dim = shape.dim;
-  if (batch == 0) {
-    out.num_kept.zero_();
-    return {out.score, out.keep, out.order, out.num_kept};
-  }
-  // Equal chunks of whole tokens; the count is recomputed so that no chunk is empty.
-  const int64_t wanted = router_chunks(batch, seqlen);
-  const int64_t chunk = std::max<int64_t>(1, (seqlen + wanted - 1) / wanted);
-  const int64_t chunks = std::max<int64_t>(1, (seqlen + chunk - 1) / chunk);
-  TORCH_CHECK(batch * chunks <= INT32_MAX, kOp, ": batch of ", batch, " is too large");
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.hidden.scalar_type(), "router_gate", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    launch_router<scalar_t>(in, bias, threshold, out, batch, dim, chunks,
-                            [&](bool vector, acc_t* partial, int* partial_count) {
-      const auto kernel = vector ? router_partial_kernel<scalar_t, acc_t, true>
-                                 : router_partial_kernel<scalar_t, acc_t, false>;
-      kernel<<<static_cast<unsigned>(batch * chunks), kPartialThreads, 0, stream>>>(
-          in.hidden.const_data_ptr<scalar_t>(), mask_data(in.mask),
-          in.weight.const_data_ptr<acc_t>(), partial, partial_count, seqlen, dim, chunk, chunks);
-    });
-  });
-  return {out.score, out.keep, out.order, out.num_kept};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_gate_varlen_cuda(
-    const at::Tensor& hidden_in, const at::Tensor& cu_seqlens, const at::Tensor& weight_in,
-    const at::Tensor& bias_in, double threshold) {
-  const VarlenRouterShape shape =
-      check_router_gate_varlen(hidden_in, cu_seqlens, weight_in, bias_in, threshold, kVarlenOp);
-  const c10::cuda::CUDAGuard guard(hidden_in.device());
-  const RouterTensors in = router_tensors(hidden_in, weight_in, shape.dim);
-  const at::Tensor bias = in.vector(bias_in, 1);
-  const at::Tensor offsets = segment_offsets(cu_seqlens);
-  const RouterGateOutputs out = router_gate_outputs(in, shape.batch);
-  const int64_t batch = shape.batch, tokens = shape.tokens, dim = shape.dim;
-  if (batch == 0) {
-    out.num_kept.zero_();
-    return {out.score, out.keep, out.order, out.num_kept};
-  }
-  // The segment lengths stay on the device (no host sync): size the chunks for the mean length.
-  const int64_t chunks = router_chunks(batch, (tokens + batch - 1) / batch);
-  TORCH_CHECK(batch * chunks <= INT32_MAX, kVarlenOp, ": batch of ", batch, " is too large");
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.hidden.scalar_type(), "router_gate_varlen", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    launch_router<scalar_t>(in, bias, threshold, out, batch, dim, chunks,
-                            [&](bool vector, acc_t* partial, int* partial_count) {
-      const auto kernel = vector ? router_varlen_partial_kernel<scalar_t, acc_t, true>
-                                 : router_varlen_partial_kernel<scalar_t, acc_t, false>;
-      kernel<<<static_cast<unsigned>(batch * chunks), kPartialThreads, 0, stream>>>(
-          in.hidden.const_data_ptr<scalar_t>(), offsets.const_data_ptr<int64_t>(),
-          in.weight.const_data_ptr<acc_t>(), partial, partial_count, tokens, dim, chunks);
-    });
-  });
-  return {out.score, out.keep, out.order, out.num_kept};
-}
-
 // ---------------------------------------------------------------------------------------------
 // Backward. With dz_b = grad_b s_b (1 - s_b) and coef_b = dz_b / n_b:
 //   grad_hidden[b, t] = coef_b m_bt w,  grad_weight = sum_bt coef_b m_bt x_bt,  grad_bias = sum_b dz_b.
@@ -357,28 +286,54 @@ __global__ void router_grad_weight_final_kernel(const acc_t* __restrict__ partia
   grad_weight[d] = acc;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> router_gate_backward_cuda(
-    const at::Tensor& grad_score_in, const at::Tensor& hidden_in,
-    const std::optional<at::Tensor>& mask_in, const at::Tensor& weight_in,
-    const at::Tensor& score_in) {
-  const RouterShape shape =
-      check_router_gate_backward(grad_score_in, hidden_in, weight_in, score_in, kBackwardOp);
-  const c10::cuda::CUDAGuard guard(hidden_in.device());
-  const RouterTensors in = router_tensors(hidden_in, mask_in, weight_in, shape, kBackwardOp);
-  const at::Tensor grad_score = in.vector(grad_score_in, shape.batch);
-  const at::Tensor score = in.vector(score_in, shape.batch);
-  const RouterGateGrads grad = router_gate_grads(in, shape.dim);
+}  // namespace
+
+void launch_router_gate(const RouterTensors& in, const at::Tensor& bias, double threshold,
+                        const RouterShape& shape, const RouterGateOutputs& out) {
+  const int64_t batch = shape.batch, seqlen = shape.seqlen, dim = shape.dim;
+  // Equal chunks of whole tokens; the count is recomputed so that no chunk is empty.
+  const int64_t wanted = router_chunks(batch, seqlen);
+  const int64_t chunk = std::max<int64_t>(1, (seqlen + wanted - 1) / wanted);
+  const int64_t chunks = std::max<int64_t>(1, (seqlen + chunk - 1) / chunk);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.hidden.scalar_type(), "router_gate", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    launch_router<scalar_t>(in, bias, threshold, out, batch, dim, chunks,
+                            [&](bool vector, acc_t* partial, int* partial_count) {
+      const auto kernel = vector ? router_partial_kernel<scalar_t, acc_t, true>
+                                 : router_partial_kernel<scalar_t, acc_t, false>;
+      kernel<<<static_cast<unsigned>(batch * chunks), kPartialThreads, 0, stream>>>(
+          in.hidden.const_data_ptr<scalar_t>(), mask_data(in.mask),
+          in.weight.const_data_ptr<acc_t>(), partial, partial_count, seqlen, dim, chunk, chunks);
+    });
+  });
+}
+
+void launch_router_gate_varlen(const RouterTensors& in, const at::Tensor& bias,
+                               const at::Tensor& offsets, double threshold,
+                               const VarlenRouterShape& shape, const RouterGateOutputs& out) {
+  const int64_t batch = shape.batch, tokens = shape.tokens, dim = shape.dim;
+  // The segment lengths stay on the device (no host sync): size the chunks for the mean length.
+  const int64_t chunks = router_chunks(batch, (tokens + batch - 1) / batch);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.hidden.scalar_type(), "router_gate_varlen", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    launch_router<scalar_t>(in, bias, threshold, out, batch, dim, chunks,
+                            [&](bool vector, acc_t* partial, int* partial_count) {
+      const auto kernel = vector ? router_varlen_partial_kernel<scalar_t, acc_t, true>
+                                 : router_varlen_partial_kernel<scalar_t, acc_t, false>;
+      kernel<<<static_cast<unsigned>(batch * chunks), kPartialThreads, 0, stream>>>(
+          in.hidden.const_data_ptr<scalar_t>(), offsets.const_data_ptr<int64_t>(),
+          in.weight.const_data_ptr<acc_t>(), partial, partial_count, tokens, dim, chunks);
+    });
+  });
+}
+
+void launch_router_gate_backward(const RouterTensors& in, const at::Tensor& grad_score,
+                                 const at::Tensor& score, const RouterShape& shape,
+                                 const RouterGateGrads& grad) {
   const int64_t batch = shape.batch, seqlen = shape.seqlen, dim = shape.dim;
   const int64_t rows = batch * seqlen;
-  if (dim == 0 || rows == 0) {
-    grad.weight.zero_();
-  }
-  if (batch == 0) {
-    grad.bias.zero_();
-    return {grad.hidden, grad.weight, grad.bias};
-  }
-  TORCH_CHECK(rows <= INT32_MAX, kBackwardOp, ": B * T = ", rows, " is too large");
-
   constexpr int kThreads = 256;
   const int64_t rows_per_chunk = std::max<int64_t>(64, (rows + 1023) / 1024);
   const int64_t chunks = std::max<int64_t>(1, (rows + rows_per_chunk - 1) / rows_per_chunk);
@@ -410,15 +365,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_gate_backward_cuda(
         partial.const_data_ptr<acc_t>(), chunks, dim, grad.weight.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {grad.hidden, grad.weight, grad.bias};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(mindskip, CUDA, m) {
-  m.impl("router_gate", &router_gate_cuda);
-  m.impl("router_gate_backward", &router_gate_backward_cuda);
-  m.impl("router_gate_varlen", &router_gate_varlen_cuda);
 }
 
 }  // namespace mindskip::cuda
