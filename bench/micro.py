@@ -5,8 +5,8 @@ must move at least once / time) and, on GPU, the fraction of the measured peak b
 * router_gate vs masked mean + linear + sigmoid + compare + nonzero (both end with the one host
   read of the kept count a MindSkip layer needs);
 * gather_kept + scatter_add_kept_ vs index_select + index_add_;
-* pack_sequences + unpack_add_sequences_ (pack_plan, pack_kept and unpack_add_kept_, with the one
-  host read of the packed sizes) vs nonzero-built token indices + index_select + index_add_.
+* pack_plan + pack_kept + unpack_add_kept_ as the MindSkip layer runs them (one plan for both, with the one host
+  read of the packed sizes) vs nonzero-built token indices + index_select + index_add_.
 """
 
 from __future__ import annotations
@@ -99,8 +99,8 @@ def pack_unpack_eager(x, residual, mask, order, k):
 
 
 def pack_unpack_ours(x, residual, mask, order, k):
-    packed, cu_seqlens, max_len = ops.pack_sequences(x, mask, order, k)
-    ops.unpack_add_sequences_(residual, packed, mask, order, k)
+    cu_seqlens, token_index, total, max_len = ops.pack_plan_with_sizes(mask, order, k, x.shape[1])
+    ops.unpack_add_kept_(residual, ops.pack_kept(x, token_index, total), token_index)
     return cu_seqlens, max_len
 
 
