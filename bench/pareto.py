@@ -74,6 +74,7 @@ from .pareto_report import best_recipe, counts_around, skipped_per_sequence, wri
 RATIOS = (0.125, 0.25, 0.375)
 ABLATION_RATIO = 0.25
 METHODS = ("attention-drop", "paper", "best", "static", "matched")  # what the Pareto stage evaluates at each ratio
+DROP_SCOPES = ("all", "restricted")
 GSM8K = Path("eval") / "gsm8k" / "train.jsonl"
 WIKITEXT_TRAIN = Path("text") / "wikitext2-valid.txt"
 DEFAULT_WORK_DIR = Path.home() / ".cache" / "mindskip_ext" / "pareto-work"
@@ -357,7 +358,8 @@ def run_stage(args) -> Run:
         )
     num_layers = base.config.num_hidden_layers
     sets = layer_sets(num_layers)
-    scopes = {"all": list(range(num_layers)), "restricted": sets["paper"]}  # Attention-Drop's candidates
+    candidates = {"all": list(range(num_layers)), "restricted": sets["paper"]}  # Attention-Drop's candidates
+    scopes = {scope: candidates[scope] for scope in args.drop_scopes}
     run.meta.update(model=label, num_layers=num_layers, layer_sets=sets, data=data.stats,
                     items=written.sizes, items_available=written.totals, num_fewshot=written.num_fewshot,
                     metric=METRIC, sizes=asdict(sizes))
@@ -412,7 +414,7 @@ def run_stage(args) -> Run:
         ensure(name, entry, lambda: static(dropped), tasks=False)
 
     def matched_drops(result: dict) -> None:
-        """Attention-Drop in both scopes at the layer counts around a MindSkip model's measured skips on each
+        """Attention-Drop in its scopes at the layer counts around a MindSkip model's measured skips on each
         evaluation set."""
         for where in ("wikitext2", "heldout"):
             skipped = skipped_per_sequence(result, where)
@@ -488,6 +490,11 @@ def parse_args(argv=None):
                    "Attention-Drop at the ratio in both scopes, the paper recipe, the best recipe, the best recipe's "
                    "static projection, and Attention-Drop at the layer counts each MindSkip model actually skips. "
                    "A subset puts the deciding comparisons first when time is short; a later run adds the rest.")
+    p.add_argument("--drop-scopes", default=",".join(DROP_SCOPES),
+                   help="Attention-Drop's candidate layers, comma-separated (default: both, "
+                   + ", ".join(DROP_SCOPES) + "): every layer, and the paper recipe's MindSkip layers. Where one "
+                   "scope is far behind on the ablation's blocks, the other alone saves the whole split's "
+                   "evaluations of it.")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
                    help=f"Shared data folder (default: {DEFAULT_DATA_DIR}).")
     p.add_argument("--model", default=None, help="Model folder (default: SmolLM2-135M-Instruct, fetched once).")
@@ -511,6 +518,9 @@ def parse_args(argv=None):
     unknown = [r for r in args.recipes if r not in RECIPES]
     if unknown:
         p.error(f"unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
+    args.drop_scopes = [m.strip() for m in args.drop_scopes.split(",") if m.strip()]
+    if not args.drop_scopes or not set(args.drop_scopes) <= set(DROP_SCOPES):
+        p.error(f"--drop-scopes takes some of {', '.join(DROP_SCOPES)}, got {', '.join(args.drop_scopes) or 'none'}")
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown or not args.methods:

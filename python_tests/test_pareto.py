@@ -201,6 +201,7 @@ def test_the_best_recipe_is_ranked_at_its_own_skip_ratio():
     (["--merge-only"], "--merge-only needs at least one --merge DIR"),
     (["--methods", "best,dropout"], "--methods takes some of attention-drop, paper, best, static, matched, got drop"),
     (["--methods", ","], "got none"),
+    (["--drop-scopes", "all,some"], "--drop-scopes takes some of all, restricted, got all, some"),
 ])
 def test_bad_ratios_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -216,16 +217,18 @@ def test_the_pareto_stage_takes_a_subset_of_its_ratios():
     assert pareto.parse_args(["--data-dir", str(DATA_DIR), "--stage", "ablation"]).ratios == [pareto.ABLATION_RATIO]
 
 
-def test_the_pareto_stage_runs_only_the_methods_asked_for(tmp_path):
-    """Attention-Drop alone at one ratio: both scopes on the whole split, the tasks for the better one, no router
+@pytest.mark.parametrize("scopes", ["all,restricted", "all"])
+def test_the_pareto_stage_runs_only_the_methods_asked_for(tmp_path, scopes):
+    """Attention-Drop alone at one ratio: its scopes on the whole split, the tasks for the better one, no router
     trained and no matched drop."""
     argv = ["--smoke", "--data-dir", str(DATA_DIR), "--output", str(tmp_path / "out"), "--work-dir",
             str(tmp_path / "work"), "--stage", "pareto", "--ratios", "0.375", "--methods", "attention-drop",
-            "--best", "paper"]
+            "--best", "paper", "--drop-scopes", scopes]
     assert pareto.main(argv) == 0
     models = json.loads((tmp_path / "out" / "pareto.json").read_text())["models"]
-    assert set(models) == {"dense", "attention-drop-all@0.375", "attention-drop-restricted@0.375"}
-    assert sum("tasks" in models[f"attention-drop-{scope}@0.375"] for scope in ("all", "restricted")) == 1
+    drops = {f"attention-drop-{scope}@0.375" for scope in scopes.split(",")}
+    assert set(models) == {"dense"} | drops
+    assert sum("tasks" in models[name] for name in drops) == 1
     assert not (tmp_path / "out" / "pareto_routers").exists()
 
 
