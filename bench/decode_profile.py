@@ -121,9 +121,10 @@ def run(args) -> list[Profile]:
         dense = DynamicCache(config=model.config)
         token = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, dense)).logits
         token = token[:, -1:].argmax(-1)
-    variants = [("hf", None), (f"mindskip kept {args.kept:g}", _keeps(layer_ids, args.batch, args.kept))]
-    if args.kept < 1.0:  # at 1.0 it would drop nothing: the unconverted model again
-        variants.append(("attn-drop", _drop_keeps(layer_ids, args.batch, args.kept)))
+    variants = [("hf", None)] + [(f"mindskip kept {k:g}", _keeps(layer_ids, args.batch, k)) for k in args.kept]
+    drops = [k for k in args.kept if k < 1.0]  # at 1.0 it would drop nothing: the unconverted model again
+    variants += [("attn-drop" if len(drops) == 1 else f"attn-drop {k:g}", _drop_keeps(layer_ids, args.batch, k))
+                 for k in drops]
     compile_config = _compile_config(args) if args.compile else None
     profiles = []
     for provider, keeps in variants:
@@ -164,7 +165,8 @@ def report(args, profiles: list[Profile]) -> str:
         f"# Decode-step profile on {name}",
         "",
         f"torch {torch.__version__}; shape {args.shape}{layers}, batch {args.batch}, prompt {args.prompt}, MindSkip "
-        f"on the default layers at kept {args.kept:g}, Attention-Drop of the same share; {how} (median of "
+        f"on the default layers at kept {' and '.join(f'{k:g}' for k in args.kept)}, Attention-Drop of the same "
+        f"share; {how} (median of "
         f"{args.steps} timed steps after {WARMUP_STEPS} untimed).",
         "",
         "| variant | step ms | ops per step | device kernel ms | graph breaks | ops changed vs hf |",
@@ -195,8 +197,9 @@ def main(argv=None) -> int:
                         help="model shape (default: llama3-8b on GPU, cpu-small on CPU)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt", type=int, default=128)
-    parser.add_argument("--kept", type=float, default=0.5,
-                        help="MindSkip's kept fraction (default 0.5; 1.0 measures the wrapper's overhead)")
+    parser.add_argument("--kept", default="0.5",
+                        help="MindSkip's kept fractions, comma-separated (default 0.5; 1.0 measures the wrapper's "
+                        "overhead), one variant each from the same prefill")
     parser.add_argument("--steps", type=int, default=8, help="timed decode steps per variant (default 8)")
     parser.add_argument("--layers", type=int, default=None, help="override the shape's layer count")
     parser.add_argument("--cache", choices=("dynamic", "static"), default="dynamic")
@@ -209,7 +212,11 @@ def main(argv=None) -> int:
         parser.error("--compile needs --cache static: a compiled step needs the fixed shapes of a static cache")
     if args.layers is not None and args.layers < 2:
         parser.error(f"--layers must be at least 2 (MindSkip routes the last half but the last), got {args.layers}")
-    if not 0.0 < args.kept <= 1.0:
+    try:
+        args.kept = sorted({float(k) for k in args.kept.split(",") if k.strip()})
+    except ValueError:
+        parser.error(f"--kept takes comma-separated fractions, got {args.kept!r}")
+    if not args.kept or not all(0.0 < k <= 1.0 for k in args.kept):
         parser.error(f"--kept must lie in (0, 1], got {args.kept}")
     if args.batch < 2 or args.prompt < 1 or args.steps < 1:
         parser.error("--batch must be at least 2 (a mixed routing) and --prompt and --steps at least 1")

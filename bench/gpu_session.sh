@@ -54,13 +54,14 @@ if [ -n "$dry" ]; then
   trap 'rm -rf "$results"' EXIT
   points="2x16 1x32"
   e2e_args=(--e2e-shape cpu-small --new-tokens 3 --e2e-fractions 1.0,0.5 --e2e-reps 2)
-  profile_args=(--batch 2 --prompt 16 --steps 2)
+  profile_args=(--batch 2 --prompt 16 --steps 2 --kept 0.5,1.0)
   static_args=(--batch 2 --prompt 8 --steps 1 --layers 6 --cache static --compile --compile-backend eager)
 else
   export device=cuda results=bench/results
   points="32x2048 8x8192"  # the Llama-3-8B points: pairs, not their grid
   e2e_args=(--e2e-shape llama3-8b --new-tokens 64 --e2e-fractions 1.0,0.5 --e2e-reps "${E2E_REPS:-3}")
-  profile_args=(--shape llama3-8b --batch 32 --prompt 2048 --steps 8)
+  # Kept 1.0 too: the wrapper's overhead with every sequence kept, op by op, next to the unconverted model's step.
+  profile_args=(--shape llama3-8b --batch 32 --prompt 2048 --steps 8 --kept 0.5,1.0)
   # The decode step generate() compiles for a static cache (CUDA graphs), on 16 of the 32 layers to bound the
   # compile time of its three models.
   static_args=(--shape llama3-8b --layers 16 --batch 32 --prompt 2048 --steps 8 --cache static --compile)

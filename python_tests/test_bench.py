@@ -137,14 +137,14 @@ def test_decode_profile_counts_the_ops_that_mindskip_adds_and_attention_drop_rem
 
 def test_decode_profile_at_kept_1_dispatches_the_same_ops_as_the_unconverted_model(capsys):
     """Every sequence kept: the wrapper adds no op to a decode step (its cost is host time), and there is no
-    Attention-Drop to compare."""
+    Attention-Drop to compare at 1.0."""
     from bench import decode_profile
 
     assert decode_profile.main(["--device", "cpu", "--batch", "2", "--prompt", "8", "--steps", "1",
-                                "--kept", "1.0"]) == 0
+                                "--kept", "1.0,0.5"]) == 0
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in capsys.readouterr().out.splitlines()
             if line.startswith(("| hf", "| mindskip", "| attn-drop"))}
-    assert set(rows) == {"hf", "mindskip kept 1"}
+    assert set(rows) == {"hf", "mindskip kept 0.5", "mindskip kept 1", "attn-drop"}
     assert rows["mindskip kept 1"][2] == rows["hf"][2] and rows["mindskip kept 1"][5].strip(" |") == "-"
 
 
@@ -163,8 +163,9 @@ def test_decode_profile_compiles_the_static_cache_step_without_graph_breaks(caps
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--kept", "0"], "--kept must lie in (0, 1], got 0.0"),
-    (["--kept", "1.5"], "--kept must lie in (0, 1], got 1.5"),
+    (["--kept", "0"], "--kept must lie in (0, 1], got [0.0]"),
+    (["--kept", "0.5,1.5"], "--kept must lie in (0, 1], got [0.5, 1.5]"),
+    (["--kept", "half"], "--kept takes comma-separated fractions, got 'half'"),
     (["--batch", "1"], "--batch must be at least 2"),
     (["--compile"], "--compile needs --cache static"),
     (["--layers", "1"], "--layers must be at least 2"),
