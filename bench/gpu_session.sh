@@ -229,7 +229,7 @@ e2e() {
 build
 case "$step" in
   all)
-    run_step probe 75 step_probe
+    run_step probe 100 step_probe
     run_step test 150 step_test
     run_step sanitize 150 step_sanitize
     micro
@@ -243,7 +243,7 @@ case "$step" in
       fi
     done
     ;;
-  probe) run_step probe 75 step_probe ;;
+  probe) run_step probe 100 step_probe ;;
   test) run_step test 150 step_test ;;
   sanitize) run_step sanitize 150 step_sanitize ;;
   micro) micro "$@" ;;

@@ -109,8 +109,8 @@ def main(argv=None) -> int:
                         help="torch.compile backend of the compiled cases (default: inductor, as the tests use)")
     parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)  # the child process
     parser.add_argument("--after-compile", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--timeout", type=float, default=60.0,
-                        help="seconds the cases may take, all together (default 60)")
+    parser.add_argument("--timeout", type=float, default=90.0,
+                        help="seconds the cases may take, all together (default 90)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.case is not None:

@@ -112,13 +112,13 @@ LOG = """\
 ### step build (limit 300 s)
 built for sm_9.0 with 16 jobs in 84 s
 ### end build rc=0 seconds=84 limit=300
-### step probe (limit 75 s)
+### step probe (limit 100 s)
 throw probe: mindskip on cuda in a fresh process: raised
 throw probe: mindskip on cuda after torch.compile (inductor): crashed (SIGSEGV)
   Fatal Python error: Segmentation fault
 throw probe: torch on cuda after torch.compile (inductor): raised
 throw probe: 1 of 3 cases did not raise
-### end probe rc=1 seconds=21 limit=75
+### end probe rc=1 seconds=21 limit=100
 ### step test (limit 150 s)
 FAILED python_tests/test_ops.py::test_gather_kept_matches_reference[cuda-dtype0-shape0]
 2 failed, 318 passed, 3 skipped, 12 warnings in 41.20s
