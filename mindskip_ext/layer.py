@@ -242,9 +242,14 @@ class MindSkipDecoderLayer(nn.Module):
         self.router_centre = centre.detach().to(self.router.weight.device, torch.float32).clone()
         self.router.bias.copy_(effective + self.router.weight @ self.router_centre)
 
-    def _decide(self, normed, state: ForwardState | None, slot):
-        """The routing of this batch: reused from the cache slot, or made now (prefill / no cache)."""
-        batch = normed.shape[0]
+    def _input_norm(self, x):
+        return getattr(self.base_layer, self.spec.input_norm)(x)
+
+    def _decide(self, x, state: ForwardState | None, slot):
+        """The routing of this batch: reused from the cache slot, or made now (prefill / no cache) on the normalised
+        input, which is returned too (None where the decision was reused: a decode step normalises only for a
+        sublayer that runs)."""
+        batch = x.shape[0]
         if slot is not None and slot.mindskip_decision is not None:
             decision = slot.mindskip_decision
             if decision.from_training:
@@ -257,7 +262,8 @@ class MindSkipDecoderLayer(nn.Module):
                     f"MindSkip layer {self.layer_idx}: the cache holds decisions for {decision.batch_size} sequences "
                     f"but this step has {batch}"
                 )
-            return decision, None
+            return decision, None, None
+        normed = self._input_norm(x)
         mask = None
         if state is not None and not self.pool_padding:
             if isinstance(slot, StaticCompactMixin):
@@ -280,7 +286,7 @@ class MindSkipDecoderLayer(nn.Module):
             state.record.layers[self.layer_idx] = routing
         if slot is not None:
             slot.mindskip_decision = decision
-        return decision, routing
+        return decision, routing, normed
 
     # ------------------------------------------------------------------ sublayers
 
@@ -372,9 +378,8 @@ class MindSkipDecoderLayer(nn.Module):
         if hidden_states.dim() != 3:
             raise ValueError(f"hidden_states must be (batch, seq, hidden), got shape {tuple(hidden_states.shape)}")
         x = hidden_states
-        normed = getattr(self.base_layer, self.spec.input_norm)(x)
         slot = routing_slot(cache, self.layer_idx, self.gates_attention, x.device) if cache is not None else None
-        decision, routing = self._decide(normed, state, slot)
+        decision, routing, normed = self._decide(x, state, slot)
         gate = routing.gate if routing is not None else None
         sublayers = functools.partial(
             self._sublayers, decision=decision, state=state, attention_mask=attention_mask, position_ids=position_ids,
@@ -395,13 +400,14 @@ class MindSkipDecoderLayer(nn.Module):
     def _sublayers(self, x, gate, normed, cache, slot, *, decision, state, attention_mask, position_ids,
                    position_embeddings, kwargs):
         """The gated and ungated sublayers of this layer for a made ``decision``; ``gate`` is the straight-through
-        gate when gradients are recorded, else None. ``normed`` is recomputed from ``x`` when not given."""
-        if normed is None:
-            normed = getattr(self.base_layer, self.spec.input_norm)(x)
+        gate when gradients are recorded, else None. ``normed`` is computed from ``x`` when not given, if a sublayer
+        reads it: an attention sublayer that every sequence skips does not."""
         batch, seqlen = x.shape[:2]
         ste = gate is not None and self.training
         full = ste and self.train_all_sequences
         k = decision.num_kept
+        if normed is None and (not self.gates_attention or full or k > 0):
+            normed = self._input_norm(x)
         rows = decision.rows if 0 < k < batch else None
         attn_kwargs = kwargs
 

@@ -131,6 +131,7 @@ def test_decode_profile_counts_the_ops_that_mindskip_adds_and_attention_drop_rem
     assert "`mindskip::gather_kept` +4" in rows["mindskip kept 0.5"][5]
     assert "`mindskip::scatter_add_kept_` +4" in rows["mindskip kept 0.5"][5]
     assert "`aten::scaled_dot_product_attention` -2" in rows["attn-drop"][5]
+    assert "`aten::rsqrt` -2" in rows["attn-drop"][5]  # a layer that skips every sequence does not normalise
     assert rows["hf"][5].strip(" |") == "-"
     assert all(float(row[1]) > 0 and row[4] == "-" for row in rows.values())  # eager: no graph breaks to count
 

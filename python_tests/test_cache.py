@@ -58,6 +58,35 @@ def test_greedy_generate_is_batch_invariant_with_compact_kv(model_type, granular
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_a_decode_step_normalises_only_for_a_sublayer_that_runs(granularity):
+    """The input norm feeds the router at prefill; a decode step reuses the decision, and where every sequence skips
+    the gated attention it does not normalise at all (a whole-layer skip costs no norm), with the same tokens."""
+    model = msk.get_mindskip_model(tiny_lm("llama", "sdpa", layers=6), msk.MindSkipConfig(granularity=granularity))
+    randomize_routers(model)
+    skipping = next(iter(model.routers))
+    with torch.no_grad():
+        model.routers[skipping].weight.zero_()
+        model.routers[skipping].bias.fill_(-10.0)  # keeps no sequence
+    _, ids, mask = padded_batch([7, 12, 3], "left")
+    want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    calls = dict.fromkeys(model.mindskip_layers, 0)
+    hooks = [getattr(layer.base_layer, layer.spec.input_norm).register_forward_hook(
+        lambda *_, idx=idx: calls.__setitem__(idx, calls[idx] + 1)) for idx, layer in model.mindskip_layers.items()]
+    try:
+        got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert torch.equal(got, want)
+    # Prefill and 4 decode steps; a layer that keeps no sequence normalises at prefill only where its decision gates
+    # attention.
+    capacity = model.last_capacity
+    assert capacity[skipping] == 0.0 and any(c > 0.0 for c in capacity.values())
+    gated = granularity in ("attn", "block")
+    assert calls == {idx: 1 if gated and capacity[idx] == 0.0 else 5 for idx in calls}
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_beam_search_and_deterministic_sampling_match_unbatched(granularity):
     model = msk.get_mindskip_model(tiny_lm("llama"), msk.MindSkipConfig(granularity=granularity))
     randomize_routers(model)
