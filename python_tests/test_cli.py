@@ -202,7 +202,7 @@ def test_calibrate_refuses_bad_targets_and_keeps_the_routers(model_dir, data_fil
     assert not (tmp_path / "x").exists()
 
 
-def test_eval_routing_report_and_static_projection(model_dir, data_file, trained):
+def test_eval_routing_report_and_static_projection(model_dir, data_file, trained, tmp_path):
     out, _ = trained
     common = ["eval", "--model", model_dir, "--routers", str(out), "--data", data_file, "--max-records", "200",
               "--no-progress"]
@@ -213,11 +213,27 @@ def test_eval_routing_report_and_static_projection(model_dir, data_file, trained
     assert set(report["layers"]) == set(routed["capacity_per_layer"])
     assert report["skipped_layers_per_sequence"] == pytest.approx(routed["skipped_layers_per_sequence"], abs=1e-5)
     assert "decide otherwise" in stdout
-    code, stdout, _ = run_cli(*common, "--static-projection")
+    code, stdout, _ = run_cli(*common, "--static-projection", "--save-static", str(tmp_path / "static"))
     assert code == 0
     static = last_json(stdout)
     dropped = static["routing"]["static_projection"]["dropped_layers"]
-    assert all(static["capacity_per_layer"][str(i)] == (0.0 if i in dropped else 1.0) for i in range(1, 7))
+    assert dropped and all(static["capacity_per_layer"][str(i)] == (0.0 if i in dropped else 1.0)
+                           for i in range(1, 7))
+    # Saved: routers on the skipped layers only, which evaluate to the same perplexity.
+    assert static["saved_static"] == str(tmp_path / "static")
+    saved = json.loads((tmp_path / "static" / "static_projection.json").read_text())
+    assert saved["dropped_layers"] == dropped and saved["routing"]["layers"] == static["routing"]["layers"]
+    code, stdout, _ = run_cli(*common[:4], str(tmp_path / "static"), *common[5:])
+    assert code == 0
+    again = last_json(stdout)
+    assert again["capacity_per_layer"] == {str(i): 0.0 for i in dropped}
+    assert again["perplexity"] == pytest.approx(static["perplexity"], rel=1e-5)
+    code, _, err = run_cli(*common, "--save-static", str(tmp_path / "x"))
+    assert code == 1 and "--save-static needs --static-projection" in err and not (tmp_path / "x").exists()
+    before = (out / WEIGHTS_NAME).read_bytes()
+    code, _, err = run_cli(*common, "--static-projection", "--save-static", str(out))
+    assert code == 1 and "does not overwrite the routers it projects" in err
+    assert (out / WEIGHTS_NAME).read_bytes() == before
     code, _, err = run_cli("eval", "--model", model_dir, "--data", data_file, "--static-projection")
     assert code == 1 and "need --routers and --data" in err
     code, stdout, _ = run_cli(*common[:-3], "--max-records", "40", "--no-progress", "--headroom")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from .common import add_common, add_data_args, add_model_args, add_router_args, emit_json, load_for_eval, say
 
+STATIC_REPORT_NAME = "static_projection.json"
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -29,6 +31,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--static-projection", action="store_true",
                    help="With --routers and --data: evaluate the routers' static projection instead (every layer "
                    "frozen to its majority decision on --data), after the routing report.")
+    p.add_argument("--save-static", default=None, metavar="DIR",
+                   help="With --static-projection: also write the projection as a router directory, like `mindskip "
+                   "drop`'s: routers on the always-skipped layers only, so the kept layers run unwrapped.")
     p.add_argument("--headroom", action="store_true",
                    help="With --routers and --data: how much per-sequence routing could gain over the best static "
                    "drop at the routers' budget, and how much of it the routers take (first-order KL from the "
@@ -38,6 +43,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    from pathlib import Path
+
     from ..devices import pick_device
     from ..eval.perplexity import evaluate_dataset
 
@@ -45,6 +52,11 @@ def run(args) -> int:
         raise ValueError("give --data (perplexity), --tasks (lm-eval), or both")
     if (args.routing_report or args.static_projection or args.headroom) and not (args.routers and args.data):
         raise ValueError("--routing-report, --static-projection and --headroom need --routers and --data")
+    if args.save_static and not args.static_projection:
+        raise ValueError("--save-static needs --static-projection")
+    if args.save_static and Path(args.save_static).resolve() == Path(args.routers).resolve():
+        raise ValueError("--save-static must be another directory than --routers: it does not overwrite the "
+                         "routers it projects")
     if args.limit is not None and args.limit > 1:
         args.limit = int(args.limit)
     model, tokenizer = load_for_eval(args)
@@ -76,8 +88,30 @@ def run(args) -> int:
             capacity = "dense" if entry["capacity"] is None else f"capacity {entry['capacity']:.4f}"
             say(f"{name} ({entry['num_fewshot']}-shot): {score}, {capacity}")
         result["tasks"] = report["tasks"]
+    if args.save_static:
+        result["saved_static"] = save_static(model, result["routing"], args)
     emit_json(result)
     return 0
+
+
+def save_static(model, report: dict, args) -> str:
+    """Write the static projection frozen by ``report_routing`` as a router directory of its skipped layers, with
+    the routing report it came from (``static_projection.json``). The model is unloaded."""
+    from pathlib import Path
+
+    from .._io import atomic_write_json
+    from ..eval.attention_drop import dropped_model
+
+    dropped = report["static_projection"]["dropped_layers"]
+    if not dropped:
+        raise ValueError("the static projection skips no layer: there is nothing to save with --save-static")
+    granularity = model.mindskip_config.granularity
+    dropped_model(model.unload(), dropped, granularity).save_pretrained(args.save_static)
+    atomic_write_json(Path(args.save_static) / STATIC_REPORT_NAME,
+                      {"method": "static-projection", "granularity": granularity, "dropped_layers": dropped,
+                       "routers": str(args.routers), "data": str(args.data), "routing": report})
+    say(f"static projection saved to {args.save_static} (layers {dropped} skipped)")
+    return str(args.save_static)
 
 
 def report_routing(model, tokenizer, args, bf16: bool) -> dict:
