@@ -358,8 +358,9 @@ def run_stage(args) -> Run:
         )
     num_layers = base.config.num_hidden_layers
     sets = layer_sets(num_layers)
-    candidates = {"all": list(range(num_layers)), "restricted": sets["paper"]}  # Attention-Drop's candidates
-    scopes = {scope: candidates[scope] for scope in args.drop_scopes}
+    # Attention-Drop's candidate layers, in the scopes asked for.
+    scopes = {scope: layers for scope, layers in (("all", list(range(num_layers))), ("restricted", sets["paper"]))
+              if scope in args.drop_scopes}
     run.meta.update(model=label, num_layers=num_layers, layer_sets=sets, data=data.stats,
                     items=written.sizes, items_available=written.totals, num_fewshot=written.num_fewshot,
                     metric=METRIC, sizes=asdict(sizes))
@@ -472,6 +473,15 @@ def run_stage(args) -> Run:
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
+def _some_of(p, flag: str, text: str, choices: tuple[str, ...]) -> list[str]:
+    """The comma-separated names of ``text``, at least one and each one of ``choices``; else a usage error."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in choices]
+    if unknown or not names:
+        p.error(f"{flag} takes some of {', '.join(choices)}, got {', '.join(unknown) or 'none'}")
+    return names
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.pareto", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -518,13 +528,8 @@ def parse_args(argv=None):
     unknown = [r for r in args.recipes if r not in RECIPES]
     if unknown:
         p.error(f"unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
-    args.drop_scopes = [m.strip() for m in args.drop_scopes.split(",") if m.strip()]
-    if not args.drop_scopes or not set(args.drop_scopes) <= set(DROP_SCOPES):
-        p.error(f"--drop-scopes takes some of {', '.join(DROP_SCOPES)}, got {', '.join(args.drop_scopes) or 'none'}")
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in args.methods if m not in METHODS]
-    if unknown or not args.methods:
-        p.error(f"--methods takes some of {', '.join(METHODS)}, got {', '.join(unknown) or 'none'}")
+    args.drop_scopes = _some_of(p, "--drop-scopes", args.drop_scopes, DROP_SCOPES)
+    args.methods = _some_of(p, "--methods", args.methods, METHODS)
     text = args.ratios if args.ratios is not None else str(ABLATION_RATIO) if args.stage == "ablation" else ""
     try:
         args.ratios = sorted({float(r) for r in text.split(",") if r.strip()}) or list(RATIOS)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .common import add_common, add_data_args, add_model_args, add_router_args, emit_json, load_for_eval, say
 
 STATIC_REPORT_NAME = "static_projection.json"
@@ -43,8 +45,6 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
     from ..devices import pick_device
     from ..eval.perplexity import evaluate_dataset
 
@@ -97,8 +97,6 @@ def run(args) -> int:
 def save_static(model, report: dict, args) -> str:
     """Write the static projection frozen by ``report_routing`` as a router directory of its skipped layers, with
     the routing report it came from (``static_projection.json``). The model is unloaded."""
-    from pathlib import Path
-
     from .._io import atomic_write_json
     from ..eval.attention_drop import dropped_model
 
