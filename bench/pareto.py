@@ -524,10 +524,7 @@ def parse_args(argv=None):
                    "the results already there) and stop; no model is loaded.")
     args = p.parse_args(argv)
     args.preset = "smoke" if args.smoke else "default"
-    args.recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
-    unknown = [r for r in args.recipes if r not in RECIPES]
-    if unknown:
-        p.error(f"unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
+    args.recipes = _some_of(p, "--recipes", args.recipes, tuple(RECIPES))
     args.drop_scopes = _some_of(p, "--drop-scopes", args.drop_scopes, DROP_SCOPES)
     args.methods = _some_of(p, "--methods", args.methods, METHODS)
     text = args.ratios if args.ratios is not None else str(ABLATION_RATIO) if args.stage == "ablation" else ""

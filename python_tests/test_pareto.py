@@ -202,6 +202,8 @@ def test_the_best_recipe_is_ranked_at_its_own_skip_ratio():
     (["--methods", "best,dropout"], "--methods takes some of attention-drop, paper, best, static, matched, got drop"),
     (["--methods", ","], "got none"),
     (["--drop-scopes", "all,some"], "--drop-scopes takes some of all, restricted, got some"),
+    (["--recipes", "paper,kd+nope"], "--recipes takes some of paper, "),
+    (["--recipes", "paper,kd+nope"], "got kd+nope"),
 ])
 def test_bad_ratios_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
