@@ -154,6 +154,16 @@ def evaluate(run: Run, name: str, model, tokenizer, entry: dict, *, batch_size: 
 
     pad = pad_token_id(tokenizer)
     with run.stage(f"evaluate {name}"):
+        if ppl_examples is not None:
+            ppl = evaluate_examples(model, ppl_examples, pad, batch_size)
+            entry["wikitext2"] = {k: ppl[k] for k in ("perplexity", "loss", "target_tokens", "capacity",
+                                                       "capacity_per_layer", "skipped_layers_per_sequence")}
+        if heldout is not None:
+            entry["heldout"] = heldout_summary(evaluate_examples(model, heldout, pad, batch_size))
+        if tasks_dir is not None and (ppl_examples is not None or heldout is not None):
+            # The tasks take longest: an evaluation interrupted in them keeps the losses (a resume adds the tasks).
+            run.models[name] = entry
+            run.save_partial()
         if tasks_dir is not None:
             report = run_lm_eval(model, tokenizer, [(t, None) for t in TASKS], batch_size=batch_size,
                                  include_path=str(tasks_dir), include_defaults=False, seed=seed)["tasks"]
@@ -169,12 +179,6 @@ def evaluate(run: Run, name: str, model, tokenizer, entry: dict, *, batch_size: 
                          avg_stderr=math.sqrt(sum(e * e for e in errors)) / len(errors))
             capacities = [t["capacity"] for t in tasks.values() if t["capacity"] is not None]
             entry["task_capacity"] = sum(capacities) / len(capacities) if capacities else None
-        if ppl_examples is not None:
-            ppl = evaluate_examples(model, ppl_examples, pad, batch_size)
-            entry["wikitext2"] = {k: ppl[k] for k in ("perplexity", "loss", "target_tokens", "capacity",
-                                                       "capacity_per_layer", "skipped_layers_per_sequence")}
-        if heldout is not None:
-            entry["heldout"] = heldout_summary(evaluate_examples(model, heldout, pad, batch_size))
     entry["eval_seconds"] = run.timings[f"evaluate {name}"]
     run.models[name] = entry
     run.save_partial()

@@ -234,6 +234,40 @@ def test_the_pareto_stage_runs_only_the_methods_asked_for(tmp_path, scopes):
     assert not (tmp_path / "out" / "pareto_routers").exists()
 
 
+def test_an_evaluation_interrupted_in_the_tasks_keeps_its_losses(tmp_path, monkeypatch):
+    """The tasks run last: a run stopped in them has the perplexity and held-out loss saved, and a resume adds only
+    the tasks."""
+    import mindskip_ext.eval.harness as harness
+    import mindskip_ext.eval.perplexity as perplexity
+
+    out = tmp_path / "out"
+    argv = ["--smoke", "--data-dir", str(DATA_DIR), "--output", str(out), "--work-dir", str(tmp_path / "work"),
+            "--stage", "pareto", "--ratios", "0.375", "--methods", "attention-drop", "--best", "paper",
+            "--drop-scopes", "all"]
+    run_lm_eval = harness.run_lm_eval
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness, "run_lm_eval", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        pareto.main(argv)
+    dense = json.loads((out / "pareto.partial.json").read_text())["models"]["dense"]
+    assert dense["wikitext2"]["target_tokens"] > 0 and dense["heldout"]["loss"] > 0
+    assert "tasks" not in dense
+
+    def scored_again(*args, **kwargs):
+        raise AssertionError("a saved loss was evaluated again")
+
+    monkeypatch.setattr(harness, "run_lm_eval", run_lm_eval)
+    monkeypatch.setattr(perplexity, "evaluate_examples", scored_again)
+    with pytest.raises(AssertionError, match="evaluated again"):  # the Attention-Drop model has no losses yet
+        pareto.main([*argv, "--resume"])
+    resumed = json.loads((out / "pareto.partial.json").read_text())["models"]["dense"]
+    assert resumed["wikitext2"] == dense["wikitext2"] and resumed["heldout"] == dense["heldout"]
+    assert set(resumed["tasks"]) == set(pareto.TASKS)
+
+
 def _results(folder: Path, models: dict, timings: dict, name: str = "pareto.partial.json", preset="default"):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / name).write_text(json.dumps({"preset": preset, "timings": timings, "models": models}))
