@@ -123,7 +123,7 @@ def test_a_fresh_clone_resumes_from_the_committed_results_and_routers(results, t
     out, ablation, _ = results
     clone = tmp_path / "results"
     clone.mkdir()
-    shutil.copy(out / "pareto.json", clone / "pareto.json")
+    (clone / "pareto.json").write_text(json.dumps(ablation))  # the ablation's: the Pareto stage's would be refused
     shutil.copytree(out / "pareto_routers", clone / "pareto_routers")
 
     def no_training(self, *args, **kwargs):
@@ -139,6 +139,18 @@ def test_a_fresh_clone_resumes_from_the_committed_results_and_routers(results, t
     assert again["models"][name]["router_dir"] == f"pareto_routers/smoke/{name}"
     with pytest.raises(SystemExit, match="no partial results at .* and no finished results at "):
         pareto.main([*argv[:4], str(tmp_path / "empty"), *argv[5:]])
+
+
+def test_the_ablation_refuses_results_of_the_pareto_stage(results, tmp_path):
+    """It ranks on the first blocks: run over the Pareto stage's results it would put them in place of the whole
+    split's perplexities."""
+    out, _, _ = results
+    before = (out / "pareto.partial.json").read_bytes()
+    argv = ["--smoke", "--data-dir", str(DATA_DIR), "--output", str(out), "--work-dir", str(tmp_path / "work"),
+            "--stage", "ablation", "--recipes", "paper", "--resume"]
+    with pytest.raises(SystemExit, match=r"--stage ablation: .*dense.* on the whole WikiText-2 split .*own --output"):
+        pareto.main(argv)
+    assert (out / "pareto.partial.json").read_bytes() == before
 
 
 def test_a_recipe_may_cap_its_steps_and_init_sequences():
