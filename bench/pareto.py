@@ -41,7 +41,8 @@ Everything is resumable (``--resume``): finished models come from ``<output>/par
 fresh clone, from the committed ``<output>/pareto.json``), trained routers and their checkpoints from
 ``<output>/pareto_routers/<preset>/<model>`` (committed with the results: a few KB each, so that a later session
 evaluates them again without training them again), the task files and cached skip costs from ``--work-dir``.
-Writes ``pareto.json``, ``pareto.md`` and two figures.
+Writes ``pareto.json`` (every model of both stages), the stage's report (the ablation's ``pareto_ablation.md``, the
+Pareto stage's ``pareto.md``: the models on its whole split) and two figures.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The report of :mod:`bench.pareto`: ``pareto.json``, ``pareto.md`` and the two Pareto figures.
+"""The report of :mod:`bench.pareto`: ``pareto.json``, the markdown (the ablation stage's ``pareto_ablation.md``,
+the Pareto stage's ``pareto.md``) and the two Pareto figures.
 
 Model names are ``<method>@<ratio>``: ``attention-drop-all``, ``attention-drop-restricted``, a recipe of
 :data:`bench.pareto.RECIPES`, or ``<recipe>-static`` (its static projection); ``dense`` has no ratio.
@@ -26,6 +27,13 @@ def method_of(name: str) -> str:
 
 def _points(value: float | None) -> float | None:
     return None if value is None else 100 * value
+
+
+def on_this_split(models: dict) -> set[str]:
+    """The models evaluated on the same WikiText-2 tokens as dense: the stage's own evaluation (the ablation's first
+    blocks, or the Pareto stage's whole split). The others are an earlier stage's numbers, not comparable."""
+    tokens = models["dense"]["wikitext2"]["target_tokens"]
+    return {name for name, e in models.items() if e.get("wikitext2", {}).get("target_tokens") == tokens}
 
 
 def skipped_per_sequence(entry: dict, where: str = "wikitext2") -> float:
@@ -121,10 +129,8 @@ def _ablation(run, ratio: float) -> list[str]:
     dense = m["dense"]
     rows.append(["dense", "", "0.0%", f"{dense['wikitext2']['perplexity']:.2f}", f"{dense['heldout']['loss']:.4f}",
                  "", ""])
-    # The ablation stage ranks on the first blocks; the Pareto stage evaluates every model on the whole split again.
-    blocks = ""
-    if run.meta["stage"] == "ablation":
-        blocks = f"WikiText-2: the first {m['dense']['ablation']['blocks']} blocks. "
+    # The ablation stage ranks on the first blocks; the Pareto stage evaluates its models on the whole split again.
+    blocks = f"WikiText-2: the first {m['dense']['ablation']['blocks']} blocks. "
     return [
         f"## Recipes at a {100 * ratio:g}% skip ratio",
         "",
@@ -139,11 +145,13 @@ def _ablation(run, ratio: float) -> list[str]:
 
 
 def matched(run) -> list[dict]:
-    """Every MindSkip model against the better Attention-Drop at its own measured skip ratio, set by set."""
+    """Every MindSkip model of this stage's evaluation against the better Attention-Drop at its own measured skip
+    ratio, set by set."""
     m, n = run.models, run.meta["num_layers"]
+    ours = on_this_split(m)
     out = []
     for name, e in sorted(m.items(), key=lambda kv: (kv[1].get("ratio", 0.0), kv[0])):
-        if e["kind"] != "mindskip":
+        if e["kind"] != "mindskip" or name not in ours:
             continue
         row = {"model": name}
         for where in ("wikitext2", "heldout"):
@@ -175,10 +183,11 @@ def _matched_table(rows: list[dict]) -> list[str]:
 
 
 def _headroom_table(run) -> list[str]:
+    ours = on_this_split(run.models)
     rows = [[name, f"{h['skips_per_token']:.2f}", f"{h['static']:.4f}", f"{h['oracle']:.4f}",
              f"{100 * h['headroom']:.1f}%", f"{h['routers']:.4f}", f"{h['shuffled']:.4f}"]
             for name, e in sorted(run.models.items(), key=lambda kv: (kv[1].get("ratio", 0.0), kv[0]))
-            if (h := e.get("headroom_heldout")) and h["headroom"] is not None]
+            if name in ours and (h := e.get("headroom_heldout")) and h["headroom"] is not None]
     if not rows:
         return []
     return [
@@ -198,20 +207,23 @@ def _headroom_table(run) -> list[str]:
 
 
 def _pareto_rows(run) -> list[list[str]]:
+    """Every model of this stage's evaluation; "–" for the tasks of a model not scored on them yet."""
     m, n = run.models, run.meta["num_layers"]
     tasks = list(run.meta["metric"])
+    ours = on_this_split(m)
     rows = []
     for name, e in sorted(m.items(), key=lambda kv: (kv[1].get("ratio", 0.0), kv[0])):
-        if "tasks" not in e:
+        if name not in ours:
             continue
-        cells = [f"{100 * e['tasks'][t]['score']:.1f}" for t in tasks]
+        cells = [fmt(_points(e["tasks"][t]["score"]) if "tasks" in e else None, ".1f") for t in tasks]
+        avg = f"{100 * e['avg']:.1f} ± {fmt(_points(e.get('avg_stderr')), '.1f')}" if "avg" in e else "–"
         rows.append(
             [
                 name,
                 f"{100 * measured_skip_ratio(e, n):.1f}%",
                 f"{e['wikitext2']['perplexity']:.2f}",
                 f"{e['heldout']['loss']:.4f}",
-                f"{100 * e['avg']:.1f} ± {fmt(_points(e.get('avg_stderr')), '.1f')}",
+                avg,
                 *cells,
                 fmt(e.get("task_capacity"), ".3f"),
             ]
@@ -257,9 +269,14 @@ def render_markdown(run) -> str:
         "(resumed stages not counted).",
         "",
     ]
-    for ratio in meta["ratios"] if meta["stage"] == "ablation" else [ABLATION_RATIO]:
-        if any(e.get("ratio") == ratio and e["kind"] == "mindskip" for e in run.models.values()):
-            lines += _ablation(run, ratio)
+    if meta["stage"] == "ablation":
+        for ratio in meta["ratios"]:
+            if any(e.get("ratio") == ratio and e["kind"] == "mindskip" for e in run.models.values()):
+                lines += _ablation(run, ratio)
+    else:
+        lines += ["The recipes were ranked on the first WikiText-2 blocks by the ablation stage: its report is "
+                  "[pareto_ablation.md](pareto_ablation.md). Here every model is on the whole split; the tables and "
+                  "figures leave out the models only the ablation evaluated.", ""]
     if meta.get("matched"):
         lines += _matched_table(meta["matched"])
     lines += _headroom_table(run)
@@ -269,8 +286,9 @@ def render_markdown(run) -> str:
         lines += [
             "## Pareto: every method at each skip ratio",
             "",
-            f"Best recipe: **{meta['best_recipe']}**. Accuracy in %, average of the six tasks ± its standard error. "
-            "Task capacity: kept fraction on the MindSkip layers, averaged over the tasks.",
+            f"Best recipe: **{meta['best_recipe']}**. Accuracy in %, average of the six tasks ± its standard error "
+            "(–: not scored on the tasks yet). Task capacity: kept fraction on the MindSkip layers, averaged over "
+            "the tasks.",
             "",
             *markdown_table(["model", "skip ratio", "WikiText-2 ppl", "held-out loss", "avg acc",
                              *(t.replace("local_", "") for t in tasks), "task capacity"], rows),
@@ -312,10 +330,10 @@ def render_markdown(run) -> str:
 
 def plot(run, output: Path) -> dict[str, Path]:
     m, n = run.models, run.meta["num_layers"]
-    dense = m["dense"]
+    dense, ours = m["dense"], on_this_split(m)
     methods: dict[str, list[tuple[float, dict]]] = {}
     for name, e in m.items():
-        if e["kind"] != "dense" and "ratio" in e:
+        if e["kind"] != "dense" and "ratio" in e and name in ours:
             methods.setdefault(method_of(name), []).append((measured_skip_ratio(e, n), e))
     paths = {}
     for key, ylabel, value, err in (
@@ -355,7 +373,8 @@ def write_outputs(run, output: Path) -> dict[str, Path]:
     output.mkdir(parents=True, exist_ok=True)
     run.meta["goal_checks"] = goal_checks(run) if "best_recipe" in run.meta else []
     run.meta["matched"] = matched(run)
-    paths = {"json": output / "pareto.json", "markdown": output / "pareto.md"}
+    markdown = "pareto_ablation.md" if run.meta["stage"] == "ablation" else "pareto.md"
+    paths = {"json": output / "pareto.json", "markdown": output / markdown}
     payload = {"preset": run.preset, "sizes": asdict(run.sizes), "meta": run.meta, "timings": run.timings,
                "models": run.models}
     paths["json"].write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")

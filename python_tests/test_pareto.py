@@ -59,7 +59,7 @@ def test_ablation_trains_the_recipes_at_the_ablation_ratios(results):
             assert {c for c in around if c <= len(ablation["meta"]["layer_sets"]["paper"])} <= restricted
             assert row[where]["drop_loss"] is not None
             assert row[where]["minus_drop"] == pytest.approx(row[where]["loss"] - row[where]["drop_loss"])
-    report = (out / "pareto.md").read_text()
+    report = (out / "pareto_ablation.md").read_text()  # the Pareto stage's report is pareto.md
     assert "## At the same skip ratio as Attention-Drop" in report
     assert ("| kd+joint+wide+hold+slow+mix+margin+centre | kd, joint init with a margin layer, wide layers (1..6), "
             "mix, centred router inputs, multiplier from 1, lr 0.0005, 4 steps |") in report  # the smoke preset's cap
@@ -71,7 +71,7 @@ def test_ablation_trains_the_recipes_at_the_ablation_ratios(results):
         assert h["layers"] == models[name]["layers"]
         assert h["skips_per_sequence"] == pytest.approx(routing["skipped_layers_per_sequence"], abs=1e-5)
         assert h["oracle"] <= h["static"] + 1e-6 and h["oracle"] <= h["routers"] + 1e-6
-    assert "## How much could per-sequence routing gain?" in (out / "pareto.md").read_text()
+    assert "## How much could per-sequence routing gain?" in report
     best = ablation["meta"]["best_recipe"]
     assert best == best_recipe(models) and best in RECIPES.split(",")
     wide = models["kd+init+wide@0.25"]
@@ -108,7 +108,14 @@ def test_pareto_compares_every_method_at_every_ratio(results):
     # The ablation's models came back from the partial results, not trained again.
     assert models["paper@0.25"]["curves"] == ablation["models"]["paper@0.25"]["curves"]
     text = (out / "pareto.md").read_text()
-    assert "## Pareto: every method at each skip ratio" in text and "## Recipes at a 25% skip ratio" in text
+    assert "## Pareto: every method at each skip ratio" in text and "(pareto_ablation.md)" in text
+    assert "## Recipes at" not in text  # the ablation's first blocks are not mixed with the whole split
+    whole = models["dense"]["wikitext2"]["target_tokens"]
+    assert whole > ablation["models"]["dense"]["wikitext2"]["target_tokens"]
+    for name, e in models.items():  # the table has every model on the whole split, and only those
+        assert (f"| {name} |" in text) == (e["wikitext2"]["target_tokens"] == whole), name
+    assert {r["model"] for r in final["meta"]["matched"]} == {
+        name for name, e in models.items() if e["kind"] == "mindskip" and e["wikitext2"]["target_tokens"] == whole}
     assert (out / "pareto_ppl.png").stat().st_size > 0 and (out / "pareto_acc.png").stat().st_size > 0
     if best != "paper":
         assert [c["ratio"] for c in final["meta"]["goal_checks"]] == list(pareto.RATIOS)
