@@ -374,7 +374,7 @@ def run_stage(args) -> Run:
     # The ablation ranks recipes on the first blocks of WikiText-2; the Pareto stage reports the whole split.
     ppl = data.ppl[: sizes.ablation_ppl_blocks] if ablation else data.ppl
     ppl_tokens = sum(len(e) - 1 for e in ppl)
-    further = sorted(k for k, e in run.models.items() if e.get("wikitext2", {}).get("target_tokens", 0) > ppl_tokens)
+    further = sorted(k for k, e in run.models.items() if _progress(e)[0] > ppl_tokens)
     if ablation and further:  # its first blocks would be written over their whole-split perplexities
         raise SystemExit(f"--stage ablation: {', '.join(further)} in these results were evaluated on the whole "
                          f"WikiText-2 split by the Pareto stage, and the ablation would evaluate them again on its "

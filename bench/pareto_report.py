@@ -129,14 +129,12 @@ def _ablation(run, ratio: float) -> list[str]:
     dense = m["dense"]
     rows.append(["dense", "", "0.0%", f"{dense['wikitext2']['perplexity']:.2f}", f"{dense['heldout']['loss']:.4f}",
                  "", ""])
-    # The ablation stage ranks on the first blocks; the Pareto stage evaluates its models on the whole split again.
-    blocks = f"WikiText-2: the first {m['dense']['ablation']['blocks']} blocks. "
     return [
         f"## Recipes at a {100 * ratio:g}% skip ratio",
         "",
-        blocks + "Skip ratio: share of all attention sublayers skipped on WikiText-2 (MindSkip: measured; static: its "
-        "layer count). Disagreement: the mean share of held-out sequences whose decision differs from their "
-        "layer's majority (0 = static routing).",
+        f"WikiText-2: the first {m['dense']['ablation']['blocks']} blocks. Skip ratio: share of all attention "
+        "sublayers skipped on WikiText-2 (MindSkip: measured; static: its layer count). Disagreement: the mean share "
+        "of held-out sequences whose decision differs from their layer's majority (0 = static routing).",
         "",
         *markdown_table(["model", "recipe", "skip ratio", "WikiText-2 ppl", "held-out loss", "disagreement",
                          "train tok/s"], rows),
