@@ -59,11 +59,15 @@ def pop_cache(kwargs: dict):
 
     Both names set to different objects is an error: there would be no telling which one is meant.
     """
-    found = [kwargs.pop(name) for name in CACHE_NAMES if name in kwargs]
-    found = [c for c in found if c is not None]
-    if len(found) == 2 and found[0] is not found[1]:
-        raise ValueError(f"both {CACHE_NAMES[0]!r} and {CACHE_NAMES[1]!r} were given; pass the KV cache once")
-    return found[0] if found else None
+    found = None
+    for name in CACHE_NAMES:  # a plain loop: this runs in every decoder layer's forward
+        cache = kwargs.pop(name, None)
+        if cache is None:
+            continue
+        if found is not None and cache is not found:
+            raise ValueError(f"both {CACHE_NAMES[0]!r} and {CACHE_NAMES[1]!r} were given; pass the KV cache once")
+        found = cache
+    return found
 
 
 def output_cache(output):
