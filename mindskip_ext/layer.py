@@ -31,7 +31,7 @@ from . import ops
 from .architectures import ArchSpec
 from .cache import Decision, StaticCompactMixin, routing_slot
 from .config import MindSkipConfig
-from .hf_compat import cache_kwargs, cache_name, pop_cache
+from .hf_compat import cache_name, pop_cache
 
 # Name of the keyword argument that carries the per-forward MindSkip state from the patched decoder
 # forward down to the MindSkip layers (through the stock decoder's **kwargs).
@@ -199,9 +199,10 @@ class MindSkipDecoderLayer(nn.Module):
         nn.init.zeros_(self.router.bias)
         # Router-Tuning may centre the router's pooled input (see set_router_centre); None at inference.
         self.register_buffer("router_centre", None, persistent=False)
-        # The keyword the attention module takes the cache by, found once here: a compiled decode step then traces
-        # no signature inspection.
+        # The keywords the attention module and the wrapped layer take the cache by, found once here: a compiled
+        # decode step then traces no signature inspection.
         self._attn_cache_name = cache_name(self._attn_module())
+        self._base_cache_name = cache_name(base_layer)
 
     def extra_repr(self) -> str:
         return f"layer_idx={self.layer_idx}, granularity={self.granularity!r}, threshold={self.threshold}"
@@ -369,17 +370,27 @@ class MindSkipDecoderLayer(nn.Module):
         # The stock decoder passes the KV cache as `cache` (transformers >= 5.24) or `past_key_values`.
         cache = pop_cache(kwargs)
         state: ForwardState | None = kwargs.pop(STATE_KWARG, None)
-        if state is not None and state.bypass:
+
+        def stock_layer():
             base = self.base_layer
             return base(
                 hidden_states, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,
-                position_embeddings=position_embeddings, **cache_kwargs(base, cache), **kwargs,
+                position_embeddings=position_embeddings, **{self._base_cache_name: cache}, **kwargs,
             )
+
+        if state is not None and state.bypass:
+            return stock_layer()
         if hidden_states.dim() != 3:
             raise ValueError(f"hidden_states must be (batch, seq, hidden), got shape {tuple(hidden_states.shape)}")
         x = hidden_states
         slot = routing_slot(cache, self.layer_idx, self.gates_attention, x.device) if cache is not None else None
         decision, routing, normed = self._decide(x, state, slot)
+        if routing is None and decision.num_kept == decision.batch_size and not (
+            self.training and torch.is_grad_enabled()
+        ):
+            # A decode step in which every sequence runs every sublayer is the stock layer's own step, on the same
+            # cache slot: calling it saves the host the routed path's calls (eager decode is host-bound on a GPU).
+            return stock_layer()
         gate = routing.gate if routing is not None else None
         sublayers = functools.partial(
             self._sublayers, decision=decision, state=state, attention_mask=attention_mask, position_ids=position_ids,

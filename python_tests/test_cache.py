@@ -85,6 +85,41 @@ def test_a_decode_step_normalises_only_for_a_sublayer_that_runs(granularity):
     gated = granularity in ("attn", "block")
     assert calls == {idx: 1 if gated and capacity[idx] == 0.0 else 5 for idx in calls}
 
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_a_decode_step_that_keeps_every_sequence_is_the_stock_layers_step(granularity):
+    """Where a layer's prefill kept every sequence, its decode steps call the wrapped stock layer itself (the routed
+    path's host calls saved), on the same cache slot: the tokens and the KV are the unconverted model's, and the
+    stock layer's hooks fire once per forward."""
+    dense = tiny_lm("llama", "sdpa", layers=6)
+    _, ids, mask = padded_batch([7, 12, 3], "left")
+    want = dense.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    model = msk.get_mindskip_model(dense, msk.MindSkipConfig(granularity=granularity))
+    with torch.no_grad():
+        for router in model.routers.values():
+            router.bias.fill_(10.0)  # keeps every sequence
+    stock = dict.fromkeys(model.mindskip_layers, 0)
+    hooked = dict.fromkeys(model.mindskip_layers, 0)
+    hooks = []
+    for idx, layer in model.mindskip_layers.items():
+        hooks.append(layer.base_layer.register_forward_pre_hook(
+            lambda *_, idx=idx: stock.__setitem__(idx, stock[idx] + 1)))
+        hooks.append(layer.base_layer.register_forward_hook(
+            lambda *_, idx=idx: hooked.__setitem__(idx, hooked[idx] + 1)))
+    try:
+        cache = DynamicCache()
+        got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                             **cache_kwargs(model, cache))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert torch.equal(got, want)
+    assert model.last_capacity == dict.fromkeys(model.mindskip_layers, 1.0)
+    # The prefill routes (the stock layer is not called); the 4 decode steps are the stock layer's.
+    assert stock == dict.fromkeys(model.mindskip_layers, 4)
+    assert hooked == dict.fromkeys(model.mindskip_layers, 5)
+    assert all(layer.keys.shape[0] == ids.shape[0] for layer in cache.layers)
+
+
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_beam_search_and_deterministic_sampling_match_unbatched(granularity):

@@ -53,6 +53,23 @@ def test_decode_step_is_one_graph_without_breaks(granularity, model_type):
     assert counters["stats"]["unique_graphs"] == 1
 
 
+def test_a_layer_that_keeps_every_sequence_decodes_in_the_same_one_graph():
+    """Its decode step calls the stock layer (test_cache checks the eager side): traced with the routed layers, one
+    graph without breaks, and the eager tokens."""
+    model = _model()
+    keeping = next(iter(model.routers))
+    with torch.no_grad():
+        model.routers[keeping].weight.zero_()
+        model.routers[keeping].bias.fill_(10.0)  # keeps every sequence
+    eager = _generate(model)
+    capacity = model.last_capacity
+    assert capacity[keeping] == 1.0 and any(0.0 < c < 1.0 for c in capacity.values()), capacity
+    traced = _generate(model, decode_compile_config(backend="eager", fullgraph=True))
+    assert torch.equal(traced, eager)
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_inductor_decode_equals_eager_on_cpu():
     model = _model("block")
     eager = _generate(model)
