@@ -4,7 +4,10 @@ the same share, each decoding from one shared prefill.
 Per variant it reports the median wall time of a step, the ops it dispatches (top-level ``aten::``/``mindskip::``
 calls), the summed time of its device kernels (a step whose kernels add up to far less than its wall time is bound
 by the host: dispatch and launches, not the GPU), and the ops that take the most host and device time, with the
-change in op counts against the unconverted model. On a CPU there is no device time.
+change in op counts against the unconverted model, and the Python calls of a step (the host work around the ops; a
+count, so it compares across runs and machines where wall time on a busy host does not). On a CPU there is no device
+time; there, ``--shape cpu-host`` (Llama-3-8B's depth at tiny widths) has a step that is host time, as the 8B
+model's eager step is on a GPU.
 
 Two ways to decode: ``--cache dynamic`` (the default) steps as ``generate()`` does by default, eagerly, with a
 growing attention mask, per-sequence positions and a dynamic cache; ``--cache static --compile`` runs the step
@@ -48,6 +51,7 @@ class Profile:
     host_us: Counter = field(default_factory=Counter)  # top-level op -> its host time (with its children) in one step
     device_us: Counter = field(default_factory=Counter)  # op -> self device (kernel) time in one step
     graph_breaks: int | None = None  # compiled: the graph breaks dynamo reported for this variant
+    python_calls: int = 0  # Python function calls and calls into C from Python in one step
 
 
 def _stepper(model, cache, token, seqlen, static: bool, call):
@@ -83,6 +87,24 @@ def _has_op_ancestor(event) -> bool:
     return False
 
 
+def _python_calls(step) -> int:
+    """The Python function calls, and the calls into C from Python, of one ``step()``: the host work around its
+    ops, counted the same on any machine where its wall time on a busy host is not."""
+    count = 0
+
+    def tally(frame, event, arg):
+        nonlocal count
+        if event in ("call", "c_call"):
+            count += 1
+
+    sys.setprofile(tally)
+    try:
+        step()
+    finally:
+        sys.setprofile(None)
+    return count
+
+
 def _profile_variant(model, provider, cache, token, args, device, call) -> Profile:
     step = _stepper(model, cache, token, args.prompt, args.cache == "static", call)
     with torch.no_grad():
@@ -92,7 +114,8 @@ def _profile_variant(model, provider, cache, token, args, device, call) -> Profi
         with profile(activities=activities) as prof:
             step()
             synchronize(device)
-    result = Profile(provider, statistics.median(times))
+        calls = _python_calls(step)
+    result = Profile(provider, statistics.median(times), python_calls=calls)
     for event in prof.events():
         if _is_op(event) and not _has_op_ancestor(event):
             result.ops[event.name] += 1
@@ -169,8 +192,8 @@ def report(args, profiles: list[Profile]) -> str:
         f"share; {how} (median of "
         f"{args.steps} timed steps after {WARMUP_STEPS} untimed).",
         "",
-        "| variant | step ms | ops per step | device kernel ms | graph breaks | ops changed vs hf |",
-        "|---|---|---|---|---|---|",
+        "| variant | step ms | ops per step | device kernel ms | graph breaks | ops changed vs hf | Python calls |",
+        "|---|---|---|---|---|---|---|",
     ]
     base = profiles[0].ops
     for p in profiles:
@@ -179,7 +202,8 @@ def report(args, profiles: list[Profile]) -> str:
         changed.subtract(base)
         diff = ", ".join(f"`{op}` {n:+d}" for op, n in sorted(changed.items()) if n) or "-"
         breaks = "-" if p.graph_breaks is None else p.graph_breaks
-        lines.append(f"| {p.provider} | {p.step_ms:.2f} | {sum(p.ops.values())} | {kernels} | {breaks} | {diff} |")
+        lines.append(f"| {p.provider} | {p.step_ms:.2f} | {sum(p.ops.values())} | {kernels} | {breaks} | {diff} "
+                     f"| {p.python_calls} |")
     lines.append("")
     for p in profiles:
         lines.append(f"**{p.provider}**: most host time: {_top(p.host_us, p.ops, base)}")

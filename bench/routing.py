@@ -25,6 +25,12 @@ SHAPES = {
         "vocab_size": 8192, "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8,
         "num_attention_heads": 8, "num_key_value_heads": 4,
     },
+    # Llama-3-8B's depth at tiny widths: on a CPU its eager decode step is almost all host time (Python and dispatch),
+    # as the 8B model's is on a GPU, so the wrapper's host overhead per step can be measured without one.
+    "cpu-host": {
+        "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 32,
+        "num_attention_heads": 4, "num_key_value_heads": 2,
+    },
 }
 
 
