@@ -85,6 +85,7 @@ def test_a_decode_step_normalises_only_for_a_sublayer_that_runs(granularity):
     gated = granularity in ("attn", "block")
     assert calls == {idx: 1 if gated and capacity[idx] == 0.0 else 5 for idx in calls}
 
+
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_a_decode_step_that_keeps_every_sequence_is_the_stock_layers_step(granularity):
     """Where a layer's prefill kept every sequence, its decode steps call the wrapped stock layer itself (the routed
@@ -118,7 +119,6 @@ def test_a_decode_step_that_keeps_every_sequence_is_the_stock_layers_step(granul
     assert stock == dict.fromkeys(model.mindskip_layers, 4)
     assert hooked == dict.fromkeys(model.mindskip_layers, 5)
     assert all(layer.keys.shape[0] == ids.shape[0] for layer in cache.layers)
-
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)
