@@ -1,5 +1,5 @@
-"""vLLM with the MindSkip plugin generates exactly what transformers MindSkip generates (greedy), and a skipped
-(layer, request) never writes its KV slots."""
+"""vLLM with the MindSkip plugin generates exactly what transformers MindSkip generates (greedy), eager and compiled,
+and a skipped (layer, request) never writes its KV slots."""
 
 from __future__ import annotations
 
@@ -23,6 +23,21 @@ def test_tiny_llama_matches_transformers(tiny, max_num_seqs):
     check_fixture(tiny)
     with offline_engine(tiny, max_num_seqs) as engine:
         assert generate(engine, tiny) == tiny.expected
+
+
+# vLLM's default path, compiled (torch.compile with inductor on the CPU): the routed attention is one custom op in
+# the compiled graph. At 2, one request's prefill beside another's decode; at 8, every layer attends for a subset.
+@pytest.mark.parametrize("max_num_seqs", [2, 8])
+def test_tiny_llama_compiled_matches_transformers(tiny, max_num_seqs):
+    from vllm.config import CompilationMode
+
+    check_fixture(tiny)
+    with offline_engine(tiny, max_num_seqs, compiled=True) as engine:
+        config = engine.llm_engine.vllm_config
+        assert not config.model_config.enforce_eager and config.compilation_config.mode != CompilationMode.NONE
+        assert generate(engine, tiny) == tiny.expected
+        (compiled,) = engine.apply_model(lambda model: model.model.compiled)
+    assert compiled
 
 
 @pytest.mark.parametrize("max_num_seqs", [1, 2, 8])
