@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from vllm.config import CUDAGraphMode
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
 from ..config import MindSkipConfig
@@ -155,8 +156,10 @@ def serving_problems(vllm_config, mode: str) -> list[str]:
             "speculative decoding is on: a decode step must bring one token per request. Remove "
             "speculative_config (--speculative-config)"
         )
+    # Full graphs of decode-only steps are turned into piecewise ones by vLLM itself (the routed layers' metadata
+    # builder supports no CUDA graph); a full graph of every step is an error there, named here.
     graphs = vllm_config.compilation_config.cudagraph_mode
-    if graphs is not None and graphs.has_full_cudagraphs() and not vllm_config.model_config.enforce_eager:
+    if graphs is not None and graphs.mixed_mode() == CUDAGraphMode.FULL and not vllm_config.model_config.enforce_eager:
         problems.append(
             f"cudagraph_mode {graphs.name} captures whole steps in CUDA graphs, but the routed attention's kept "
             "subsets change from step to step. Use the default cudagraph_mode (piecewise graphs between the "
