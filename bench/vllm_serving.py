@@ -29,12 +29,14 @@ Rounds interleave the variants (one engine process per variant and round, in a r
 against ``vllm`` are taken within a round, then the median over rounds. The engines run in .venv-vllm
 (scripts/install_vllm_env.sh): this file as a script, from a temporary folder, so that it imports the mindskip_ext
 installed there. Rows of the bench schema (bench/common.py) go to bench/results/vllm_serving.jsonl, the table to
-bench/results/vllm_serving.md.
+bench/results/vllm_serving.md. Each finished engine run is kept in ``<work>/vllm_serving.partial.json`` as it ends;
+``--resume`` continues an interrupted run from there (same workload, concurrencies, variants and routers).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -230,6 +232,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "mindskip_ext" / "vllm-bench",
                         help="where the static projection and the floor's router directory are made")
     parser.add_argument("--results-dir", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--resume", action="store_true",
+                        help="take the references and engine runs an interrupted run finished from "
+                        "<work>/vllm_serving.partial.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -300,6 +305,38 @@ def _measure(python: Path, spec: dict) -> dict:
     if out.returncode != 0:
         raise SystemExit(f"the {spec['variant']} run failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+class Partial:
+    """The references and engine runs finished so far, rewritten after each one (a killed run keeps them), for
+    ``--resume``. ``key`` identifies what was measured (workload, concurrencies, variants, routers); a resume from
+    another key is refused."""
+
+    def __init__(self, path: Path, identity: dict, resume: bool):
+        self.path = path
+        self.key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+        self.references: dict[str, dict] = {}
+        self.results: list[dict] = []
+        if not resume:
+            return
+        if not path.is_file():
+            raise SystemExit(f"--resume: no partial results at {path}")
+        saved = json.loads(path.read_text())
+        if saved.get("key") != self.key:
+            raise SystemExit(f"--resume: {path} measured another workload, concurrency, variant list or routers "
+                             "than this run asks for; run without --resume to start again")
+        self.references, self.results = saved["references"], saved["results"]
+        print(f"resumed {len(self.references)} references and {len(self.results)} engine runs from {path}",
+              flush=True)
+
+    def done(self, variant: str, round_index: int) -> bool:
+        return any(r["variant"] == variant and r["round"] == round_index for r in self.results)
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps({"key": self.key, "references": self.references, "results": self.results}))
+        tmp.replace(self.path)
 
 
 def skipped_per_request(variant: str, dropped: dict[str, list[int]], skips: list[dict] | None, count: int
@@ -530,26 +567,34 @@ def main(argv=None) -> int:
                "floor": floor_routers(base, args.work, num_layers)}
     dropped = {"static": static_dropped, "floor": list(range(1, num_layers))}
     print(f"static projection: layers {static_dropped}", flush=True)
-    references = {}
+    partial = Partial(args.work / "vllm_serving.partial.json", {
+        "requests": requests, "concurrency": args.concurrency, "variants": variants,
+        "routers": {k: None if v is None else str(v) for k, v in routers.items()}}, args.resume)
     for variant in ("vllm", "static", "dynamic"):
+        if variant in partial.references:
+            continue
         print(f"transformers reference: {variant}", flush=True)
-        references[variant] = _measure(args.python, {
+        partial.references[variant] = _measure(args.python, {
             "task": "reference", "variant": variant, "base": str(base),
             "routers": None if routers[variant] is None else str(routers[variant]),
             "prompts": [ids for ids, _ in requests[:CHECK_PROMPTS]], "pad": pad_token_id(tokenizer),
             "decisions_of": [ids for ids, _ in requests] if variant == "dynamic" else None})
-    references["dynamic-eager"] = references["dynamic"]
-    results = []
+        partial.save()
+    references = {**partial.references, "dynamic-eager": partial.references["dynamic"]}
     for round_index in range(args.rounds):
         shift = round_index % len(variants)
         for variant in variants[shift:] + variants[:shift]:
+            if partial.done(variant, round_index):
+                continue
             spec = {"variant": variant, "round": round_index, "base": str(base),
                     "routers": None if routers[variant] is None else str(routers[variant]),
                     "concurrency": args.concurrency, "requests": requests,
                     "skip_prompts": [ids for ids, _ in requests] if variant == "dynamic" and round_index == 0 else
                     None}
             print(f"round {round_index}: {variant} (load average {os.getloadavg()[0]:.1f})", flush=True)
-            results.append(_measure(args.python, spec))
+            partial.results.append(_measure(args.python, spec))
+            partial.save()
+    results = partial.results
     skips = next((r["skips"] for r in results if r["skips"] is not None), None)
     rows = summarise(results, requests, dropped, num_layers)
     args.results_dir.mkdir(parents=True, exist_ok=True)

@@ -84,3 +84,21 @@ def test_checks_name_where_a_completion_departs_from_transformers():
     assert lines[0] == ("static: 1/2 prompts give transformers' first 16 tokens (departures: prompt 1 at token 2 "
                         "(logit gap 0.004))")
     assert "vllm: 4/4 completions equal to the same request's other runs (concurrencies and rounds)" in lines
+
+
+def test_partial_results_resume_the_same_measurement_only(tmp_path):
+    path = tmp_path / "vllm_serving.partial.json"
+    identity = {"requests": REQUESTS, "concurrency": [4], "variants": ["vllm", "static"]}
+    with pytest.raises(SystemExit, match="no partial results"):
+        vllm_serving.Partial(path, identity, resume=True)
+    run = vllm_serving.Partial(path, identity, resume=False)
+    run.references["vllm"] = {"tokens": [[7]]}
+    run.results.append(result("vllm", 0, 10.0, 20.0))
+    run.save()
+    again = vllm_serving.Partial(path, identity, resume=True)
+    assert again.references == run.references and again.results == run.results
+    assert again.done("vllm", 0) and not again.done("static", 0) and not again.done("vllm", 1)
+    with pytest.raises(SystemExit, match="measured another workload"):
+        vllm_serving.Partial(path, {**identity, "concurrency": [8]}, resume=True)
+    # Without --resume a run starts afresh (and overwrites the file when it saves).
+    assert vllm_serving.Partial(path, identity, resume=False).results == []
