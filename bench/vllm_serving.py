@@ -175,9 +175,12 @@ def transformers_reference(spec: dict) -> dict:
     tokens, gaps = [], []
     with torch.no_grad():
         for ids in spec["prompts"]:
-            out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=CHECK_TOKENS, do_sample=False,
-                                 eos_token_id=None, pad_token_id=spec["pad"], output_scores=True,
-                                 return_dict_in_generate=True)
+            # An explicit mask: without one, generate masks every prompt token equal to the pad id, and SmolLM2's
+            # pad is <|im_end|>, which each chat prompt holds twice (vLLM attends to them, as it should).
+            input_ids = torch.tensor([ids])
+            out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                 max_new_tokens=CHECK_TOKENS, do_sample=False, eos_token_id=None,
+                                 pad_token_id=spec["pad"], output_scores=True, return_dict_in_generate=True)
             tokens.append(out.sequences[0, len(ids):].tolist())
             gaps.append([float(top[0] - top[1]) for top in (score[0].topk(2).values for score in out.scores)])
     decisions = None
