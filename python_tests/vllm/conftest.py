@@ -148,10 +148,11 @@ def static_fixture(directory: Path, served: Served, layers: list[int], dropped: 
 
 def _greedy(model, ids: list[int], tokenizer) -> list[int]:
     """NEW_TOKENS greedy tokens after prompt ``ids``, run alone; EOS does not stop it (vLLM runs with ignore_eos)."""
-    with torch.no_grad():
+    input_ids = torch.tensor([ids])
+    with torch.no_grad():  # an explicit mask: generate would mask prompt tokens equal to the pad id, vLLM does not
         out = model.generate(
-            input_ids=torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
-            pad_token_id=tokenizer.pad_token_id,
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=NEW_TOKENS,
+            do_sample=False, eos_token_id=None, pad_token_id=tokenizer.pad_token_id,
         )
     return out[0, len(ids) :].tolist()
 
