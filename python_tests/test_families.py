@@ -62,13 +62,13 @@ def _available(model_type: str) -> bool:
     return model_type in CONFIG_MAPPING
 
 
-def family_lm(family: str, seed: int = 0, **overrides):
+def family_lm(family: str, seed: int = 0, attn: str | None = None, **overrides):
     """A tiny LM of ``family`` with ``VOCAB`` ids and no EOS (batched and single runs generate as many tokens)."""
     if not _available(family):
         pytest.skip(f"this transformers release has no {family!r} models")
     fields = dict(vocab_size=VOCAB, max_position_embeddings=128, eos_token_id=None, **FAMILIES[family])
     fields.update(overrides)
-    return tiny_model(family, attn=ATTN.get(family, "sdpa"), seed=seed, **fields)
+    return tiny_model(family, attn=attn or ATTN.get(family, "sdpa"), seed=seed, **fields)
 
 
 def wrapped_lm(family: str, granularity: str = "attn", **config):
@@ -99,12 +99,13 @@ def test_a_fresh_conversion_is_the_identity(family, granularity):
     assert wrapped.last_capacity == {1: 1.0, 2: 1.0}
 
 
-@pytest.mark.parametrize("family, granularity", _granularities(FAMILIES))
-def test_forced_skip_is_the_residual_path_with_the_familys_norms(family, granularity):
+@pytest.mark.parametrize("family, granularity, attn", [
+    (f, g, a) for f, g in _granularities(FAMILIES) for a in ([ATTN[f]] if f in ATTN else ["eager", "sdpa"])])
+def test_forced_skip_is_the_residual_path_with_the_familys_norms(family, granularity, attn):
     """A skipped sublayer adds nothing: the stock model whose skipped sublayer outputs zeros (through the family's
     output norm, dropout and residual scale, which all keep a zero a zero) gives the same logits."""
     layer = 2
-    model = family_lm(family)
+    model = family_lm(family, attn=attn)
     _, ids, mask = padded_batch([6, 8])
     reference = copy.deepcopy(model)
     stock = reference.model.layers[layer]
