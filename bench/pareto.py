@@ -136,6 +136,7 @@ class Sizes:
     projection_records: int  # training sequences that decide the static projection
     eval_batch_size: int
     seed: int = 0
+    tasks: bool = True  # the Pareto stage scores the six tasks (the small preset leaves them out)
 
 
 ITEMS = 350  # per task: the standard error of the six tasks' average is then about 1.1 points at 50% accuracy
@@ -152,6 +153,15 @@ PRESETS = {
         mix_weights=(0.5, 0.25, 0.25), task_limit=dict.fromkeys(TASKS, 4), mmlu_per_subject=2,
         mmlu_subjects=["anatomy", "virology"], num_fewshot={"local_hellaswag": 2, "local_mmlu": 2}, ppl_block=64,
         ppl_blocks=4, ablation_ppl_blocks=2, drop_records=16, projection_records=16, eval_batch_size=8,
+    ),
+    # A model whose every forward costs several times SmolLM2's on a CPU (Gemma 3 270M: its 262k vocabulary's
+    # output layer is most of it): short sequences, a capped recipe (30 steps, 8 calibration sequences for the joint
+    # search), the first 8 WikiText-2 test blocks of 512 tokens, 30 held-out examples, no tasks.
+    "small": Sizes(
+        heldout_fraction=0.03, max_length=128, batch_size=4, steps=30, learning_rate=2e-3, calibration_sequences=8,
+        mix_weights=(0.5, 0.25, 0.25), task_limit={}, mmlu_per_subject=None, mmlu_subjects=None, num_fewshot={},
+        ppl_block=512, ppl_blocks=8, ablation_ppl_blocks=8, drop_records=32, projection_records=32,
+        eval_batch_size=4, tasks=False,
     ),
 }
 
@@ -371,6 +381,7 @@ def run_stage(args) -> Run:
         merge_results(run, source, args.output)
     pad = pad_token_id(tokenizer)
     ablation = args.stage == "ablation"
+    with_tasks = not ablation and sizes.tasks
     # The ablation ranks recipes on the first blocks of WikiText-2; the Pareto stage reports the whole split.
     ppl = data.ppl[: sizes.ablation_ppl_blocks] if ablation else data.ppl
     ppl_tokens = sum(len(e) - 1 for e in ppl)
@@ -435,7 +446,7 @@ def run_stage(args) -> Run:
                                    sizes.eval_batch_size)
     run.meta["attention_drop_similarity"] = {str(k): round(v, 6) for k, v in scores.items()}
     costs = heldout_costs(run, base, data, pad, sorted(set().union(*sets.values())), work)
-    ensure("dense", {"kind": "dense", "label": label}, lambda: (base, lambda: None), tasks=not ablation)
+    ensure("dense", {"kind": "dense", "label": label}, lambda: (base, lambda: None), tasks=with_tasks)
     ratios = run.meta["ratios"]
     # The Pareto stage compares the recipe ranked by the ablation's results, before it evaluates anything again.
     best = None if ablation else args.best or best_recipe(run.models)
@@ -449,7 +460,7 @@ def run_stage(args) -> Run:
             entry = {"kind": "attention-drop", "scope": scope, "ratio": ratio, "dropped_layers": dropped,
                      "skip_ratio": n / num_layers}
             drops[name] = ensure(name, entry, lambda d=dropped: static(d), tasks=False)
-        if drops and not ablation:  # the better scope by perplexity gets the tasks
+        if drops and with_tasks:  # the better scope by perplexity gets the tasks
             better = min(drops, key=lambda k: drops[k]["wikitext2"]["perplexity"])
             ensure(better, {"best_of_scopes": True}, lambda d=drops[better]["dropped_layers"]: static(d), tasks=True)
         for recipe_name in dict.fromkeys(recipes):
@@ -457,7 +468,7 @@ def run_stage(args) -> Run:
             model, entry = train_recipe(run, name, base, tokenizer, RECIPES[recipe_name], ratio, data, args.output)
             decisions = routing_decisions(model, data.heldout, pad, sizes.eval_batch_size)
             entry["routing_heldout"] = routing_report(decisions, num_layers)
-            result = ensure(name, entry, lambda m=model: (m, lambda: None), tasks=not ablation)
+            result = ensure(name, entry, lambda m=model: (m, lambda: None), tasks=with_tasks)
             result["headroom_heldout"] = headroom(costs, decisions)  # also for a model resumed without it
             run.save_partial()
             model.unload()
@@ -469,7 +480,7 @@ def run_stage(args) -> Run:
                 dropped = sorted(int(i) for i, _ in ranked[:count])
                 entry = {"kind": "static-projection", "of": name, "ratio": ratio, "dropped_layers": dropped,
                          "skip_ratio": len(dropped) / num_layers}
-                ensure(f"{recipe_name}-static@{ratio}", entry, lambda d=dropped: static(d), tasks=not ablation)
+                ensure(f"{recipe_name}-static@{ratio}", entry, lambda d=dropped: static(d), tasks=with_tasks)
 
     run.meta["best_recipe"] = best or args.best or best_recipe(run.models)
     run.timings["total"] = round(time.perf_counter() - started, 1)
@@ -493,6 +504,10 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=("ablation", "pareto"), default="pareto")
     p.add_argument("--smoke", action="store_true", help="Tiny config model, a handful of items (minutes).")
+    p.add_argument("--preset", choices=("default", "small"), default="default",
+                   help="Evaluation sizes: default (the whole WikiText-2 split, the six tasks), or small (8 blocks of "
+                   "512 tokens, 30 held-out examples, no tasks, the recipe capped at 30 steps of 4 sequences of 128 "
+                   "tokens: for a model whose forward costs several times SmolLM2's, e.g. Gemma 3 270M on a CPU).")
     p.add_argument("--best", choices=sorted(RECIPES), default=None,
                    help="The recipe to compare (default: the ablation's furthest below Attention-Drop at its own "
                    "skip ratio, WikiText-2 and held-out averaged).")
@@ -529,7 +544,9 @@ def parse_args(argv=None):
                    help="With --merge: write the merged results as <output>/pareto.partial.json (starting from "
                    "the results already there) and stop; no model is loaded.")
     args = p.parse_args(argv)
-    args.preset = "smoke" if args.smoke else "default"
+    if args.smoke and args.preset != "default":
+        p.error("--smoke is its own preset; drop --preset")
+    args.preset = "smoke" if args.smoke else args.preset
     args.recipes = _some_of(p, "--recipes", args.recipes, tuple(RECIPES))
     args.drop_scopes = _some_of(p, "--drop-scopes", args.drop_scopes, DROP_SCOPES)
     args.methods = _some_of(p, "--methods", args.methods, METHODS)

@@ -7,7 +7,9 @@ kept-first ``order``, so a skipped layer-sequence costs no KV memory.
 
 The slot is the stock layer class specialised with a mixin that adds the decision and keeps beam
 search (``reorder_cache``) and ``crop`` right, and on a dynamic slot ``batch_select_indices`` and
-``batch_repeat_interleave`` too:
+``batch_repeat_interleave`` too. A sliding-window slot (Gemma 2/3, OLMo 3, Mistral with a window) stays one: its
+stock class keeps at most the window's positions of the kept rows, and its token count (``cumulative_length``,
+which transformers builds every sliding layer's mask from) advances on every layer, one that skipped every row too:
 
 * a dynamic slot (``DynamicLayer``, ``DynamicSlidingWindowLayer``; ``DynamicCache``) grows by
   concatenation, and counts its tokens in a Python int;

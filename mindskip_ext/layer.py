@@ -28,7 +28,7 @@ from torch import nn
 
 from . import attention as _attention
 from . import ops
-from .architectures import ArchSpec
+from .architectures import ArchSpec, takes_use_cache
 from .cache import Decision, StaticCompactMixin, routing_slot
 from .config import MindSkipConfig
 from .hf_compat import cache_name, pop_cache
@@ -175,6 +175,25 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _apply_rotary(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of ``t`` (``(N, H, d)``) on its first ``cos.shape[-1]`` channels (all of them, or the rotary
+    part under a partial rotary factor, as Phi-3's ``apply_rotary_pos_emb``)."""
+    rot = cos.shape[-1]
+    if rot == t.shape[-1]:
+        return t * cos + _rotate_half(t) * sin
+    head, tail = t[..., :rot], t[..., rot:]
+    return torch.cat((head * cos + _rotate_half(head) * sin, tail), dim=-1)
+
+
+def attention_window(attn: nn.Module) -> int | None:
+    """The sliding window of a stock attention module: its own (Gemma, Qwen2/3: per layer type), else its config's
+    (Mistral, Mixtral, Phi-3: every layer); None for full causal attention."""
+    if hasattr(attn, "sliding_window"):
+        return attn.sliding_window
+    config = getattr(attn, "config", None)
+    return getattr(config, "sliding_window", None)
+
+
 class MindSkipDecoderLayer(nn.Module):
     """Wraps one decoder layer; ``base_layer`` is the untouched original (given back by ``unload``)."""
 
@@ -199,10 +218,19 @@ class MindSkipDecoderLayer(nn.Module):
         nn.init.zeros_(self.router.bias)
         # Router-Tuning may centre the router's pooled input (see set_router_centre); None at inference.
         self.register_buffer("router_centre", None, persistent=False)
+        # A post-norm family (OLMo 2) has no norm before the attention, which reads the residual stream itself. Its
+        # router pools that stream RMS-normalised per token, without weights: as a pre-norm family's router pools
+        # its input norm's output, so that a few tokens of large norm do not outweigh the rest of the sequence (see
+        # docs/families.md). A norm weight would only rescale the router's own weight, so it has none.
+        self.router_norm = (
+            nn.RMSNorm(hidden_size, eps=1e-6, elementwise_affine=False) if spec.post_norm else None
+        )
         # The keywords the attention module and the wrapped layer take the cache by, found once here: a compiled
         # decode step then traces no signature inspection.
         self._attn_cache_name = cache_name(self._attn_module())
         self._base_cache_name = cache_name(base_layer)
+        # Gemma's layers take no use_cache: it is passed on only where the stock layer passes it.
+        self._takes_use_cache = takes_use_cache(base_layer)
 
     def extra_repr(self) -> str:
         return f"layer_idx={self.layer_idx}, granularity={self.granularity!r}, threshold={self.threshold}"
@@ -244,7 +272,24 @@ class MindSkipDecoderLayer(nn.Module):
         self.router.bias.copy_(effective + self.router.weight @ self.router_centre)
 
     def _input_norm(self, x):
-        return getattr(self.base_layer, self.spec.input_norm)(x)
+        """The attention's input: the pre-attention norm of ``x``, or ``x`` itself in a post-norm family."""
+        name = self.spec.input_norm
+        return x if name is None else getattr(self.base_layer, name)(x)
+
+    @property
+    def router_input_module(self) -> nn.Module:
+        """The module whose output the router pools (its forward hooks see the router's input per token): the
+        pre-attention norm, or :attr:`router_norm` in a post-norm family."""
+        if self.router_norm is not None:
+            return self.router_norm
+        return getattr(self.base_layer, self.spec.input_norm)
+
+    def router_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, T, D)``: what the router pools, per token, for the layer input ``x``."""
+        return self._router_input(self._input_norm(x))
+
+    def _router_input(self, normed):
+        return normed if self.router_norm is None else self.router_norm(normed)
 
     def _decide(self, x, state: ForwardState | None, slot):
         """The routing of this batch: reused from the cache slot, or made now (prefill / no cache) on the normalised
@@ -277,7 +322,7 @@ class MindSkipDecoderLayer(nn.Module):
             else:
                 mask = state.padding_mask
         score, keep, order, num_kept = ops.router_gate(
-            normed, mask, self.router.weight, self.router_bias(), self.threshold
+            self._router_input(normed), mask, self.router.weight, self.router_bias(), self.threshold
         )
         # The one host sync of a MindSkip layer: the kept count sizes the gathered batch.
         decision = Decision(keep=keep, order=order, num_kept=int(num_kept.item()))
@@ -309,20 +354,40 @@ class MindSkipDecoderLayer(nn.Module):
             **{self._attn_cache_name: cache},
             **kwargs,
         )
-        return out
+        return self._attention_output(out)
+
+    def _residual_delta(self, y, norm: str | None, dropout: str | None):
+        """What a sublayer whose output is ``y`` adds to the residual stream: ``y`` through the family's output norm
+        and dropout, times its residual scale."""
+        base = self.base_layer
+        if norm is not None:
+            y = getattr(base, norm)(y)
+        if dropout is not None:
+            y = getattr(base, dropout)(y)
+        if self.spec.residual_scale is not None:
+            y = y * getattr(base, self.spec.residual_scale)
+        return y
+
+    def _attention_output(self, a):
+        """The attention's addition to the residual stream from the attention module's output ``a`` (per token)."""
+        return self._residual_delta(a, self.spec.attn_out_norm, self.spec.attn_out_dropout)
 
     def _run_mlp(self, h):
-        norm = getattr(self.base_layer, self.spec.post_attn_norm)
-        return getattr(self.base_layer, self.spec.mlp)(norm(h))
+        """The MLP sublayer's addition to the residual stream ``h``: pre-MLP norm (if any), MLP, output norm, scale.
+        A mixture-of-experts block runs as the stock layer runs it (its router logits are recorded as usual)."""
+        spec, base = self.spec, self.base_layer
+        y = h if spec.mlp_norm is None else getattr(base, spec.mlp_norm)(h)
+        return self._residual_delta(getattr(base, spec.mlp)(y), spec.mlp_out_norm, spec.mlp_out_dropout)
 
     def _packed_backend(self, normed, cache, kwargs) -> str | None:
         """The varlen backend for the packed path, or None to use the gathered-rows path."""
         if self.packed_attention == "off" or cache is not None or kwargs.get("output_attentions"):
             return None
         attn = self._attn_module()
-        if getattr(attn, "sliding_window", None) is not None:
+        # The varlen kernels compute plain causal attention: no window, no logit soft-capping (Gemma 2).
+        if attention_window(attn) is not None or getattr(attn, "attn_logit_softcapping", None) is not None:
             return None
-        if self.training and getattr(attn, "attention_dropout", 0.0):
+        if self.training and (getattr(attn, "attention_dropout", 0.0) or getattr(attn, "residual_dropout", 0.0)):
             return None
         fast = _attention.best_fast_backend(normed.device, normed.dtype)
         if self.packed_attention == "on":
@@ -337,24 +402,40 @@ class MindSkipDecoderLayer(nn.Module):
         )
         packed = ops.pack_kept(normed, token_index, total)
         attn = self._attn_module()
-        head_dim = attn.head_dim
-        q = attn.q_proj(packed).view(total, -1, head_dim)
-        k = attn.k_proj(packed).view(total, -1, head_dim)
-        v = attn.v_proj(packed).view(total, -1, head_dim)
-        if self.spec.q_norm is not None:
-            q = getattr(attn, self.spec.q_norm)(q)
-            k = getattr(attn, self.spec.k_norm)(k)
-        cos, sin = position_embeddings
-        if cos.shape[0] == batch and batch > 1:
-            cos, sin = ops.pack_kept(cos, token_index, total), ops.pack_kept(sin, token_index, total)
-        else:
-            positions = token_index[:total] % seqlen
-            cos, sin = cos[0].index_select(0, positions), sin[0].index_select(0, positions)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q, k, v = self._packed_qkv(attn, packed)
+        if getattr(attn, "use_rope", True):  # SmolLM3 leaves out the rotary embedding in some layers
+            cos, sin = position_embeddings
+            if cos.shape[0] == batch and batch > 1:
+                cos, sin = ops.pack_kept(cos, token_index, total), ops.pack_kept(sin, token_index, total)
+            else:
+                positions = token_index[:total] % seqlen
+                cos, sin = cos[0].index_select(0, positions), sin[0].index_select(0, positions)
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+            q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
         out = _attention.varlen_causal_attention(q, k, v, cu_seqlens, max_len, attn.scaling, backend)
-        return attn.o_proj(out.reshape(total, -1)), token_index
+        return self._attention_output(attn.o_proj(out.reshape(total, -1))), token_index
+
+    def _packed_qkv(self, attn, packed):
+        """``(N, H, d)`` queries, keys and values of packed tokens ``(N, D)``, before the rotary embedding, as the
+        stock attention module computes them: separate or fused projections, q/k norms per head or over all heads,
+        and OLMo's clipping."""
+        spec = self.spec
+        head_dim = attn.head_dim
+        if spec.qkv_proj is not None:
+            config = attn.config
+            kv = config.num_key_value_heads * head_dim
+            q, k, v = getattr(attn, spec.qkv_proj)(packed).split([config.num_attention_heads * head_dim, kv, kv], -1)
+        else:
+            q, k, v = attn.q_proj(packed), attn.k_proj(packed), attn.v_proj(packed)
+        if spec.q_norm is not None and not spec.qk_norm_per_head:
+            q, k = getattr(attn, spec.q_norm)(q), getattr(attn, spec.k_norm)(k)
+        clip = getattr(getattr(attn, "config", None), "clip_qkv", None)
+        if clip is not None:
+            q, k, v = (t.clamp(min=-clip, max=clip) for t in (q, k, v))
+        q, k, v = (t.reshape(t.shape[0], -1, head_dim) for t in (q, k, v))
+        if spec.q_norm is not None and spec.qk_norm_per_head:
+            q, k = getattr(attn, spec.q_norm)(q), getattr(attn, spec.k_norm)(k)
+        return q, k, v
 
     # ------------------------------------------------------------------ forward
 
@@ -371,10 +452,13 @@ class MindSkipDecoderLayer(nn.Module):
         cache = pop_cache(kwargs)
         state: ForwardState | None = kwargs.pop(STATE_KWARG, None)
 
+        if self._takes_use_cache:
+            kwargs["use_cache"] = use_cache
+
         def stock_layer():
             base = self.base_layer
             return base(
-                hidden_states, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,
+                hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                 position_embeddings=position_embeddings, **{self._base_cache_name: cache}, **kwargs,
             )
 
@@ -394,7 +478,7 @@ class MindSkipDecoderLayer(nn.Module):
         gate = routing.gate if routing is not None else None
         sublayers = functools.partial(
             self._sublayers, decision=decision, state=state, attention_mask=attention_mask, position_ids=position_ids,
-            position_embeddings=position_embeddings, kwargs=dict(kwargs, use_cache=use_cache),
+            position_embeddings=position_embeddings, kwargs=kwargs,
         )
         if self.training and torch.is_grad_enabled() and getattr(self.base_layer, "gradient_checkpointing", False):
             # Activation checkpointing (transformers' gradient/activation_checkpointing_enable sets it on the wrapped

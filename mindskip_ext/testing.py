@@ -31,6 +31,41 @@ from .data import (
 # ----------------------------------------------------------------------------------- models
 
 
+# The smallest sliding window the tiny configs use: shorter than the test prompts, so that a sliding layer's window
+# really drops keys.
+TINY_WINDOW = 6
+
+
+def _family_fields(model_type: str, layers: int, hidden: int, heads: int, intermediate: int) -> dict:
+    """The config fields that make a small model of ``model_type`` exercise what is particular to its family:
+    experts, sliding and full layers, per-head norms, residual multipliers, layers without rotary embedding."""
+    head_dim = hidden // heads
+    # Sliding and full layers alternate, with the last layer full (Gemma 3 has five sliding ones per full one).
+    layer_types = ["full_attention" if i % 2 else "sliding_attention" for i in range(layers)]
+    layer_types[-1] = "full_attention"
+    sliding = dict(sliding_window=TINY_WINDOW, layer_types=layer_types, head_dim=head_dim)
+    experts = dict(num_experts_per_tok=2)
+    fields = {
+        "qwen3": dict(head_dim=head_dim),
+        "mixtral": dict(num_local_experts=4, **experts),
+        # Sparse experts in every layer but one dense MLP (Qwen3-MoE decides per layer).
+        "qwen3_moe": dict(num_experts=4, moe_intermediate_size=intermediate, decoder_sparse_step=1,
+                          mlp_only_layers=[layers // 2], head_dim=head_dim, **experts),
+        "olmoe": dict(num_experts=4, **experts),
+        "gemma": dict(head_dim=head_dim),
+        "gemma2": dict(query_pre_attn_scalar=head_dim, **sliding),
+        "gemma3_text": dict(query_pre_attn_scalar=head_dim, **sliding),
+        "olmo3": dict(**sliding),
+        "granite": dict(residual_multiplier=0.5, attention_multiplier=head_dim**-0.5, embedding_multiplier=2.0,
+                        logits_scaling=2.0),
+        "olmo": dict(clip_qkv=0.1),
+        "phi3": dict(partial_rotary_factor=0.5),  # Phi-4-mini's rotary embedding covers part of each head
+        # A layer without rotary embedding in the middle (SmolLM3 leaves it out of every fourth layer).
+        "smollm3": dict(no_rope_layers=[0 if i == layers // 2 else 1 for i in range(layers)]),
+    }
+    return fields.get(model_type, {})
+
+
 def tiny_config(
     model_type: str = "llama",
     *,
@@ -44,14 +79,16 @@ def tiny_config(
     tokenizer=None,
     **overrides,
 ):
-    """A small config of ``model_type`` (llama, mistral, qwen2, qwen3); the vocabulary and special ids follow
+    """A small config of ``model_type`` (any family :mod:`mindskip_ext.architectures` supports, with the features of
+    its family: experts, sliding layers of a :data:`TINY_WINDOW` window, ...); the vocabulary and special ids follow
     ``tokenizer`` when given (else pad 0, BOS 1, EOS 2). ``overrides`` are further config fields."""
     from transformers import AutoConfig
 
+    intermediate = intermediate or 2 * hidden
     kwargs = dict(
         vocab_size=len(tokenizer) if tokenizer is not None else vocab_size,
         hidden_size=hidden,
-        intermediate_size=intermediate or 2 * hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
@@ -60,9 +97,8 @@ def tiny_config(
         bos_token_id=tokenizer.bos_token_id if tokenizer is not None else 1,
         eos_token_id=tokenizer.eos_token_id if tokenizer is not None else 2,
         tie_word_embeddings=False,
+        **_family_fields(model_type, layers, hidden, heads, intermediate),
     )
-    if model_type == "qwen3":
-        kwargs["head_dim"] = hidden // heads
     kwargs.update(overrides)
     return AutoConfig.for_model(model_type, **kwargs)
 

@@ -28,7 +28,7 @@ def router_input_means(model, examples: Sequence[Example], pad_id: int, batch_si
     layers = model.mindskip_layers
     normed: dict[int, torch.Tensor] = {}
     hooks = [
-        getattr(layer.base_layer, layer.spec.input_norm).register_forward_hook(
+        layer.router_input_module.register_forward_hook(
             lambda module, args, output, idx=idx: normed.__setitem__(idx, output))
         for idx, layer in layers.items()
     ]

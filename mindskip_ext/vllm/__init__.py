@@ -8,9 +8,9 @@ or the OpenAI-compatible server: ``python -m mindskip_ext.vllm.serve BASE --rout
 
 Installed with ``pip install "mindskip_ext[vllm]"``, the plugin is registered through the
 ``vllm.general_plugins`` entry point: vLLM calls :func:`register` in each of its processes, which names the
-MindSkip architectures (``MindSkipLlamaForCausalLM`` and the Mistral, Qwen2 and Qwen3 ones). A model is served
-with one of them through ``hf_overrides`` (:func:`hf_overrides` writes them), so the base checkpoint's files stay
-as they are. This package is not imported by ``import mindskip_ext``.
+MindSkip architectures (``MindSkipLlamaForCausalLM`` and the Mistral, Qwen2, Qwen3, Qwen3-MoE and Gemma 3 ones). A
+model is served with one of them through ``hf_overrides`` (:func:`hf_overrides` writes them), so the base
+checkpoint's files stay as they are. This package is not imported by ``import mindskip_ext``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ BASE_CLASSES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
 }
 # What a MindSkip model needs from the engine (see checks.serving_problems for why).
 ENGINE_DEFAULTS = {"enforce_eager": True, "enable_chunked_prefill": False, "enable_prefix_caching": False}

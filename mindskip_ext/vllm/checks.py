@@ -93,6 +93,20 @@ def serving_problems(vllm_config) -> list[str]:
     return problems
 
 
+def sliding_window_problem(hf_config, layers: list[int], max_model_len: int) -> str | None:
+    """The refusal of routers on sliding-window layers (Gemma 3's, Mistral's with a window) when a request can outgrow
+    the window: vLLM then frees the KV blocks that leave it, a request's first block among them, and the plugin finds
+    a request's decisions by its first block (a freed block may start another request)."""
+    types = getattr(hf_config, "layer_types", None)
+    window = getattr(hf_config, "sliding_window", None)
+    sliding = [i for i in layers if window and (types[i] == "sliding_attention" if types else True)]
+    if not sliding or max_model_len <= window:
+        return None
+    return (f"the routers on layers {sliding} gate sliding-window attention (window {window}), and max_model_len "
+            f"{max_model_len} lets a request outgrow the window, whose KV blocks vLLM then frees: use "
+            f"max_model_len={window} (--max-model-len {window}) or routers on full-attention layers only")
+
+
 class ServingConfigCheck(VerifyAndUpdateConfig):
     """vLLM's per-architecture config hook (``MODELS_CONFIG_MAP``) for the MindSkip architectures."""
 
@@ -101,4 +115,9 @@ class ServingConfigCheck(VerifyAndUpdateConfig):
         problems = serving_problems(vllm_config)
         if problems:
             raise ValueError("MindSkip cannot serve with these vLLM settings:\n- " + "\n- ".join(problems))
-        read_routers(vllm_config.model_config.hf_config)
+        hf_config = vllm_config.model_config.hf_config
+        config, _ = read_routers(hf_config)
+        problem = sliding_window_problem(hf_config, config.resolve_layers(int(hf_config.num_hidden_layers)),
+                                         vllm_config.model_config.max_model_len)
+        if problem:
+            raise ValueError(f"MindSkip cannot serve these routers: {problem}")

@@ -1,18 +1,24 @@
-"""MindSkip versions of vLLM's Llama, Mistral, Qwen2 and Qwen3 causal LMs.
+"""MindSkip versions of vLLM's Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE and Gemma 3 causal LMs.
 
 Each is the stock vLLM class, built as usual; then the attention module of every MindSkip layer gets its
 router (:func:`~mindskip_ext.vllm.routing.attach_router`). Parameter names are unchanged, so the base
 checkpoint loads exactly as it does without the plugin; the routers come from the directory named in the
 model's config (``mindskip_routers``).
+
+In each of them the decoder layer hands its attention module the pre-attention norm's output, which the router
+pools, and adds what the module returns to the residual: Gemma 3 through its attention-output norm, which keeps a
+skipped token's zeros zeros; Qwen3-MoE's expert block runs on every token as usual.
 """
 
 from __future__ import annotations
 
 import torch
+from vllm.model_executor.models.gemma3 import Gemma3ForCausalLM
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+from vllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
 
 from .checks import read_routers
 from .routing import LayerRouter, attach_router
@@ -49,4 +55,12 @@ class MindSkipQwen2ForCausalLM(MindSkipMixin, Qwen2ForCausalLM):
 
 
 class MindSkipQwen3ForCausalLM(MindSkipMixin, Qwen3ForCausalLM):
+    pass
+
+
+class MindSkipQwen3MoeForCausalLM(MindSkipMixin, Qwen3MoeForCausalLM):
+    pass
+
+
+class MindSkipGemma3ForCausalLM(MindSkipMixin, Gemma3ForCausalLM):
     pass

@@ -185,13 +185,13 @@ def attach_router(self_attn: nn.Module, router: LayerRouter) -> None:
     self_attn.mindskip_router = router
     attn.attn_backend = routed_backend(attn.attn_backend)
 
-    def forward(positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(positions: torch.Tensor, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         step = _step_routing(attn.layer_name)
         if step is None:
-            return stock_forward(positions, hidden_states)
+            return stock_forward(positions, hidden_states, **kwargs)
         plan = step.plan(router.decide(hidden_states, step), hidden_states.shape[0])
         if plan is True:
-            return stock_forward(positions, hidden_states)
+            return stock_forward(positions, hidden_states, **kwargs)
         out = torch.zeros_like(hidden_states, memory_format=torch.contiguous_format)
         if plan is False:
             return out
@@ -199,6 +199,7 @@ def attach_router(self_attn: nn.Module, router: LayerRouter) -> None:
             kept = stock_forward(
                 ops.gather_kept(positions, plan.order, plan.num_tokens),
                 ops.gather_kept(hidden_states, plan.order, plan.num_tokens),
+                **kwargs,
             )
         return ops.scatter_add_kept_(out, kept, plan.order)
 

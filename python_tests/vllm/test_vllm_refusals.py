@@ -96,7 +96,8 @@ def test_unsupported_model_types_are_refused(tmp_path, tiny):
     from transformers import AutoConfig
 
     AutoConfig.for_model("gpt2").save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"model type 'gpt2' has no MindSkip vLLM architecture; supported: llama"):
+    supported = "supported: gemma3_text, llama, mistral, qwen2, qwen3, qwen3_moe$"
+    with pytest.raises(ValueError, match=f"model type 'gpt2' has no MindSkip vLLM architecture; {supported}"):
         hf_overrides(tmp_path, tiny.routers)
 
 
@@ -109,3 +110,28 @@ def test_engine_kwargs_keep_the_callers_settings(tiny):
         ROUTERS_KEY: str(tiny.routers.resolve()),
     }
     assert engine_kwargs(tiny.base, tiny.routers, enforce_eager=False)["enforce_eager"] is False  # refused later
+
+
+def test_routers_on_sliding_layers_past_the_window_are_refused(tmp_path):
+    """vLLM frees the KV blocks that leave a sliding window, and the plugin finds a request's decisions by its first
+    block: routers on sliding layers serve only where no request outgrows the window."""
+    from conftest import PROMPTS
+    from transformers import AutoConfig
+
+    from mindskip_ext.testing import tiny_model, train_word_tokenizer
+    from mindskip_ext.vllm.checks import sliding_window_problem
+
+    tokenizer = train_word_tokenizer(PROMPTS, chat_template=False)
+    model = tiny_model("gemma3_text", tokenizer=tokenizer, layers=6, hidden=128, heads=4, kv_heads=2, intermediate=256,
+                       sliding_window=64, max_position_embeddings=512)
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    msk.get_mindskip_model(model).save_pretrained(tmp_path / "routers")  # layers 2, 3, 4: sliding, full, sliding
+    message = creation_error(lambda: llm(tmp_path / "base", tmp_path / "routers", dtype="float32", max_model_len=256))
+    assert "routers on layers [2, 4] gate sliding-window attention (window 64)" in message
+    assert "use max_model_len=64 (--max-model-len 64) or routers on full-attention layers only" in message
+    config = AutoConfig.from_pretrained(tmp_path / "base")
+    assert sliding_window_problem(config, [3, 5], 256) is None  # full-attention layers
+    assert sliding_window_problem(config, [2, 3], 64) is None  # no request outgrows the window
+    mistral = AutoConfig.for_model("mistral", sliding_window=64, num_hidden_layers=6)
+    assert "layers [2, 3]" in sliding_window_problem(mistral, [2, 3], 256)  # Mistral's window: every layer

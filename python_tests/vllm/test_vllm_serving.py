@@ -32,13 +32,18 @@ def test_smollm2_matches_transformers(smollm2, max_num_seqs):
         assert generate(engine, smollm2) == smollm2.expected
 
 
-@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3"])
+# Gemma 3 with sliding and full layers routed (a window of the engine's max_model_len: see test_vllm_refusals), and
+# Qwen3-MoE with sparse and dense MLP layers.
+OTHER = {"mistral": {}, "qwen2": {}, "qwen3": {}, "qwen3_moe": {}, "gemma3_text": {"sliding_window": 256}}
+
+
+@pytest.mark.parametrize("model_type", OTHER)
 def test_other_architectures_match_transformers(tmp_path, tiny_tokenizer, model_type):
     from mindskip_ext.testing import tiny_model
 
     model = tiny_model(
         model_type, tokenizer=tiny_tokenizer, layers=6, hidden=128, heads=4, kv_heads=2, intermediate=256, seed=1,
-        max_position_embeddings=512,
+        max_position_embeddings=512, **OTHER[model_type],
     )
     served = serve_fixture(tmp_path, model, tiny_tokenizer, [3, 2, 4])
     check_fixture(served)
