@@ -490,7 +490,10 @@ def _unreachable(monkeypatch):
 
 @pytest.mark.hf
 def test_demo_falls_back_to_the_tiny_model_and_compares_at_the_same_skip_ratio(monkeypatch, tmp_path):
+    import os
+
     _unreachable(monkeypatch)
+    monkeypatch.setattr(os, "getloadavg", lambda: (99.0, 99.0, 99.0))  # a busy machine: one thread, said so
     code, stdout, _ = run_cli("demo", "--model", "smollm2", "--tiny-steps", "40", "--steps", "10",
                               "--speed-prompt", "64", "--output", str(tmp_path), "--no-progress")
     assert code == 0
@@ -510,6 +513,7 @@ def test_demo_falls_back_to_the_tiny_model_and_compares_at_the_same_skip_ratio(m
     assert all(d["skip_ratio"] == 0.0 for d in rows["dense"].values())
     assert all(d["skip_ratio"] == 0.25 for d in rows[drop].values())
     assert all(0.0 < d["skip_ratio"] < 1.0 for d in rows["MindSkip (kd-joint)"].values())
+    assert f"1 CPU threads (the load average is 99.0 on {os.cpu_count()} cores; --threads to choose)" in stdout
     assert "held-out perplexity" in stdout and "perplexity against Attention-Drop" in stdout
     assert len(result["prompts"]) == 4 and all(set(p["skipped_layers"]) <= set(result["router_layers"])
                                                for p in result["prompts"])

@@ -9,6 +9,7 @@ dense model's attention share (the timing code of ``bench/e2e.py``, :mod:`mindsk
 
 from __future__ import annotations
 
+import os
 import random
 import statistics
 import tempfile
@@ -26,14 +27,14 @@ DEMO_DEFAULT_MODEL = "smollm2"
 DEMO_TINY = "tiny"
 DEMO_RECIPE = "kd-joint"
 # How much the demo does. A real model (SmolLM2-135M: about 900 forward tokens/s per CPU core in bf16) gets 128-token
-# blocks, a joint-cost search on 2 sequences instead of the recipe's 32, and 8 steps of 4 sequences, to stay within
+# blocks, a joint-cost search on 4 sequences instead of the recipe's 32, and 8 steps of 4 sequences, to stay within
 # about three minutes on 2 CPU cores; the paper recipe (CE from zero-initialised routers, no search) gets more steps.
 # The tiny model trains on the built-in tasks in seconds. "search": sequences of the joint-cost search; "calibration":
 # training sequences the centring and the final bias calibration run on; "speed": decode batch x prompt tokens.
 DEMO_PLANS = {
     "tiny": {"block": 64, "train": 600, "held": 96, "search": 16, "steps": 120, "paper_steps": 200, "batch_size": 16,
              "paper_lr": 1e-3, "calibration": 256, "speed": (8, 192), "speed_steps": 8, "speed_reps": 5},
-    "model": {"block": 128, "train": 16, "held": 8, "search": 2, "steps": 8, "paper_steps": 20, "batch_size": 4,
+    "model": {"block": 128, "train": 16, "held": 8, "search": 4, "steps": 8, "paper_steps": 20, "batch_size": 4,
               "paper_lr": 5e-3, "calibration": 16, "speed": (8, 1024), "speed_steps": 4, "speed_reps": 3},
 }
 PROMPTS_PER_DOMAIN = 2
@@ -306,6 +307,9 @@ def run(args) -> int:
     if not 0.0 < args.skip_ratio < 1.0:
         raise ValueError(f"--skip-ratio must be in (0, 1), got {args.skip_ratio}")
     device = pick_device(args.device)
+    busy = device.type == "cpu" and args.threads is None and os.getloadavg()[0] >= (os.cpu_count() or 1)
+    if busy:  # intra-op threads that wait on each other behind other jobs cost several times their work
+        torch.set_num_threads(1)
     dtype = demo_dtype(args.dtype, device)
     model, tokenizer, label = demo_model(args.model, device, dtype, args.attn_implementation, args.seed, progress,
                                          args.tiny_steps, args.threads)
@@ -328,7 +332,8 @@ def run(args) -> int:
     train = _interleaved([d.train for d in domains])
     held = [e for d in domains for e in d.held]
     say(f"model: {label}; device: {device}; dtype: {str(model.dtype).removeprefix('torch.')}; "
-        f"{torch.get_num_threads()} CPU threads")
+        f"{torch.get_num_threads()} CPU threads" + (f" (the load average is {os.getloadavg()[0]:.1f} on "
+                                                     f"{os.cpu_count()} cores; --threads to choose)" if busy else ""))
     say(f"data: {data_line}")
     say("  " + "; ".join(f"{d.name}: {len(d.train)} training and {len(d.held)} held-out blocks" for d in domains))
     say(f"skip ratio: {100 * ratio:.1f}% of the attention sublayers ({n_skip} of {num_layers} per sequence) for "
