@@ -27,15 +27,15 @@ DEMO_DEFAULT_MODEL = "smollm2"
 DEMO_TINY = "tiny"
 DEMO_RECIPE = "kd-joint"
 # How much the demo does. A real model (SmolLM2-135M: about 900 forward tokens/s per CPU core in bf16) gets 128-token
-# blocks, a joint-cost search on 4 sequences instead of the recipe's 32, and 8 steps of 4 sequences, to stay within
+# blocks, a joint-cost search on 4 sequences instead of the recipe's 32, and 4 steps of 4 sequences, to stay within
 # about three minutes on 2 CPU cores; the paper recipe (CE from zero-initialised routers, no search) gets more steps.
 # The tiny model trains on the built-in tasks in seconds. "search": sequences of the joint-cost search; "calibration":
 # training sequences the centring and the final bias calibration run on; "speed": decode batch x prompt tokens.
 DEMO_PLANS = {
     "tiny": {"block": 64, "train": 600, "held": 96, "search": 16, "steps": 120, "paper_steps": 200, "batch_size": 16,
              "paper_lr": 1e-3, "calibration": 256, "speed": (8, 192), "speed_steps": 8, "speed_reps": 5},
-    "model": {"block": 128, "train": 16, "held": 8, "search": 4, "steps": 8, "paper_steps": 20, "batch_size": 4,
-              "paper_lr": 5e-3, "calibration": 16, "speed": (8, 1024), "speed_steps": 4, "speed_reps": 3},
+    "model": {"block": 128, "train": 16, "held": 8, "search": 4, "steps": 4, "paper_steps": 20, "batch_size": 4,
+              "paper_lr": 5e-3, "calibration": 16, "speed": (8, 1024), "speed_steps": 4, "speed_reps": 5},
 }
 PROMPTS_PER_DOMAIN = 2
 PROMPT_TOKENS = 24
@@ -390,6 +390,9 @@ def run(args) -> int:
     say("layers whose attention MindSkip skipped, per prompt (one batched generation):")
     for prompt, completion, layers in zip(prompts, completions, skipped, strict=True):
         say(f"  {layers}  {prompt!r} -> {completion!r}")
+    if all(layers == skipped[0] for layers in skipped):
+        say("  every prompt skipped the same layers: here the trained routers act as a static drop of the layers "
+            "Router-Tuning chose (see 'Which mode should I use?' in the README)")
 
     capacity = {int(i): c for i, c in summary["heldout"]["capacity_per_layer"].items()}
     base = mindskip.unload()
