@@ -517,11 +517,15 @@ def test_demo_falls_back_to_the_tiny_model_and_compares_at_the_same_skip_ratio(m
     assert "held-out perplexity" in stdout and "perplexity against Attention-Drop" in stdout
     assert len(result["prompts"]) == 4 and all(set(p["skipped_layers"]) <= set(result["router_layers"])
                                                for p in result["prompts"])
+    same = all(p["skipped_layers"] == result["prompts"][0]["skipped_layers"] for p in result["prompts"])
+    assert ("every prompt skipped the same layers" in stdout) == same
     speed = result["speed"]
     assert (speed["batch"], speed["prompt"]) == (8, 64)
     assert speed["ideal_speedup"] >= 1.0 and speed["speedup"] > 0 and 0.0 < speed["attention_share"] < 1.0
+    assert speed["speedup_range"][0] <= speed["speedup"] <= speed["speedup_range"][1]  # medians' ratio within rounds'
     assert speed["kv_ratio"] == pytest.approx(1 - (1 - speed["kept"]) * len(result["router_layers"]) / 8)
     assert "decode speed, static compact KV cache" in stdout and "ideal" in stdout
+    assert result["cpu_seconds"] > 0.0 and f"demo finished in {result['seconds']:.0f} s, " in stdout
     assert (tmp_path / WEIGHTS_NAME).is_file()
 
 
