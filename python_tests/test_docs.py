@@ -18,7 +18,9 @@ from tiny import save_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
-PAGES = [README, *sorted((REPO / "docs").glob("*.md"))]
+INDEX = REPO / "docs" / "README.md"  # the index of the documentation pages
+DOCS = sorted(p for p in (REPO / "docs").glob("*.md") if p != INDEX)  # every page, those added later too
+PAGES = [README, INDEX, *DOCS]
 README_MAX_LINES = 250
 
 
@@ -63,9 +65,19 @@ def test_every_relative_link_resolves(page):
             assert anchor in anchors(path), f"{page.relative_to(REPO)}: no heading for #{anchor} in {path.name}"
 
 
+def linked_pages(page: Path) -> set[Path]:
+    return {(page.parent / link.partition("#")[0]).resolve() for link in relative_links(page)}
+
+
+def test_every_docs_page_is_in_the_index():
+    missing = sorted(p.name for p in set(DOCS) - linked_pages(INDEX))
+    assert not missing, f"docs/ pages not listed in {INDEX.relative_to(REPO)}: {missing}; give each a line there"
+
+
 def test_every_docs_page_is_one_click_from_the_readme():
-    linked = {(REPO / link.partition("#")[0]).resolve() for link in relative_links(README)}
-    assert set((REPO / "docs").glob("*.md")) <= linked
+    missing = sorted(p.name for p in set(DOCS) - linked_pages(README))
+    assert not missing, f"docs/ pages not linked from README.md: {missing}; give each a row in its Documentation table"
+    assert INDEX in linked_pages(README)
 
 
 def test_quickstart_commands_exist_and_match_ci():
