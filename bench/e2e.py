@@ -36,21 +36,23 @@ dynamic cache, the stock default).
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import statistics
 import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, StaticCache
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 import mindskip_ext as msk
-from mindskip_ext.cache import Decision, kv_bytes, routing_slot
+from mindskip_ext.cache import kv_bytes
 from mindskip_ext.data import Example
 from mindskip_ext.eval.attention_drop import redundancy_scores, select_dropped, set_static_routing
 from mindskip_ext.hf_compat import cache_kwargs, output_cache
-from mindskip_ext.timing import synchronize, time_ms
+from mindskip_ext.timing import AttentionTimer, synchronize, time_ms
+from mindskip_ext.timing import converted as _converted
+from mindskip_ext.timing import decode_steps as _decode_steps
+from mindskip_ext.timing import transplant_cache as _transplant
 
 from .common import quantile
 from .routing import build_model, calibrate_routers, keep_counts
@@ -96,47 +98,6 @@ def _floats(text, default):
 
 def _median(values):
     return statistics.median(values)
-
-
-class AttentionTimer:
-    """Times the attention sublayers of the given layers: prefill (q_len > 1) and decode steps apart."""
-
-    def __init__(self, model, layer_indices, device):
-        self.device = device
-        self.handles = []
-        self._open = []
-        for idx in layer_indices:
-            attn = model.model.layers[idx].self_attn
-            self.handles.append(attn.register_forward_pre_hook(self._start, with_kwargs=True))
-            self.handles.append(attn.register_forward_hook(self._stop, with_kwargs=True))
-
-    def _now(self):
-        if self.device.type == "cuda":
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def _start(self, module, args, kwargs):
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        self._open.append((hidden.shape[1] > 1, self._now()))
-
-    def _stop(self, module, args, kwargs, output):
-        self._open[-1] = (*self._open[-1], self._now())
-
-    def collect(self) -> dict[str, float]:
-        """Attention ms of the prefill and of the decode steps timed since the last call."""
-        synchronize(self.device)
-        total = {"prefill": 0.0, "decode": 0.0}
-        for is_prefill, start, end in self._open:
-            ms = start.elapsed_time(end) if self.device.type == "cuda" else (end - start) * 1e3
-            total["prefill" if is_prefill else "decode"] += ms
-        self._open.clear()
-        return total
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
 
 
 def _estimate_bytes(cfg, batch, seqlen, new_tokens, dtype_bytes):
@@ -296,22 +257,6 @@ def _redundancy_scores(model, ids) -> dict[int, float]:
     return redundancy_scores(model, examples, model.config.pad_token_id, "attn", batch_size=DROP_SCORE_BATCH)
 
 
-@contextlib.contextmanager
-def _converted(model, layer_ids, convert: bool, routers: dict | None = None):
-    """``model`` converted to MindSkip on ``layer_ids``, with ``routers`` when given (undone on exit); ``model``
-    itself when not ``convert``."""
-    if not convert:
-        yield model
-        return
-    wrapped = msk.get_mindskip_model(model, msk.MindSkipConfig(layers=layer_ids))
-    try:
-        if routers is not None:
-            wrapped.load_router_state_dict(routers)
-        yield wrapped
-    finally:
-        wrapped.unload()
-
-
 def _sample(model, ids, new_tokens, device, variant: Variant):
     """One timed prefill and one timed ``generate()`` of ``model``, appended to ``variant``'s samples."""
     with torch.no_grad():
@@ -390,25 +335,6 @@ def _run_point(model, ids, params, layer_ids, fractions, new_tokens, reps, write
 # ------------------------------------------------------------------ long-context decode
 
 
-def _transplant(model, dense: DynamicCache, kind: str, keeps: dict[int, torch.Tensor] | None, max_len: int):
-    """A ``kind`` ("dynamic" or "static") cache holding ``dense``'s KV; a layer in ``keeps`` becomes a MindSkip slot
-    with that keep mask, holding only the kept rows (every row kept: the dense KV behind a MindSkip decision)."""
-    cache = DynamicCache(config=model.config) if kind == "dynamic" else StaticCache(config=model.config,
-                                                                                    max_cache_len=max_len)
-    for idx, layer in enumerate(dense.layers):
-        keys, values = layer.keys, layer.values
-        if keeps is None or idx not in keeps:
-            cache.layers[idx].update(keys, values)
-            continue
-        slot = routing_slot(cache, idx, True, keys.device)
-        decision = slot.mindskip_decision = Decision.from_keep(keeps[idx].to(keys.device))
-        if decision.num_kept:
-            slot.update(keys.index_select(0, decision.rows), values.index_select(0, decision.rows))
-        else:
-            slot.skip_tokens(keys.shape[2])
-    return cache
-
-
 def _keeps(layer_ids, batch, fraction) -> dict[int, torch.Tensor]:
     """Per MindSkip layer, a keep mask of ``keep_counts`` rows, a different rotation of the batch on each layer."""
     keeps = {}
@@ -424,19 +350,6 @@ def _drop_keeps(layer_ids, batch, fraction) -> dict[int, torch.Tensor]:
     does not change the decode time)."""
     n = round((1 - fraction) * len(layer_ids))
     return {idx: torch.full((batch,), i >= len(layer_ids) - n) == 0 for i, idx in enumerate(layer_ids)}
-
-
-def _decode_steps(model, cache, first, steps):
-    """``steps`` greedy decode steps from token ``first`` (B, 1) on ``cache``; then a crop puts the cache back."""
-    token = first
-    for _ in range(steps):
-        out = model(input_ids=token, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
-        token = out.logits[:, -1:].argmax(-1)
-    for layer in cache.layers:
-        if hasattr(layer, "crop"):
-            layer.crop(-steps)
-        else:  # transformers < 5.18: the stock StaticLayer has no crop; its length is this tensor
-            layer.cumulative_length.sub_(steps)
 
 
 @dataclass

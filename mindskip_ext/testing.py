@@ -1,5 +1,5 @@
-"""Tiny models, small built-in tasks and a word-level tokenizer: what the tests, the demo and the benchmarks
-build instead of downloading (no model hub is needed).
+"""Tiny models, small built-in tasks, built-in text and a word-level tokenizer: what the tests, the demo and the
+benchmarks build or read instead of downloading (no model hub is needed).
 
     tokenizer = train_word_tokenizer(tokenizer_corpus(records))
     model = tiny_model("llama", tokenizer=tokenizer, layers=8)           # random weights, eval mode
@@ -11,7 +11,10 @@ Models are built from configs with seeded random weights, directly on the reques
 from __future__ import annotations
 
 import random
+import sysconfig
+import zlib
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 
@@ -221,22 +224,29 @@ def _task_fruits(rng):
     return "List the fruits.", " ".join(items), " ".join(fruits) if fruits else "none"
 
 
+# The built-in tasks by kind: on words (copy, reverse, pick, count, ...) and on numbers (sort, max, add).
+SYNTHETIC_KINDS = {
+    "words": (_task_reverse, _task_copy, _task_first, _task_last, _task_count, _task_color, _task_fruits),
+    "numbers": (_task_sort, _task_max, _task_add),
+}
 _SYNTHETIC_TASKS = (
     _task_reverse, _task_copy, _task_sort, _task_max, _task_add,
     _task_first, _task_last, _task_count, _task_color, _task_fruits,
 )
 
 
-def synthetic_instructions(n: int, seed: int = 0) -> list[dict]:
-    """``n`` Alpaca-style records from ten small word and number tasks (copy, reverse, sort, ...).
+def synthetic_instructions(n: int, seed: int = 0, kind: str | None = None) -> list[dict]:
+    """``n`` Alpaca-style records from ten small word and number tasks (copy, reverse, sort, ...), or from those of
+    one ``kind`` of :data:`SYNTHETIC_KINDS`.
 
     The package's built-in offline data: deterministic for a seed, learnable by a tiny model in
     seconds, and most tasks need attention (the answer is elsewhere in the sequence).
     """
+    tasks = _SYNTHETIC_TASKS if kind is None else SYNTHETIC_KINDS[kind]
     rng = random.Random(seed)
     records = []
     for _ in range(n):
-        instruction, input_text, output = rng.choice(_SYNTHETIC_TASKS)(rng)
+        instruction, input_text, output = rng.choice(tasks)(rng)
         records.append({"instruction": instruction, "input": input_text, "output": output})
     return records
 
@@ -292,3 +302,39 @@ def tokenizer_corpus(records: Iterable[dict]) -> list[str]:
         elif kind is not None:
             texts.extend(m["content"] for m in record_messages(record, kind))
     return texts
+
+
+# ----------------------------------------------------------------------------------- built-in text
+
+# Real text of two kinds that every Python installation carries, for held-out perplexity without any download.
+BUILTIN_TEXT = {
+    "docs": "English prose: Python's reference documentation (pydoc_data.topics of this Python)",
+    "code": "Python code: the standard library's modules (the *.py files of this Python)",
+}
+# One document in this many is held out (chosen by a hash of its name, so the split never depends on the order).
+HELDOUT_ONE_IN = 5
+
+
+def builtin_documents(kind: str) -> dict[str, str]:
+    """Name -> text of every document of the built-in text ``kind`` (see :data:`BUILTIN_TEXT`), read from the
+    running Python installation."""
+    if kind == "docs":
+        try:
+            from pydoc_data.topics import topics
+        except ImportError as err:  # some distributions ship the standard library without it
+            raise FileNotFoundError("this Python has no pydoc_data.topics (its reference documentation); "
+                                    "give text of your own with --data") from err
+        return dict(sorted(topics.items()))
+    if kind == "code":
+        folder = Path(sysconfig.get_paths()["stdlib"])
+        files = sorted(folder.glob("*.py"))
+        if not files:
+            raise FileNotFoundError(f"no standard-library sources (*.py) in {folder}; give text of your own with "
+                                    "--data")
+        return {f.name: f.read_text(encoding="utf-8", errors="replace") for f in files}
+    raise ValueError(f"built-in text is one of {', '.join(BUILTIN_TEXT)}, got {kind!r}")
+
+
+def is_heldout_document(name: str) -> bool:
+    """Whether a built-in document is in the held-out part (about one in :data:`HELDOUT_ONE_IN`)."""
+    return zlib.crc32(name.encode()) % HELDOUT_ONE_IN == 0

@@ -1,4 +1,6 @@
-"""``python -m bench.run --quick`` end to end on CPU with small shapes: the smoke run CI does.
+"""``python bench/run.py --quick`` end to end on CPU with small shapes: the smoke run CI does, typed as a user types
+it, from the repository root (``python -m bench.run``, the same module inside its package, is what
+test_bench_long.py and the GPU session's rehearsal run).
 
 Timings are not checked (performance is measured, never asserted); what is checked is that every
 section runs, every row has the schema of ``bench/common.py``, and the measured quantities that do not
@@ -30,7 +32,7 @@ SMALL = ["--layer-batch", "4", "--layer-len", "16", "--e2e-batches", "4", "--e2e
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    proc = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--device", "cpu", "--results-dir", str(out),
+    proc = subprocess.run([sys.executable, "bench/run.py", "--quick", "--device", "cpu", "--results-dir", str(out),
                            *SMALL], cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONWARNINGS": "error::FutureWarning"})
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -224,7 +224,8 @@ RECIPES = {
     # The default of `mindskip train` (DEFAULT_RECIPE): the best at 12.5%, 25% and 37.5% on SmolLM2-135M
     # (bench/results/pareto.md): WikiText-2 24.39, 29.32 and 44.67 (kd-wide: 25.06, 33.62, 60.42), 0.052, 0.110 and
     # 0.412 nats below Attention-Drop (kd-wide: 0.038, 0.052, 0.093). Its start costs about a layer-cost pass per
-    # layer that starts skipped (minutes per search step on a CPU for a real model); `mindskip demo` does not use it.
+    # layer that starts skipped (minutes per search step on a CPU for a real model); `mindskip demo` searches on few
+    # sequences.
     "kd-joint": Recipe(
         "kd-wide's, started from the greedy joint-cost search with the next-ranked layer at the threshold "
         "(--router-init joint --router-init-margin, on 32 sequences: about as many times the forwards of one "
