@@ -82,6 +82,9 @@ def add_arguments(parser):
     group.add_argument("--e2e-long", default=None,
                        help="comma-separated prompt lengths of long-context decode points (default: none; 256 with "
                             "--quick); batches from --e2e-batches (default 4,8), kept fractions 1.0,0.5")
+    group.add_argument("--e2e-long-reps", type=int, default=None,
+                       help="timed rounds over all variants of a long-context point (default: --e2e-reps, at most 3; "
+                            "a round is --new-tokens decode steps of each variant)")
     group.add_argument("--e2e-grid", default="on", choices=("on", "off"),
                        help="off: only the long-context decode points")
     group.add_argument("--e2e-compile", default="off", choices=("on", "off"),
@@ -198,7 +201,7 @@ def run(args, writer):
             ids = torch.randint(1, cfg.vocab_size, (batch, seqlen), generator=gen).to(device)
             params = {"shape": shape, "B": batch, "T": seqlen, "new_tokens": new_tokens}
             _run_long_point(model, ids, params, layer_ids, _floats(args.e2e_fractions, LONG_FRACTIONS), new_tokens,
-                            min(reps, 3), writer, compiled=args.e2e_compile == "on",
+                            args.e2e_long_reps or min(reps, 3), writer, compiled=args.e2e_compile == "on",
                             compile_backend=args.e2e_compile_backend)
             gc.collect()
     for batch, seqlen, reason in skipped:
