@@ -133,11 +133,29 @@ def test_a_mixed_decode_step_runs_the_attention_itself_and_equals_the_attention_
     itself, with the rotary embedding of q and k as one op: the logits of every step are bit for bit those of the
     general path, which calls the attention module on the gathered rows (taken where the attention module has hooks,
     which then fire). Left padding: each kept row reads its own position's cos/sin."""
-    model = msk.get_mindskip_model(tiny_lm(model_type, attn), msk.MindSkipConfig(granularity=granularity))
+    _check_mixed_decode_against_the_attention_module(tiny_lm(model_type, attn), cache, granularity)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_cuda_mixed_decode_step_equals_the_attention_modules_step(model_type, cache):
+    """The same on the GPU in bf16: the CUDA kernels of the rotary embedding and the out-of-place scatter-add round
+    as the unfused ops do."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    _check_mixed_decode_against_the_attention_module(tiny_lm(model_type, "sdpa", dtype=torch.bfloat16).cuda(), cache,
+                                                     "attn")
+
+
+def _check_mixed_decode_against_the_attention_module(base, cache, granularity):
+    model = msk.get_mindskip_model(base, msk.MindSkipConfig(granularity=granularity))
     randomize_routers(model)
     _, ids, mask = padded_batch([7, 12, 3, 9, 12, 5], "left")
-    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, return_dict_in_generate=True,
-                  output_logits=True, **({"cache_implementation": "static"} if cache == "static" else {}))
+    device = next(model.parameters()).device
+    kwargs = dict(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=5, do_sample=False,
+                  return_dict_in_generate=True, output_logits=True,
+                  **({"cache_implementation": "static"} if cache == "static" else {}))
     fused = MindSkipDecoderLayer._mixed_decode
     runs = []
 
