@@ -36,7 +36,10 @@ dynamic cache, the stock default).
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import gc
+import itertools
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -45,7 +48,7 @@ import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 import mindskip_ext as msk
-from mindskip_ext.cache import kv_bytes
+from mindskip_ext.cache import Decision, decode_compile_config, kv_bytes, routing_slot
 from mindskip_ext.data import Example
 from mindskip_ext.eval.attention_drop import redundancy_scores, select_dropped, set_static_routing
 from mindskip_ext.hf_compat import cache_kwargs, output_cache
@@ -82,8 +85,17 @@ def add_arguments(parser):
     group.add_argument("--e2e-long", default=None,
                        help="comma-separated prompt lengths of long-context decode points (default: none; 256 with "
                             "--quick); batches from --e2e-batches (default 4,8), kept fractions 1.0,0.5")
+    group.add_argument("--e2e-long-reps", type=int, default=None,
+                       help="timed rounds over all variants of a long-context point (default: --e2e-reps, at most 3; "
+                            "a round is --new-tokens decode steps of each variant)")
     group.add_argument("--e2e-grid", default="on", choices=("on", "off"),
                        help="off: only the long-context decode points")
+    group.add_argument("--e2e-compile", default="off", choices=("on", "off"),
+                       help="on: the long-context decode points also time each static-cache variant with its decode "
+                            "step compiled as generate() compiles it (rows with compiled=true; inductor takes "
+                            "minutes per variant on a CPU)")
+    group.add_argument("--e2e-compile-backend", default=None,
+                       help="torch.compile backend of --e2e-compile (default: the decode compile config's, inductor)")
     group.add_argument("--mem-fraction", type=float, default=0.85,
                        help="skip GPU points whose estimated memory exceeds this share")
 
@@ -151,7 +163,8 @@ def run(args, writer):
             ids = torch.randint(1, cfg.vocab_size, (batch, seqlen), generator=gen).to(device)
             params = {"shape": shape, "B": batch, "T": seqlen, "new_tokens": new_tokens}
             _run_long_point(model, ids, params, layer_ids, _floats(args.e2e_fractions, LONG_FRACTIONS), new_tokens,
-                            min(reps, 3), writer)
+                            args.e2e_long_reps or min(reps, 3), writer, compiled=args.e2e_compile == "on",
+                            compile_backend=args.e2e_compile_backend)
             gc.collect()
     for batch, seqlen, reason in skipped:
         print(f"skipped point B={batch} T={seqlen}: {reason}")
@@ -215,6 +228,7 @@ class Variant:
     provider: str
     kept: float | None
     routers: dict[str, torch.Tensor] | None
+    fraction: float | None = None  # the kept fraction asked for (MindSkip and Attention-Drop of one share pair on it)
     prefill: list[float] = field(default_factory=list)
     decode: list[float] = field(default_factory=list)
     generate: list[float] = field(default_factory=list)
@@ -239,12 +253,12 @@ def _variants(model, ids, layer_ids, fractions) -> list[Variant]:
                     wrapped, fraction, ids.shape[0],
                     lambda: _prefill(wrapped, ids),
                 )
-            variants.append(Variant("mindskip", sum(capacity.values()) / len(capacity), snapshot()))
+            variants.append(Variant("mindskip", sum(capacity.values()) / len(capacity), snapshot(), fraction))
             if fraction < 1.0:
                 n = round((1 - fraction) * len(layer_ids))
                 dropped = select_dropped(scores, n, candidates=layer_ids) if n else []
                 set_static_routing(wrapped, dropped)
-                variants.append(Variant("attn-drop", 1 - len(dropped) / len(layer_ids), snapshot()))
+                variants.append(Variant("attn-drop", 1 - len(dropped) / len(layer_ids), snapshot(), fraction))
     finally:
         wrapped.unload()
     return variants
@@ -295,6 +309,17 @@ def _paired_speedup(dense: list[float], samples: list[float]) -> tuple[float, fl
     return _median(ratios), quantile(ratios, 0.2), quantile(ratios, 0.8)
 
 
+def _frac_of_static_drop(variants, v, phase: str) -> dict:
+    """``frac_of_static_drop`` of a MindSkip variant ``v``: the median over rounds of the time of the Attention-Drop
+    of its kept share among ``variants`` (timed the same way) over ``v``'s in the same round, i.e. its speed as a
+    share of the static drop's, with the p20 and p80; empty for any other variant."""
+    drop = next((w for w in variants if w.provider == "attn-drop" and w.fraction == v.fraction), None)
+    if v.provider != "mindskip" or drop is None:
+        return {}
+    ratio, low, high = _paired_speedup(getattr(drop, phase), getattr(v, phase))
+    return {"frac_of_static_drop": ratio, "frac_of_static_drop_p20": low, "frac_of_static_drop_p80": high}
+
+
 def _run_point(model, ids, params, layer_ids, fractions, new_tokens, reps, writer):
     device = writer.device
     batch = ids.shape[0]
@@ -327,9 +352,10 @@ def _run_point(model, ids, params, layer_ids, fractions, new_tokens, reps, write
         ):
             speedup, low, high = _paired_speedup(base, samples)
             ideal_speedup = 1 / factor
+            phase = {"prefill": "prefill", "decode": "decode", "ttlt": "generate"}[name]
             writer.add("e2e", name, v.provider, dict(params, kept=round(v.kept, 4)), samples, speedup_vs_hf=speedup,
                        speedup_p20=low, speedup_p80=high, ideal_speedup=ideal_speedup,
-                       frac_of_ideal=speedup / ideal_speedup, **extra)
+                       frac_of_ideal=speedup / ideal_speedup, **_frac_of_static_drop(runs, v, phase), **extra)
 
 
 # ------------------------------------------------------------------ long-context decode
@@ -358,11 +384,46 @@ class LongVariant:
     cache: str
     kept: float | None
     keeps: dict[int, torch.Tensor] | None
-    built: object = None
+    fraction: float | None = None  # the kept fraction asked for (MindSkip and Attention-Drop of one share pair on it)
+    compiled: bool = False  # the decode step compiled (static cache), on the variant's own copy of the model
+    built: object = None  # the variant's cache
+    step: object = None  # compiled: the compiled copy of the model (converted for MindSkip and Attention-Drop)
     decode: list[float] = field(default_factory=list)
 
+    def same_step(self, other: LongVariant) -> bool:
+        """Whether ``other`` decodes with the same cache kind, compiled or not."""
+        return (self.cache, self.compiled) == (other.cache, other.compiled)
 
-def _run_long_point(model, ids, params, layer_ids, fractions, new_tokens, reps, writer):
+
+def _model_copy(model):
+    """A copy of ``model``'s modules that shares its parameters and buffers: a second model to convert and compile
+    while ``model`` is converted and unloaded around the eager samples, without a second copy of the weights."""
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, shared)
+
+
+def _compiled_variant(model, layer_ids, v: LongVariant, backend: str | None) -> LongVariant:
+    """``v`` (a static-cache variant) with its decode step compiled as ``generate()`` compiles a static cache's (the
+    decode compile config; ``backend``, or its own: inductor), on its own model copy, converted without routers where
+    ``v`` routes, and on ``v``'s cache."""
+    copied = _model_copy(model)
+    if v.keeps is not None:
+        copied = msk.get_mindskip_model(copied, msk.MindSkipConfig(layers=layer_ids))
+    step = torch.compile(copied, **decode_compile_config(**({"backend": backend} if backend else {})).to_dict())
+    return LongVariant(v.provider, v.cache, v.kept, v.keeps, v.fraction, compiled=True, built=v.built, step=step)
+
+
+def _time_long(model, layer_ids, v: LongVariant, first, steps, device) -> float:
+    """Milliseconds of ``steps`` decode steps of ``v`` (its compiled copy, or ``model`` converted around them)."""
+    if v.compiled:
+        return time_ms(lambda: _decode_steps(v.step, v.built, first, steps), device, reps=1, warmup=0)[0]
+    # The decisions live in the variant's cache: converted without routers.
+    with _converted(model, layer_ids, v.keeps is not None) as m:
+        return time_ms(lambda: _decode_steps(m, v.built, first, steps), device, reps=1, warmup=0)[0]
+
+
+def _run_long_point(model, ids, params, layer_ids, fractions, new_tokens, reps, writer, compiled=False,
+                    compile_backend=None):
     device = writer.device
     batch, seqlen = ids.shape
     steps = new_tokens - 1
@@ -375,14 +436,16 @@ def _run_long_point(model, ids, params, layer_ids, fractions, new_tokens, reps, 
     for kind in ("dynamic", "static"):
         variants.append(LongVariant("hf", kind, None, None))
         for fraction in fractions:
-            variants.append(LongVariant("mindskip", kind, fraction, _keeps(layer_ids, batch, fraction)))
+            variants.append(LongVariant("mindskip", kind, fraction, _keeps(layer_ids, batch, fraction), fraction))
             if fraction < 1.0:
                 keeps = _drop_keeps(layer_ids, batch, fraction)
                 kept = sum(int(k.sum()) for k in keeps.values()) / (batch * len(layer_ids))
-                variants.append(LongVariant("attn-drop", kind, kept, keeps))
+                variants.append(LongVariant("attn-drop", kind, kept, keeps, fraction))
     for v in variants:
         v.built = _transplant(model, dense, v.cache, v.keeps, max_len)
     del dense
+    if compiled:  # each static-cache variant again, compiled, on the same cache
+        variants += [_compiled_variant(model, layer_ids, v, compile_backend) for v in variants if v.cache == "static"]
 
     # The dense model's attention share of a decode step, per cache kind (instrumented steps, untimed otherwise).
     share = {}
@@ -398,30 +461,33 @@ def _run_long_point(model, ids, params, layer_ids, fractions, new_tokens, reps, 
     finally:
         timer.remove()
 
-    for v in variants:  # warm-up, and the KV bytes
-        # The decisions live in the variant's cache: converted without routers.
-        with _converted(model, layer_ids, v.keeps is not None) as m, torch.no_grad():
-            _decode_steps(m, v.built, first, steps)
-    for r in range(reps):
-        for i in range(len(variants)):
-            v = variants[(i + r) % len(variants)]
-            with _converted(model, layer_ids, v.keeps is not None) as m, torch.no_grad():
-                (ms,) = time_ms(lambda m=m, v=v: _decode_steps(m, v.built, first, steps), device, reps=1, warmup=0)
-            v.decode.append(ms)
+    with torch.no_grad():
+        for v in variants:  # warm-up (a compiled variant compiles here)
+            _time_long(model, layer_ids, v, first, steps, device)
+        for r in range(reps):
+            for i in range(len(variants)):
+                v = variants[(i + r) % len(variants)]
+                v.decode.append(_time_long(model, layer_ids, v, first, steps, device))
 
     tokens = batch * steps
-    dense = {v.cache: v for v in variants if v.provider == "hf"}
-    dense_bytes = sum(kv_bytes(dense["dynamic"].built).values())
+    dense_dynamic = variants[0]
+    dense_bytes = sum(kv_bytes(dense_dynamic.built).values())
     for v in variants:
-        base = dense[v.cache]
+        same = [w for w in variants if w.same_step(v)]
+        base = next(w for w in same if w.provider == "hf")
         row_params = dict(params, cache=v.cache) | ({"kept": round(v.kept, 4)} if v.kept is not None else {})
+        if v.compiled:
+            row_params["compiled"] = True
         held = sum(kv_bytes(v.built).values())
+        # A compiled step takes the attention share of the eager one with the same cache (no hooks in a graph).
         factor = 1 - (1 - v.kept) * share[v.cache] if v.kept is not None else 1.0
         speedup, low, high = _paired_speedup(base.decode, v.decode)
         writer.add("e2e", "decode-long", v.provider, row_params, v.decode,
                    tokens_per_s=tokens / (_median(v.decode) / 1e3), attn_share=share[v.cache],
                    speedup_vs_hf=speedup, speedup_p20=low, speedup_p80=high,
-                   speedup_vs_hf_dynamic=_paired_speedup(dense["dynamic"].decode, v.decode)[0],
-                   ideal_speedup=1 / factor, frac_of_ideal=speedup * factor, kv_bytes=held,
+                   speedup_vs_hf_dynamic=_paired_speedup(dense_dynamic.decode, v.decode)[0],
+                   ideal_speedup=1 / factor, frac_of_ideal=speedup * factor,
+                   **_frac_of_static_drop(same, v, "decode"), kv_bytes=held,
                    kv_ratio=held / dense_bytes if v.cache == "dynamic" else None)
-        v.built = None
+    for v in variants:
+        v.built = v.step = None

@@ -178,6 +178,20 @@ class StaticCompactMixin(CompactLayerMixin):
             self.cumulative_length = self.cumulative_length.to(device)
             torch._dynamo.mark_static_address(self.cumulative_length)
 
+    # Whether the stock slot's update is StaticLayer's own (set per compact class by _compact_class): then a decode
+    # step's one token is written at the token count itself, without the stock update's arange and add (two ops a
+    # layer a step on the host-bound decode path). The sliding-window slot keeps its own update.
+    _writes_at_count = False
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not (self._writes_at_count and key_states.shape[-2] == 1 and self.is_initialized):
+            return super().update(key_states, value_states, *args, **kwargs)
+        # The writes are queued before the count moves on.
+        self.keys.index_copy_(2, self.cumulative_length, key_states)
+        self.values.index_copy_(2, self.cumulative_length, value_states)
+        self.cumulative_length.add_(1)
+        return self.keys, self.values
+
     def skip_tokens(self, num_tokens: int) -> None:
         self.cumulative_length.add_(num_tokens)  # in place: a compiled step keeps its address
         if hasattr(self, "cumulative_length_int"):
@@ -229,8 +243,10 @@ _COMPACT_CLASSES: dict[type, type] = {}
 
 def _compact_class(layer_cls: type) -> type:
     if layer_cls not in _COMPACT_CLASSES:
-        mixin = StaticCompactMixin if issubclass(layer_cls, StaticLayer) else DynamicCompactMixin
-        _COMPACT_CLASSES[layer_cls] = type(f"MindSkip{layer_cls.__name__}", (mixin, layer_cls), {})
+        static = issubclass(layer_cls, StaticLayer)
+        mixin = StaticCompactMixin if static else DynamicCompactMixin
+        attrs = {"_writes_at_count": layer_cls.update is StaticLayer.update} if static else {}
+        _COMPACT_CLASSES[layer_cls] = type(f"MindSkip{layer_cls.__name__}", (mixin, layer_cls), attrs)
     return _COMPACT_CLASSES[layer_cls]
 
 
@@ -243,6 +259,10 @@ def routing_slot(cache: Cache, layer_idx: int, compact: bool, device: torch.devi
     layers = getattr(cache, "layers", None)
     if layers is None:
         raise TypeError(f"MindSkip needs a transformers Cache with per-layer slots, got {type(cache).__name__}")
+    if layer_idx < len(layers):  # every step after the first: the slot is converted already
+        slot = layers[layer_idx]
+        if isinstance(slot, CompactLayerMixin) and slot.mindskip_compact == compact:
+            return slot
     replicate = getattr(cache, "layer_class_to_replicate", None)
     while len(layers) <= layer_idx:
         if replicate is None:

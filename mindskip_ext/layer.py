@@ -20,11 +20,13 @@ is computed for every sequence so that skipped sequences also send a gradient to
 from __future__ import annotations
 
 import functools
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import attention as _attention
 from . import ops
@@ -36,6 +38,22 @@ from .hf_compat import cache_name, pop_cache
 # Name of the keyword argument that carries the per-forward MindSkip state from the patched decoder
 # forward down to the MindSkip layers (through the stock decoder's **kwargs).
 STATE_KWARG = "mindskip_state"
+
+# The decoder layers whose decode step a mixed MindSkip layer (some sequences kept) runs itself: transformers' Llama
+# layer and its copies (input norm, attention, residual add, post-attention norm, MLP, residual add), whose attention
+# projects q/k/v, applies optional per-head q/k norms and the rotate-half rotary embedding, updates the KV cache and
+# calls the attention interface. The step gathers the kept rows once, runs that attention on them with the rotary
+# embedding of q and k as one op, and adds the result into the residual with one out-of-place scatter-add: sixteen
+# ops fewer than the stock layer's step, where the attention module on the gathered rows costs row selections and a
+# copy more than it. Any other layer or attention class takes the general path (the attention module's forward).
+_FUSED_DECODE_CLASSES = frozenset(
+    f"transformers.models.{family}.modeling_{family}.{prefix}{part}"
+    for family, prefix in (("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"))
+    for part in ("DecoderLayer", "Attention")
+)
+# The attention implementations whose interface ignores the arguments the fused step does not pass (position ids, the
+# sliding window: the mask carries it).
+_FUSED_DECODE_ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
 @dataclass
@@ -126,6 +144,15 @@ class ForwardState:
         self.record = record
         # Every MindSkip layer runs its original layer, unrouted (a self-distillation teacher, a dense reference).
         self.bypass = bypass
+        self._fused_interface = None  # (config, eager default, attention function): see fused_attention_interface
+
+    def fused_attention_interface(self, config, eager):
+        """:func:`_fused_attention_interface` of this forward's layers, looked up once per forward: a config's
+        ``_attn_implementation`` alone is a dozen Python calls, which every mixed layer's decode step would repeat."""
+        cached = self._fused_interface
+        if cached is None or cached[0] is not config or cached[1] is not eager:
+            cached = self._fused_interface = (config, eager, _fused_attention_interface(config, eager))
+        return cached[2]
 
     @functools.cached_property
     def padding_mask(self) -> torch.Tensor | None:
@@ -170,6 +197,21 @@ def _select_rows(t, rows: torch.Tensor, batch: int):
     return t
 
 
+def _fused_attention_interface(config, eager):
+    """The attention function a fused decode step calls for ``config``'s attention implementation (transformers'
+    registry entry, ``eager`` for "eager"), as the stock attention resolves it; None for an implementation the fused
+    step does not take (see ``_FUSED_DECODE_ATTN_IMPLEMENTATIONS``)."""
+    impl = config._attn_implementation
+    if impl not in _FUSED_DECODE_ATTN_IMPLEMENTATIONS:
+        return None
+    return ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
+
+
+def _qualified_name(obj) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -202,6 +244,10 @@ class MindSkipDecoderLayer(nn.Module):
     ):
         super().__init__()
         self.base_layer = base_layer
+        # Also a plain attribute, so that reading it (every forward does, several times) is a dictionary lookup
+        # rather than nn.Module.__getattr__ and this class's, two Python calls a read on the host-bound decode step.
+        # Assigning another module to it goes through nn.Module.__setattr__, which drops this copy.
+        self.__dict__["base_layer"] = base_layer
         self.layer_idx = layer_idx
         self.spec = spec
         self.granularity = config.granularity
@@ -227,10 +273,16 @@ class MindSkipDecoderLayer(nn.Module):
         )
         # The keywords the attention module and the wrapped layer take the cache by, found once here: a compiled
         # decode step then traces no signature inspection.
-        self._attn_cache_name = cache_name(self._attn_module())
+        attn = self._attn_module()
+        self._attn_cache_name = cache_name(attn)
         self._base_cache_name = cache_name(base_layer)
         # Gemma's layers take no use_cache: it is passed on only where the stock layer passes it.
         self._takes_use_cache = takes_use_cache(base_layer)
+        # A mixed decode step runs the layer itself (see _FUSED_DECODE_CLASSES) with its module's eager attention as
+        # the interface's default, as the stock attention does; None where it takes the general path.
+        fused = self.gates_attention and {_qualified_name(base_layer), _qualified_name(attn)} <= _FUSED_DECODE_CLASSES
+        module = sys.modules[type(attn).__module__]
+        self._fused_eager = getattr(module, "eager_attention_forward", None) if fused else None
 
     def extra_repr(self) -> str:
         return f"layer_idx={self.layer_idx}, granularity={self.granularity!r}, threshold={self.threshold}"
@@ -464,23 +516,43 @@ class MindSkipDecoderLayer(nn.Module):
 
         if state is not None and state.bypass:
             return stock_layer()
-        if hidden_states.dim() != 3:
+        if hidden_states.ndim != 3:
             raise ValueError(f"hidden_states must be (batch, seq, hidden), got shape {tuple(hidden_states.shape)}")
         x = hidden_states
         slot = routing_slot(cache, self.layer_idx, self.gates_attention, x.device) if cache is not None else None
-        decision, routing, normed = self._decide(x, state, slot)
-        if routing is None and decision.num_kept == decision.batch_size and not (
-            self.training and torch.is_grad_enabled()
-        ):
-            # A decode step in which every sequence runs every sublayer is the stock layer's own step, on the same
-            # cache slot: calling it saves the host the routed path's calls (eager decode is host-bound on a GPU).
-            return stock_layer()
+        decision = slot.mindskip_decision if slot is not None else None
+        if decision is not None and not decision.from_training and decision.batch_size == x.shape[0]:
+            routing = normed = None  # a decode step reusing its prefill's decision (what _decide returns for it)
+        else:
+            decision, routing, normed = self._decide(x, state, slot)
+        grad = torch.is_grad_enabled()
+        if routing is None and not (self.training and grad):
+            if decision.num_kept == decision.batch_size:
+                # A decode step in which every sequence runs every sublayer is the stock layer's own step, on the same
+                # cache slot: calling it saves the host the routed path's calls (eager decode is host-bound on a GPU).
+                return stock_layer()
+            # Autocast computes q/k in another dtype than cos/sin, which the stock attention's products promote.
+            if self._fused_eager is not None and decision.num_kept and not grad and not torch.is_autocast_enabled(
+                x.device.type
+            ):
+                # Submodules read from _modules: a plain lookup where nn.Module.__getattr__ is a Python call.
+                modules = self.base_layer._modules
+                attn = modules[self.spec.attn]
+                interface = (state.fused_attention_interface(attn.config, self._fused_eager) if state is not None
+                             else _fused_attention_interface(attn.config, self._fused_eager))
+                # Hooks on the attention module (e.g. transformers' recording of attention weights) need its forward.
+                if interface is not None and not (attn._forward_hooks or attn._forward_pre_hooks):
+                    out = self._mixed_decode(x, decision, modules, attn, interface, attention_mask,
+                                             position_embeddings, cache, kwargs)
+                    if self.base_layer._forward_hooks:
+                        self._fire_base_hooks(hidden_states, out)
+                    return out
         gate = routing.gate if routing is not None else None
         sublayers = functools.partial(
             self._sublayers, decision=decision, state=state, attention_mask=attention_mask, position_ids=position_ids,
             position_embeddings=position_embeddings, kwargs=kwargs,
         )
-        if self.training and torch.is_grad_enabled() and getattr(self.base_layer, "gradient_checkpointing", False):
+        if self.training and grad and getattr(self.base_layer, "gradient_checkpointing", False):
             # Activation checkpointing (transformers' gradient/activation_checkpointing_enable sets it on the wrapped
             # layer). The routing stays outside: the decision is made once, and its gate keeps its graph to the
             # router. The sublayers are recomputed in the backward pass from x and the gate, with no KV cache.
@@ -491,6 +563,49 @@ class MindSkipDecoderLayer(nn.Module):
             out = sublayers(x, gate, normed, cache, slot)
         self._fire_base_hooks(hidden_states, out)
         return out
+
+    def _mixed_decode(self, x, decision, modules, attn, interface, attention_mask, position_embeddings, cache,
+                      kwargs):
+        """A decode step of a layer that keeps some of the batch, for the layers of ``_FUSED_DECODE_CLASSES``
+        (``modules``: the wrapped layer's submodules, ``attn`` its attention, ``interface`` its attention function).
+
+        The decision was made at prefill, so its kept rows (``decision.order``, ``decision.rows``) are fixed; a step
+        gathers those rows of ``x`` once, normalises them and runs the attention on them in place on the compact KV
+        cache slot, as the stock attention does (its projections, q/k norms, cache update and attention interface),
+        with the rotary embedding of q and k as one op that picks each kept row's cos/sin itself; then one
+        out-of-place scatter-add puts ``x`` plus the attention output of the kept rows into a new tensor, and the MLP
+        runs on every row, as the stock layer runs it. The per-row mask is the one row selection left (the mask
+        changes every step). The host work is counted against the stock layer's in the tests: the ops are called
+        through ``torch.ops`` (no wrapper) and the submodules read from ``modules``.
+        """
+        order, rows, kept = decision.order, decision.rows, decision.num_kept
+        spec = self.spec
+        # A few rows of one token: the native gather costs the host less than gather_kept (whose Python autograd
+        # kernel runs on every call) and moves as little.
+        sub = modules[spec.input_norm](x.index_select(0, rows))
+        seqlen = sub.shape[1]
+        shape = (kept, seqlen, -1, attn.head_dim)
+        q = attn.q_proj(sub).view(shape)
+        k = attn.k_proj(sub).view(shape)
+        v = attn.v_proj(sub).view(shape).transpose(1, 2)
+        if spec.q_norm is not None:
+            q = getattr(attn, spec.q_norm)(q)
+            k = getattr(attn, spec.k_norm)(k)
+        cos, sin = position_embeddings
+        q, k = torch.ops.mindskip.rotary_embedding(q, k, cos, sin, None if cos.shape[0] == 1 else rows)
+        k, v = cache.update(k, v, attn.layer_idx)
+        if attention_mask is not None and attention_mask.shape[0] == decision.batch_size:
+            attention_mask = attention_mask.index_select(0, rows)
+        out, _ = interface(
+            attn, q, k, v, attention_mask, dropout=attn.attention_dropout if attn.training else 0.0,
+            scaling=attn.scaling, **kwargs,
+        )
+        h = torch.ops.mindskip.scatter_add_kept(x, attn.o_proj(out.reshape(kept, seqlen, -1).contiguous()), order)
+        mlp, norm = modules[spec.mlp], modules[spec.mlp_norm]
+        if not self.gates_mlp:
+            return h + mlp(norm(h))
+        torch.ops.mindskip.scatter_add_kept_(h, mlp(norm(h.index_select(0, rows))), order)
+        return h
 
     def _sublayers(self, x, gate, normed, cache, slot, *, decision, state, attention_mask, position_ids,
                    position_embeddings, kwargs):
@@ -546,7 +661,7 @@ class MindSkipDecoderLayer(nn.Module):
                 )
                 if ste:
                     a = gate.index_select(0, rows).view(k, 1, 1).to(a.dtype) * a
-                h = ops.scatter_add_kept_(x.clone(memory_format=torch.contiguous_format), a, decision.order)
+                h = ops.scatter_add_kept(x, a, decision.order)
 
         # ---- MLP sublayer
         if not self.gates_mlp:

@@ -24,9 +24,11 @@ __all__ = [
     "gather_kept",
     "pack_kept",
     "pack_plan",
+    "rotary_embedding",
     "router_gate",
     "router_gate_backward",
     "router_gate_varlen",
+    "scatter_add_kept",
     "scatter_add_kept_",
     "unpack_add_kept_",
 ]
@@ -116,6 +118,27 @@ def scatter_add_kept_(residual, y, order):
     updated = (residual.index_select(0, rows).to(compute) + y.to(compute)).to(residual.dtype)
     residual.index_copy_(0, rows, updated)
     return residual
+
+
+def scatter_add_kept(residual, y, order):
+    """Out of place: :func:`scatter_add_kept_` on a contiguous copy of ``residual``."""
+    return scatter_add_kept_(residual.clone(memory_format=torch.contiguous_format), y, order)
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotary_embedding(q, k, cos, sin, rows):
+    """``x * cos + rotate_half(x) * sin`` for ``x`` = ``q (N, T, Hq, D)`` and ``k (N, T, Hk, D)``, in their dtype,
+    with ``cos``/``sin (C, T, D)`` rows ``rows`` (or ``n``, or 0 when ``C == 1``) broadcast over the heads: the
+    unfused computation of transformers' ``apply_rotary_pos_emb``. Returns ``(N, H, T, D)`` contiguous tensors."""
+    if rows is not None:
+        cos, sin = cos.index_select(0, rows), sin.index_select(0, rows)
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    q_out, k_out = (q * cos) + (_rotate_half(q) * sin), (k * cos) + (_rotate_half(k) * sin)
+    return q_out.transpose(1, 2).contiguous(), k_out.transpose(1, 2).contiguous()
 
 
 def pack_plan(mask, order, k, seqlen):

@@ -388,6 +388,92 @@ def test_scatter_add_low_precision_error_matches_pytorch(device, dtype):
     assert (ours - truth).abs().max() <= 2 * (theirs - truth).abs().max() + 1e-6
 
 
+@pytest.mark.parametrize("dtype", [*FLOATS, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (5, 3, 7), (8, 1, 64), (6, 17, 129), (3, 5, 4, 16)])
+def test_scatter_add_kept_out_of_place_is_the_in_place_op_on_a_copy(device, dtype, shape):
+    batch = shape[0]
+    for k in sorted({0, 1, batch // 2, batch}):
+        order = make_order(batch, k, device, seed=k)
+        residual = randn(*shape, dtype=dtype, device=device, seed=31)
+        before = residual.clone()
+        y = randn(k, *shape[1:], dtype=dtype, device=device, seed=32)
+        out = ops.scatter_add_kept(residual, y, order)
+        assert out.is_contiguous() and out.data_ptr() != residual.data_ptr()
+        assert torch.equal(residual, before)  # its input is left as it was
+        assert torch.equal(out, ref.scatter_add_kept(residual, y, order))
+        assert torch.equal(out, ops.scatter_add_kept_(residual.clone(), y, order))
+
+
+def test_scatter_add_kept_out_of_place_reads_any_layout_and_differentiates(device):
+    order = make_order(4, 2, device)
+    residual = randn(3, 4, 8, device=device, seed=33).transpose(0, 1)  # (4, 3, 8), not contiguous
+    y = randn(2, 3, 8, device=device, seed=34)
+    assert torch.equal(ops.scatter_add_kept(residual, y, order), ref.scatter_add_kept(residual, y, order))
+    # The same gradients as the in-place op on a copy (its autograd runs only where a gradient is recorded).
+    x = randn(5, 3, 4, dtype=torch.float64, device=device, seed=35).requires_grad_()
+    v = randn(3, 3, 4, dtype=torch.float64, device=device, seed=36).requires_grad_()
+    order = make_order(5, 3, device, seed=1)
+    if device.type == "cpu":
+        assert torch.autograd.gradcheck(lambda r, w: ops.scatter_add_kept(r, w, order), (x, v))
+    weights = randn(5, 3, 4, dtype=torch.float64, device=device, seed=37)
+    gx, gy = torch.autograd.grad((ops.scatter_add_kept(x, v, order) * weights).sum(), (x, v))
+    assert torch.equal(gx, weights) and torch.equal(gy, weights[order[:3]])
+
+
+# ---------------------------------------------------------------------------------------------
+# rotary_embedding
+
+
+def rotary_inputs(device, dtype, rows: int, seqlen: int, q_heads: int, k_heads: int, dim: int, table: int, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype).to(device)
+
+    return draw(rows, seqlen, q_heads, dim), draw(rows, seqlen, k_heads, dim), draw(table, seqlen, dim), draw(
+        table, seqlen, dim)
+
+
+@pytest.mark.parametrize("dtype", [*FLOATS, torch.float64])
+@pytest.mark.parametrize("sizes", [(1, 1, 1, 1, 2), (3, 1, 4, 2, 8), (5, 3, 8, 2, 64), (2, 7, 3, 3, 6)])
+@pytest.mark.parametrize("table", ["rows", "broadcast", "indexed"])
+def test_rotary_embedding_matches_reference_exactly(device, dtype, sizes, table):
+    n, t, hq, hk, d = sizes
+    c = {"rows": n, "broadcast": 1, "indexed": n + 2}[table]
+    q, k, cos, sin = rotary_inputs(device, dtype, n, t, hq, hk, d, c)
+    rows = torch.randperm(c, generator=torch.Generator().manual_seed(1))[:n].to(device) if table == "indexed" else None
+    got_q, got_k = ops.rotary_embedding(q, k, cos, sin, rows)
+    want_q, want_k = ref.rotary_embedding(q, k, cos, sin, rows)
+    assert got_q.shape == (n, hq, t, d) and got_k.shape == (n, hk, t, d)
+    assert got_q.is_contiguous() and got_k.is_contiguous()
+    # Each product and the sum rounded as the unfused ops round them: bit for bit, in every dtype.
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+
+
+@pytest.mark.hf
+def test_rotary_embedding_is_transformers_apply_rotary_pos_emb(device):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, cos, sin = rotary_inputs(device, dtype, 4, 2, 8, 2, 64, 6, seed=3)
+        rows = torch.tensor([5, 0, 3, 1], device=device)
+        got = ops.rotary_embedding(q, k, cos, sin, rows)
+        want = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos[rows], sin[rows])
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_rotary_embedding_reads_any_layout_and_refuses_gradients(device):
+    q, k, cos, sin = rotary_inputs(device, torch.float32, 3, 2, 4, 2, 8, 3)
+    strided = q.transpose(1, 2).contiguous().transpose(1, 2)  # (N, T, H, D) with the heads outermost
+    assert not strided.is_contiguous()
+    assert all(torch.equal(a, b) for a, b in zip(ops.rotary_embedding(strided, k, cos, sin, None),
+                                                  ref.rotary_embedding(q, k, cos, sin, None)))
+    with pytest.raises(RuntimeError, match="rotary_embedding has no gradient"):
+        ops.rotary_embedding(q.requires_grad_(), k, cos, sin, None)
+    with torch.no_grad():
+        ops.rotary_embedding(q, k, cos, sin, None)
+
+
 # ---------------------------------------------------------------------------------------------
 # packed layout
 
@@ -500,6 +586,10 @@ def opcheck_cases(device):
         (m.pack_plan.default, (None, order, 3, 5)),
         (m.pack_kept.default, (x, index, total)),
         (m.unpack_add_kept_.default, (randn(4, 5, 24, device=device), randn(total, 24, device=device), index)),
+        # Autograd of both runs in their wrappers, only where a gradient is recorded (none registered on the ops).
+        (m.scatter_add_kept.default, (randn(4, 5, 24, device=device), randn(2, 5, 24, device=device), order)),
+        (m.rotary_embedding.default, (*rotary_inputs(device, torch.float32, 2, 3, 4, 2, 8, 4), order[:2])),
+        (m.rotary_embedding.default, rotary_inputs(device, torch.float32, 2, 3, 4, 2, 8, 1) + (None,)),
     ]
 
 
@@ -509,7 +599,7 @@ def test_opcheck_every_op(device):
         torch.library.opcheck(op, args)
         seen.add(op.name())
     defined = {name for name in torch._C._dispatch_get_all_op_names() if name.startswith("mindskip::")}
-    assert len(defined) == 8
+    assert len(defined) == 10
     assert defined <= seen, f"ops without an opcheck case: {defined - seen}"
 
 
@@ -523,7 +613,7 @@ def test_ops_and_reference_mirror_every_schema():
     """Each schema op has a function of its exact name in ops and in reference, taking the schema's
     arguments in the schema's order; reference has nothing else."""
     schemas = mindskip_schemas()
-    assert len(schemas) == 8
+    assert len(schemas) == 10
     for name, schema in schemas.items():
         want = [arg.name for arg in schema.arguments]
         for module in (ops, ref):
@@ -712,6 +802,10 @@ def test_cuda_entries_check_their_inputs_in_host_compiled_code():
         (lambda: torch.ops.mindskip.pack_kept.default.redispatch(cuda, x, order, 9), "the row count = 9"),
         (lambda: torch.ops.mindskip.unpack_add_kept_.default.redispatch(cuda, x, randn(2, 7), order),
          "their trailing dimensions must match"),
+        (lambda: torch.ops.mindskip.scatter_add_kept.default.redispatch(cuda, x, randn(5, 3, 8), order),
+         r"y.size\(0\) = 5 is out of range"),
+        (lambda: torch.ops.mindskip.rotary_embedding.default.redispatch(
+            cuda, randn(2, 1, 4, 7), randn(2, 1, 2, 7), randn(2, 1, 7), randn(2, 1, 7), None), "must be even"),
     ]
     for call, message in calls:
         with pytest.raises(RuntimeError, match=message):
@@ -766,6 +860,26 @@ def test_regroup_ops_reject_bad_input(device):
         ),
         (lambda: ops.pack_kept(x[0, 0], order, 1), r"x must have shape \(B, T, ...\)"),
         (lambda: ops.unpack_add_kept_(x, randn(2, 7, device=device), order), "trailing dimensions must match"),
+        (lambda: ops.scatter_add_kept(x, randn(2, 3, 7, device=device), order), "trailing dimensions must match"),
+        (lambda: ops.scatter_add_kept(x, randn(2, 3, 8, device=device), order[:3]), r"order must have shape \(B,\)"),
+        (lambda: m.scatter_add_kept(x, randn(2, 3, 8, device=device).half(), order), "y is Half but residual is"),
+    ]
+    q, k, cos, sin = rotary_inputs(device, torch.float32, 2, 3, 4, 2, 8, 2)
+    cases += [
+        (lambda: ops.rotary_embedding(q[0], k, cos, sin, None), r"q must have shape \(N, T, heads, D\)"),
+        (lambda: ops.rotary_embedding(q, k[:1], cos, sin, None), r"k must have shape \(N, T, heads, D\) = \(2, 3,"),
+        (lambda: ops.rotary_embedding(q[..., :7], k[..., :7], cos[..., :7], sin[..., :7], None), "must be even"),
+        (lambda: ops.rotary_embedding(q, k, cos[:, :2], sin, None), r"cos must have shape \(C, T, D\) = \(C, 3, 8\)"),
+        (lambda: ops.rotary_embedding(q, k, cos, sin[:1], None), "sin must have cos's shape"),
+        (lambda: ops.rotary_embedding(q, k.double(), cos, sin, None), "k is Double but q is Float"),
+        (lambda: ops.rotary_embedding(q, k, cos.half(), sin, None), "cos is Half but q is Float"),
+        (lambda: ops.rotary_embedding(q.int(), k.int(), cos.int(), sin.int(), None), "q must be float32"),
+        (lambda: ops.rotary_embedding(q, k, torch.cat([cos] * 2), torch.cat([sin] * 2)[:4], None),
+         "cos has 4 rows for 2 rows of q; pass rows"),
+        (lambda: ops.rotary_embedding(q, k, cos, sin, torch.zeros(3, dtype=torch.long, device=device)),
+         r"rows must have shape \(N,\) = \(2,\)"),
+        (lambda: ops.rotary_embedding(q, k, cos, sin, torch.zeros(2, dtype=torch.int32, device=device)),
+         "rows must be int64"),
     ]
     if device.type == "cpu":  # out-of-range rows are a device-side assert on CUDA
         bad = torch.tensor([0, 9, 1, 2], device=device)
@@ -776,6 +890,9 @@ def test_regroup_ops_reject_bad_input(device):
                 r"token_index\[0\] = 12 is out of range \[0, 12\)",
             )
         )
+        cases.append((lambda: ops.scatter_add_kept(x, randn(2, 3, 8), bad), r"order\[1\] = 9 is out of range"))
+        cases.append((lambda: ops.rotary_embedding(q, k, cos, sin, torch.tensor([0, 2])),
+                      r"rows\[1\] = 2 is out of range \[0, 2\)"))
     for fn, message in cases:
         with pytest.raises(RuntimeError, match=message):
             fn()
