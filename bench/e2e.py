@@ -36,7 +36,6 @@ dynamic cache, the stock default).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import gc
 import itertools
@@ -48,7 +47,7 @@ import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 import mindskip_ext as msk
-from mindskip_ext.cache import Decision, decode_compile_config, kv_bytes, routing_slot
+from mindskip_ext.cache import decode_compile_config, kv_bytes
 from mindskip_ext.data import Example
 from mindskip_ext.eval.attention_drop import redundancy_scores, select_dropped, set_static_routing
 from mindskip_ext.hf_compat import cache_kwargs, output_cache
