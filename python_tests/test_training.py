@@ -386,12 +386,26 @@ def test_a_margin_start_with_centred_routers_lands_on_a_target_between_whole_lay
     assert model.router_centres is None
 
 
+def test_a_given_ranking_starts_its_first_layers_skipped_and_the_next_at_the_threshold(tok, split):
+    from mindskip_ext.training.init import static_init
+
+    model = converted(tok, layers=[1, 2, 3, 4, 5, 6])
+    pad = D.pad_token_id(tok)
+    init = static_init(model, "ranking", split[0][:4], pad, target=0.6, scale=0.5, margin=True, ranking=[5, 2, 6, 1])
+    assert init["skipped_layers"] == [2, 5] and init["margin"] == 6 and init["scores"] == {}
+    assert [model.routers[i].bias.item() for i in (1, 2, 5, 6)] == [0.5, -0.5, -0.5, 0.0]
+    with pytest.raises(ValueError, match="layer 7 is not a router layer"):
+        static_init(model, "ranking", split[0][:4], pad, target=0.6, ranking=[7, 2])
+    with pytest.raises(ValueError, match="it ranks 2 layers and the start needs 3"):
+        static_init(model, "ranking", split[0][:4], pad, target=0.6, margin=True, ranking=[5, 2])
+
+
 def test_static_init_refuses_what_it_cannot_rank(tok, split):
     from mindskip_ext.training.init import static_init
 
     model = converted(tok, layers=[1, 2])
     pad = D.pad_token_id(tok)
-    with pytest.raises(ValueError, match="must be 'redundancy', 'cost' or 'joint'"):
+    with pytest.raises(ValueError, match="must be 'redundancy', 'cost', 'joint' or 'ranking'"):
         static_init(model, "random", split[0][:4], pad, target=0.5)
     unsupervised = [D.Example(e.input_ids, [D.IGNORE_INDEX] * len(e.labels)) for e in split[0][:4]]
     with pytest.raises(ValueError, match="calibration sequences with supervised tokens"):
@@ -436,6 +450,9 @@ def test_the_multiplier_can_start_at_balance(tok, split, tmp_path):
     ({"router_init_sequences": 0}, "router_init_sequences must be at least 1"),
     ({"router_init_margin": True}, "router_init_margin needs a static router_init"),
     ({"cost_routers": True}, "cost_routers needs a static router_init"),
+    ({"router_init": "ranking"}, "give both or neither"),
+    ({"router_init_ranking": [3, 4]}, "give both or neither"),
+    ({"router_init": "ranking", "router_init_ranking": [3, 3]}, "names a layer twice"),
     ({"cost_routers": True, "router_init": "cost", "cost_transform": "sqrt"}, "cost_transform must be one of"),
     ({"cost_routers": True, "router_init": "cost", "cost_sequences": 0}, "cost_sequences must be at least 1"),
     ({"cost_routers": True, "router_init": "cost", "cost_floor": 0.0}, "cost_floor must be > 0"),

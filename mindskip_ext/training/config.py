@@ -19,7 +19,7 @@ from .penalty import INTEGRAL_LIMIT
 
 SCHEDULES = ("cosine", "linear", "constant")
 LOSSES = ("ce", "kd", "ce+kd")
-ROUTER_INITS = ("zero", "redundancy", "cost", "joint")
+ROUTER_INITS = ("zero", "redundancy", "cost", "joint", "ranking")
 
 
 @dataclass
@@ -57,9 +57,16 @@ class RouterTuningConfig:
             "target; weights stay zero), 'cost' (the same, ranked by the measured KL of skipping each layer alone "
             "on the calibration sequences: about half a forward per router layer and batch) or 'joint' (a greedy "
             "search: again and again the layer whose skip costs least together with those already chosen; about as "
-            "many times the forwards of 'cost' as layers start skipped).",
+            "many times the forwards of 'cost' as layers start skipped) or 'ranking' (the layers of "
+            "--router-init-ranking, most skippable first: a ranking found before, e.g. a joint search's path in its "
+            "train_log.jsonl).",
             "choices": ROUTER_INITS,
         },
+    )
+    router_init_ranking: list[int] | None = field(
+        default=None,
+        metadata={"help": "With --router-init ranking: router layers, most skippable first, at least as many as the "
+                  "start skips (one more with --router-init-margin)."},
     )
     router_init_scale: float = field(
         default=0.5,
@@ -174,9 +181,14 @@ class RouterTuningConfig:
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t <= 1.0 or math.isnan(t):
                 raise ValueError(f"target_capacity must be in (0, 1], got {t!r}")
             self.target_capacity = float(t)
+        if (self.router_init == "ranking") != (self.router_init_ranking is not None):
+            raise ValueError("router_init 'ranking' and router_init_ranking go together: give both or neither")
+        if self.router_init_ranking is not None and len(set(self.router_init_ranking)) != len(
+                self.router_init_ranking):
+            raise ValueError(f"router_init_ranking names a layer twice: {self.router_init_ranking}")
         for name in ("router_init_margin", "cost_routers"):
             if getattr(self, name) and self.router_init == "zero":
-                raise ValueError(f"{name} needs a static router_init ('redundancy', 'cost' or 'joint')")
+                raise ValueError(f"{name} needs a static router_init ('redundancy', 'cost', 'joint' or 'ranking')")
         if self.cost_routers and self.mode != "target":
             raise ValueError("cost_routers needs a target (target_capacity or skip_ratio): the level is calibrated")
         if self.l1_lambda is not None and not self.l1_lambda >= 0.0:

@@ -164,6 +164,7 @@ class RouterTuner:
             "loss": c.loss,
             "router_init": c.router_init,
             **({"router_init_margin": True} if c.router_init_margin else {}),
+            **({"router_init_ranking": c.router_init_ranking} if c.router_init_ranking else {}),
             **({"centre_router_inputs": True} if c.centre_router_inputs else {}),
             **({"cost_routers": [c.cost_sequences, c.cost_transform, c.cost_floor]} if c.cost_routers else {}),
             "layers": sorted(self.model.routers),
@@ -349,6 +350,7 @@ class RouterTuner:
                     self.model, c.router_init, self.train_examples[:sequences], self.pad_id,
                     c.target_capacity if c.target_capacity is not None else 0.5, c.router_init_scale,
                     c.eval_batch_size, c.bf16, margin=c.router_init_margin, on_step=self._joint_init_step,
+                    ranking=c.router_init_ranking,
                 )
                 self._log({"step": 0, "router_init": init})
             if c.cost_routers:
