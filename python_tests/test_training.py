@@ -469,7 +469,7 @@ def test_l1_mode_has_no_level_for_cost_routers():
 
 
 @pytest.mark.parametrize("steps", [0, 6])
-def test_cost_routers_are_fitted_to_the_skip_costs_and_route_per_input(tok, split, tmp_path, steps):
+def test_cost_routers_are_fitted_to_the_skip_costs_and_route_per_input(tok, split, tmp_path, steps, monkeypatch):
     """The fit alone (no step) or followed by KD steps with centred routers: every router predicts its layer's
     per-token skip cost from its input, the calibration's common level lands on the target, and the routing is
     per input (layers that some sequences skip and others keep)."""
@@ -491,3 +491,18 @@ def test_cost_routers_are_fitted_to_the_skip_costs_and_route_per_input(tok, spli
     assert report["dynamic_layers"], "cost-fitted routers route per input"
     assert any(torch.count_nonzero(r.weight) > 0 for r in model.routers.values())
     assert model.router_centres is None  # saved as ordinary routers
+    # The costs are kept beside the routers: a second run fits again from them, to the same routers.
+    from mindskip_ext.training.fit import COST_LABELS_NAME
+
+    assert (tmp_path / COST_LABELS_NAME).is_file()
+    if steps == 0:
+        import mindskip_ext.eval.headroom as headroom
+
+        again = converted(tok, layers=[2, 3, 4, 5, 6])
+        costed = headroom.skip_costs
+        monkeypatch.setattr(headroom, "skip_costs", lambda *a, also_skipped=(), **k: (
+            costed(*a, also_skipped=also_skipped, **k) if not also_skipped else pytest.fail("costs measured again")))
+        tuner(tok, split, tmp_path, model=again, target_capacity=0.6, max_steps=0, loss="kd", router_init="cost",
+              router_init_sequences=16, cost_routers=True, cost_sequences=48).train()
+        for key, value in model.router_state_dict().items():
+            torch.testing.assert_close(again.router_state_dict()[key], value)

@@ -42,6 +42,7 @@ from .penalty import CapacityController, FixedPenalty
 
 LOG_NAME = "train_log.jsonl"
 SUMMARY_NAME = "training_summary.json"
+COST_LABELS_NAME = "cost_labels.pt"  # the per-sequence skip costs a cost-supervised fit was made from
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
@@ -310,8 +311,17 @@ class RouterTuner:
         started = time.perf_counter()
         examples = self.train_examples[: c.cost_sequences]
         inputs = router_inputs(self.model, examples, self.pad_id, c.eval_batch_size, c.bf16)
-        costs = skip_costs(self.model, examples, self.pad_id, batch_size=c.eval_batch_size, bf16=c.bf16,
-                           layers=sorted(self.model.routers), also_skipped=skipped)
+        # The costs take most of the time: kept beside the routers, so that a second run fits again without them.
+        key = {"tokens": [e.input_ids for e in examples], "layers": sorted(self.model.routers), "around": skipped}
+        labels = self.output_dir / COST_LABELS_NAME
+        saved = torch.load(labels, weights_only=False) if labels.is_file() else None
+        if saved is not None and saved["key"] == key:
+            costs = saved["costs"]
+        else:
+            costs = skip_costs(self.model, examples, self.pad_id, batch_size=c.eval_batch_size, bf16=c.bf16,
+                               layers=sorted(self.model.routers), also_skipped=skipped)
+            if self.world.is_main:
+                torch.save({"key": key, "costs": costs}, labels)
         lengths = torch.tensor([len(e) for e in examples], dtype=torch.float64)
         target = transform_costs(costs.marginal() / lengths[:, None], c.cost_transform, c.cost_floor)
         fit = fit_cost_routers(inputs, target, costs.layers, folds=min(5, len(examples)), seed=c.seed)
