@@ -69,8 +69,8 @@ class Run:
         if self.partial is not None:
             # Written beside and renamed over, so that a reader (a side run's --merge) never sees half a file.
             tmp = self.partial.with_name(self.partial.name + ".tmp")
-            tmp.write_text(json.dumps({"preset": self.preset, "timings": self.timings, "models": self.models},
-                                      indent=2, sort_keys=True) + "\n")
+            tmp.write_text(json.dumps({"preset": self.preset, "timings": self.timings, "models": self.models,
+                                       "meta": self.meta}, indent=2, sort_keys=True, default=str) + "\n")
             tmp.replace(self.partial)
 
     def resume(self, finished: Path | None = None) -> None:
