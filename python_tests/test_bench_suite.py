@@ -1,0 +1,60 @@
+"""``python -m bench.suite``: its helpers, and the whole comparison end to end on a tiny model (the pipeline, not the
+numbers)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import suite
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def test_counts_projection_order_and_shuffles():
+    summary = {"prose": {"skipped_per_token": 7.4}, "code": {"skipped_per_token": 7.0},
+               "mix": {"skipped_per_token": 7.25}}
+    assert suite.counts_for(summary) == [7, 8]
+    routing = {"layers": {"4": {"kept": 1.0}, "9": {"kept": 0.0}, "17": {"kept": 0.6}, "6": {"kept": 0.0}}}
+    assert suite.projection_order(routing) == [9, 6, 17, 4]  # least kept first, ties: the later layer first
+    keep = {4: torch.tensor([True, False, True, True, False]), 9: torch.tensor([False] * 5)}
+    mixed = suite.shuffled(keep, seed=0)
+    assert sorted(mixed[4].tolist()) == sorted(keep[4].tolist()) and not mixed[9].any()
+    assert all(torch.equal(mixed[i], suite.shuffled(keep, seed=0)[i]) for i in keep)  # seeded
+    decoded = suite.decode_keep(suite.encode_keep(keep))
+    assert set(decoded) == set(keep) and all(torch.equal(decoded[i], keep[i]) for i in keep)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DATA_DIR / "eval").is_dir(), reason="needs the shared data (../shared/data)")
+def test_the_smoke_run_compares_every_model_on_the_same_sequences(tmp_path):
+    common = ["--smoke", "--data-dir", str(DATA_DIR), "--output", str(tmp_path), "--work-dir", str(tmp_path / "w")]
+    # The recipe's routers are trained by bench.pareto's code when missing; cost-supervised ones fit alone.
+    assert suite.main([*common, "--recipes", "path+wide+mix4+cost", "--costs", "--threads", "1"]) == 0
+    results = json.loads((tmp_path / "suite.json").read_text())
+    models, owner = results["models"], results["meta"]["owner"]
+    name = "path+wide+mix4+cost@0.25"
+    assert models[name]["kind"] == "routed" and models[name]["cost_fit"]["sequences"] == 16
+    assert {e["kind"] for e in models.values()} == {"dense", "routed", "shuffled", "static-projection",
+                                                    "attention-drop", "oracle"}
+    assert all(len(e["scores"]["nll"]) == len(owner) for e in models.values())
+    counts = suite.counts_for(models[name]["summary"])
+    assert {e["count"] for e in models.values() if e["kind"] == "static-projection"} == set(counts)
+    assert {(e["scope"], e["count"]) for e in models.values() if e["kind"] == "attention-drop"} >= {
+        ("all", c) for c in counts if c > 0}
+    compared = results["meta"]["comparisons"][name]
+    assert set(compared["vs_projection"]) == {"prose", "instructions", "math", "code", "mix"}
+    assert set(compared["vs_attention_drop"]) == {"mix4"}
+    head = models[name]["headroom"]["domains"]
+    assert all(h["oracle"] <= h["static"] + 1e-6 for h in head.values())
+    report = (tmp_path / "suite.md").read_text()
+    assert "against its static projection" in report and "| mix |" in report
+    # The report is written again from the results alone, and a resumed run scores nothing again.
+    assert suite.main([*common, "--report-only"]) == 0
+    assert (tmp_path / "suite.md").read_text() == report
+    assert suite.main([*common, "--recipes", "path+wide+mix4+cost", "--costs", "--resume"]) == 0
+    again = json.loads((tmp_path / "suite.json").read_text())
+    assert not [k for k in again["timings"] if k.startswith(("evaluate", "train")) and k not in results["timings"]]
