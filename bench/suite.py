@@ -228,10 +228,13 @@ def run_suite(args) -> Run:
 
 def headroom_of(run: Run, args, base, examples, owner, pad, name: str, routed: dict, order: list[int], score):
     """The first-order headroom of routed model ``name`` per domain, around its static projection at the mix's whole
-    count, and the oracle's choices scored at its budget."""
+    count; what other routings would reach at its budget (:func:`first_order_bounds`); and the oracle's choices
+    scored at its budget."""
     import mindskip_ext as msk
-    from mindskip_ext.eval.headroom import SkipCosts, headroom, oracle_decisions, skip_costs
+    from mindskip_ext.eval.attention_drop import set_static_routing
+    from mindskip_ext.eval.headroom import headroom, oracle_decisions, skip_costs
     from mindskip_ext.eval.suite import domain_rows
+    from mindskip_ext.training.centring import router_inputs
 
     sizes = run.sizes
     decisions = decode_keep(routed["decisions"])
@@ -240,22 +243,20 @@ def headroom_of(run: Run, args, base, examples, owner, pad, name: str, routed: d
     around = sorted(order[:count])
     key = {"tokens": [e.input_ids for e in examples], "layers": layers, "around": around}
     path = args.work_dir / args.preset / f"costs_{'-'.join(map(str, around)) or 'dense'}.pt"
-    costs = None
-    if path.is_file():
-        saved = torch.load(path, weights_only=False)
-        if saved["key"] == key:
-            costs = saved["costs"]
-    if costs is None:
+    saved = torch.load(path, weights_only=False) if path.is_file() else None
+    if saved is None or saved["key"] != key:
         model = msk.get_mindskip_model(base, msk.MindSkipConfig(layers=layers))
         with run.stage(f"skip costs around {around}"):
             costs = skip_costs(model, examples, pad, layers, sizes.batch_size, also_skipped=around)
+            set_static_routing(model, around)
+            inputs = router_inputs(model, examples, pad, sizes.batch_size)
         model.unload()
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"key": key, "costs": costs}, path)
-    assert isinstance(costs, SkipCosts)
+        saved = {"key": key, "costs": costs, "inputs": inputs}
+        torch.save(saved, path)
+    costs, inputs = saved["costs"], saved["inputs"]
     lengths = torch.tensor([len(e) for e in examples])
-    shuffled_keep = decode_keep(run.models[f"{name} shuffled"]["decisions"]) if "decisions" in run.models[
-        f"{name} shuffled"] else shuffled(decisions, sizes.seed)
+    shuffled_keep = shuffled(decisions, sizes.seed)
     report = {}
     for domain, rows in domain_rows(owner).items():
         sub = costs.subset(rows)
@@ -265,13 +266,89 @@ def headroom_of(run: Run, args, base, examples, owner, pad, name: str, routed: d
         gap = h["static"] - h["oracle"]
         h["captured"] = round((h["static"] - h["routers"]) / gap, 4) if gap > 0 else None
         report[domain] = h
-    run.models[name]["headroom"] = {"around": around, "domains": report}
-    run.save_partial()
     budget = routed["summary"]["mix"]["skipped_per_token"]
+    bounds = first_order_bounds(costs, inputs, lengths, owner, budget, order, decisions)
+    run.models[name]["headroom"] = {"around": around, "domains": report, "bounds": bounds}
+    run.save_partial()
     model = msk.get_mindskip_model(base, msk.MindSkipConfig(layers=layers))
     score(f"{name} oracle", {"kind": "oracle", "of": name, "around": around, "skips_per_token": budget}, model,
           oracle_decisions(costs, budget, lengths))
     model.unload()
+
+
+def first_order_bounds(costs, inputs: dict[int, torch.Tensor], lengths: torch.Tensor, owner: list[str],
+                       budget: float, order: list[int], routers: dict[int, torch.Tensor]) -> dict[str, dict]:
+    """First-order KL (nats per scored token, around the costs' base set) and skips per token, per domain and on
+    the mix, of routings that all spend ``budget`` skips per token over the whole suite:
+
+    * ``projection``: the static projection (``order``'s first layers; the fraction of the next, linearly);
+    * ``best static``: the layers cheapest on the whole suite;
+    * ``domain static``: each domain's own cheapest layers (a router that knows only the domain, exactly);
+    * ``linear (log)`` / ``linear``: the cheapest pairs by per-token costs *predicted* by a ridge fit on the pooled
+      router inputs (standardised; :func:`~mindskip_ext.training.cost_routers.cross_fitted`: each sequence
+      predicted by a fit on the other folds), of the log or of the cost itself: the best a ``Linear(hidden, 1)``
+      router fitted to these costs does on unseen sequences;
+    * ``oracle, fixed count``: each sequence skips its own cheapest layers, the same number for every sequence;
+    * ``oracle``: the cheapest pairs per token (a common level: a sequence may skip more than another);
+    * ``routers``: the routers' own decisions (at their own budget).
+    """
+    from mindskip_ext.eval.headroom import headroom, level_decisions
+    from mindskip_ext.eval.suite import domain_rows
+    from mindskip_ext.training.cost_routers import cross_fitted, transform_costs
+
+    layers = list(costs.layers)
+    weights = lengths.to(torch.float64)
+    per_token = costs.marginal() / weights[:, None]
+    rows_of = domain_rows(owner)
+
+    def measured(keep: dict[int, torch.Tensor], rows) -> dict:
+        h = headroom(costs.subset(rows), {i: k[rows] for i, k in keep.items()}, lengths[rows])
+        return {"cost": h["routers"], "skips": h["skips_per_token"]}
+
+    def static(ranked: list[int], rows) -> dict:
+        """The first ``budget`` layers of ``ranked`` skipped by every sequence of ``rows``, linear between counts."""
+        lo = math.floor(budget)
+        at = [measured({i: torch.full((len(owner),), i not in ranked[:k]) for i in layers}, rows)["cost"]
+              for k in (lo, lo + 1)]
+        return {"cost": at[0] + (budget - lo) * (at[1] - at[0]), "skips": budget}
+
+    def cheapest(rows) -> list[int]:
+        mean = per_token[rows].mul(weights[rows, None]).sum(0) / weights[rows].sum()
+        return [layers[j] for j in torch.argsort(mean).tolist()]
+
+    out = {"projection": {}, "best static": {}, "domain static": {}}
+    for name, rows in rows_of.items():
+        out["projection"][name] = static([i for i in order if i in layers], rows)
+        out["best static"][name] = static(cheapest(rows_of["mix"]), rows)
+        out["domain static"][name] = static(cheapest(rows), rows) if name != "mix" else None
+    # The domain-static routing on the mix: every domain its own layers, at the same count.
+    mix_weights = {name: float(costs.tokens[rows].sum()) for name, rows in rows_of.items() if name != "mix"}
+    out["domain static"]["mix"] = {
+        "cost": sum(out["domain static"][n]["cost"] * w for n, w in mix_weights.items()) / sum(mix_weights.values()),
+        "skips": budget}
+    routings = {}
+    for label, kind in (("linear (log)", "log"), ("linear", "linear")):
+        predicted = cross_fitted(inputs, transform_costs(per_token, kind, 1e-4), layers)
+        routings[label] = level_decisions(predicted, weights, budget, layers)
+    routings["oracle, fixed count"] = fixed_count(per_token, weights, budget, layers)
+    routings["oracle"] = level_decisions(per_token, weights, budget, layers)
+    routings["routers"] = routers
+    for label, keep in routings.items():
+        out[label] = {name: measured(keep, rows) for name, rows in rows_of.items()}
+    return out
+
+
+def fixed_count(per_token: torch.Tensor, weights: torch.Tensor, budget: float, layers: list[int]):
+    """Each sequence skips its own cheapest ``floor(budget)`` layers, and the next one where that is cheapest per
+    token, until ``budget`` skips per token (weighted by ``weights``)."""
+    from mindskip_ext.eval.headroom import level_decisions
+
+    whole = math.floor(budget)
+    rank = torch.argsort(torch.argsort(per_token, dim=1), dim=1)
+    inf = torch.finfo(per_token.dtype).max / 4
+    # Pairs ranked below `whole` in their sequence come first, the next-ranked pairs by cost, the rest never.
+    scores = torch.where(rank < whole, -inf, torch.where(rank == whole, per_token, inf))
+    return level_decisions(scores, weights, budget, layers)
 
 
 def report_only(args) -> Run:

@@ -143,6 +143,22 @@ def render_markdown(run, compared: dict) -> str:
                     for d, h in head["domains"].items()]
             lines += markdown_table(["domain", "skips", "static", "oracle", "headroom", "routers", "shuffled",
                                      "captured"], rows) + [""]
+            bounds = head.get("bounds")
+            if bounds:
+                lines += ["What routings spending the same skips per token over the whole suite would cost, first "
+                          "order around the same layers (nats per scored token; skips per token in brackets where "
+                          "they differ from the mix's); share: of the oracle's gain over the projection on the mix. "
+                          "Linear: ridge fits of the per-token costs (or their log) on the pooled router inputs, "
+                          "each sequence predicted by a fit on other sequences: what a Linear(hidden, 1) router "
+                          "fitted to these costs reaches on unseen sequences.", ""]
+                top = bounds["projection"][MIX]["cost"] - bounds["oracle"][MIX]["cost"]
+                rows = []
+                for label, by_domain in bounds.items():
+                    cells = [f"{v['cost']:.4f}" + (f" ({v['skips']:.2f})" if abs(v["skips"] - c["skips"][MIX]) > 0.005
+                                                   else "") for v in (by_domain[d] for d in domains)]
+                    share = (bounds["projection"][MIX]["cost"] - by_domain[MIX]["cost"]) / top if top > 0 else None
+                    rows.append([label, *cells, "–" if share is None else f"{100 * share:.0f}%"])
+                lines += markdown_table(["routing", *domains, "share"], rows) + [""]
     return "\n".join(lines) + "\n"
 
 

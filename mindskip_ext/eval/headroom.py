@@ -230,15 +230,27 @@ def oracle_decisions(costs: SkipCosts, skips_per_token: float, lengths: torch.Te
     missing = sorted(set(layers) - set(costs.layers))
     if missing:
         raise ValueError(f"no skip costs for layer {missing[0]} (costed: {costs.layers})")
-    cost = costs.marginal()[:, [costs.layers.index(i) for i in layers]]
     weights = _weights(costs, lengths)
+    cost = costs.marginal()[:, [costs.layers.index(i) for i in layers]]
+    return level_decisions(cost / weights[:, None], weights, skips_per_token, layers)
+
+
+def level_decisions(scores: torch.Tensor, weights: torch.Tensor, skips_per_token: float,
+                    layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Keep decisions (layer -> ``(sequences,)`` bool) that skip the (sequence, layer) pairs of lowest ``scores``
+    (``(sequences, len(layers))``: a cost per unit of budget, measured or predicted) until ``skips_per_token``
+    weighted by ``weights``: one common level, as calibrated routers that predict their cost apply it. The pair at
+    the edge is taken when more than half of it fits."""
+    if scores.shape != (len(weights), len(layers)):
+        raise ValueError(f"scores of shape {tuple(scores.shape)} for {len(weights)} sequences and {len(layers)} "
+                         "layers")
     budget = skips_per_token * float(weights.sum())
-    order, _, whole, spent = _oracle_order(cost, weights, budget)
+    order, _, whole, spent = _oracle_order(scores * weights[:, None], weights, budget)
     if whole < len(order):
         whole += int(budget - spent > weights[int(order[whole]) // len(layers)] / 2)
-    skipped = torch.zeros(cost.numel(), dtype=torch.bool)
+    skipped = torch.zeros(scores.numel(), dtype=torch.bool)
     skipped[order[:whole]] = True
-    skipped = skipped.view(cost.shape)
+    skipped = skipped.view(scores.shape)
     return {i: ~skipped[:, j] for j, i in enumerate(layers)}
 
 
