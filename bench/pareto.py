@@ -124,8 +124,10 @@ RECIPES = {
     "kd+path+wide+hold+slow+mix4+margin+centre": Recipe(
         loss="kd", init="path", layers="wide", data="mix4", multiplier=1.0, learning_rate=5e-4, steps=60,
         margin=True, centre=True),
-    "path+wide+mix4+cost": Recipe(loss="kd", init="path", layers="wide", data="mix4", steps=0, cost=True),
-    "path+wide+mix+cost": Recipe(loss="kd", init="path", layers="wide", data="mix", steps=0, cost=True),
+    "path+wide+mix4+margin+cost": Recipe(loss="kd", init="path", layers="wide", data="mix4", steps=0, margin=True,
+                                         cost=True),
+    "path+wide+mix+margin+cost": Recipe(loss="kd", init="path", layers="wide", data="mix", steps=0, margin=True,
+                                        cost=True),
     "kd+path+wide+hold+slow+mix4+margin+centre+cost": Recipe(
         loss="kd", init="path", layers="wide", data="mix4", multiplier=1.0, learning_rate=5e-4, steps=60,
         margin=True, centre=True, cost=True),

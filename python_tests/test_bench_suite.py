@@ -33,10 +33,10 @@ def test_counts_projection_order_and_shuffles():
 def test_the_smoke_run_compares_every_model_on_the_same_sequences(tmp_path):
     common = ["--smoke", "--data-dir", str(DATA_DIR), "--output", str(tmp_path), "--work-dir", str(tmp_path / "w")]
     # The recipe's routers are trained by bench.pareto's code when missing; cost-supervised ones fit alone.
-    assert suite.main([*common, "--recipes", "path+wide+mix4+cost", "--costs", "--threads", "1"]) == 0
+    assert suite.main([*common, "--recipes", "path+wide+mix4+margin+cost", "--costs", "--threads", "1"]) == 0
     results = json.loads((tmp_path / "suite.json").read_text())
     models, owner = results["models"], results["meta"]["owner"]
-    name = "path+wide+mix4+cost@0.25"
+    name = "path+wide+mix4+margin+cost@0.25"
     assert models[name]["kind"] == "routed" and models[name]["cost_fit"]["sequences"] == 16
     assert {e["kind"] for e in models.values()} == {"dense", "routed", "shuffled", "static-projection",
                                                     "attention-drop", "oracle"}
@@ -55,6 +55,6 @@ def test_the_smoke_run_compares_every_model_on_the_same_sequences(tmp_path):
     # The report is written again from the results alone, and a resumed run scores nothing again.
     assert suite.main([*common, "--report-only"]) == 0
     assert (tmp_path / "suite.md").read_text() == report
-    assert suite.main([*common, "--recipes", "path+wide+mix4+cost", "--costs", "--resume"]) == 0
+    assert suite.main([*common, "--recipes", "path+wide+mix4+margin+cost", "--costs", "--resume"]) == 0
     again = json.loads((tmp_path / "suite.json").read_text())
     assert not [k for k in again["timings"] if k.startswith(("evaluate", "train")) and k not in results["timings"]]
