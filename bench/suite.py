@@ -194,6 +194,7 @@ def run_suite(args) -> Run:
                   shuffled(decisions, sizes.seed))
             model.unload()
             counts = counts_for(routed["summary"])
+            routed.setdefault("routing_train", trained["routing_train"])  # results scored before it was kept
             order = projection_order(routed["routing_train"])
             for count in counts:
                 dropped = sorted(order[:count])
