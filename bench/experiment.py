@@ -59,10 +59,11 @@ class Run:
             self.say(f"--- {name}: {self.timings[name]:.0f} s")
 
     def announce(self, paths: dict[str, Path], **summary) -> None:
-        """Say where each output went; print the one JSON line: ``summary``, the total seconds, the paths."""
+        """Say where each output went; print the one JSON line: ``summary``, the total seconds (null for results
+        that never finished, e.g. a report written again from partial results), the paths."""
         for kind, path in paths.items():
             self.say(f"wrote {kind}: {path}")
-        print(json.dumps({**summary, "total_seconds": self.timings["total"],
+        print(json.dumps({**summary, "total_seconds": self.timings.get("total"),
                           "outputs": {k: str(v) for k, v in paths.items()}}))
 
     def save_partial(self) -> None:

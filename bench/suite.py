@@ -25,8 +25,9 @@ sizes and settings) and ratio:
   recipe's own training data, at the same whole counts (the better scope per domain and count);
 * with ``--costs``: the toggle costs of every router layer around the projection at the mix's whole count
   (:func:`mindskip_ext.eval.headroom.skip_costs`, about 15 forwards of the suite, cached in ``--work-dir``), from
-  which the first-order headroom per domain (best static drop, per-sequence oracle, routers, shuffled) and the
-  oracle's own choices, scored like any model.
+  which the first-order headroom per domain (best static drop, per-sequence oracle, routers, shuffled), and the
+  choices of the oracle and of cross-fitted linear cost predictors (the best a ``Linear(hidden, 1)`` router fitted
+  to these costs does on sequences it was not fitted on) scored like any model.
 
 Resumable (``--resume``: the models in ``<output>/suite.partial.json``, else ``suite.json``); writes ``suite.json``
 (every model's per-domain summary and per-sequence scores) and ``suite.md``.
@@ -50,6 +51,10 @@ from .experiment import DEFAULT_DATA_DIR, MACHINE_PACKAGES, Run, load_model
 DEFAULT_RECIPE = "kd+joint+wide+hold+slow+mix+margin+centre"
 DEFAULT_WORK_DIR = Path.home() / ".cache" / "mindskip_ext" / "suite-work"
 DROP_SCOPES = ("all", "restricted")
+# With --costs, the routings of :func:`first_order_bounds` also scored on the suite (their actual perplexity), by
+# the kind of their result: the per-sequence oracle, and the cost predictions of a Linear(hidden, 1) router fitted
+# on other sequences (the log of the per-token cost, as the cost-supervised routers fit it).
+SCORED_BOUNDS = {"oracle": "oracle", "linear predictor": "linear (log)"}
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,16 @@ PRESETS = {
     "default": Sizes(sequences=32, length=256, drop_records=128, batch_size=8),
     "smoke": Sizes(sequences=4, length=160, drop_records=16, batch_size=8),
 }
+
+
+def cached(path: Path, key, compute) -> dict:
+    """``compute()`` (a dict) with ``key``, saved at ``path``; read back from there while ``key`` is the same."""
+    saved = torch.load(path, weights_only=False) if path.is_file() else None
+    if saved is None or saved["key"] != key:
+        saved = {**compute(), "key": key}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(saved, path)
+    return saved
 
 
 def counts_for(summary: dict) -> list[int]:
@@ -205,9 +220,14 @@ def run_suite(args) -> Run:
                 if dropped:
                     model.unload()
             if recipe.data not in drop_scores:
-                with run.stage(f"attention-drop scores on {recipe.data}"):
-                    drop_scores[recipe.data] = redundancy_scores(
-                        base, data().train[recipe.data][: sizes.drop_records], pad, "attn", sizes.batch_size)
+                records = data().train[recipe.data][: sizes.drop_records]
+
+                def similarity(records=records, stage=f"attention-drop scores on {recipe.data}"):
+                    with run.stage(stage):
+                        return {"scores": redundancy_scores(base, records, pad, "attn", sizes.batch_size)}
+
+                drop_scores[recipe.data] = cached(args.work_dir / args.preset / f"attention_drop_{recipe.data}.pt",
+                                                  [e.input_ids for e in records], similarity)["scores"]
                 run.meta.setdefault("attention_drop_similarity", {})[recipe.data] = {
                     str(k): round(v, 6) for k, v in drop_scores[recipe.data].items()}
             scopes = {"all": list(range(num_layers)), "restricted": pareto.layer_sets(num_layers)["paper"]}
@@ -229,11 +249,11 @@ def run_suite(args) -> Run:
 
 def headroom_of(run: Run, args, base, examples, owner, pad, name: str, routed: dict, order: list[int], score):
     """The first-order headroom of routed model ``name`` per domain, around its static projection at the mix's whole
-    count; what other routings would reach at its budget (:func:`first_order_bounds`); and the oracle's choices
-    scored at its budget."""
+    count; what other routings would reach at its budget (:func:`first_order_bounds`); and the choices of the
+    oracle and of the linear cost predictors (:data:`SCORED_BOUNDS`) scored at its budget."""
     import mindskip_ext as msk
     from mindskip_ext.eval.attention_drop import set_static_routing
-    from mindskip_ext.eval.headroom import headroom, oracle_decisions, skip_costs
+    from mindskip_ext.eval.headroom import headroom, skip_costs
     from mindskip_ext.eval.suite import domain_rows
     from mindskip_ext.training.centring import router_inputs
 
@@ -242,19 +262,18 @@ def headroom_of(run: Run, args, base, examples, owner, pad, name: str, routed: d
     layers = sorted(decisions)
     count = math.floor(routed["summary"]["mix"]["skipped_per_token"])
     around = sorted(order[:count])
-    key = {"tokens": [e.input_ids for e in examples], "layers": layers, "around": around}
-    path = args.work_dir / args.preset / f"costs_{'-'.join(map(str, around)) or 'dense'}.pt"
-    saved = torch.load(path, weights_only=False) if path.is_file() else None
-    if saved is None or saved["key"] != key:
+
+    def measure() -> dict:
         model = msk.get_mindskip_model(base, msk.MindSkipConfig(layers=layers))
         with run.stage(f"skip costs around {around}"):
             costs = skip_costs(model, examples, pad, layers, sizes.batch_size, also_skipped=around)
             set_static_routing(model, around)
             inputs = router_inputs(model, examples, pad, sizes.batch_size)
         model.unload()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        saved = {"key": key, "costs": costs, "inputs": inputs}
-        torch.save(saved, path)
+        return {"costs": costs, "inputs": inputs}
+
+    saved = cached(args.work_dir / args.preset / f"costs_{'-'.join(map(str, around)) or 'dense'}.pt",
+                   {"tokens": [e.input_ids for e in examples], "layers": layers, "around": around}, measure)
     costs, inputs = saved["costs"], saved["inputs"]
     lengths = torch.tensor([len(e) for e in examples])
     shuffled_keep = shuffled(decisions, sizes.seed)
@@ -268,17 +287,18 @@ def headroom_of(run: Run, args, base, examples, owner, pad, name: str, routed: d
         h["captured"] = round((h["static"] - h["routers"]) / gap, 4) if gap > 0 else None
         report[domain] = h
     budget = routed["summary"]["mix"]["skipped_per_token"]
-    bounds = first_order_bounds(costs, inputs, lengths, owner, budget, order, decisions)
+    bounds, routings = first_order_bounds(costs, inputs, lengths, owner, budget, order, decisions)
     run.models[name]["headroom"] = {"around": around, "domains": report, "bounds": bounds}
     run.save_partial()
     model = msk.get_mindskip_model(base, msk.MindSkipConfig(layers=layers))
-    score(f"{name} oracle", {"kind": "oracle", "of": name, "around": around, "skips_per_token": budget}, model,
-          oracle_decisions(costs, budget, lengths))
+    for kind, routing in SCORED_BOUNDS.items():
+        score(f"{name} {kind}", {"kind": kind, "of": name, "around": around, "skips_per_token": budget,
+                                 "routing": routing}, model, routings[routing])
     model.unload()
 
 
 def first_order_bounds(costs, inputs: dict[int, torch.Tensor], lengths: torch.Tensor, owner: list[str],
-                       budget: float, order: list[int], routers: dict[int, torch.Tensor]) -> dict[str, dict]:
+                       budget: float, order: list[int], routers: dict[int, torch.Tensor]) -> tuple[dict, dict]:
     """First-order KL (nats per scored token, around the costs' base set) and skips per token, per domain and on
     the mix, of routings that all spend ``budget`` skips per token over the whole suite:
 
@@ -292,6 +312,9 @@ def first_order_bounds(costs, inputs: dict[int, torch.Tensor], lengths: torch.Te
     * ``oracle, fixed count``: each sequence skips its own cheapest layers, the same number for every sequence;
     * ``oracle``: the cheapest pairs per token (a common level: a sequence may skip more than another);
     * ``routers``: the routers' own decisions (at their own budget).
+
+    Returns these by routing and domain, and the per-sequence decisions of the routings that are not static (layer
+    -> ``(sequences,)`` bool keep, by routing): what :data:`SCORED_BOUNDS` scores.
     """
     from mindskip_ext.eval.headroom import headroom, level_decisions
     from mindskip_ext.eval.suite import domain_rows
@@ -336,7 +359,7 @@ def first_order_bounds(costs, inputs: dict[int, torch.Tensor], lengths: torch.Te
     routings["routers"] = routers
     for label, keep in routings.items():
         out[label] = {name: measured(keep, rows) for name, rows in rows_of.items()}
-    return out
+    return out, routings
 
 
 def fixed_count(per_token: torch.Tensor, weights: torch.Tensor, budget: float, layers: list[int]):
@@ -374,8 +397,8 @@ def parse_args(argv=None):
                    help=f"bench.pareto recipes whose routers to score, comma-separated (default: {DEFAULT_RECIPE}).")
     p.add_argument("--ratios", default="0.25", help="Skip ratios, comma-separated (default: 0.25).")
     p.add_argument("--costs", action="store_true",
-                   help="Also the first-order headroom per domain and the oracle's choices (about 15 forwards of the "
-                   "suite per ratio, cached in --work-dir).")
+                   help="Also the first-order headroom per domain, and the oracle's and linear cost predictors' "
+                   "choices scored (about 15 forwards of the suite per ratio, cached in --work-dir).")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
                    help=f"Shared data folder (default: {DEFAULT_DATA_DIR}).")
     p.add_argument("--model", default=None, help="Model folder (default: SmolLM2-135M-Instruct, fetched once).")

@@ -14,7 +14,11 @@ from pathlib import Path
 
 from .common import markdown_table
 from .pareto import RECIPES
+from .suite import SCORED_BOUNDS
 
+# The routings of the first-order bounds (bench.suite.first_order_bounds), in the report's order.
+ROUTINGS = ("projection", "best static", "domain static", "linear (log)", "linear", "oracle, fixed count", "oracle",
+            "routers")
 GOALS = {"projection": -0.02, "attention_drop": -0.05, "captured": 0.30}  # issue 34
 
 
@@ -67,11 +71,12 @@ def comparisons(run) -> dict[str, dict]:
                 result.setdefault("attention_drop_ppl", {})[data] = _ppl(matched, owner)
             except ValueError as err:
                 result.setdefault("vs_attention_drop_missing", {})[data] = str(err)
-        oracle = models.get(f"{name} oracle")
-        if oracle is not None:
-            result["oracle_vs_projection"] = paired(_scores(oracle), static_at(projection, owner, dict.fromkeys(
-                per_domain, oracle["summary"][MIX]["skipped_per_token"])), owner) if _has_counts(
-                projection, oracle["summary"][MIX]["skipped_per_token"]) else None
+        for kind in SCORED_BOUNDS:  # at their mix's skips per token on every domain: the same compute on the mix
+            bound = models.get(f"{name} {kind}")
+            if bound is not None:
+                at = bound["summary"][MIX]["skipped_per_token"]
+                result[f"{kind}_vs_projection"] = paired(_scores(bound), static_at(projection, owner, dict.fromkeys(
+                    per_domain, at)), owner) if _has_counts(projection, at) else None
         out[name] = result
     return out
 
@@ -97,14 +102,15 @@ def render_markdown(run, compared: dict) -> str:
     from mindskip_ext.eval.suite import MIX
 
     meta, models = run.meta, run.models
-    domains = [*meta["suite"]["domains"], MIX]
+    order = list(dict.fromkeys(meta["owner"]))  # the suite's order (the results' JSON sorts its keys)
+    domains = [*order, MIX]
     lines = [f"# Per-input routing on the multi-domain suite ({meta['model']})", ""]
     machine = meta["machine"]
     lines += [f"Machine: {machine['cpu']} ({machine['cpu_cores']} cores, {machine['torch_threads']} torch threads); "
               f"torch {machine['versions']['torch']}, transformers {machine['versions']['transformers']}; commit "
               f"{machine['git_commit']}; started {meta['started']}.", ""]
     sizes = ", ".join(f"{d} {s['sequences']} sequences ({s['tokens']} tokens, {s['target_tokens']} scored)"
-                      for d, s in meta["suite"]["domains"].items())
+                      for d, s in ((d, meta["suite"]["domains"][d]) for d in order))
     lines += [f"Suite: {sizes}; at most {meta['suite']['length']} tokens per sequence. The mix is token-weighted "
               "(its loss is over every scored token). Skips: attention sublayers skipped per processed token.", ""]
     lines += ["## Every model", "", "Perplexity (skips per token) per domain.", ""]
@@ -126,9 +132,11 @@ def render_markdown(run, compared: dict) -> str:
         for data, diff in c.get("vs_attention_drop", {}).items():
             table.append([f"against Attention-Drop (better scope, calibrated on {data})",
                           *(_pct(diff.get(d)) for d in domains)])
-        if c.get("oracle_vs_projection"):
-            table.append(["oracle's choices against the projection", *(_pct(c["oracle_vs_projection"].get(d))
-                                                                        for d in domains)])
+        for kind, label in (("oracle", "the oracle's choices"),
+                            ("linear predictor", "cross-fitted linear cost predictors' choices")):
+            if c.get(f"{kind}_vs_projection"):
+                table.append([f"{label} against the projection (at the mix's skips)",
+                              *(_pct(c[f"{kind}_vs_projection"].get(d)) for d in domains)])
         lines += markdown_table(["", *domains], table) + [""]
         head = models[name].get("headroom")
         if head:
@@ -140,7 +148,7 @@ def render_markdown(run, compared: dict) -> str:
                      f"{100 * h['headroom']:.1f}%" if h["headroom"] is not None else "–", f"{h['routers']:.4f}",
                      f"{h['shuffled_decisions']:.4f}",
                      f"{100 * h['captured']:.1f}%" if h["captured"] is not None else "–"]
-                    for d, h in head["domains"].items()]
+                    for d, h in ((d, head["domains"][d]) for d in domains)]
             lines += markdown_table(["domain", "skips", "static", "oracle", "headroom", "routers", "shuffled",
                                      "captured"], rows) + [""]
             bounds = head.get("bounds")
@@ -153,7 +161,7 @@ def render_markdown(run, compared: dict) -> str:
                           "fitted to these costs reaches on unseen sequences.", ""]
                 top = bounds["projection"][MIX]["cost"] - bounds["oracle"][MIX]["cost"]
                 rows = []
-                for label, by_domain in bounds.items():
+                for label, by_domain in sorted(bounds.items(), key=lambda kv: ROUTINGS.index(kv[0])):
                     cells = [f"{v['cost']:.4f}" + (f" ({v['skips']:.2f})" if abs(v["skips"] - c["skips"][MIX]) > 0.005
                                                    else "") for v in (by_domain[d] for d in domains)]
                     share = (bounds["projection"][MIX]["cost"] - by_domain[MIX]["cost"]) / top if top > 0 else None

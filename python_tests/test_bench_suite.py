@@ -28,6 +28,21 @@ def test_counts_projection_order_and_shuffles():
     assert set(decoded) == set(keep) and all(torch.equal(decoded[i], keep[i]) for i in keep)
 
 
+def test_cached_results_are_computed_again_only_for_another_key(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"value": torch.arange(3) * len(calls)}
+
+    path = tmp_path / "w" / "x.pt"
+    first = suite.cached(path, {"tokens": [[1, 2]]}, compute)
+    again = suite.cached(path, {"tokens": [[1, 2]]}, compute)
+    assert len(calls) == 1 and torch.equal(first["value"], again["value"])
+    other = suite.cached(path, {"tokens": [[1, 3]]}, compute)
+    assert len(calls) == 2 and torch.equal(other["value"], torch.arange(3) * 2)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (DATA_DIR / "eval").is_dir(), reason="needs the shared data (../shared/data)")
 def test_the_smoke_run_compares_every_model_on_the_same_sequences(tmp_path):
@@ -39,7 +54,7 @@ def test_the_smoke_run_compares_every_model_on_the_same_sequences(tmp_path):
     name = "path+wide+mix4+margin+cost@0.25"
     assert models[name]["kind"] == "routed" and models[name]["cost_fit"]["sequences"] == 16
     assert {e["kind"] for e in models.values()} == {"dense", "routed", "shuffled", "static-projection",
-                                                    "attention-drop", "oracle"}
+                                                    "attention-drop", *suite.SCORED_BOUNDS}
     assert all(len(e["scores"]["nll"]) == len(owner) for e in models.values())
     counts = suite.counts_for(models[name]["summary"])
     assert {e["count"] for e in models.values() if e["kind"] == "static-projection"} == set(counts)
@@ -50,6 +65,7 @@ def test_the_smoke_run_compares_every_model_on_the_same_sequences(tmp_path):
     assert set(compared["vs_attention_drop"]) == {"mix4"}
     head = models[name]["headroom"]["domains"]
     assert all(h["oracle"] <= h["static"] + 1e-6 for h in head.values())
+    assert all(compared[f"{kind}_vs_projection"] for kind in suite.SCORED_BOUNDS)
     report = (tmp_path / "suite.md").read_text()
     assert "against its static projection" in report and "| mix |" in report
     # The report is written again from the results alone, and a resumed run scores nothing again.
