@@ -52,9 +52,10 @@ DEFAULT_RECIPE = "kd+joint+wide+hold+slow+mix+margin+centre"
 DEFAULT_WORK_DIR = Path.home() / ".cache" / "mindskip_ext" / "suite-work"
 DROP_SCOPES = ("all", "restricted")
 # With --costs, the routings of :func:`first_order_bounds` also scored on the suite (their actual perplexity), by
-# the kind of their result: the per-sequence oracle, and the cost predictions of a Linear(hidden, 1) router fitted
-# on other sequences (the log of the per-token cost, as the cost-supervised routers fit it).
-SCORED_BOUNDS = {"oracle": "oracle", "linear predictor": "linear (log)"}
+# the kind of their result: the per-sequence oracle (one common level, and the same count for every sequence), and
+# the cost predictions of a Linear(hidden, 1) router fitted on other sequences (the log of the per-token cost, as the
+# cost-supervised routers fit it).
+SCORED_BOUNDS = {"oracle": "oracle", "fixed-count oracle": "oracle, fixed count", "linear predictor": "linear (log)"}
 
 
 @dataclass(frozen=True)
@@ -128,8 +129,9 @@ def pareto_entry(output: Path, name: str) -> dict | None:
 
 def routers_of(run: Run, args, base, tokenizer, recipe_name: str, ratio: float, data):
     """The routed model of ``recipe_name`` at ``ratio`` and its training entry (``routing_train`` among it): from
-    ``bench.pareto``'s results and router folder, else trained now into that folder by ``bench.pareto``'s code (the
-    same data, sizes and settings as its ablation). ``data()`` gives ``bench.pareto``'s training data."""
+    ``bench.pareto``'s results or this run's own (resumed) and the router folder, else trained now into that folder
+    by ``bench.pareto``'s code (the same data, sizes and settings as its ablation; a training cut off goes on from
+    its checkpoint). ``data()`` gives ``bench.pareto``'s training data."""
     import mindskip_ext as msk
 
     from . import pareto
@@ -137,6 +139,8 @@ def routers_of(run: Run, args, base, tokenizer, recipe_name: str, ratio: float, 
     name = f"{recipe_name}@{ratio}"
     folder = args.output / pareto.router_folder(args.preset, name)
     entry = pareto_entry(args.output, name)
+    if entry is None and "routing_train" in run.models.get(name, {}):
+        entry = run.models[name]
     if entry is not None and folder.is_dir():
         return msk.MindSkipModel.from_pretrained(base, folder), entry
     trainer = Run("pareto", args.preset, pareto.PRESETS[args.preset], timings=run.timings)

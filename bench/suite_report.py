@@ -98,6 +98,33 @@ def _pct(d: dict | None) -> str:
     return f"{100 * d['ratio']:+.2f} ± {100 * d['ratio_se']:.2f}"
 
 
+def _goals(c: dict, head: dict | None, domains: list[str]) -> list[str]:
+    """Issue 34's goals for one routed model, met or not by the point estimates (their standard errors beside)."""
+    from mindskip_ext.eval.suite import MIX
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "not met"
+
+    out = []
+    if "vs_projection" in c:
+        d = c["vs_projection"][MIX]
+        out.append(f"against its static projection on the mix {_pct(d)}% (goal at most "
+                   f"{100 * GOALS['projection']:+.0f}%: {verdict(d['ratio'] <= GOALS['projection'])})")
+    if "vs_shuffled" in c:
+        d = c["vs_shuffled"][MIX]
+        out.append(f"against its shuffled decisions on the mix {_pct(d)}% (goal below: {verdict(d['ratio'] < 0)})")
+    for data, diff in c.get("vs_attention_drop", {}).items():
+        worst = max(domains, key=lambda k: diff[k]["ratio"])
+        out.append(f"against Attention-Drop ({data}) on its worst domain, {worst}, {_pct(diff[worst])}% (goal at most "
+                   f"{100 * GOALS['attention_drop']:+.0f}% on every domain: "
+                   f"{verdict(diff[worst]['ratio'] <= GOALS['attention_drop'])})")
+    captured = head and head["domains"].get(MIX, {}).get("captured")
+    if captured is not None:
+        out.append(f"share of the first-order oracle headroom captured on the mix {100 * captured:.1f}% (goal at "
+                   f"least {100 * GOALS['captured']:.0f}%: {verdict(captured >= GOALS['captured'])})")
+    return [f"Issue 34's goals (point estimates): {'; '.join(out)}.", ""] if out else []
+
+
 def render_markdown(run, compared: dict) -> str:
     from mindskip_ext.eval.suite import MIX
 
@@ -132,12 +159,13 @@ def render_markdown(run, compared: dict) -> str:
         for data, diff in c.get("vs_attention_drop", {}).items():
             table.append([f"against Attention-Drop (better scope, calibrated on {data})",
                           *(_pct(diff.get(d)) for d in domains)])
-        for kind, label in (("oracle", "the oracle's choices"),
+        for kind, label in (("oracle", "the oracle's choices"), ("fixed-count oracle", "the fixed-count oracle's"),
                             ("linear predictor", "cross-fitted linear cost predictors' choices")):
             if c.get(f"{kind}_vs_projection"):
                 table.append([f"{label} against the projection (at the mix's skips)",
                               *(_pct(c[f"{kind}_vs_projection"].get(d)) for d in domains)])
         lines += markdown_table(["", *domains], table) + [""]
+        lines += _goals(c, models[name].get("headroom"), domains)
         head = models[name].get("headroom")
         if head:
             lines += [f"First-order KL from the dense model (nats per scored token) around the projection's "
