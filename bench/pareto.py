@@ -59,18 +59,20 @@ from pathlib import Path
 
 import torch
 
-from .common import RESULTS_DIR, machine_info, utc_timestamp
+from .common import RESULTS_DIR
 from .experiment import (
     ALPACA,
     DEFAULT_DATA_DIR,
-    MACHINE_PACKAGES,
     METRIC,
     TASKS,
     WIKITEXT,
     Run,
+    check_data_and_model,
     evaluate,
     load_model,
     read_results,
+    skip_ratios,
+    start_run,
     wikitext_examples,
 )
 from .pareto_report import best_recipe, counts_around, skipped_per_sequence, write_outputs
@@ -378,14 +380,9 @@ def run_stage(args) -> Run:
     from . import local_tasks
 
     sizes = PRESETS[args.preset]
-    run = Run("pareto", args.preset, sizes, partial=args.output / "pareto.partial.json")
-    args.output.mkdir(parents=True, exist_ok=True)
+    run = start_run("pareto", args, sizes, "pareto", stage=args.stage, ratios=list(args.ratios),
+                    ablation_ratio=ABLATION_RATIO, recipes={k: asdict(v) for k, v in RECIPES.items()})
     started = time.perf_counter()
-    run.meta.update(started=utc_timestamp(), machine=machine_info(MACHINE_PACKAGES), data_dir=str(args.data_dir),
-                    stage=args.stage, ratios=list(args.ratios),
-                    ablation_ratio=ABLATION_RATIO,
-                    recipes={k: asdict(v) for k, v in RECIPES.items()})
-    torch.manual_seed(sizes.seed)
     work = Path(args.work_dir) / args.preset
     with run.stage("load model and data"):
         base, tokenizer, label = load_model(args.smoke, args.model, args.data_dir, sizes.seed)
@@ -571,21 +568,12 @@ def parse_args(argv=None):
     args.drop_scopes = _some_of(p, "--drop-scopes", args.drop_scopes, DROP_SCOPES)
     args.methods = _some_of(p, "--methods", args.methods, METHODS)
     text = args.ratios if args.ratios is not None else str(ABLATION_RATIO) if args.stage == "ablation" else ""
-    try:
-        args.ratios = sorted({float(r) for r in text.split(",") if r.strip()}) or list(RATIOS)
-    except ValueError:
-        p.error(f"--ratios takes comma-separated numbers, got {text!r}")
-    if not all(0.0 < r < 1.0 for r in args.ratios):
-        p.error(f"--ratios must be skip ratios in (0, 1), got {args.ratios}")
+    args.ratios = skip_ratios(p, text) or list(RATIOS)
     if args.stage == "pareto" and not set(args.ratios) <= set(RATIOS):
         p.error("the Pareto stage runs some of " + ", ".join(map(str, RATIOS)) + f", got {args.ratios}")
     if args.merge_only and not args.merge:
         p.error("--merge-only needs at least one --merge DIR")
-    if not (args.data_dir / "eval").is_dir():
-        p.error(f"the shared data folder {args.data_dir} is missing (pass --data-dir; see ../shared/data/README.md)")
-    args.data_dir = args.data_dir.resolve()
-    if args.smoke and args.model:
-        p.error("--smoke builds its own tiny model; drop --model")
+    check_data_and_model(p, args)
     return args
 
 

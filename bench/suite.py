@@ -45,8 +45,8 @@ from pathlib import Path
 
 import torch
 
-from .common import RESULTS_DIR, machine_info, utc_timestamp
-from .experiment import DEFAULT_DATA_DIR, MACHINE_PACKAGES, Run, load_model
+from .common import RESULTS_DIR
+from .experiment import DEFAULT_DATA_DIR, Run, check_data_and_model, load_model, skip_ratios, start_run
 
 DEFAULT_RECIPE = "kd+joint+wide+hold+slow+mix+margin+centre"
 DEFAULT_WORK_DIR = Path.home() / ".cache" / "mindskip_ext" / "suite-work"
@@ -157,12 +157,8 @@ def run_suite(args) -> Run:
     from . import pareto
 
     sizes = PRESETS[args.preset]
-    run = Run("suite", args.preset, sizes, partial=args.output / "suite.partial.json")
-    args.output.mkdir(parents=True, exist_ok=True)
+    run = start_run("suite", args, sizes, "suite", ratios=list(args.ratios), recipes=list(args.recipes))
     started = time.perf_counter()
-    run.meta.update(started=utc_timestamp(), machine=machine_info(MACHINE_PACKAGES), data_dir=str(args.data_dir),
-                    ratios=list(args.ratios), recipes=list(args.recipes))
-    torch.manual_seed(sizes.seed)
     with run.stage("load model and data"):
         base, tokenizer, label = load_model(args.smoke, args.model, args.data_dir, sizes.seed)
         suite = load_suite(DEFAULT_DOMAINS, tokenizer, sizes.length, sizes.sequences, sizes.seed, args.data_dir)
@@ -419,17 +415,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.preset = "smoke" if args.smoke else "default"
     args.recipes = pareto._some_of(p, "--recipes", args.recipes, tuple(pareto.RECIPES))
-    try:
-        args.ratios = sorted({float(r) for r in args.ratios.split(",") if r.strip()})
-    except ValueError:
-        p.error(f"--ratios takes comma-separated numbers, got {args.ratios!r}")
-    if not args.ratios or not all(0.0 < r < 1.0 for r in args.ratios):
-        p.error(f"--ratios must be skip ratios in (0, 1), got {args.ratios}")
-    if not (args.data_dir / "eval").is_dir():
-        p.error(f"the shared data folder {args.data_dir} is missing (pass --data-dir; see ../shared/data/README.md)")
-    args.data_dir = args.data_dir.resolve()
-    if args.smoke and args.model:
-        p.error("--smoke builds its own tiny model; drop --model")
+    args.ratios = skip_ratios(p, args.ratios)
+    if not args.ratios:
+        p.error("--ratios needs at least one skip ratio")
+    check_data_and_model(p, args)
     return args
 
 

@@ -43,6 +43,16 @@ def test_cached_results_are_computed_again_only_for_another_key(tmp_path):
     assert len(calls) == 2 and torch.equal(other["value"], torch.arange(3) * 2)
 
 
+@pytest.mark.skipif(not (DATA_DIR / "eval").is_dir(), reason="needs the shared data (../shared/data)")
+def test_bad_arguments_are_refused_by_name(capsys):
+    for argv in (["--ratios", "0.25,1"], ["--ratios", "x"], ["--ratios", ","], ["--recipes", "nope"],
+                 ["--smoke", "--model", "m"]):
+        with pytest.raises(SystemExit):
+            suite.parse_args(["--data-dir", str(DATA_DIR), *argv])
+    assert "--smoke builds its own tiny model" in capsys.readouterr().err
+    assert suite.parse_args(["--data-dir", str(DATA_DIR), "--ratios", "0.375,0.25,0.25"]).ratios == [0.25, 0.375]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (DATA_DIR / "eval").is_dir(), reason="needs the shared data (../shared/data)")
 def test_the_smoke_run_compares_every_model_on_the_same_sequences(tmp_path):
