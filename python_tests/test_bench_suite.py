@@ -28,6 +28,30 @@ def test_counts_projection_order_and_shuffles():
     assert set(decoded) == set(keep) and all(torch.equal(decoded[i], keep[i]) for i in keep)
 
 
+def test_first_order_bounds_order_the_routings_at_one_budget():
+    from mindskip_ext.eval.headroom import SkipCosts
+
+    gen = torch.Generator().manual_seed(0)
+    n, layers = 12, [3, 4, 5, 6]
+    costs = SkipCosts(layers, torch.rand(n, len(layers), generator=gen, dtype=torch.float64) * 10,
+                      torch.full((n,), 10))
+    inputs = {i: torch.randn(n, 8, generator=gen) for i in layers}
+    lengths = torch.full((n,), 10)
+    owner = ["a"] * 6 + ["b"] * 6
+    routers = {i: torch.rand(n, generator=gen) < 0.6 for i in layers}
+    bounds, routings = suite.first_order_bounds(costs, inputs, lengths, owner, 2.0, [6, 5, 4, 3], routers)
+    mix = {label: by_domain["mix"] for label, by_domain in bounds.items()}
+    assert all(abs(mix[k]["skips"] - 2.0) < 1e-9 for k in mix if k != "routers")  # one budget for all
+    cost = {k: v["cost"] for k, v in mix.items()}
+    assert cost["oracle"] <= cost["oracle, fixed count"] <= cost["domain static"] <= cost["best static"] + 1e-12
+    assert cost["best static"] <= cost["projection"] + 1e-12
+    fixed = torch.stack([~routings["oracle, fixed count"][i] for i in layers], 1)
+    assert (fixed.sum(1) == 2).all()  # every sequence its own two cheapest layers
+    assert torch.equal(fixed, costs.costs <= costs.costs.sort(1).values[:, 1:2])
+    assert set(routings) == {"linear (log)", "linear", "oracle, fixed count", "oracle", "routers"}
+    assert set(suite.SCORED_BOUNDS.values()) <= set(routings)
+
+
 def test_cached_results_are_computed_again_only_for_another_key(tmp_path):
     calls = []
 

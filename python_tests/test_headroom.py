@@ -191,3 +191,19 @@ def test_around_a_base_set_every_routing_pays_for_the_base_layers_it_does_not_ro
     only = headroom(costs, {1: torch.tensor([True, False])})
     assert only["routers"] == pytest.approx((2 * 1.0 + 0.5) / 2) and only["oracle"] == only["routers"]
     assert only["static"] == pytest.approx((2 * 1.0 + 0.5 * 2.5) / 2)
+
+
+def test_level_decisions_skip_the_lowest_scores_per_budget_unit_until_the_budget():
+    from mindskip_ext.eval.headroom import level_decisions
+
+    scores = torch.tensor([[0.1, 0.5, 0.9], [0.2, 0.3, 0.05]], dtype=torch.float64)
+    weights = torch.tensor([1.0, 3.0], dtype=torch.float64)  # a skip of sequence 1 spends 3 of the budget
+    skipped = {}
+    for per_token in (1.0, 1.25, 1.5, 1.75):  # 4, 5, 6, 7 weighted skips
+        keep = level_decisions(scores, weights, per_token, [4, 5, 7])
+        skipped[per_token] = sorted((s, i) for i, k in keep.items() for s in (~k).nonzero()[:, 0].tolist())
+    # In order: (1, 7) for 3, (0, 4) for 1, then (1, 4) for 3, taken when more than half of it fits.
+    assert skipped[1.0] == skipped[1.25] == [(0, 4), (1, 7)]
+    assert skipped[1.5] == skipped[1.75] == [(0, 4), (1, 4), (1, 7)]
+    with pytest.raises(ValueError, match="scores of shape"):
+        level_decisions(scores, weights, 1.0, [4, 5])
