@@ -92,6 +92,39 @@ def test_eval_reports_perplexity_and_capacity(model_dir, data_file, trained):
     assert code == 0 and last_json(stdout)["capacity"] is None  # no routers: the dense model
 
 
+def test_eval_scores_a_multi_domain_suite_and_compares_on_the_same_tokens(model_dir, data_file, trained, tmp_path):
+    out, _ = trained
+    suite = ["--suite", f"prose={DATA_DIR / 'text_small.txt'}", "--suite", f"instructions={data_file}",
+             "--suite-heldout", "instructions=0.3", "--suite-sequences", "4", "--max-length", "24", "--no-progress"]
+    code, stdout, _ = run_cli("eval", "--model", model_dir, *suite, "--save-scores", str(tmp_path / "dense.json"))
+    assert code == 0
+    dense = last_json(stdout)["suite"]
+    assert set(dense["domains"]) == {"prose", "instructions", "mix"}
+    assert all(dense["domains"][d]["skipped_per_token"] == 0.0 and dense["domains"][d]["sequences"] == 4
+               for d in ("prose", "instructions"))
+    assert dense["data"]["domains"]["instructions"]["heldout_fraction"] == 0.3
+    code, stdout, _ = run_cli("eval", "--model", model_dir, "--routers", str(out), *suite,
+                              "--compare-to", str(tmp_path / "dense.json"))
+    assert code == 0
+    routed = last_json(stdout)["suite"]
+    assert routed["domains"]["mix"]["skipped_per_token"] > 0.0
+    difference = routed["compared_to"]["difference"]
+    for name in ("prose", "instructions", "mix"):
+        expected = routed["domains"][name]["loss"] - dense["domains"][name]["loss"]
+        assert difference[name]["delta"] == pytest.approx(expected, abs=1e-9) and difference[name]["se"] >= 0
+    assert "suite          mix:" in stdout
+    # Another suite cannot be compared to.
+    code, _, err = run_cli("eval", "--model", model_dir, *suite[:4], "--suite-sequences", "3", "--max-length", "24",
+                           "--compare-to", str(tmp_path / "dense.json"))
+    assert code != 0 and "another suite" in err
+    for bad, message in ((["--suite-dir", str(tmp_path / "none")], "is not a folder"),
+                         (["--suite", "prose=x.txt", "--suite-heldout", "code=0.1"], "names domain code"),
+                         (["--suite", "prose"], "NAME=SOURCE"),
+                         (["--data", data_file, "--save-scores", "x.json"], "need the suite")):
+        code, _, err = run_cli("eval", "--model", model_dir, *bad)
+        assert code != 0 and message in err, (bad, err)
+
+
 def test_train_mixes_sources_with_kd_and_redundancy_init(model_dir, data_file, tmp_path):
     code, stdout, _ = run_cli(
         "train", "--model", model_dir, "--data", data_file, "--data", str(DATA_DIR / "alpaca_small.json"),

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -41,11 +41,28 @@ from .attention_drop import set_static_routing
 
 @dataclass
 class SkipCosts:
-    """Per-sequence first-order costs of skipping each layer alone."""
+    """Per-sequence first-order costs of skipping each layer alone (or of toggling it around a base set)."""
 
     layers: list[int]
     costs: torch.Tensor  # (sequences, layers): KL(dense || only that layer skipped), summed over the sequence
     tokens: torch.Tensor  # (sequences,): supervised positions of each sequence
+    # With a base set (``also_skipped``): its layers, and the KL of skipping that set alone, (sequences,).
+    base_layers: list[int] = field(default_factory=list)
+    base: torch.Tensor | None = None
+
+    def subset(self, rows: torch.Tensor) -> SkipCosts:
+        """The costs of the sequences ``rows`` only (e.g. one domain of a suite)."""
+        base = None if self.base is None else self.base[rows]
+        return SkipCosts(self.layers, self.costs[rows], self.tokens[rows], self.base_layers, base)
+
+    def marginal(self) -> torch.Tensor:
+        """``(sequences, layers)``: what skipping each layer costs around the base set, the rest of the set skipped
+        either way: ``KL(base + l) - KL(base)`` for a layer outside the base set, ``KL(base) - KL(base - l)`` for
+        one inside (what keeping it would save; may be negative). Without a base set: :attr:`costs`."""
+        if self.base is None:
+            return self.costs
+        inside = torch.tensor([i in self.base_layers for i in self.layers])
+        return torch.where(inside, self.base[:, None] - self.costs, self.costs - self.base[:, None])
 
 
 @torch.no_grad()
@@ -60,7 +77,9 @@ def skip_costs(
 ) -> SkipCosts:
     """The cost of skipping each of ``layers`` (default: every MindSkip layer but ``also_skipped``) alone, for every
     example: KL(dense || that layer skipped). With ``also_skipped``, each layer is skipped together with those, so
-    a cost is that of the whole set (the joint cost a greedy search adds layers by).
+    a cost is that of the whole set (the joint cost a greedy search adds layers by); a layer of ``layers`` that is
+    also in ``also_skipped`` is toggled instead (kept, the rest of the set skipped), and the result also holds
+    the cost of the set alone (``base``), so that :meth:`SkipCosts.marginal` gives each layer's cost around it.
 
     Per batch: the dense forward, one forward with ``also_skipped`` that records every decoder layer's output, and
     per layer ``l`` a forward that starts at ``l`` from the recorded output of layer ``l - 1`` (the layers before
@@ -74,13 +93,11 @@ def skip_costs(
     missing = sorted(set(layers).union(also_skipped) - set(model.routers))
     if missing:
         raise ValueError(f"layer {missing[0]} is not a MindSkip layer of this model ({sorted(model.routers)})")
-    both = sorted(set(layers) & set(also_skipped))
-    if both:
-        raise ValueError(f"layer {both[0]} is both a layer to cost and one already skipped")
     if not layers or not examples:
         raise ValueError("skip_costs needs at least one layer and one example")
     device = model_device(model)
     costs = torch.zeros(len(examples), len(layers), dtype=torch.float64)
+    base = torch.zeros(len(examples), dtype=torch.float64)
     tokens = torch.zeros(len(examples), dtype=torch.long)
     saved = {k: v.clone() for k, v in model.router_state_dict().items()}
     was_training = model.training
@@ -96,21 +113,32 @@ def skip_costs(
                 teacher = model(**inputs, mindskip_bypass=True).logits
             teacher_logp = covered_log_probs(teacher, covered)
             owner = covered.nonzero()[:, 0]  # the sequence of each covered position
+
             tokens[rows] = covered.sum(1).cpu()
             set_static_routing(model, also_skipped)
             with _recorded(model.decoder_layers) as outputs, autocast_for(device, bf16):
-                model(**inputs)
+                recorded = model(**inputs).logits
+            if also_skipped:
+                base[rows] = _per_sequence_kl(recorded, teacher_logp, covered, owner, len(index))
             for j, layer in enumerate(layers):
-                set_static_routing(model, [*also_skipped, layer])
+                set_static_routing(model, sorted(set(also_skipped) ^ {layer}))
                 with _replayed(model.decoder_layers, outputs, layer), autocast_for(device, bf16):
                     student = model(**inputs).logits
-                kl = F.kl_div(covered_log_probs(student, covered), teacher_logp, log_target=True, reduction="none")
-                per_sequence = torch.zeros(len(index), dtype=torch.float64, device=device)
-                costs[rows, j] = per_sequence.index_add_(0, owner, kl.sum(-1).double()).cpu()
+                costs[rows, j] = _per_sequence_kl(student, teacher_logp, covered, owner, len(index))
     finally:
         model.load_router_state_dict(saved)
         model.train(was_training)
-    return SkipCosts(layers, costs, tokens)
+    if not also_skipped:
+        return SkipCosts(layers, costs, tokens)
+    return SkipCosts(layers, costs, tokens, base_layers=also_skipped, base=base)
+
+
+def _per_sequence_kl(student, teacher_logp, covered, owner, sequences: int) -> torch.Tensor:
+    """``(sequences,)`` float64 on the CPU: KL(teacher || student) summed over each sequence's covered positions
+    (``owner``: the sequence of each)."""
+    kl = F.kl_div(covered_log_probs(student, covered), teacher_logp, log_target=True, reduction="none")
+    out = torch.zeros(sequences, dtype=torch.float64, device=student.device)
+    return out.index_add_(0, owner, kl.sum(-1).double()).cpu()
 
 
 @contextlib.contextmanager
@@ -152,54 +180,118 @@ def _static(mean_cost: torch.Tensor, count: float) -> float:
     return float(ranked[lo] + (count - lo) * (ranked[hi] - ranked[lo]))
 
 
+def _oracle_order(costs: torch.Tensor, weights: torch.Tensor, budget: float):
+    """The (sequence, layer) pairs in order of cost per sequence weight (flat indices), their costs per weight, and
+    how many of them fit whole in ``budget``, with the weight they spend."""
+    per_weight = (costs / weights[:, None]).flatten()
+    order = torch.argsort(per_weight)
+    taken = torch.cumsum(weights[:, None].expand_as(costs).flatten()[order], 0)
+    whole = int((taken <= budget + 1e-9 * max(1.0, budget)).sum())
+    return order, per_weight, whole, float(taken[whole - 1]) if whole else 0.0
+
+
 def _oracle(costs: torch.Tensor, weights: torch.Tensor, budget: float) -> float:
     """Least summed cost of (sequence, layer) pairs whose summed sequence ``weights`` reach ``budget``: the pairs
     in order of cost per weight, the last one taken in part."""
-    per_weight = (costs / weights[:, None]).flatten()
-    pair_weight = weights[:, None].expand_as(costs).flatten()
-    order = torch.argsort(per_weight)
-    taken = torch.cumsum(pair_weight[order], 0)
-    whole = int((taken <= budget).sum())
+    order, per_weight, whole, spent = _oracle_order(costs, weights, budget)
     total = float(costs.flatten()[order[:whole]].sum())
     if whole < len(order):
-        spent = float(taken[whole - 1]) if whole else 0.0
         total += float(per_weight[order[whole]]) * (budget - spent)
     return total
 
 
-def headroom(costs: SkipCosts, decisions: dict[int, torch.Tensor]) -> dict:
+def _weights(costs: SkipCosts, lengths: torch.Tensor | None) -> torch.Tensor:
+    """What a skip of each sequence spends of the budget: its ``lengths`` (processed tokens) when given, else its
+    supervised tokens."""
+    if lengths is None:
+        return costs.tokens.to(torch.float64)
+    if tuple(lengths.shape) != tuple(costs.tokens.shape):
+        raise ValueError(f"lengths for {len(lengths)} sequences, skip costs for {len(costs.tokens)}")
+    return lengths.to(torch.float64)
+
+
+def _offset(costs: SkipCosts, layers: list[int]) -> torch.Tensor:
+    """``(sequences,)``: the first-order cost of a routing that skips none of ``layers`` (the base set less those of
+    it among ``layers``): 0 without a base set."""
+    if costs.base is None:
+        return torch.zeros(len(costs.tokens), dtype=torch.float64)
+    marginal = costs.marginal()
+    inside = [j for j, i in enumerate(costs.layers) if i in costs.base_layers and i in layers]
+    return costs.base - marginal[:, inside].sum(1)
+
+
+def oracle_decisions(costs: SkipCosts, skips_per_token: float, lengths: torch.Tensor | None = None,
+                     layers: Sequence[int] | None = None) -> dict[int, torch.Tensor]:
+    """The per-sequence oracle's keep decisions (layer -> ``(sequences,)`` bool) over ``layers`` (default: every
+    costed layer): the cheapest (sequence, layer) pairs per unit of budget (:func:`headroom`'s oracle) until
+    ``skips_per_token`` (weighted by ``lengths``, else by supervised tokens); the pair at the edge is taken when
+    more than half of it fits."""
+    layers = list(costs.layers) if layers is None else sorted(layers)
+    missing = sorted(set(layers) - set(costs.layers))
+    if missing:
+        raise ValueError(f"no skip costs for layer {missing[0]} (costed: {costs.layers})")
+    weights = _weights(costs, lengths)
+    cost = costs.marginal()[:, [costs.layers.index(i) for i in layers]]
+    return level_decisions(cost / weights[:, None], weights, skips_per_token, layers)
+
+
+def level_decisions(scores: torch.Tensor, weights: torch.Tensor, skips_per_token: float,
+                    layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Keep decisions (layer -> ``(sequences,)`` bool) that skip the (sequence, layer) pairs of lowest ``scores``
+    (``(sequences, len(layers))``: a cost per unit of budget, measured or predicted) until ``skips_per_token``
+    weighted by ``weights``: one common level, as calibrated routers that predict their cost apply it. The pair at
+    the edge is taken when more than half of it fits."""
+    if scores.shape != (len(weights), len(layers)):
+        raise ValueError(f"scores of shape {tuple(scores.shape)} for {len(weights)} sequences and {len(layers)} "
+                         "layers")
+    budget = skips_per_token * float(weights.sum())
+    order, _, whole, spent = _oracle_order(scores * weights[:, None], weights, budget)
+    if whole < len(order):
+        whole += int(budget - spent > weights[int(order[whole]) // len(layers)] / 2)
+    skipped = torch.zeros(scores.numel(), dtype=torch.bool)
+    skipped[order[:whole]] = True
+    skipped = skipped.view(scores.shape)
+    return {i: ~skipped[:, j] for j, i in enumerate(layers)}
+
+
+def headroom(costs: SkipCosts, decisions: dict[int, torch.Tensor], lengths: torch.Tensor | None = None) -> dict:
     """Static best, oracle, the routers' decisions and their input-independent shuffle, at the routers' budget.
 
     ``decisions`` maps each router layer to its ``(sequences,)`` bool keep decisions on the examples ``costs`` was
     measured on, in the same order (:func:`~mindskip_ext.eval.routing.routing_decisions`). Costs in nats per
-    supervised token; the candidates are the routers' layers."""
+    supervised token; the candidates are the routers' layers. The budget counts a skip of a sequence by its
+    supervised tokens, or by ``lengths`` (its processed tokens: the compute) when given. With a base set, costs
+    are first-order around it (:meth:`SkipCosts.marginal`), and every number includes the cost of the base set's
+    layers that are not among the routers'."""
     missing = sorted(set(decisions) - set(costs.layers))
     if missing:
         raise ValueError(f"no skip costs for router layer {missing[0]} (costed: {costs.layers})")
-    columns = [costs.layers.index(i) for i in sorted(decisions)]
-    cost = costs.costs[:, columns]
-    keep = torch.stack([decisions[i].to(torch.bool).cpu() for i in sorted(decisions)], dim=1)
+    layers = sorted(decisions)
+    columns = [costs.layers.index(i) for i in layers]
+    cost = costs.marginal()[:, columns]
+    keep = torch.stack([decisions[i].to(torch.bool).cpu() for i in layers], dim=1)
     if keep.shape != cost.shape:
         raise ValueError(f"decisions for {keep.shape[0]} sequences, skip costs for {cost.shape[0]}")
     scored = costs.tokens > 0
-    cost, keep, weights = cost[scored], keep[scored], costs.tokens[scored].to(torch.float64)
-    total = float(weights.sum())
+    offset = float(_offset(costs, layers)[scored].sum())
+    weights = _weights(costs, lengths)[scored]
+    cost, keep, total = cost[scored], keep[scored], float(costs.tokens[scored].sum())
     if total == 0:
         raise ValueError("no supervised tokens in the examples the skip costs were measured on")
     skipped = (~keep).to(torch.float64)
-    budget = float((skipped.sum(1) * weights).sum())  # token-weighted skips
-    per_token_skips = budget / total
-    static = _static(cost.sum(0) / total, per_token_skips)
-    oracle = _oracle(cost, weights, budget) / total
+    budget = float((skipped.sum(1) * weights).sum())  # weighted skips
+    per_token_skips = budget / float(weights.sum())
+    static = (_static(cost.sum(0), per_token_skips) + offset) / total
+    oracle = (_oracle(cost, weights, budget) + offset) / total
     return {
-        "layers": sorted(decisions),
+        "layers": layers,
         "sequences": len(weights),
         "tokens": int(total),
         "skips_per_sequence": round(float(skipped.sum(1).mean()), 6),
         "skips_per_token": round(per_token_skips, 6),
         "static": round(static, 6),
         "oracle": round(oracle, 6),
-        "routers": round(float((cost * skipped).sum()) / total, 6),
-        "shuffled": round(float((skipped.mean(0) * cost.sum(0)).sum()) / total, 6),
+        "routers": round((float((cost * skipped).sum()) + offset) / total, 6),
+        "shuffled": round((float((skipped.mean(0) * cost.sum(0)).sum()) + offset) / total, 6),
         "headroom": round(1.0 - oracle / static, 6) if static > 0 else None,
     }

@@ -21,10 +21,11 @@ from ..reference import pooled_mean
 
 
 @torch.no_grad()
-def router_input_means(model, examples: Sequence[Example], pad_id: int, batch_size: int = 16,
-                       bf16: bool = False) -> dict[int, torch.Tensor]:
-    """Layer index -> the mean over ``examples`` of the router's pooled input (fp32, ``(hidden,)``), under the
-    model's current routing: what each router sees, pooled over real tokens as the gate pools them."""
+def router_inputs(model, examples: Sequence[Example], pad_id: int, batch_size: int = 16,
+                  bf16: bool = False) -> dict[int, torch.Tensor]:
+    """Layer index -> ``(len(examples), hidden)`` fp32: each router's pooled input for every example, in the order
+    of ``examples``, under the model's current routing: what each router sees, pooled over real tokens as the gate
+    pools them."""
     layers = model.mindskip_layers
     normed: dict[int, torch.Tensor] = {}
     hooks = [
@@ -32,17 +33,22 @@ def router_input_means(model, examples: Sequence[Example], pad_id: int, batch_si
             lambda module, args, output, idx=idx: normed.__setitem__(idx, output))
         for idx, layer in layers.items()
     ]
-    sums = dict.fromkeys(layers, 0.0)
-    count = 0
+    out = {idx: torch.zeros(len(examples), model.config.hidden_size) for idx in layers}
     try:
-        for _, batch, _, _ in routed_forwards(model, examples, pad_id, batch_size, bf16):
+        for index, batch, _, _ in routed_forwards(model, examples, pad_id, batch_size, bf16):
             mask = batch["attention_mask"]
+            rows = torch.tensor(index)
             for idx, layer in layers.items():
-                pooled = pooled_mean(normed[idx], None if layer.pool_padding else mask)
-                sums[idx] = sums[idx] + pooled.float().sum(0)
-            count += mask.shape[0]
+                out[idx][rows] = pooled_mean(normed[idx], None if layer.pool_padding else mask).float().cpu()
             normed.clear()
     finally:
         for hook in hooks:
             hook.remove()
-    return {idx: total / count for idx, total in sums.items()}
+    return out
+
+
+def router_input_means(model, examples: Sequence[Example], pad_id: int, batch_size: int = 16,
+                       bf16: bool = False) -> dict[int, torch.Tensor]:
+    """Layer index -> the mean over ``examples`` of the router's pooled input (fp32, ``(hidden,)``), under the
+    model's current routing (:func:`router_inputs`)."""
+    return {idx: inputs.mean(0) for idx, inputs in router_inputs(model, examples, pad_id, batch_size, bf16).items()}
