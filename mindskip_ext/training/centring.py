@@ -24,7 +24,8 @@ from ..reference import pooled_mean
 def router_input_means(model, examples: Sequence[Example], pad_id: int, batch_size: int = 16,
                        bf16: bool = False) -> dict[int, torch.Tensor]:
     """Layer index -> the mean over ``examples`` of the router's pooled input (fp32, ``(hidden,)``), under the
-    model's current routing: what each router sees, pooled over real tokens as the gate pools them."""
+    model's current routing: what each router sees, pooled over real tokens as the gate pools them (a token-routed
+    router sees each real token: the mean over the real tokens)."""
     layers = model.mindskip_layers
     normed: dict[int, torch.Tensor] = {}
     hooks = [
@@ -33,16 +34,21 @@ def router_input_means(model, examples: Sequence[Example], pad_id: int, batch_si
         for idx, layer in layers.items()
     ]
     sums = dict.fromkeys(layers, 0.0)
-    count = 0
+    counts = dict.fromkeys(layers, 0)
     try:
         for _, batch, _, _ in routed_forwards(model, examples, pad_id, batch_size, bf16):
             mask = batch["attention_mask"]
             for idx, layer in layers.items():
+                if layer.routing == "token":
+                    real = mask.to(torch.bool)
+                    sums[idx] = sums[idx] + normed[idx][real].float().sum(0)
+                    counts[idx] += int(real.sum())
+                    continue
                 pooled = pooled_mean(normed[idx], None if layer.pool_padding else mask)
                 sums[idx] = sums[idx] + pooled.float().sum(0)
-            count += mask.shape[0]
+                counts[idx] += mask.shape[0]
             normed.clear()
     finally:
         for hook in hooks:
             hook.remove()
-    return {idx: total / count for idx, total in sums.items()}
+    return {idx: total / counts[idx] for idx, total in sums.items()}
