@@ -36,12 +36,12 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer, StaticLayer
 
 from . import ops
-from .cache import CompactLayerMixin
+from .cache import CompactLayerMixin, cache_slot
 from .layer import LayerRouting, _rotate_half
 
 # Kept-query slots per SDPA call at prefill: each call reads the keys up to its last query, so smaller blocks read
 # less of the causal upper triangle for more calls.
-QUERY_BLOCK = 256
+QUERY_BLOCK = 128
 # Spare positions a dynamic token-routing slot allocates beyond its length: an eighth (at least 64), so that a regrowth
 # (one copy of the cache) comes every length/8 steps.
 GROWTH = 8
@@ -103,15 +103,7 @@ class AppendDynamicLayer(DynamicLayer):
 
 def token_slot(cache, layer_idx: int):
     """The cache slot of a token-routed layer (converted on first use where it is a plain ``DynamicLayer``)."""
-    layers = getattr(cache, "layers", None)
-    if layers is None:
-        raise TypeError(f"MindSkip needs a transformers Cache with per-layer slots, got {type(cache).__name__}")
-    replicate = getattr(cache, "layer_class_to_replicate", None)
-    while len(layers) <= layer_idx:
-        if replicate is None:
-            raise ValueError(f"the cache has {len(layers)} layers but MindSkip layer {layer_idx} needs a slot")
-        layers.append(replicate())
-    slot = layers[layer_idx]
+    layers, slot = cache_slot(cache, layer_idx)
     if isinstance(slot, CompactLayerMixin):
         raise ValueError(f"the cache slot of layer {layer_idx} holds a sequence-routing MindSkip decision; a token-"
                          "routed layer needs a fresh cache")
@@ -359,16 +351,13 @@ def _kept_attention(layer, x, normed, kept, num_kept, gate, attention_mask, posi
     position.index_copy_(0, slot, past + flat % seqlen)
     ends = (position.view(batch, slots).amax(0) + 1).cummax(0).values.tolist()
     dropout = attn.attention_dropout if layer.training else 0.0
-    groups = q.shape[1] // keys.shape[1]
     blocks = []
     for j0 in range(0, slots, QUERY_BLOCK):
         j1 = min(slots, j0 + QUERY_BLOCK)
         end = max(1, ends[j1 - 1])
-        k, v = keys[:, :, :end], values[:, :, :end]
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        blocks.append(F.scaled_dot_product_attention(q_slots[:, :, j0:j1], k, v, attn_mask=allowed[:, :, j0:j1, :end],
-                                                     dropout_p=dropout, scale=attn.scaling))
+        blocks.append(F.scaled_dot_product_attention(
+            q_slots[:, :, j0:j1], keys[:, :, :end], values[:, :, :end], attn_mask=allowed[:, :, j0:j1, :end],
+            dropout_p=dropout, scale=attn.scaling, enable_gqa=keys.shape[1] != q.shape[1]))
     out = torch.cat(blocks, dim=2).transpose(1, 2).reshape(batch * slots, -1).index_select(0, slot)
     out = attn.o_proj(out)
     if gate is not None:

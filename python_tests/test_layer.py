@@ -17,22 +17,26 @@ from tiny import ATTN_IMPLS, GRANULARITIES, MODEL_TYPES, VOCAB, logits_of, padde
 pytestmark = pytest.mark.hf
 
 
+# Token routing (test_token_routing.py) gates the attention sublayer only.
+GATES = [(g, "sequence") for g in GRANULARITIES] + [("attn", "token")]
+
+
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
-@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize(("granularity", "routing"), GATES)
 @pytest.mark.parametrize("attn", ATTN_IMPLS)
-def test_fresh_conversion_is_identity(model_type, granularity, attn):
+def test_fresh_conversion_is_identity(model_type, granularity, routing, attn):
     model = tiny_lm(model_type, attn)
     _, ids, mask = padded_batch([5, 9, 7])
     ref = logits_of(model, ids, mask)
-    wrapped = msk.get_mindskip_model(model, msk.MindSkipConfig(granularity=granularity))
+    wrapped = msk.get_mindskip_model(model, msk.MindSkipConfig(granularity=granularity, routing=routing))
     assert torch.equal(logits_of(wrapped, ids, mask), ref)
     assert all(c == 1.0 for c in wrapped.last_capacity.values())
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
-@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize(("granularity", "routing"), GATES)
 @pytest.mark.parametrize("attn", ATTN_IMPLS)
-def test_forced_skip_equals_zeroed_sublayer(model_type, granularity, attn):
+def test_forced_skip_equals_zeroed_sublayer(model_type, granularity, routing, attn):
     layer = 2
     model = tiny_lm(model_type, attn)
     _, ids, mask = padded_batch([6, 8])
@@ -47,7 +51,8 @@ def test_forced_skip_equals_zeroed_sublayer(model_type, granularity, attn):
         handles.append(decoder_layer.mlp.register_forward_hook(lambda m, a, out: torch.zeros_like(out)))
     expected = logits_of(reference, ids, mask)
 
-    wrapped = msk.get_mindskip_model(model, msk.MindSkipConfig(granularity=granularity, layers=[layer]))
+    wrapped = msk.get_mindskip_model(model, msk.MindSkipConfig(granularity=granularity, layers=[layer],
+                                                               routing=routing))
     with torch.no_grad():
         wrapped.routers[layer].bias.fill_(-10.0)
     got = logits_of(wrapped, ids, mask)

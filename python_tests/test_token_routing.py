@@ -84,38 +84,24 @@ def test_save_and_load_keep_the_level(tmp_path):
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
-@pytest.mark.parametrize("attn", ATTN_IMPLS)
-def test_fresh_conversion_is_identity(model_type, attn):
-    model = tiny_lm(model_type, attn)
-    _, ids, mask = padded_batch([5, 9, 7])
-    ref = logits_of(model, ids, mask)
-    wrapped = msk.get_mindskip_model(model, TOKEN)
-    assert torch.equal(logits_of(wrapped, ids, mask), ref)
-    assert wrapped.last_capacity == {1: 1.0, 2: 1.0}
-
-
-@pytest.mark.parametrize("model_type", MODEL_TYPES)
-@pytest.mark.parametrize("attn", ATTN_IMPLS)
-def test_forced_skip_equals_zeroed_attention_and_still_writes_every_key(model_type, attn):
-    layer = 2
-    model = tiny_lm(model_type, attn)
+def test_a_layer_that_skips_every_token_still_writes_every_key(model_type):
+    """Identity at init and a forced skip are test_layer's (routing='token' among its cases). The KV cache of a layer
+    that skips every token is complete: later tokens may attend to a skipped token's key (the sequence level keeps no
+    row of a layer that every sequence skips)."""
     _, ids, mask = padded_batch([6, 8])
-    reference = copy.deepcopy(model)
-    reference.model.layers[layer].self_attn.register_forward_hook(lambda m, a, out: (torch.zeros_like(out[0]), out[1]))
-    expected = logits_of(reference, ids, mask)
-    wrapped = msk.get_mindskip_model(model, msk.MindSkipConfig(routing="token", layers=[layer]))
+    wrapped = msk.get_mindskip_model(tiny_lm(model_type), msk.MindSkipConfig(routing="token", layers=[2]))
     with torch.no_grad():
-        wrapped.routers[layer].bias.fill_(-10.0)
-    got = logits_of(wrapped, ids, mask)
-    assert wrapped.last_capacity == {layer: 0.0}
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
-    assert not torch.allclose(got, logits_of(copy.deepcopy(wrapped).unload(), ids, mask))
-    # The layer's KV cache is complete: later tokens may attend to a skipped token's key (the sequence level keeps
-    # no row of a layer that every sequence skips).
+        wrapped.routers[2].bias.fill_(-10.0)
     cache = DynamicCache()
     with torch.no_grad():
         wrapped(input_ids=ids, attention_mask=mask, use_cache=True, **cache_kwargs(wrapped, cache))
-    assert cache.layers[layer].keys.shape == cache.layers[0].keys.shape
+    assert wrapped.last_capacity == {2: 0.0}
+    assert cache.layers[2].keys.shape == cache.layers[0].keys.shape
+    reference = DynamicCache()
+    with torch.no_grad():
+        wrapped(input_ids=ids, attention_mask=mask, use_cache=True, mindskip_bypass=True,
+                **cache_kwargs(wrapped, reference))
+    assert torch.equal(cache.layers[2].keys, reference.layers[2].keys)  # the keys the stock layer writes
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
@@ -256,7 +242,8 @@ def test_the_dynamic_slot_appends_in_place_and_survives_crop_reorder_and_select(
     assert slot.keys.shape[2] == 14 and slot.keys.untyped_storage().data_ptr() != buffer
     assert torch.equal(slot.keys[:, :, :13], before[[2, 1]])
     cache.reset()
-    assert slot._buffers is None and slot.keys is None
+    # The buffers go; the tensors do what the stock slot's do (dropped, or zeroed before transformers 5.18).
+    assert slot._buffers is None and slot.get_seq_length() == cache.layers[0].get_seq_length()
 
 
 def test_a_sequence_routing_cache_is_refused():
