@@ -65,6 +65,16 @@ def test_routers_of_another_granularity_are_refused(tiny, tmp_path):
     assert "gate granularity 'mlp'; the vLLM plugin serves granularity 'attn'" in message
 
 
+def test_token_routers_are_refused(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny.base)
+    token = msk.get_mindskip_model(base, msk.MindSkipConfig(routing="token"))
+    token.save_pretrained(tmp_path / "routers")
+    message = refused(dataclasses.replace(tiny, routers=tmp_path / "routers"))
+    assert "route per token; the vLLM plugin serves sequence routing" in message
+
+
 def test_missing_routers_are_refused(tiny):
     from vllm import LLM
 
