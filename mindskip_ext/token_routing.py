@@ -17,8 +17,9 @@ Where the work is saved:
   layer's cache at all. At long context that read is the cost of the step's attention. Everything has a fixed
   shape (the kept count changes every step), so a compiled decode step on a static cache is one graph. The
   projections run for every row: at decode they read their weights once for the whole batch, so fewer rows would
-  save almost nothing. On a ``DynamicCache`` the layer's slot appends in place to a buffer with spare room (the
-  stock slot concatenates, reading and rewriting the whole cache at every step, skipped rows included).
+  save almost nothing. On a ``DynamicCache`` the slots append in place to buffers with spare room (the stock slot
+  concatenates, reading and rewriting the whole cache at every step, skipped rows included), every layer's: an
+  unrouted layer's ``cat`` would cost more than its attention's read of the cache.
 
 Training uses the straight-through estimator per token (gate ``keep + score - score.detach()``); with
 ``train_all_sequences`` every token's attention is computed so that every token's gate gets a task gradient.
@@ -102,15 +103,21 @@ class AppendDynamicLayer(DynamicLayer):
 
 
 def token_slot(cache, layer_idx: int):
-    """The cache slot of a token-routed layer (converted on first use where it is a plain ``DynamicLayer``)."""
+    """The cache slot of a token-routed layer. Where it is a plain ``DynamicLayer`` (first use), every plain
+    ``DynamicLayer`` of the cache becomes an :class:`AppendDynamicLayer`, the other layers' too: the stock slot's
+    ``torch.cat`` at every decode step would cost an unrouted layer more than reading its cache does. (A cache made
+    without the model's config grows its slots as layers first use them; those after the routed layers stay stock.)"""
     layers, slot = cache_slot(cache, layer_idx)
     if isinstance(slot, CompactLayerMixin):
         raise ValueError(f"the cache slot of layer {layer_idx} holds a sequence-routing MindSkip decision; a token-"
                          "routed layer needs a fresh cache")
     if type(slot) is DynamicLayer:
-        converted = object.__new__(AppendDynamicLayer)
-        converted.__dict__.update(slot.__dict__)
-        layers[layer_idx] = slot = converted
+        for i, stock in enumerate(layers):
+            if type(stock) is DynamicLayer:
+                converted = object.__new__(AppendDynamicLayer)
+                converted.__dict__.update(stock.__dict__)
+                layers[i] = converted
+        slot = layers[layer_idx]
     return slot
 
 

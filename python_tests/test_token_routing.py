@@ -212,19 +212,29 @@ def test_beam_search_and_sampling_match_unbatched_with_both_caches(model_type):
 def test_the_dynamic_slot_appends_in_place_and_survives_crop_reorder_and_select():
     model = routed()
     _, ids, mask = padded_batch([7, 12, 3], "left")
-    cache = DynamicCache()
+    cache = DynamicCache(config=model.config)  # as generate() makes it: a slot per layer from the start
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True,
               **cache_kwargs(model, cache))
     slot = cache.layers[1]
     buffer = slot.keys.untyped_storage().data_ptr()
     assert slot.keys.shape[2] == 12 and slot._buffers[0].shape[2] == 12 + tr.MIN_SPARE
+    # The unrouted layers' slots append in place too (layer 0 before the routed layers, layer 3 after them).
+    assert [type(layer) for layer in cache.layers] == [tr.AppendDynamicLayer] * 4
+    unrouted = cache.layers[0]
     nxt = torch.randint(1, VOCAB, (3, 1))
     step_mask = torch.cat([mask, torch.ones_like(nxt)], 1)
     with torch.no_grad():
         step = model(input_ids=nxt, attention_mask=step_mask, position_ids=positions(step_mask)[:, -1:],
                      use_cache=True, **cache_kwargs(model, cache)).logits
     assert slot.keys.untyped_storage().data_ptr() == buffer and slot.get_seq_length() == 13  # written in place
+    unrouted_buffer = unrouted.keys.untyped_storage().data_ptr()
+    with torch.no_grad():
+        model(input_ids=nxt, attention_mask=torch.cat([step_mask, torch.ones_like(nxt)], 1),
+              position_ids=positions(step_mask)[:, -1:] + 1, use_cache=True, **cache_kwargs(model, cache))
+    assert unrouted.keys.untyped_storage().data_ptr() == unrouted_buffer and unrouted.get_seq_length() == 14
+    for layer in cache.layers:
+        layer.crop(-1)
     for layer in cache.layers:
         layer.crop(-1)
     with torch.no_grad():
