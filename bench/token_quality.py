@@ -23,6 +23,11 @@ tokens, so the sequence variant's and Attention-Drop's numbers come from its com
 * against them: the sequence variant and its static projection, and Attention-Drop at the token model's own measured
   skips on each set (the better scope at the whole layer counts around it, linear between: as :mod:`bench.pareto`).
 
+What a token router could capture (``headroom_heldout`` of each token model, :mod:`mindskip_ext.eval.headroom` per
+token): the first-order KL from the dense model on the held-out set of the best static drop, the per-sequence and the
+per-token oracles, the routers' own decisions and their input-independent shuffle, at the routers' budget (the skip
+costs are cached in ``--work-dir``, shared with :mod:`bench.pareto`'s).
+
 Writes ``token_quality.json`` and ``token_quality.md`` to ``--output`` (default ``bench/results``), the routers to
 ``<output>/token_routers/<preset>/``.
 """
@@ -40,7 +45,16 @@ import torch
 
 from .common import RESULTS_DIR, machine_info, markdown_table, utc_timestamp
 from .experiment import DEFAULT_DATA_DIR, MACHINE_PACKAGES, Run, evaluate, load_model
-from .pareto import PRESETS, RECIPES, layer_sets, load_data, router_folder, tuning_config
+from .pareto import (
+    DEFAULT_WORK_DIR,
+    PRESETS,
+    RECIPES,
+    heldout_costs,
+    layer_sets,
+    load_data,
+    router_folder,
+    tuning_config,
+)
 from .pareto_report import drop_at
 
 RECIPE = "kd+joint+wide+hold+slow+mix+margin+centre"
@@ -86,6 +100,7 @@ def run_study(args) -> Run:
     from mindskip_ext.config import capacity_for_skip_ratio
     from mindskip_ext.data import pad_token_id
     from mindskip_ext.eval.attention_drop import set_static_routing
+    from mindskip_ext.eval.headroom import headroom, token_decisions
     from mindskip_ext.model import read_router_directory
     from mindskip_ext.token_routing import set_static_token_fractions
     from mindskip_ext.training import SUMMARY_NAME, RouterTuner
@@ -93,8 +108,8 @@ def run_study(args) -> Run:
     sizes = PRESETS[args.preset]
     run = Run("token-quality", args.preset, sizes, partial=args.output / "token_quality.partial.json")
     args.output.mkdir(parents=True, exist_ok=True)
-    if args.resume and run.partial.is_file():
-        run.resume()
+    if args.resume and (run.partial.is_file() or (args.output / "token_quality.json").is_file()):
+        run.resume(args.output / "token_quality.json")
     started = time.perf_counter()
     run.meta.update(started=utc_timestamp(), machine=machine_info(MACHINE_PACKAGES), recipe=RECIPE, ratio=RATIO,
                     sizes=asdict(sizes))
@@ -146,6 +161,12 @@ def run_study(args) -> Run:
             "train_seconds": summary.get("train_seconds"), "router_init": summary.get("router_init"),
             "calibration": summary.get("calibration"), "learning_rate": summary["config"]["learning_rate"]},
             **settings)
+    if "headroom_heldout" not in run.models[token]:
+        costs = heldout_costs(run, None, data, pad, layers, args.work_dir / args.preset, per_token=True, model=model)
+        with run.stage(f"decisions of {token} on the held-out set"):
+            decisions = token_decisions(model, data.heldout, pad, sizes.eval_batch_size)
+        run.models[token]["headroom_heldout"] = headroom(costs, decisions)
+        run.save_partial()
     if f"{token}-static" not in run.models:
         set_static_token_fractions(model, kept)
         evaluate(run, f"{token}-static", model, tokenizer, {"kind": "token-static", **common}, **settings)
@@ -203,6 +224,10 @@ def render(run: Run, rows: list[dict]) -> str:
         return [f"{100 * r['skipped'] / run.meta['num_layers']:.1f}%", f"{ppl:.2f}", f"{r['loss']:.4f}", drop, delta]
 
     kept = {name: e["kept_train"] for name, e in run.models.items() if e["kind"] == "token"}
+    headroom = [[name, f"{h['skips_per_token']:.2f}", f"{h['static']:.4f}", f"{h['sequence_oracle']:.4f}",
+                 f"{100 * h['sequence_headroom']:.1f}%", f"{h['oracle']:.4f}", f"{100 * h['headroom']:.1f}%",
+                 f"{h['routers']:.4f}", f"{h['shuffled']:.4f}"]
+                for name, e in run.models.items() if (h := e.get("headroom_heldout")) is not None]
     head = ["model", "WikiText-2 skip", "ppl", "loss", "Attention-Drop ppl", "Δ loss", "held-out skip", "ppl", "loss",
             "Attention-Drop ppl", "Δ loss"]
     lines = [
@@ -220,6 +245,19 @@ def render(run: Run, rows: list[dict]) -> str:
         "token-static: each layer's kept fraction, input-independent token decisions; token-layers: the least-kept "
         "layers always skipped (whole layers). sequence / sequence-static: the Pareto study's (pareto.json).",
         "",
+        *([] if not headroom else [
+            "What a token router could capture: first-order KL from the dense model on the held-out set, nats per "
+            "supervised token, at each model's own skips per supervised token over its router layers "
+            "(`mindskip_ext.eval.headroom`, per token: a (layer, token) pair costs that token's KL with the layer "
+            "skipped for every token). Static: the cheapest layers for every token; per-sequence / per-token oracle: "
+            "the cheapest (layer, sequence) / (layer, token) pairs, the best any router of that level could do, and "
+            "its headroom 1 − oracle / static; routers: the model's decisions; shuffled: its per-layer kept "
+            "fractions with input-independent decisions.",
+            "",
+            *markdown_table(["model", "skips per token", "static", "sequence oracle", "headroom", "token oracle",
+                             "headroom", "routers", "shuffled"], headroom),
+            "",
+        ]),
         *(f"Kept fraction per layer of {name} on the training sequences: "
           + ", ".join(f"{i}: {c:.3f}" for i, c in sorted(fractions.items(), key=lambda t: int(t[0]))) + "\n"
           for name, fractions in kept.items()),
@@ -238,12 +276,15 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="The shared data folder.")
     p.add_argument("--output", type=Path, default=None, help="Results folder (default: bench/results).")
     p.add_argument("--resume", action="store_true", help="Keep the models already evaluated in the partial results.")
+    p.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR,
+                   help=f"Cached skip costs (default: {DEFAULT_WORK_DIR}).")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
     p.add_argument("--tag", default="", help="A variant of the recipe: its models are named token+TAG.")
     p.add_argument("--lr", type=float, default=None, help="The learning rate (default: the recipe's).")
     p.add_argument("--train-only", action="store_true", help="Train (or find trained) routers and stop.")
     args = p.parse_args(argv)
     args.preset = "smoke" if args.smoke else "default"
+    args.output = args.output or RESULTS_DIR
     return args
 
 
@@ -251,7 +292,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    args.output = args.output or RESULTS_DIR
     run = run_study(args)
     if args.train_only:
         return 0
