@@ -393,6 +393,32 @@ class LongVariant:
         """Whether ``other`` decodes with the same cache kind, compiled or not."""
         return (self.cache, self.compiled) == (other.cache, other.compiled)
 
+def _long_prefill(model, ids):
+    """The dense prefill a long-context point decodes from: its ``DynamicCache`` and the first greedy token (B, 1)."""
+    with torch.no_grad():
+        dense = DynamicCache(config=model.config)
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, dense))
+    return dense, out.logits[:, -1:].argmax(-1)
+
+
+def _decode_attention_shares(model, layer_ids, dense, first, steps, reps, device) -> dict[str, float]:
+    """The dense model's attention share of a decode step per cache kind, for each of the ``dense`` variants (their
+    ``cache`` kind and ``built`` cache): instrumented steps, untimed otherwise; the median of ``reps`` after one."""
+    share = {}
+    timer = AttentionTimer(model, layer_ids, device)
+    try:
+        for v in dense:
+            fractions_of_step = []
+            for _ in range(reps + 1):
+                with torch.no_grad():
+                    (ms,) = time_ms(lambda v=v: _decode_steps(model, v.built, first, steps), device, reps=1, warmup=0)
+                fractions_of_step.append(timer.collect()["decode"] / ms)
+            share[v.cache] = _median(fractions_of_step[1:])
+    finally:
+        timer.remove()
+    return share
+
+
 
 def _model_copy(model):
     """A copy of ``model``'s modules that shares its parameters and buffers: a second model to convert and compile
@@ -427,10 +453,7 @@ def _run_long_point(model, ids, params, layer_ids, fractions, new_tokens, reps, 
     batch, seqlen = ids.shape
     steps = new_tokens - 1
     max_len = seqlen + new_tokens + 8
-    with torch.no_grad():
-        dense = DynamicCache(config=model.config)
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, dense))
-        first = out.logits[:, -1:].argmax(-1)
+    dense, first = _long_prefill(model, ids)
     variants = []
     for kind in ("dynamic", "static"):
         variants.append(LongVariant("hf", kind, None, None))
@@ -446,19 +469,8 @@ def _run_long_point(model, ids, params, layer_ids, fractions, new_tokens, reps, 
     if compiled:  # each static-cache variant again, compiled, on the same cache
         variants += [_compiled_variant(model, layer_ids, v, compile_backend) for v in variants if v.cache == "static"]
 
-    # The dense model's attention share of a decode step, per cache kind (instrumented steps, untimed otherwise).
-    share = {}
-    timer = AttentionTimer(model, layer_ids, device)
-    try:
-        for v in variants[:1] + [w for w in variants if w.provider == "hf" and w.cache == "static"]:
-            fractions_of_step = []
-            for _ in range(reps + 1):
-                with torch.no_grad():
-                    (ms,) = time_ms(lambda v=v: _decode_steps(model, v.built, first, steps), device, reps=1, warmup=0)
-                fractions_of_step.append(timer.collect()["decode"] / ms)
-            share[v.cache] = _median(fractions_of_step[1:])
-    finally:
-        timer.remove()
+    share = _decode_attention_shares(model, layer_ids, [v for v in variants if v.provider == "hf"], first, steps,
+                                     reps, device)
 
     with torch.no_grad():
         for v in variants:  # warm-up (a compiled variant compiles here)

@@ -310,22 +310,28 @@ def router_folder(preset: str, name: str) -> Path:
     return Path("pareto_routers") / preset / name
 
 
-def heldout_costs(run: Run, base, data: Data, pad: int, layers: list[int], work: Path):
-    """The held-out set's per-sequence cost of skipping each of ``layers`` alone (computed once, kept in ``work``)."""
+def heldout_costs(run: Run, base, data: Data, pad: int, layers: list[int], work: Path, per_token: bool = False,
+                  model=None):
+    """The held-out set's per-sequence (``per_token``: per supervised position) cost of skipping each of ``layers``
+    alone (computed once, kept in ``work``), on ``model`` (a MindSkip model with routers on ``layers``; default:
+    ``base`` converted for it and back). A skip is of every token either way, so the routing level does not matter."""
     import mindskip_ext as msk
     from mindskip_ext.eval.headroom import SkipCosts, skip_costs
 
-    path, key = work / "skip_costs_heldout.pt", [e.input_ids for e in data.heldout]
+    name = "skip_costs_heldout_per_token.pt" if per_token else "skip_costs_heldout.pt"
+    path, key = work / name, [e.input_ids for e in data.heldout]
     if path.is_file():
         saved = torch.load(path, weights_only=True)
         if saved["key"] == key and saved["layers"] == layers:
-            return SkipCosts(saved["layers"], saved["costs"], saved["tokens"])
-    model = msk.get_mindskip_model(base, msk.MindSkipConfig(layers=layers))
-    with run.stage("held-out skip costs"):
-        costs = skip_costs(model, data.heldout, pad, layers, run.sizes.eval_batch_size)
-    model.unload()
+            return SkipCosts(saved["layers"], saved["costs"], saved["tokens"], saved.get("sequence"))
+    wrapped = model if model is not None else msk.get_mindskip_model(base, msk.MindSkipConfig(layers=layers))
+    with run.stage("held-out skip costs" + (" per token" if per_token else "")):
+        costs = skip_costs(wrapped, data.heldout, pad, layers, run.sizes.eval_batch_size, per_token=per_token)
+    if model is None:
+        wrapped.unload()
     work.mkdir(parents=True, exist_ok=True)
-    torch.save({"key": key, "layers": costs.layers, "costs": costs.costs, "tokens": costs.tokens}, path)
+    torch.save({"key": key, "layers": costs.layers, "costs": costs.costs, "tokens": costs.tokens,
+                "sequence": costs.sequence}, path)
     return costs
 
 

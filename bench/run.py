@@ -33,6 +33,7 @@ SECTIONS: dict[str, str] = {
     "micro": "micro",
     "layer": "layer",
     "e2e": "e2e",
+    "token_decode": "token_decode",
 }
 
 

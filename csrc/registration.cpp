@@ -54,6 +54,13 @@ TORCH_LIBRARY(mindskip, m) {
   // residual.view(B*T, ...)[token_index[i]] += packed[i] for i < packed.size(0), in place.
   m.def("unpack_add_kept_(Tensor(a!) residual, Tensor packed, Tensor token_index) -> ()",
         {at::Tag::pt2_compliant_tag});
+  // Token routing's decode attention: query (B, Hq, D) of one token per row over its row's key and
+  // value (B, Hkv, S, D), positions where mask (B, S) is nonzero and below length, for the rows
+  // where keep (B,) is true only; the other rows are zero and their key and value never read.
+  m.def(
+      "token_decode_attention(Tensor query, Tensor key, Tensor value, Tensor keep, Tensor? mask,"
+      " Tensor? length, float scale) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
 }
 
 #ifdef MINDSKIP_PYTHON_MODULE

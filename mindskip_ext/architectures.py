@@ -115,6 +115,12 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "olmo3": ArchSpec(**_POST_NORM),
 }
 
+# Families whose attention token routing recomputes correctly (mindskip_ext/token_routing.py): separate q/k/v
+# projections, per-head q/k norms if any, the rotary embedding in every layer, and the attention output added to the
+# residual as it is. The others are refused for token routing by name (a sandwich or post-norm output norm, a fused
+# projection, a residual scale, q/k norms over all heads, clipped projections, layers without RoPE).
+TOKEN_ROUTING_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "starcoder2", "mixtral", "qwen3_moe")
+
 # Families refused by name, with the reason.
 _PARALLEL = (
     "its attention and MLP read the same normalised input in parallel (out = x + Attn(n(x)) + MLP(n(x))), so there "

@@ -250,6 +250,19 @@ def _compact_class(layer_cls: type) -> type:
     return _COMPACT_CLASSES[layer_cls]
 
 
+def cache_slot(cache: Cache, layer_idx: int):
+    """``(cache.layers, the slot of layer_idx)``, adding the slots a lazily grown cache does not have yet."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise TypeError(f"MindSkip needs a transformers Cache with per-layer slots, got {type(cache).__name__}")
+    replicate = getattr(cache, "layer_class_to_replicate", None)
+    while len(layers) <= layer_idx:
+        if replicate is None:
+            raise ValueError(f"the cache has {len(layers)} layers but MindSkip layer {layer_idx} needs a slot")
+        layers.append(replicate())
+    return layers, layers[layer_idx]
+
+
 def routing_slot(cache: Cache, layer_idx: int, compact: bool, device: torch.device | None = None) -> CompactLayerMixin:
     """The MindSkip slot of ``layer_idx`` in ``cache``, converting a fresh dynamic or static slot on first use.
 
@@ -257,18 +270,11 @@ def routing_slot(cache: Cache, layer_idx: int, compact: bool, device: torch.devi
     computes (a static slot keeps its token count there).
     """
     layers = getattr(cache, "layers", None)
-    if layers is None:
-        raise TypeError(f"MindSkip needs a transformers Cache with per-layer slots, got {type(cache).__name__}")
-    if layer_idx < len(layers):  # every step after the first: the slot is converted already
+    if layers is not None and layer_idx < len(layers):  # every step after the first: the slot is converted already
         slot = layers[layer_idx]
         if isinstance(slot, CompactLayerMixin) and slot.mindskip_compact == compact:
             return slot
-    replicate = getattr(cache, "layer_class_to_replicate", None)
-    while len(layers) <= layer_idx:
-        if replicate is None:
-            raise ValueError(f"the cache has {len(layers)} layers but MindSkip layer {layer_idx} needs a slot")
-        layers.append(replicate())
-    slot = layers[layer_idx]
+    layers, slot = cache_slot(cache, layer_idx)
     if isinstance(slot, CompactLayerMixin):
         if slot.mindskip_compact != compact:
             raise ValueError(f"the cache slot of layer {layer_idx} was made for a different MindSkip granularity")

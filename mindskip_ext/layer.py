@@ -58,21 +58,27 @@ _FUSED_DECODE_ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 
 @dataclass
 class LayerRouting:
-    """What one MindSkip layer decided in one forward."""
+    """What one MindSkip layer decided in one forward. A unit is what one decision covers: a sequence, or under token
+    routing a real token (``score``, ``keep`` and ``gate`` are then ``(B, T)``, and ``real`` says which count)."""
 
-    score: torch.Tensor  # (B,) fp32 router probability (differentiable in training)
-    keep: torch.Tensor  # (B,) bool
-    gate: torch.Tensor | None  # (B,) straight-through gate when gradients are recorded, else None
-    num_kept: int
-    batch_size: int
+    score: torch.Tensor  # (B,) fp32 router probability (differentiable in training); (B, T) per token
+    keep: torch.Tensor  # (B,) bool; (B, T) per token
+    gate: torch.Tensor | None  # (B,) straight-through gate when gradients are recorded, else None; (B, T) per token
+    num_kept: int  # kept units
+    batch_size: int  # units: sequences, or real tokens
+    real: torch.Tensor | None = None  # token routing: (B, T) bool real-token mask, None when every token is real
 
     @property
     def capacity(self) -> float:
         return self.num_kept / self.batch_size if self.batch_size else 0.0
 
+    def units(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-unit tensor (``score``, ``keep``, ``gate``, the gate's gradient) as a flat vector of the units."""
+        return t.reshape(-1) if self.real is None else t[self.real]
+
     def logit(self) -> torch.Tensor:
-        """``(B,)`` float64 router logits, from the scores (saturating at about +-16)."""
-        return torch.logit(self.score.detach().double(), eps=1e-7)
+        """Float64 router logits of the units, from the scores (saturating at about +-16)."""
+        return torch.logit(self.units(self.score.detach()).double(), eps=1e-7)
 
 
 @dataclass
@@ -251,6 +257,7 @@ class MindSkipDecoderLayer(nn.Module):
         self.layer_idx = layer_idx
         self.spec = spec
         self.granularity = config.granularity
+        self.routing = config.routing
         # Which sublayers the decision gates: plain attributes, read by every forward.
         self.gates_attention = config.granularity in ("attn", "block")
         self.gates_mlp = config.granularity in ("mlp", "block")
@@ -283,6 +290,10 @@ class MindSkipDecoderLayer(nn.Module):
         fused = self.gates_attention and {_qualified_name(base_layer), _qualified_name(attn)} <= _FUSED_DECODE_CLASSES
         module = sys.modules[type(attn).__module__]
         self._fused_eager = getattr(module, "eager_attention_forward", None) if fused else None
+        if self.routing == "token":
+            from . import token_routing  # it builds on this module
+
+            self._token_forward = token_routing.forward
 
     def extra_repr(self) -> str:
         return f"layer_idx={self.layer_idx}, granularity={self.granularity!r}, threshold={self.threshold}"
@@ -516,6 +527,9 @@ class MindSkipDecoderLayer(nn.Module):
 
         if state is not None and state.bypass:
             return stock_layer()
+        if self.routing == "token":
+            return self._token_forward(self, hidden_states, attention_mask, position_ids, use_cache,
+                                       position_embeddings, cache, state, kwargs)
         if hidden_states.ndim != 3:
             raise ValueError(f"hidden_states must be (batch, seq, hidden), got shape {tuple(hidden_states.shape)}")
         x = hidden_states

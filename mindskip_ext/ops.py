@@ -52,6 +52,7 @@ __all__ = [
     "scatter_add_kept",
     "scatter_add_kept_",
     "straight_through",
+    "token_decode_attention",
     "unpack_add_kept_",
     "unpack_add_sequences_",
 ]
@@ -380,6 +381,49 @@ def rotary_embedding(q, k, cos, sin, rows):
 @torch.library.register_fake("mindskip::rotary_embedding")
 def _rotary_embedding_fake(q, k, cos, sin, rows):
     return q.new_empty(q.transpose(1, 2).shape), k.new_empty(k.transpose(1, 2).shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# token_decode_attention (token routing's decode step)
+
+
+def token_decode_attention(query, key, value, keep, mask, length, scale):
+    """The attention of one decode step under token routing, reading the KV cache of the kept rows only.
+
+    Args:
+        query: ``(B, Hq, D)``, one query token per row (float32, float16, bfloat16 or float64).
+        key, value: ``(B, Hkv, S, D)`` of ``query``'s dtype, ``Hq`` a multiple of ``Hkv``: the layer's cache after
+            this step's write. Only the last dimension must be contiguous: a view of a longer buffer is read in
+            place.
+        keep: ``(B,)`` bool, the rows whose token runs the attention sublayer this step.
+        mask: ``(B, S)`` (nonzero = the row attends to that position: padding and future positions are zero), or
+            None (every position).
+        length: a 1-element integer tensor on ``query``'s device, or None: only positions ``s < length`` are read
+            (a static cache's filled length; its tensors are ``max_cache_len`` long).
+        scale: the softmax scale.
+
+    Returns:
+        ``(B, Hq, D)`` in ``query``'s dtype, accumulated in fp32: a kept row's attention output, zero for a skipped
+        row (whose key and value rows are never read) and for a row with no position to attend to. Fixed shapes and
+        no host sync (the CPU kernel reads ``length`` where it runs), so a compiled decode step stays one graph
+        whatever the kept count. No gradient (a decode step); training computes every token's attention.
+    """
+    return _ops.token_decode_attention(query, key, value, keep, mask, length, float(scale))
+
+
+@torch.library.register_fake("mindskip::token_decode_attention")
+def _token_decode_attention_fake(query, key, value, keep, mask, length, scale):
+    return torch.empty_like(query, memory_format=torch.contiguous_format)
+
+
+def _token_decode_attention_backward(ctx, *grads):
+    raise RuntimeError(
+        "mindskip::token_decode_attention has no gradient: it runs decode steps; a training-mode forward computes "
+        "every token's attention"
+    )
+
+
+torch.library.register_autograd("mindskip::token_decode_attention", _token_decode_attention_backward)
 
 
 # =============================================================================================

@@ -30,6 +30,7 @@ __all__ = [
     "router_gate_varlen",
     "scatter_add_kept",
     "scatter_add_kept_",
+    "token_decode_attention",
     "unpack_add_kept_",
 ]
 
@@ -176,3 +177,30 @@ def unpack_add_kept_(residual, packed, token_index):
     flat = residual.view(residual.shape[0] * residual.shape[1], *residual.shape[2:])
     scatter_add_kept_(flat, packed, token_index)
     return residual
+
+
+def token_decode_attention(query, key, value, keep, mask, length, scale):
+    """One decode step's attention under token routing, for the kept rows only.
+
+    ``query (B, Hq, D)`` (one token per row) attends over ``key``/``value`` ``(B, Hkv, S, D)`` of its own row (each
+    key/value head serves ``Hq / Hkv`` query heads), at the positions ``s < length`` (all ``S`` when ``length`` is
+    None) where ``mask (B, S)`` is nonzero (all when None), with softmax scale ``scale``, in fp32 (fp64 for fp64).
+    Rows where ``keep (B,)`` is False, and rows with no position to attend to, are zero. Returns ``(B, Hq, D)`` in
+    ``query``'s dtype.
+    """
+    batch, q_heads, dim = query.shape
+    kv_heads, positions = key.shape[1], key.shape[2]
+    limit = positions if length is None else max(0, min(positions, int(length.reshape(()))))
+    compute = torch.float64 if query.dtype == torch.float64 else torch.float32
+    groups = q_heads // kv_heads
+    k = key[:, :, :limit].to(compute).repeat_interleave(groups, dim=1)  # (B, Hq, L, D)
+    v = value[:, :, :limit].to(compute).repeat_interleave(groups, dim=1)
+    scores = torch.einsum("bhd,bhld->bhl", query.to(compute), k) * scale
+    allowed = torch.ones(batch, limit, dtype=torch.bool, device=query.device)
+    if mask is not None:
+        allowed = mask[:, :limit] != 0
+    scores = scores.masked_fill(~allowed[:, None, :], float("-inf"))
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no allowed position: all zero
+    out = torch.einsum("bhl,bhld->bhd", weights, v)
+    rows = keep.to(torch.bool) & allowed.any(dim=-1)
+    return torch.where(rows[:, None, None], out, torch.zeros((), dtype=compute, device=query.device)).to(query.dtype)

@@ -44,7 +44,7 @@ def rows(tmp_path_factory):
 
 @pytest.mark.slow  # a subprocess runs the whole thing
 def test_every_section_writes_rows_with_the_schema(rows):
-    assert {r["section"] for r in rows} == {"micro", "layer", "e2e"}
+    assert {r["section"] for r in rows} == {"micro", "layer", "e2e", "token_decode"}
     for row in rows:
         assert tuple(row) == common.ROW_FIELDS
         assert row["device"] == "cpu"
@@ -212,3 +212,24 @@ def test_decode_profile_rejects_bad_arguments(args, message, capsys):
     with pytest.raises(SystemExit):
         decode_profile.main(["--device", "cpu", *args])
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a subprocess runs the whole thing
+def test_token_decode_rows_cover_the_variants_at_exactly_the_kept_fraction(rows):
+    token = {(r["provider"], r["params"]["cache"], r["params"].get("kept")): r["metrics"] for r in rows
+             if r["section"] == "token_decode" and r["name"] == "decode"}
+    variants = {("hf", None), ("sequence", 0.5), ("token", 0.5), ("token", 1.0)}
+    assert set(token) == {(p, c, k) for p, k in variants for c in ("dynamic", "static")}
+    for cache in ("dynamic", "static"):
+        # The replayed router biases keep exactly half of the rows at every step of every layer.
+        assert token[("token", cache, 0.5)]["measured_kept"] == 0.5
+        assert 1.0 < token[("token", cache, 0.5)]["ideal_speedup"] < 2.0
+        assert token[("hf", cache, None)]["fastest_dense"] in ("dynamic", "static")
+    assert all(m["tokens_per_s"] > 0 and m["frac_of_ideal_vs_fastest"] > 0 for m in token.values())
+    prefill = {(r["name"], r["provider"], r["params"].get("kept")): r["metrics"] for r in rows
+               if r["section"] == "token_decode" and r["name"] != "decode"}
+    assert set(prefill) == {("prefill-layer", "hf", None), ("prefill-layer", "token", 0.5),
+                            ("prefill-layer", "token", 1.0), ("prefill-attention", "hf", None),
+                            ("prefill-attention", "token", 0.5)}
+    for key in (("prefill-layer", "token", 0.5), ("prefill-attention", "token", 0.5)):
+        assert 1.0 < prefill[key]["ideal_speedup"] < 2.0 and prefill[key]["frac_of_ideal"] > 0

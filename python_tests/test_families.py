@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, GPT2Config, StaticCache
 
 import mindskip_ext as msk
-from mindskip_ext.architectures import ARCHITECTURES, REFUSED
+from mindskip_ext.architectures import ARCHITECTURES, REFUSED, TOKEN_ROUTING_FAMILIES
 from mindskip_ext.cache import kv_bytes
 from mindskip_ext.hf_compat import cache_kwargs, output_cache
 from mindskip_ext.layer import MindSkipDecoderLayer
@@ -121,6 +121,31 @@ def test_forced_skip_is_the_residual_path_with_the_familys_norms(family, granula
     got = logits_of(wrapped, ids, mask)
     assert wrapped.last_capacity == {layer: 0.0}
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(got, logits_of(copy.deepcopy(wrapped).unload(), ids, mask))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_token_routing_skips_exactly_the_attention_or_refuses_the_family(family):
+    """Token routing (every token writes its K/V, a skipped token computes no attention) with every token skipped is
+    the stock model with a zeroed attention output; a family whose attention it cannot recompute is refused by name."""
+    layer = 2
+    model = family_lm(family)
+    config = msk.MindSkipConfig(layers=[layer], routing="token")
+    if family not in TOKEN_ROUTING_FAMILIES:
+        with pytest.raises(ValueError, match=f"token routing does not support '{family}' models"):
+            msk.get_mindskip_model(model, config)
+        return
+    _, ids, mask = padded_batch([6, 8])
+    dense = logits_of(model, ids, mask)
+    reference = copy.deepcopy(model)
+    stock = getattr(reference.model.layers[layer], ARCHITECTURES[family].attn)
+    stock.register_forward_hook(lambda m, a, out: (torch.zeros_like(out[0]), out[1]))
+    wrapped = msk.get_mindskip_model(model, config)
+    assert torch.equal(logits_of(wrapped, ids, mask), dense)  # a fresh conversion is the identity
+    with torch.no_grad():
+        wrapped.routers[layer].bias.fill_(-10.0)
+    got = logits_of(wrapped, ids, mask)
+    torch.testing.assert_close(got, logits_of(reference, ids, mask), rtol=0, atol=1e-6)
     assert not torch.allclose(got, logits_of(copy.deepcopy(wrapped).unload(), ids, mask))
 
 

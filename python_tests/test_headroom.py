@@ -1,5 +1,5 @@
-"""How much could per-sequence routing gain: the per-sequence cost of skipping each layer alone, and the static
-best, oracle, routers and shuffled routing at the routers' budget."""
+"""How much could per-sequence (per-token) routing gain: the per-sequence (per-token) cost of skipping each layer
+alone, and the static best, oracle, routers and shuffled routing at the routers' budget."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import mindskip_ext as msk
 from mindskip_ext import data as D
 from mindskip_ext.eval.attention_drop import set_static_routing
-from mindskip_ext.eval.headroom import SkipCosts, headroom, oracle_decisions, skip_costs
+from mindskip_ext.eval.headroom import SkipCosts, headroom, oracle_decisions, skip_costs, token_decisions
 from mindskip_ext.eval.routing import routing_decisions
 from mindskip_ext.testing import synthetic_instructions, tiny_model
 from mindskip_ext.training.loss import distillation_kl
@@ -20,14 +20,19 @@ def examples(tok):
     return D.prepare_examples(tok, synthetic_instructions(20, seed=7), 96).examples
 
 
-@pytest.fixture
-def model(tok):
-    model = msk.get_mindskip_model(tiny_model(tokenizer=tok, layers=5), msk.MindSkipConfig(layers=[1, 2, 3]))
-    gen = torch.Generator().manual_seed(1)
+def random_routers(tok, routing: str, seed: int) -> msk.MindSkipModel:
+    model = msk.get_mindskip_model(tiny_model(tokenizer=tok, layers=5),
+                                   msk.MindSkipConfig(layers=[1, 2, 3], routing=routing))
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for router in model.routers.values():
             router.weight.copy_(torch.randn(router.weight.shape, generator=gen) * 2.0)
     return model
+
+
+@pytest.fixture
+def model(tok):
+    return random_routers(tok, "sequence", seed=1)
 
 
 def test_costs_are_the_kl_of_skipping_one_layer_and_leave_the_routers_as_they_were(tok, examples, model):
@@ -207,3 +212,69 @@ def test_level_decisions_skip_the_lowest_scores_per_budget_unit_until_the_budget
     assert skipped[1.5] == skipped[1.75] == [(0, 4), (1, 4), (1, 7)]
     with pytest.raises(ValueError, match="scores of shape"):
         level_decisions(scores, weights, 1.0, [4, 5])
+
+
+@pytest.fixture
+def token_model(tok):
+    return random_routers(tok, "token", seed=3)
+
+
+def test_per_token_costs_are_each_positions_kl_and_sum_to_the_sequences(tok, examples, token_model):
+    pad = D.pad_token_id(tok)
+    per_sequence = skip_costs(token_model, examples[:7], pad, batch_size=3)
+    per_token = skip_costs(token_model, examples[:7], pad, batch_size=4, per_token=True)
+    counts = [e.num_targets for e in examples[:7]]
+    assert per_token.costs.shape == (sum(counts), 3) and bool((per_token.tokens == 1).all())
+    assert per_token.sequence.tolist() == [i for i, n in enumerate(counts) for _ in range(n)]
+    summed = torch.zeros_like(per_sequence.costs).index_add_(0, per_token.sequence, per_token.costs)
+    torch.testing.assert_close(summed, per_sequence.costs, rtol=1e-4, atol=1e-6)
+    # One example's positions computed directly: the KL at each supervised position with layer 3 skipped everywhere.
+    i = 5
+    batch = D.collate([examples[i]], pad)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    saved = {k: v.clone() for k, v in token_model.router_state_dict().items()}
+    with torch.no_grad():
+        teacher = token_model(**inputs, mindskip_bypass=True).logits[0, :-1]
+        set_static_routing(token_model, [3])
+        student = token_model(**inputs).logits[0, :-1]
+    token_model.load_router_state_dict(saved)
+    covered = batch["labels"][0, 1:] != D.IGNORE_INDEX
+    kl = torch.nn.functional.kl_div(student[covered].log_softmax(-1), teacher[covered].log_softmax(-1),
+                                    log_target=True, reduction="none").sum(-1)
+    first = sum(counts[:i])
+    torch.testing.assert_close(per_token.costs[first:first + counts[i], 2], kl.double(), rtol=1e-4, atol=1e-6)
+
+
+def test_token_decisions_are_the_forwards_own_at_the_supervised_positions(tok, examples, token_model):
+    pad = D.pad_token_id(tok)
+    decisions = token_decisions(token_model, examples[:6], pad, batch_size=4)
+    assert sorted(decisions) == [1, 2, 3]
+    rows = []
+    for e in examples[:6]:
+        batch = D.collate([e], pad)
+        with torch.no_grad():
+            token_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        covered = batch["labels"][0, 1:] != D.IGNORE_INDEX
+        rows.append({i: r.keep[0, :-1][covered] for i, r in token_model.last_record.layers.items()})
+    for idx, keep in decisions.items():
+        assert torch.equal(keep, torch.cat([r[idx] for r in rows]))
+    assert 0 < sum(int(k.sum()) for k in decisions.values()) < 3 * len(decisions[1]), "random routers must split"
+    with pytest.raises(ValueError, match="one decision per token"):
+        token_decisions(msk.get_mindskip_model(tiny_model(tokenizer=tok, layers=5), msk.MindSkipConfig(layers=[1])),
+                        examples[:2], pad)
+    report = headroom(skip_costs(token_model, examples[:6], pad, per_token=True), decisions)
+    assert report["oracle"] <= report["sequence_oracle"] + 1e-9 <= report["static"] + 2e-9
+    assert report["oracle"] <= report["routers"] + 1e-9
+
+
+def test_per_token_headroom_by_hand():
+    # Two sequences of two tokens; each token has a free layer. Per token the oracle pays nothing. Per sequence a
+    # (layer, sequence) pair costs 2 in sequence 0 and 3 in sequence 1: the oracle spends the budget of 4 token-skips
+    # on both layers of sequence 0; the static drop pays (2 + 3) / 4 per token.
+    costs = SkipCosts([0, 1], torch.tensor([[0.0, 2.0], [2.0, 0.0], [0.0, 3.0], [3.0, 0.0]], dtype=torch.float64),
+                      torch.ones(4, dtype=torch.long), sequence=torch.tensor([0, 0, 1, 1]))
+    keep = {0: torch.tensor([False, True, False, True]), 1: torch.tensor([True, False, True, False])}
+    report = headroom(costs, keep)
+    assert report["skips_per_token"] == 1.0 and report["routers"] == 0.0 and report["oracle"] == 0.0
+    assert report["static"] == pytest.approx(5.0 / 4) and report["sequence_oracle"] == pytest.approx(4.0 / 4)
+    assert report["headroom"] == 1.0 and report["sequence_headroom"] == pytest.approx(0.2)

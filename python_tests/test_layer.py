@@ -18,14 +18,18 @@ from tiny import ATTN_IMPLS, GRANULARITIES, MODEL_TYPES, VOCAB, logits_of, padde
 pytestmark = pytest.mark.hf
 
 
+# Token routing (test_token_routing.py) gates the attention sublayer only.
+GATES = [(g, "sequence") for g in GRANULARITIES] + [("attn", "token")]
+
+
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
-@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize(("granularity", "routing"), GATES)
 @pytest.mark.parametrize("attn", ATTN_IMPLS)
-def test_fresh_conversion_is_identity(model_type, granularity, attn):
+def test_fresh_conversion_is_identity(model_type, granularity, routing, attn):
     model = tiny_lm(model_type, attn)
     _, ids, mask = padded_batch([5, 9, 7])
     ref = logits_of(model, ids, mask)
-    wrapped = msk.get_mindskip_model(model, msk.MindSkipConfig(granularity=granularity))
+    wrapped = msk.get_mindskip_model(model, msk.MindSkipConfig(granularity=granularity, routing=routing))
     assert torch.equal(logits_of(wrapped, ids, mask), ref)
     assert all(c == 1.0 for c in wrapped.last_capacity.values())
 

@@ -19,6 +19,12 @@ each one (:func:`headroom`), in nats per supervised token:
 ``headroom = 1 - oracle / static`` is what per-sequence routing could gain over the best static drop. Routers
 below ``shuffled`` make informative per-sequence choices; routers above ``static`` lose more on which layers they
 skip than those choices gain.
+
+Per token (``skip_costs(..., per_token=True)``, for token-level routing): the units are the supervised positions,
+and the cost of skipping layer ``l`` at position ``t`` is ``t``'s KL with ``l`` skipped for every token (the effect of
+a skipped token on later tokens, through its changed keys and values in later layers, is counted at the position it
+lands on: the costs of a layer still sum to its whole cost). The oracle then picks (layer, token) pairs, and
+:func:`headroom` also reports the per-sequence oracle at the same budget (``sequence_oracle``).
 """
 
 from __future__ import annotations
@@ -37,26 +43,30 @@ from ..devices import autocast_for, model_device
 from ..model import MindSkipModel
 from ..training.loss import covered_log_probs
 from .attention_drop import set_static_routing
+from .perplexity import routed_forwards
 
 
 @dataclass
 class SkipCosts:
-    """Per-sequence first-order costs of skipping each layer alone (or of toggling it around a base set)."""
+    """Per-sequence (or per-token) first-order costs of skipping each layer alone (or of toggling it around a base
+    set)."""
 
     layers: list[int]
-    costs: torch.Tensor  # (sequences, layers): KL(dense || only that layer skipped), summed over the sequence
-    tokens: torch.Tensor  # (sequences,): supervised positions of each sequence
-    # With a base set (``also_skipped``): its layers, and the KL of skipping that set alone, (sequences,).
+    costs: torch.Tensor  # (units, layers): KL(dense || only that layer skipped), summed over the unit
+    tokens: torch.Tensor  # (units,): supervised positions of each unit (1 per token)
+    # With a base set (``also_skipped``): its layers, and the KL of skipping that set alone, (units,).
     base_layers: list[int] = field(default_factory=list)
     base: torch.Tensor | None = None
+    sequence: torch.Tensor | None = None  # per token: (units,) the example each position belongs to
 
     def subset(self, rows: torch.Tensor) -> SkipCosts:
-        """The costs of the sequences ``rows`` only (e.g. one domain of a suite)."""
+        """The costs of the units ``rows`` only (e.g. one domain of a suite)."""
         base = None if self.base is None else self.base[rows]
-        return SkipCosts(self.layers, self.costs[rows], self.tokens[rows], self.base_layers, base)
+        sequence = None if self.sequence is None else self.sequence[rows]
+        return SkipCosts(self.layers, self.costs[rows], self.tokens[rows], self.base_layers, base, sequence)
 
     def marginal(self) -> torch.Tensor:
-        """``(sequences, layers)``: what skipping each layer costs around the base set, the rest of the set skipped
+        """``(units, layers)``: what skipping each layer costs around the base set, the rest of the set skipped
         either way: ``KL(base + l) - KL(base)`` for a layer outside the base set, ``KL(base) - KL(base - l)`` for
         one inside (what keeping it would save; may be negative). Without a base set: :attr:`costs`."""
         if self.base is None:
@@ -74,12 +84,15 @@ def skip_costs(
     batch_size: int = 8,
     bf16: bool = False,
     also_skipped: Sequence[int] = (),
+    per_token: bool = False,
 ) -> SkipCosts:
     """The cost of skipping each of ``layers`` (default: every MindSkip layer but ``also_skipped``) alone, for every
     example: KL(dense || that layer skipped). With ``also_skipped``, each layer is skipped together with those, so
     a cost is that of the whole set (the joint cost a greedy search adds layers by); a layer of ``layers`` that is
     also in ``also_skipped`` is toggled instead (kept, the rest of the set skipped), and the result also holds
     the cost of the set alone (``base``), so that :meth:`SkipCosts.marginal` gives each layer's cost around it.
+    With ``per_token``, one row per supervised position (in the order of ``examples``, each one's positions in
+    order) instead of per example.
 
     Per batch: the dense forward, one forward with ``also_skipped`` that records every decoder layer's output, and
     per layer ``l`` a forward that starts at ``l`` from the recorded output of layer ``l - 1`` (the layers before
@@ -96,9 +109,11 @@ def skip_costs(
     if not layers or not examples:
         raise ValueError("skip_costs needs at least one layer and one example")
     device = model_device(model)
-    costs = torch.zeros(len(examples), len(layers), dtype=torch.float64)
-    base = torch.zeros(len(examples), dtype=torch.float64)
-    tokens = torch.zeros(len(examples), dtype=torch.long)
+    start, sequence = supervised_positions(examples)
+    units = len(sequence) if per_token else len(examples)
+    costs = torch.zeros(units, len(layers), dtype=torch.float64)
+    base = torch.zeros(units, dtype=torch.float64)
+    tokens = torch.zeros(units, dtype=torch.long)
     saved = {k: v.clone() for k, v in model.router_state_dict().items()}
     was_training = model.training
     model.eval()
@@ -113,32 +128,70 @@ def skip_costs(
                 teacher = model(**inputs, mindskip_bypass=True).logits
             teacher_logp = covered_log_probs(teacher, covered)
             owner = covered.nonzero()[:, 0]  # the sequence of each covered position
-
-            tokens[rows] = covered.sum(1).cpu()
+            if per_token:
+                target = _position_rows(covered, start[rows]).cpu()
+                tokens[target] = 1
+            else:
+                target = rows
+                tokens[rows] = covered.sum(1).cpu()
             set_static_routing(model, also_skipped)
             with _recorded(model.decoder_layers) as outputs, autocast_for(device, bf16):
                 recorded = model(**inputs).logits
             if also_skipped:
-                base[rows] = _per_sequence_kl(recorded, teacher_logp, covered, owner, len(index))
+                base[target] = _unit_kl(recorded, teacher_logp, covered, owner, len(index), per_token)
             for j, layer in enumerate(layers):
                 set_static_routing(model, sorted(set(also_skipped) ^ {layer}))
                 with _replayed(model.decoder_layers, outputs, layer), autocast_for(device, bf16):
                     student = model(**inputs).logits
-                costs[rows, j] = _per_sequence_kl(student, teacher_logp, covered, owner, len(index))
+                costs[target, j] = _unit_kl(student, teacher_logp, covered, owner, len(index), per_token)
     finally:
         model.load_router_state_dict(saved)
         model.train(was_training)
-    if not also_skipped:
-        return SkipCosts(layers, costs, tokens)
-    return SkipCosts(layers, costs, tokens, base_layers=also_skipped, base=base)
+    return SkipCosts(layers, costs, tokens, also_skipped, base if also_skipped else None,
+                     sequence if per_token else None)
 
 
-def _per_sequence_kl(student, teacher_logp, covered, owner, sequences: int) -> torch.Tensor:
-    """``(sequences,)`` float64 on the CPU: KL(teacher || student) summed over each sequence's covered positions
-    (``owner``: the sequence of each)."""
-    kl = F.kl_div(covered_log_probs(student, covered), teacher_logp, log_target=True, reduction="none")
+def _unit_kl(student, teacher_logp, covered, owner, sequences: int, per_token: bool) -> torch.Tensor:
+    """float64 on the CPU: KL(teacher || student) at each covered position (``per_token``), or summed over each
+    sequence's covered positions, ``(sequences,)`` (``owner``: the sequence of each)."""
+    kl = F.kl_div(covered_log_probs(student, covered), teacher_logp, log_target=True, reduction="none").sum(-1)
+    if per_token:
+        return kl.double().cpu()
     out = torch.zeros(sequences, dtype=torch.float64, device=student.device)
-    return out.index_add_(0, owner, kl.sum(-1).double()).cpu()
+    return out.index_add_(0, owner, kl.double()).cpu()
+
+
+def supervised_positions(examples: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(start, sequence)``: the first row of each example's supervised positions in a per-token layout (every
+    example's positions in order, the examples in order), and the example of each row."""
+    counts = torch.tensor([e.num_targets for e in examples], dtype=torch.long)
+    start = torch.cumsum(counts, 0) - counts
+    return start, torch.repeat_interleave(torch.arange(len(examples)), counts)
+
+
+def _position_rows(covered: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """The per-token row of each ``covered`` position of a batch (row-major, as ``covered.nonzero()``), its
+    examples' first rows being ``start``."""
+    rank = covered.long().cumsum(1) - 1
+    return (start.to(covered.device)[:, None] + rank)[covered]
+
+
+def token_decisions(model: MindSkipModel, examples: Sequence[Example], pad_id: int, batch_size: int = 8,
+                    bf16: bool = False) -> dict[int, torch.Tensor]:
+    """Layer index -> ``(positions,)`` bool keep decisions of a token-routed model at the supervised positions of
+    ``examples``, in the per-token layout of :func:`skip_costs` (``per_token=True``)."""
+    start, sequence = supervised_positions(examples)
+    decisions: dict[int, torch.Tensor] = {}
+    for index, batch, _, record in routed_forwards(model, examples, pad_id, batch_size, bf16):
+        covered = batch["labels"][:, 1:] != IGNORE_INDEX
+        rows = _position_rows(covered, start[torch.tensor(index)]).cpu()
+        for idx, routing in record.layers.items():
+            if routing.keep.dim() != 2:
+                raise ValueError("token_decisions reads one decision per token; a sequence-routed model decides per "
+                                 "sequence (mindskip_ext.eval.routing.routing_decisions)")
+            out = decisions.setdefault(idx, torch.zeros(len(sequence), dtype=torch.bool))
+            out[rows] = routing.keep[:, :-1][covered].cpu()
+    return dict(sorted(decisions.items()))
 
 
 @contextlib.contextmanager
@@ -283,6 +336,16 @@ def headroom(costs: SkipCosts, decisions: dict[int, torch.Tensor], lengths: torc
     per_token_skips = budget / float(weights.sum())
     static = (_static(cost.sum(0), per_token_skips) + offset) / total
     oracle = (_oracle(cost, weights, budget) + offset) / total
+    per_sequence = {}
+    if costs.sequence is not None:  # per token: the best per-sequence choice at the same budget
+        owner = costs.sequence[scored]
+        sequences = int(owner.max()) + 1 if len(owner) else 0
+        summed = torch.zeros(sequences, cost.shape[1], dtype=cost.dtype).index_add_(0, owner, cost)
+        counts = torch.zeros(sequences, dtype=weights.dtype).index_add_(0, owner, weights)
+        present = counts > 0
+        sequence_oracle = (_oracle(summed[present], counts[present], budget) + offset) / total
+        per_sequence = {"sequence_oracle": round(sequence_oracle, 6),
+                        "sequence_headroom": round(1.0 - sequence_oracle / static, 6) if static > 0 else None}
     return {
         "layers": layers,
         "sequences": len(weights),
@@ -294,4 +357,5 @@ def headroom(costs: SkipCosts, decisions: dict[int, torch.Tensor], lengths: torc
         "routers": round((float((cost * skipped).sum()) + offset) / total, 6),
         "shuffled": round((float((skipped.mean(0) * cost.sum(0)).sum()) + offset) / total, 6),
         "headroom": round(1.0 - oracle / static, 6) if static > 0 else None,
+        **per_sequence,
     }

@@ -37,7 +37,7 @@ from .config import RouterTuningConfig
 from .cost_routers import fit_cost_routers, set_cost_routers, transform_costs
 from .distributed import World, current
 from .init import static_init
-from .loss import router_tuning_loss
+from .loss import router_tuning_loss, routing_units
 from .penalty import CapacityController, FixedPenalty
 
 LOG_NAME = "train_log.jsonl"
@@ -180,7 +180,7 @@ class RouterTuner:
         batches = [collate([self.train_examples[i] for i in idx], self.pad_id) for idx in self.micro_batches(step)]
         # The whole global step's counts normalise every micro-batch's loss, on every rank.
         sequences, targets, tokens = (int(v) for v in self.world.sum([
-            sum(b["input_ids"].shape[0] for b in batches),
+            sum(routing_units(model, b) for b in batches),  # sequences, or real tokens under token routing
             sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches),
             sum(int(b["attention_mask"].sum()) for b in batches),
         ], self.device))

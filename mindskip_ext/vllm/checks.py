@@ -61,6 +61,11 @@ def read_routers(hf_config) -> tuple[MindSkipConfig, dict]:
             f"the routers in {directory} gate granularity {config.granularity!r}; the vLLM plugin serves "
             "granularity 'attn' (MindSkip). Serve these with transformers (MindSkipModel.from_pretrained)"
         )
+    if config.routing != "sequence":
+        raise ValueError(
+            f"the routers in {directory} route per {config.routing}; the vLLM plugin serves sequence routing. Serve "
+            "these with transformers (MindSkipModel.from_pretrained)"
+        )
     if sorted(meta["layers"]) != config.resolve_layers(signature["num_hidden_layers"]):
         raise ValueError(f"{directory}: the router layers do not match the config's layers")
     return config, state

@@ -55,14 +55,17 @@ def test_routers_of_another_model_are_refused(tiny, tmp_path):
     assert "serve the base model they were trained on" in message
 
 
-def test_routers_of_another_granularity_are_refused(tiny, tmp_path):
+@pytest.mark.parametrize("config, expected", [
+    ({"granularity": "mlp"}, "gate granularity 'mlp'; the vLLM plugin serves granularity 'attn'"),
+    ({"routing": "token"}, "route per token; the vLLM plugin serves sequence routing"),
+], ids=["granularity", "token-routing"])
+def test_routers_the_plugin_does_not_serve_are_refused(tiny, tmp_path, config, expected):
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny.base)
-    mlp = msk.get_mindskip_model(base, msk.MindSkipConfig(granularity="mlp"))
-    mlp.save_pretrained(tmp_path / "routers")
+    msk.get_mindskip_model(base, msk.MindSkipConfig(**config)).save_pretrained(tmp_path / "routers")
     message = refused(dataclasses.replace(tiny, routers=tmp_path / "routers"))
-    assert "gate granularity 'mlp'; the vLLM plugin serves granularity 'attn'" in message
+    assert expected in message
 
 
 def test_missing_routers_are_refused(tiny):
