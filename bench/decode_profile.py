@@ -47,6 +47,8 @@ WARMUP_STEPS = 3  # untimed steps per variant: compilation and CUDA-graph captur
 class Profile:
     provider: str
     step_ms: float
+    kept: float | None = None  # MindSkip's kept fraction, or the share Attention-Drop keeps; None for hf
+    drop: bool = False  # Attention-Drop
     ops: Counter = field(default_factory=Counter)  # top-level op -> calls in one step
     host_us: Counter = field(default_factory=Counter)  # top-level op -> its host time (with its children) in one step
     device_us: Counter = field(default_factory=Counter)  # op -> self device (kernel) time in one step
@@ -144,18 +146,20 @@ def run(args) -> list[Profile]:
         dense = DynamicCache(config=model.config)
         token = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, dense)).logits
         token = token[:, -1:].argmax(-1)
-    variants = [("hf", None)] + [(f"mindskip kept {k:g}", _keeps(layer_ids, args.batch, k)) for k in args.kept]
+    variants = [("hf", None, None)] + [(f"mindskip kept {k:g}", k, _keeps(layer_ids, args.batch, k))
+                                       for k in args.kept]
     drops = [k for k in args.kept if k < 1.0]  # at 1.0 it would drop nothing: the unconverted model again
-    variants += [("attn-drop" if len(drops) == 1 else f"attn-drop {k:g}", _drop_keeps(layer_ids, args.batch, k))
+    variants += [("attn-drop" if len(drops) == 1 else f"attn-drop {k:g}", k, _drop_keeps(layer_ids, args.batch, k))
                  for k in drops]
     compile_config = _compile_config(args) if args.compile else None
     profiles = []
-    for provider, keeps in variants:
+    for provider, kept, keeps in variants:
         cache = _transplant(model, dense, args.cache, keeps, max_len)
         counters.clear()
         with _converted(model, layer_ids, keeps is not None) as m:
             call = torch.compile(m, **compile_config.to_dict()) if compile_config is not None else m
             profiles.append(_profile_variant(m, provider, cache, token, args, device, call))
+        profiles[-1].kept, profiles[-1].drop = kept, provider.startswith("attn-drop")
         if compile_config is not None:
             profiles[-1].graph_breaks = sum(counters["graph_break"].values())
         del cache
@@ -170,6 +174,30 @@ def _top(counter: Counter, ops: Counter, base: Counter | None) -> str:
         change = f", {calls - base.get(name, 0):+d} vs hf" if base is not None and calls is not None else ""
         cells.append(f"`{name}` {value / 1e3:.2f} ms" + (f" ({calls} calls{change})" if calls is not None else ""))
     return "; ".join(cells) or "-"
+
+
+def against_static_drop(profiles: list[Profile]) -> dict[str, dict[str, float]]:
+    """Per MindSkip variant with an Attention-Drop of its kept share: ``frac_of_static_drop`` (the drop's step time
+    over MindSkip's: MindSkip's speed as a share of the drop's) and MindSkip's ops and Python calls per step as a
+    ratio to the drop's."""
+    drops = {p.kept: p for p in profiles if p.drop}
+    out = {}
+    for p in profiles:
+        drop = drops.get(p.kept) if not p.drop and p.kept is not None else None
+        if drop is not None:
+            out[p.provider] = {"frac_of_static_drop": drop.step_ms / p.step_ms,
+                               "ops_ratio": sum(p.ops.values()) / sum(drop.ops.values()),
+                               "python_calls_ratio": p.python_calls / drop.python_calls}
+    return out
+
+
+def _against_static_drop(profiles: list[Profile]) -> list[str]:
+    lines = []
+    for provider, r in against_static_drop(profiles).items():
+        lines.append(f"**{provider} against Attention-Drop of the same share**: frac_of_static_drop "
+                     f"{r['frac_of_static_drop']:.3f} (step time); ops per step {r['ops_ratio']:.3f}x, Python calls "
+                     f"per step {r['python_calls_ratio']:.3f}x the drop's.")
+    return lines + ([""] if lines else [])
 
 
 def report(args, profiles: list[Profile]) -> str:
@@ -205,6 +233,7 @@ def report(args, profiles: list[Profile]) -> str:
         lines.append(f"| {p.provider} | {p.step_ms:.2f} | {sum(p.ops.values())} | {kernels} | {breaks} | {diff} "
                      f"| {p.python_calls} |")
     lines.append("")
+    lines += _against_static_drop(profiles)
     for p in profiles:
         lines.append(f"**{p.provider}**: most host time: {_top(p.host_us, p.ops, base)}")
         if p.device_us:

@@ -36,21 +36,25 @@ dynamic cache, the stock default).
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import gc
+import itertools
 import statistics
 import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, StaticCache
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 import mindskip_ext as msk
-from mindskip_ext.cache import Decision, kv_bytes, routing_slot
+from mindskip_ext.cache import decode_compile_config, kv_bytes
 from mindskip_ext.data import Example
 from mindskip_ext.eval.attention_drop import redundancy_scores, select_dropped, set_static_routing
 from mindskip_ext.hf_compat import cache_kwargs, output_cache
-from mindskip_ext.timing import synchronize, time_ms
+from mindskip_ext.timing import AttentionTimer, synchronize, time_ms
+from mindskip_ext.timing import converted as _converted
+from mindskip_ext.timing import decode_steps as _decode_steps
+from mindskip_ext.timing import transplant_cache as _transplant
 
 from .common import quantile
 from .routing import build_model, calibrate_routers, keep_counts
@@ -80,8 +84,17 @@ def add_arguments(parser):
     group.add_argument("--e2e-long", default=None,
                        help="comma-separated prompt lengths of long-context decode points (default: none; 256 with "
                             "--quick); batches from --e2e-batches (default 4,8), kept fractions 1.0,0.5")
+    group.add_argument("--e2e-long-reps", type=int, default=None,
+                       help="timed rounds over all variants of a long-context point (default: --e2e-reps, at most 3; "
+                            "a round is --new-tokens decode steps of each variant)")
     group.add_argument("--e2e-grid", default="on", choices=("on", "off"),
                        help="off: only the long-context decode points")
+    group.add_argument("--e2e-compile", default="off", choices=("on", "off"),
+                       help="on: the long-context decode points also time each static-cache variant with its decode "
+                            "step compiled as generate() compiles it (rows with compiled=true; inductor takes "
+                            "minutes per variant on a CPU)")
+    group.add_argument("--e2e-compile-backend", default=None,
+                       help="torch.compile backend of --e2e-compile (default: the decode compile config's, inductor)")
     group.add_argument("--mem-fraction", type=float, default=0.85,
                        help="skip GPU points whose estimated memory exceeds this share")
 
@@ -96,47 +109,6 @@ def _floats(text, default):
 
 def _median(values):
     return statistics.median(values)
-
-
-class AttentionTimer:
-    """Times the attention sublayers of the given layers: prefill (q_len > 1) and decode steps apart."""
-
-    def __init__(self, model, layer_indices, device):
-        self.device = device
-        self.handles = []
-        self._open = []
-        for idx in layer_indices:
-            attn = model.model.layers[idx].self_attn
-            self.handles.append(attn.register_forward_pre_hook(self._start, with_kwargs=True))
-            self.handles.append(attn.register_forward_hook(self._stop, with_kwargs=True))
-
-    def _now(self):
-        if self.device.type == "cuda":
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def _start(self, module, args, kwargs):
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        self._open.append((hidden.shape[1] > 1, self._now()))
-
-    def _stop(self, module, args, kwargs, output):
-        self._open[-1] = (*self._open[-1], self._now())
-
-    def collect(self) -> dict[str, float]:
-        """Attention ms of the prefill and of the decode steps timed since the last call."""
-        synchronize(self.device)
-        total = {"prefill": 0.0, "decode": 0.0}
-        for is_prefill, start, end in self._open:
-            ms = start.elapsed_time(end) if self.device.type == "cuda" else (end - start) * 1e3
-            total["prefill" if is_prefill else "decode"] += ms
-        self._open.clear()
-        return total
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
 
 
 def _estimate_bytes(cfg, batch, seqlen, new_tokens, dtype_bytes):
@@ -190,7 +162,8 @@ def run(args, writer):
             ids = torch.randint(1, cfg.vocab_size, (batch, seqlen), generator=gen).to(device)
             params = {"shape": shape, "B": batch, "T": seqlen, "new_tokens": new_tokens}
             _run_long_point(model, ids, params, layer_ids, _floats(args.e2e_fractions, LONG_FRACTIONS), new_tokens,
-                            min(reps, 3), writer)
+                            args.e2e_long_reps or min(reps, 3), writer, compiled=args.e2e_compile == "on",
+                            compile_backend=args.e2e_compile_backend)
             gc.collect()
     for batch, seqlen, reason in skipped:
         print(f"skipped point B={batch} T={seqlen}: {reason}")
@@ -254,6 +227,7 @@ class Variant:
     provider: str
     kept: float | None
     routers: dict[str, torch.Tensor] | None
+    fraction: float | None = None  # the kept fraction asked for (MindSkip and Attention-Drop of one share pair on it)
     prefill: list[float] = field(default_factory=list)
     decode: list[float] = field(default_factory=list)
     generate: list[float] = field(default_factory=list)
@@ -278,12 +252,12 @@ def _variants(model, ids, layer_ids, fractions) -> list[Variant]:
                     wrapped, fraction, ids.shape[0],
                     lambda: _prefill(wrapped, ids),
                 )
-            variants.append(Variant("mindskip", sum(capacity.values()) / len(capacity), snapshot()))
+            variants.append(Variant("mindskip", sum(capacity.values()) / len(capacity), snapshot(), fraction))
             if fraction < 1.0:
                 n = round((1 - fraction) * len(layer_ids))
                 dropped = select_dropped(scores, n, candidates=layer_ids) if n else []
                 set_static_routing(wrapped, dropped)
-                variants.append(Variant("attn-drop", 1 - len(dropped) / len(layer_ids), snapshot()))
+                variants.append(Variant("attn-drop", 1 - len(dropped) / len(layer_ids), snapshot(), fraction))
     finally:
         wrapped.unload()
     return variants
@@ -294,22 +268,6 @@ def _redundancy_scores(model, ids) -> dict[int, float]:
     is its own calibration data, as the MindSkip routers are calibrated on it too."""
     examples = [Example(row, row) for row in ids.tolist()]
     return redundancy_scores(model, examples, model.config.pad_token_id, "attn", batch_size=DROP_SCORE_BATCH)
-
-
-@contextlib.contextmanager
-def _converted(model, layer_ids, convert: bool, routers: dict | None = None):
-    """``model`` converted to MindSkip on ``layer_ids``, with ``routers`` when given (undone on exit); ``model``
-    itself when not ``convert``."""
-    if not convert:
-        yield model
-        return
-    wrapped = msk.get_mindskip_model(model, msk.MindSkipConfig(layers=layer_ids))
-    try:
-        if routers is not None:
-            wrapped.load_router_state_dict(routers)
-        yield wrapped
-    finally:
-        wrapped.unload()
 
 
 def _sample(model, ids, new_tokens, device, variant: Variant):
@@ -350,6 +308,17 @@ def _paired_speedup(dense: list[float], samples: list[float]) -> tuple[float, fl
     return _median(ratios), quantile(ratios, 0.2), quantile(ratios, 0.8)
 
 
+def _frac_of_static_drop(variants, v, phase: str) -> dict:
+    """``frac_of_static_drop`` of a MindSkip variant ``v``: the median over rounds of the time of the Attention-Drop
+    of its kept share among ``variants`` (timed the same way) over ``v``'s in the same round, i.e. its speed as a
+    share of the static drop's, with the p20 and p80; empty for any other variant."""
+    drop = next((w for w in variants if w.provider == "attn-drop" and w.fraction == v.fraction), None)
+    if v.provider != "mindskip" or drop is None:
+        return {}
+    ratio, low, high = _paired_speedup(getattr(drop, phase), getattr(v, phase))
+    return {"frac_of_static_drop": ratio, "frac_of_static_drop_p20": low, "frac_of_static_drop_p80": high}
+
+
 def _run_point(model, ids, params, layer_ids, fractions, new_tokens, reps, writer):
     device = writer.device
     batch = ids.shape[0]
@@ -382,31 +351,13 @@ def _run_point(model, ids, params, layer_ids, fractions, new_tokens, reps, write
         ):
             speedup, low, high = _paired_speedup(base, samples)
             ideal_speedup = 1 / factor
+            phase = {"prefill": "prefill", "decode": "decode", "ttlt": "generate"}[name]
             writer.add("e2e", name, v.provider, dict(params, kept=round(v.kept, 4)), samples, speedup_vs_hf=speedup,
                        speedup_p20=low, speedup_p80=high, ideal_speedup=ideal_speedup,
-                       frac_of_ideal=speedup / ideal_speedup, **extra)
+                       frac_of_ideal=speedup / ideal_speedup, **_frac_of_static_drop(runs, v, phase), **extra)
 
 
 # ------------------------------------------------------------------ long-context decode
-
-
-def _transplant(model, dense: DynamicCache, kind: str, keeps: dict[int, torch.Tensor] | None, max_len: int):
-    """A ``kind`` ("dynamic" or "static") cache holding ``dense``'s KV; a layer in ``keeps`` becomes a MindSkip slot
-    with that keep mask, holding only the kept rows (every row kept: the dense KV behind a MindSkip decision)."""
-    cache = DynamicCache(config=model.config) if kind == "dynamic" else StaticCache(config=model.config,
-                                                                                    max_cache_len=max_len)
-    for idx, layer in enumerate(dense.layers):
-        keys, values = layer.keys, layer.values
-        if keeps is None or idx not in keeps:
-            cache.layers[idx].update(keys, values)
-            continue
-        slot = routing_slot(cache, idx, True, keys.device)
-        decision = slot.mindskip_decision = Decision.from_keep(keeps[idx].to(keys.device))
-        if decision.num_kept:
-            slot.update(keys.index_select(0, decision.rows), values.index_select(0, decision.rows))
-        else:
-            slot.skip_tokens(keys.shape[2])
-    return cache
 
 
 def _keeps(layer_ids, batch, fraction) -> dict[int, torch.Tensor]:
@@ -426,56 +377,37 @@ def _drop_keeps(layer_ids, batch, fraction) -> dict[int, torch.Tensor]:
     return {idx: torch.full((batch,), i >= len(layer_ids) - n) == 0 for i, idx in enumerate(layer_ids)}
 
 
-def _decode_steps(model, cache, first, steps):
-    """``steps`` greedy decode steps from token ``first`` (B, 1) on ``cache``; then a crop puts the cache back."""
-    token = first
-    for _ in range(steps):
-        out = model(input_ids=token, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
-        token = out.logits[:, -1:].argmax(-1)
-    for layer in cache.layers:
-        if hasattr(layer, "crop"):
-            layer.crop(-steps)
-        else:  # transformers < 5.18: the stock StaticLayer has no crop; its length is this tensor
-            layer.cumulative_length.sub_(steps)
-
-
 @dataclass
 class LongVariant:
     provider: str
     cache: str
     kept: float | None
     keeps: dict[int, torch.Tensor] | None
-    built: object = None
+    fraction: float | None = None  # the kept fraction asked for (MindSkip and Attention-Drop of one share pair on it)
+    compiled: bool = False  # the decode step compiled (static cache), on the variant's own copy of the model
+    built: object = None  # the variant's cache
+    step: object = None  # compiled: the compiled copy of the model (converted for MindSkip and Attention-Drop)
     decode: list[float] = field(default_factory=list)
 
+    def same_step(self, other: LongVariant) -> bool:
+        """Whether ``other`` decodes with the same cache kind, compiled or not."""
+        return (self.cache, self.compiled) == (other.cache, other.compiled)
 
-def _run_long_point(model, ids, params, layer_ids, fractions, new_tokens, reps, writer):
-    device = writer.device
-    batch, seqlen = ids.shape
-    steps = new_tokens - 1
-    max_len = seqlen + new_tokens + 8
+def _long_prefill(model, ids):
+    """The dense prefill a long-context point decodes from: its ``DynamicCache`` and the first greedy token (B, 1)."""
     with torch.no_grad():
         dense = DynamicCache(config=model.config)
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, dense))
-        first = out.logits[:, -1:].argmax(-1)
-    variants = []
-    for kind in ("dynamic", "static"):
-        variants.append(LongVariant("hf", kind, None, None))
-        for fraction in fractions:
-            variants.append(LongVariant("mindskip", kind, fraction, _keeps(layer_ids, batch, fraction)))
-            if fraction < 1.0:
-                keeps = _drop_keeps(layer_ids, batch, fraction)
-                kept = sum(int(k.sum()) for k in keeps.values()) / (batch * len(layer_ids))
-                variants.append(LongVariant("attn-drop", kind, kept, keeps))
-    for v in variants:
-        v.built = _transplant(model, dense, v.cache, v.keeps, max_len)
-    del dense
+    return dense, out.logits[:, -1:].argmax(-1)
 
-    # The dense model's attention share of a decode step, per cache kind (instrumented steps, untimed otherwise).
+
+def _decode_attention_shares(model, layer_ids, dense, first, steps, reps, device) -> dict[str, float]:
+    """The dense model's attention share of a decode step per cache kind, for each of the ``dense`` variants (their
+    ``cache`` kind and ``built`` cache): instrumented steps, untimed otherwise; the median of ``reps`` after one."""
     share = {}
     timer = AttentionTimer(model, layer_ids, device)
     try:
-        for v in variants[:1] + [w for w in variants if w.provider == "hf" and w.cache == "static"]:
+        for v in dense:
             fractions_of_step = []
             for _ in range(reps + 1):
                 with torch.no_grad():
@@ -484,31 +416,89 @@ def _run_long_point(model, ids, params, layer_ids, fractions, new_tokens, reps, 
             share[v.cache] = _median(fractions_of_step[1:])
     finally:
         timer.remove()
+    return share
 
-    for v in variants:  # warm-up, and the KV bytes
-        # The decisions live in the variant's cache: converted without routers.
-        with _converted(model, layer_ids, v.keeps is not None) as m, torch.no_grad():
-            _decode_steps(m, v.built, first, steps)
-    for r in range(reps):
-        for i in range(len(variants)):
-            v = variants[(i + r) % len(variants)]
-            with _converted(model, layer_ids, v.keeps is not None) as m, torch.no_grad():
-                (ms,) = time_ms(lambda m=m, v=v: _decode_steps(m, v.built, first, steps), device, reps=1, warmup=0)
-            v.decode.append(ms)
+
+
+def _model_copy(model):
+    """A copy of ``model``'s modules that shares its parameters and buffers: a second model to convert and compile
+    while ``model`` is converted and unloaded around the eager samples, without a second copy of the weights."""
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, shared)
+
+
+def _compiled_variant(model, layer_ids, v: LongVariant, backend: str | None) -> LongVariant:
+    """``v`` (a static-cache variant) with its decode step compiled as ``generate()`` compiles a static cache's (the
+    decode compile config; ``backend``, or its own: inductor), on its own model copy, converted without routers where
+    ``v`` routes, and on ``v``'s cache."""
+    copied = _model_copy(model)
+    if v.keeps is not None:
+        copied = msk.get_mindskip_model(copied, msk.MindSkipConfig(layers=layer_ids))
+    step = torch.compile(copied, **decode_compile_config(**({"backend": backend} if backend else {})).to_dict())
+    return LongVariant(v.provider, v.cache, v.kept, v.keeps, v.fraction, compiled=True, built=v.built, step=step)
+
+
+def _time_long(model, layer_ids, v: LongVariant, first, steps, device) -> float:
+    """Milliseconds of ``steps`` decode steps of ``v`` (its compiled copy, or ``model`` converted around them)."""
+    if v.compiled:
+        return time_ms(lambda: _decode_steps(v.step, v.built, first, steps), device, reps=1, warmup=0)[0]
+    # The decisions live in the variant's cache: converted without routers.
+    with _converted(model, layer_ids, v.keeps is not None) as m:
+        return time_ms(lambda: _decode_steps(m, v.built, first, steps), device, reps=1, warmup=0)[0]
+
+
+def _run_long_point(model, ids, params, layer_ids, fractions, new_tokens, reps, writer, compiled=False,
+                    compile_backend=None):
+    device = writer.device
+    batch, seqlen = ids.shape
+    steps = new_tokens - 1
+    max_len = seqlen + new_tokens + 8
+    dense, first = _long_prefill(model, ids)
+    variants = []
+    for kind in ("dynamic", "static"):
+        variants.append(LongVariant("hf", kind, None, None))
+        for fraction in fractions:
+            variants.append(LongVariant("mindskip", kind, fraction, _keeps(layer_ids, batch, fraction), fraction))
+            if fraction < 1.0:
+                keeps = _drop_keeps(layer_ids, batch, fraction)
+                kept = sum(int(k.sum()) for k in keeps.values()) / (batch * len(layer_ids))
+                variants.append(LongVariant("attn-drop", kind, kept, keeps, fraction))
+    for v in variants:
+        v.built = _transplant(model, dense, v.cache, v.keeps, max_len)
+    del dense
+    if compiled:  # each static-cache variant again, compiled, on the same cache
+        variants += [_compiled_variant(model, layer_ids, v, compile_backend) for v in variants if v.cache == "static"]
+
+    share = _decode_attention_shares(model, layer_ids, [v for v in variants if v.provider == "hf"], first, steps,
+                                     reps, device)
+
+    with torch.no_grad():
+        for v in variants:  # warm-up (a compiled variant compiles here)
+            _time_long(model, layer_ids, v, first, steps, device)
+        for r in range(reps):
+            for i in range(len(variants)):
+                v = variants[(i + r) % len(variants)]
+                v.decode.append(_time_long(model, layer_ids, v, first, steps, device))
 
     tokens = batch * steps
-    dense = {v.cache: v for v in variants if v.provider == "hf"}
-    dense_bytes = sum(kv_bytes(dense["dynamic"].built).values())
+    dense_dynamic = variants[0]
+    dense_bytes = sum(kv_bytes(dense_dynamic.built).values())
     for v in variants:
-        base = dense[v.cache]
+        same = [w for w in variants if w.same_step(v)]
+        base = next(w for w in same if w.provider == "hf")
         row_params = dict(params, cache=v.cache) | ({"kept": round(v.kept, 4)} if v.kept is not None else {})
+        if v.compiled:
+            row_params["compiled"] = True
         held = sum(kv_bytes(v.built).values())
+        # A compiled step takes the attention share of the eager one with the same cache (no hooks in a graph).
         factor = 1 - (1 - v.kept) * share[v.cache] if v.kept is not None else 1.0
         speedup, low, high = _paired_speedup(base.decode, v.decode)
         writer.add("e2e", "decode-long", v.provider, row_params, v.decode,
                    tokens_per_s=tokens / (_median(v.decode) / 1e3), attn_share=share[v.cache],
                    speedup_vs_hf=speedup, speedup_p20=low, speedup_p80=high,
-                   speedup_vs_hf_dynamic=_paired_speedup(dense["dynamic"].decode, v.decode)[0],
-                   ideal_speedup=1 / factor, frac_of_ideal=speedup * factor, kv_bytes=held,
+                   speedup_vs_hf_dynamic=_paired_speedup(dense_dynamic.decode, v.decode)[0],
+                   ideal_speedup=1 / factor, frac_of_ideal=speedup * factor,
+                   **_frac_of_static_drop(same, v, "decode"), kv_bytes=held,
                    kv_ratio=held / dense_bytes if v.cache == "dynamic" else None)
-        v.built = None
+    for v in variants:
+        v.built = v.step = None

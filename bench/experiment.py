@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .common import ROOT
+from .common import ROOT, machine_info, utc_timestamp
 
 DEFAULT_DATA_DIR = ROOT.parent / "shared" / "data"
 ALPACA = Path("instruct") / "alpaca_en_demo.json"
@@ -59,18 +59,19 @@ class Run:
             self.say(f"--- {name}: {self.timings[name]:.0f} s")
 
     def announce(self, paths: dict[str, Path], **summary) -> None:
-        """Say where each output went; print the one JSON line: ``summary``, the total seconds, the paths."""
+        """Say where each output went; print the one JSON line: ``summary``, the total seconds (null for results
+        that never finished, e.g. a report written again from partial results), the paths."""
         for kind, path in paths.items():
             self.say(f"wrote {kind}: {path}")
-        print(json.dumps({**summary, "total_seconds": self.timings["total"],
+        print(json.dumps({**summary, "total_seconds": self.timings.get("total"),
                           "outputs": {k: str(v) for k, v in paths.items()}}))
 
     def save_partial(self) -> None:
         if self.partial is not None:
             # Written beside and renamed over, so that a reader (a side run's --merge) never sees half a file.
             tmp = self.partial.with_name(self.partial.name + ".tmp")
-            tmp.write_text(json.dumps({"preset": self.preset, "timings": self.timings, "models": self.models},
-                                      indent=2, sort_keys=True) + "\n")
+            tmp.write_text(json.dumps({"preset": self.preset, "timings": self.timings, "models": self.models,
+                                       "meta": self.meta}, indent=2, sort_keys=True, default=str) + "\n")
             tmp.replace(self.partial)
 
     def resume(self, finished: Path | None = None) -> None:
@@ -101,6 +102,40 @@ def read_results(path: Path, flag: str, what: str, preset: str) -> tuple[dict, d
     if saved.get("preset", preset) != preset:
         raise SystemExit(f"{flag}: {path} is from the {saved['preset']!r} preset, not {preset!r}")
     return models, timings
+
+
+def start_run(tag: str, args, sizes, results: str, **meta) -> Run:
+    """A new run of experiment ``tag`` into ``args.output`` (its partial results there as
+    ``<results>.partial.json``), with its start time, machine and data folder in the metadata beside ``meta``;
+    torch seeded with ``sizes.seed``."""
+    run = Run(tag, args.preset, sizes, partial=args.output / f"{results}.partial.json")
+    args.output.mkdir(parents=True, exist_ok=True)
+    run.meta.update(started=utc_timestamp(), machine=machine_info(MACHINE_PACKAGES), data_dir=str(args.data_dir),
+                    **meta)
+    torch.manual_seed(sizes.seed)
+    return run
+
+
+def skip_ratios(parser, text: str) -> list[float]:
+    """``--ratios``: comma-separated skip ratios, each in (0, 1), sorted and without repeats (empty: none); a
+    parser error names a bad one."""
+    try:
+        ratios = sorted({float(r) for r in text.split(",") if r.strip()})
+    except ValueError:
+        parser.error(f"--ratios takes comma-separated numbers, got {text!r}")
+    if not all(0.0 < r < 1.0 for r in ratios):
+        parser.error(f"--ratios must be skip ratios in (0, 1), got {ratios}")
+    return ratios
+
+
+def check_data_and_model(parser, args) -> None:
+    """The shared data folder (``args.data_dir``, resolved) must be there, and ``--smoke`` builds its own model."""
+    if not (args.data_dir / "eval").is_dir():
+        parser.error(f"the shared data folder {args.data_dir} is missing (pass --data-dir; see "
+                     "../shared/data/README.md)")
+    args.data_dir = args.data_dir.resolve()
+    if args.smoke and args.model:
+        parser.error("--smoke builds its own tiny model; drop --model")
 
 
 def smoke_model(data_dir: Path, seed: int):

@@ -37,7 +37,7 @@ SHAPES = [
 BIASES = {"none kept": -30.0, "some kept": None, "all kept": 30.0}
 # The ops run_case calls (router_gate_varlen where the library has it); any other op of the library fails the run.
 COVERED = {"router_gate", "router_gate_backward", "router_gate_varlen", "gather_kept", "scatter_add_kept_",
-           "pack_plan", "pack_kept", "unpack_add_kept_"}
+           "scatter_add_kept", "rotary_embedding", "pack_plan", "pack_kept", "unpack_add_kept_"}
 # Low-precision outputs are rounded once from fp32 by both sides, but reductions run in another order.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
@@ -110,6 +110,9 @@ def run_case(batch, seqlen, dim, dtype, mask_kind, bias, device) -> int:
     check("gather_kept", kept, want_kept, dtype)
     check("scatter_add_kept_", ops.scatter_add_kept_(torch.ones_like(d_hidden), kept, order),
           ref.scatter_add_kept_(torch.ones_like(hidden), want_kept, want_order), dtype)
+    check("scatter_add_kept", ops.scatter_add_kept(d_hidden, kept, order),
+          ref.scatter_add_kept(hidden, want_kept, want_order), dtype)
+    run_rotary(hidden, kept, order, want_kept, want_order, device)
 
     cu_seqlens, token_index, max_len = ops.pack_plan(d_mask, order, k, seqlen)
     want_cu, want_index, want_max = ref.pack_plan(mask, want_order, k, seqlen)
@@ -122,6 +125,23 @@ def run_case(batch, seqlen, dim, dtype, mask_kind, bias, device) -> int:
     check("unpack_add_kept_", ops.unpack_add_kept_(torch.ones_like(d_hidden), packed, token_index),
           ref.unpack_add_kept_(torch.ones_like(hidden), want_packed, want_index), dtype)
     return k
+
+
+def run_rotary(hidden, kept, order, want_kept, want_order, device) -> None:
+    """rotary_embedding of the kept rows (one query head, two key heads, the even part of D) with a cos/sin table of
+    every row, each kept row picking its own: as a mixed layer's decode step calls it."""
+    even = hidden.shape[-1] - hidden.shape[-1] % 2
+    table = hidden[..., :even]
+    k = want_kept.shape[0]
+
+    def heads(x):
+        x = x[..., :even]
+        return x.unsqueeze(2), torch.stack([x, -x], dim=2)
+
+    with torch.no_grad():
+        got = ops.rotary_embedding(*heads(kept), table.cos().to(device), table.sin().to(device), order[:k])
+    want = ref.rotary_embedding(*heads(want_kept), table.cos(), table.sin(), want_order[:k])
+    check_outputs("rotary_embedding", ("q_out", "k_out"), got, want, hidden.dtype)
 
 
 def run_varlen(hidden, mask, weight, bias, device) -> None:

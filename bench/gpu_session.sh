@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # A GPU session in one 10-minute command on a lent GPU (H100/H200 with python3, torch, transformers, pytest and
-# ninja, no network): build for the local GPU, the CUDA tests, compute-sanitizer over every op, the micro section
-# against the device's copy bandwidth, and two e2e points at the Llama-3-8B shape; then a two-line summary. Every
-# step runs under a time limit cut to what is left of the session's budget, so that a hanging step cannot eat the
-# others, and a failing step is reported in the summary while the next one still runs.
+# ninja, no network): build for the local GPU, the throw probe, the CUDA tests, compute-sanitizer over every op, the
+# compiled static-cache decode step at the Llama-3-8B shape (dense vs MindSkip vs Attention-Drop of the same share),
+# the eager decode step and the first e2e point, the micro section against the device's copy bandwidth, and the
+# second e2e point; then a two-line summary. The steps run in that order, by value: a session cut short loses the
+# last. Every step runs under a time limit cut to what is left of the session's budget, so that a hanging step cannot
+# eat the others, and a failing step is reported in the summary while the next one still runs.
 #
-#   bash bench/gpu_session.sh all [--dry-run]     # every step below, in this order (about 8 minutes on an H100)
+#   bash bench/gpu_session.sh all [--dry-run]     # every step below, in the order above (about 9 minutes on an H100)
 #   bash bench/gpu_session.sh build               # only the build (the other steps build first when needed)
 #   bash bench/gpu_session.sh probe               # does a bad input raise, or crash the process? (bench.gpu_throw_probe)
 #   bash bench/gpu_session.sh test                # pytest -m cuda (every failure reported: no -x; a crash too)
 #   bash bench/gpu_session.sh sanitize            # compute-sanitizer memcheck over python -m bench.gpu_sanitize
 #   bash bench/gpu_session.sh micro [ARGS]        # bench.run --only micro (ARGS go to bench.run)
 #   bash bench/gpu_session.sh e2e B T [ARGS]      # one e2e point: batch B x prompt T (comma lists: their grid)
-#   bash bench/gpu_session.sh profile             # bench.decode_profile: a decode step op by op, eager and compiled
+#   bash bench/gpu_session.sh profile             # bench.decode_profile: a decode step op by op, compiled and eager
 #
 # --dry-run rehearses a step on a machine without a GPU: it checks that the existing build loads instead of
 # building, lists the tests that -m cuda selects, runs the op script on the CPU without compute-sanitizer, runs
@@ -55,16 +57,18 @@ if [ -n "$dry" ]; then
   points="2x16 1x32"
   e2e_args=(--e2e-shape cpu-small --new-tokens 3 --e2e-fractions 1.0,0.5 --e2e-reps 2)
   profile_args=(--batch 2 --prompt 16 --steps 2 --kept 0.5,1.0)
-  static_args=(--batch 2 --prompt 8 --steps 1 --layers 6 --cache static --compile --compile-backend eager)
+  static_args=(--batch 2 --prompt 8 --steps 1 --layers 6 --kept 0.5,1.0 --cache static --compile
+               --compile-backend eager)
 else
   export device=cuda results=bench/results
   points="32x2048 8x8192"  # the Llama-3-8B points: pairs, not their grid
   e2e_args=(--e2e-shape llama3-8b --new-tokens 64 --e2e-fractions 1.0,0.5 --e2e-reps "${E2E_REPS:-3}")
   # Kept 1.0 too: the wrapper's overhead with every sequence kept, op by op, next to the unconverted model's step.
   profile_args=(--shape llama3-8b --batch 32 --prompt 2048 --steps 8 --kept 0.5,1.0)
-  # The decode step generate() compiles for a static cache (CUDA graphs), on 16 of the 32 layers to bound the
-  # compile time of its three models.
-  static_args=(--shape llama3-8b --layers 16 --batch 32 --prompt 2048 --steps 8 --cache static --compile)
+  # The decode step generate() compiles for a static cache (CUDA graphs): dense, MindSkip at kept 0.5 and 1.0, and
+  # Attention-Drop of the 0.5 share, each compiled; on 16 of the 32 layers to bound the compile time of four models.
+  static_args=(--shape llama3-8b --layers 16 --batch 32 --prompt 2048 --steps 8 --kept 0.5,1.0 --cache static
+               --compile)
 fi
 export out
 export stamp_file=build/gpu-session.stamp
@@ -229,19 +233,18 @@ e2e() {
 build
 case "$step" in
   all)
+    # By value (issue 38): the tests and the throw probe; the compiled static-cache decode step (dense, MindSkip and
+    # Attention-Drop of the same share); the eager decode step (op by op, then generate() at the first e2e point);
+    # micro; the second e2e point last.
     run_step probe 100 step_probe
     run_step test 150 step_test
     run_step sanitize 150 step_sanitize
+    run_step profile-static 270 step_profile decode_profile_static "${static_args[@]}"
+    run_step profile 90 step_profile decode_profile "${profile_args[@]}"
+    first=${points%% *} second=${points#* }
+    e2e "${first%x*}" "${first#*x}"
     micro
-    for point in $points; do
-      e2e "${point%x*}" "${point#*x}"
-      # After the first point: where a decode step's time goes (dense, MindSkip at 50% kept, Attention-Drop),
-      # eager on a dynamic cache and compiled on a static one.
-      if [ "$point" = "${points%% *}" ]; then
-        run_step profile 90 step_profile decode_profile "${profile_args[@]}"
-        run_step profile-static 240 step_profile decode_profile_static "${static_args[@]}"
-      fi
-    done
+    e2e "${second%x*}" "${second#*x}"
     ;;
   probe) run_step probe 100 step_probe ;;
   test) run_step test 150 step_test ;;
@@ -249,8 +252,8 @@ case "$step" in
   micro) micro "$@" ;;
   e2e) e2e "$@" ;;
   profile)
+    run_step profile-static 270 step_profile decode_profile_static "${static_args[@]}"
     run_step profile 90 step_profile decode_profile "${profile_args[@]}"
-    run_step profile-static 240 step_profile decode_profile_static "${static_args[@]}"
     ;;
 esac
 

@@ -7,8 +7,9 @@
 Line 1: whether bad inputs raise or crash (bench.gpu_throw_probe), the tests passed and failed, the sanitizer's error
 count, the build time and every step that failed, timed out or was skipped. Line 2: the GB/s of router_gate,
 gather+scatter and pack+unpack at the largest shape each ran, as a share of the device's copy bandwidth (measured in
-the same micro run); per e2e point, MindSkip's speedup over the unconverted model against the ideal one; and the
-decode step time of each variant the profile steps timed.
+the same micro run); per e2e point, MindSkip's speedup over the unconverted model against the ideal one, and its
+decode speed as a share of Attention-Drop's at the same kept share; and the decode step time of each variant the
+profile steps timed (compiled first), MindSkip's again as a share of Attention-Drop's.
 
     python -m bench.gpu_summary --log OUT/session.log --rows OUT/<device>.jsonl [--dry-run]
 """
@@ -206,31 +207,40 @@ def e2e_text(rows: list[dict]) -> str:
             f"{name} {m['speedup_vs_hf']:.2f}/{m['ideal_speedup']:.2f}x"
             for name in ("prefill", "decode", "ttlt") if (m := phases.get(name))
         )
-        ttlt = phases.get("ttlt")
-        share = f" ({ttlt['frac_of_ideal']:.2f} of ideal)" if ttlt else ""
+        ttlt, decode = phases.get("ttlt"), phases.get("decode") or {}
+        shares = [f"{ttlt['frac_of_ideal']:.2f} of ideal"] if ttlt else []
+        if "frac_of_static_drop" in decode:
+            shares.append(f"decode {decode['frac_of_static_drop']:.2f} of the static drop's speed")
+        share = f" ({'; '.join(shares)})" if shares else ""
         parts.append(f"{shape} B={batch} T={seqlen} kept {kept:g}: {speedups}{share}")
     return "e2e speedup measured/ideal: " + "; ".join(parts)
 
 
 # The profile steps (bench/decode_profile.py's tables in the log) and what the summary calls them.
-PROFILES = {"profile": "decode step, eager", "profile-static": "decode step, static cache compiled"}
+PROFILES = {"profile-static": "decode step, static cache compiled", "profile": "decode step, eager"}
+# decode_profile's line comparing a MindSkip variant with Attention-Drop of its share.
+AGAINST_DROP = re.compile(r"^\*\*(.+) against Attention-Drop of the same share\*\*: frac_of_static_drop ([\d.]+)")
 
 
 def profile_text(steps: dict[str, Step]) -> str | None:
-    """Per profile step that printed its table: each variant's step time, and its speedup over the unconverted
-    model; None when no profile step ran."""
+    """Per profile step that printed its table: each variant's step time, its speedup over the unconverted model and,
+    for MindSkip, its speed as a share of Attention-Drop's at the same kept share; None when no profile step ran."""
     parts = []
     for name, label in PROFILES.items():
         step = steps.get(name)
-        cells = {}
+        cells, of_drop = {}, {}
         for line in (step.text if step is not None else "").splitlines():
             row = [c.strip() for c in line.strip().strip("|").split("|")]
             if len(row) >= 5 and row[0] and row[0] != "variant" and re.fullmatch(r"[\d.]+", row[1]):
                 cells[row[0]] = (float(row[1]), row[4])
+            elif match := AGAINST_DROP.match(line):
+                of_drop[match[1]] = float(match[2])
         if "hf" not in cells:
             continue
         base = cells["hf"][0]
-        shown = ", ".join(f"{v} {ms:.2f} ms" + (f" ({base / ms:.2f}x)" if v != "hf" else "")
+        shown = ", ".join(f"{v} {ms:.2f} ms" + (f" ({base / ms:.2f}x" if v != "hf" else "")
+                          + (f"; {of_drop[v]:.2f} of attn-drop's speed" if v in of_drop else "")
+                          + (")" if v != "hf" else "")
                           for v, (ms, _) in cells.items())
         breaks = sum(int(b) for _, b in cells.values() if b.isdigit())
         parts.append(f"{label}: {shown}" + (f", {breaks} graph breaks" if breaks else ""))

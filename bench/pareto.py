@@ -16,7 +16,10 @@ Recipes (the levers of Router-Tuning; ``paper`` is the paper's: CE, zero init, l
 * ``centre``: the routers train on their input less its mean over the calibration sequences;
 * ``layers``: ``paper`` (the last half but the last), or ``wide`` (every layer but the first few and the last);
 * ``data``: ``alpaca``, or ``mix``: Alpaca with GSM8K's train split and WikiText-2's validation text, as many
-  examples as Alpaca alone (the same budget);
+  examples as Alpaca alone (the same budget), or ``mix4``: the same with Python code (its train split);
+* ``path``: the start is kd-joint's recorded search path (``JOINT_PATH``), without searching again; ``cost``: the
+  routers are fitted to the per-sequence skip costs around the start (cost-supervised routers), then trained for
+  the recipe's steps (0: the fit alone);
 * ``hold``: the capacity multiplier starts at 1 instead of 0, so that a redundancy init, already at the target, is
   held there from the first step (with 0 the task loss first pulls every router to keep); ``slow``: lr 5e-4.
 
@@ -56,18 +59,20 @@ from pathlib import Path
 
 import torch
 
-from .common import RESULTS_DIR, machine_info, utc_timestamp
+from .common import RESULTS_DIR
 from .experiment import (
     ALPACA,
     DEFAULT_DATA_DIR,
-    MACHINE_PACKAGES,
     METRIC,
     TASKS,
     WIKITEXT,
     Run,
+    check_data_and_model,
     evaluate,
     load_model,
     read_results,
+    skip_ratios,
+    start_run,
     wikitext_examples,
 )
 from .pareto_report import best_recipe, counts_around, skipped_per_sequence, write_outputs
@@ -78,6 +83,7 @@ METHODS = ("attention-drop", "paper", "best", "static", "matched")  # what the P
 DROP_SCOPES = ("all", "restricted")
 GSM8K = Path("eval") / "gsm8k" / "train.jsonl"
 WIKITEXT_TRAIN = Path("text") / "wikitext2-valid.txt"
+CODE_TRAIN = Path("text") / "code-python-train.jsonl"
 DEFAULT_WORK_DIR = Path.home() / ".cache" / "mindskip_ext" / "pareto-work"
 
 
@@ -93,6 +99,7 @@ class Recipe:
     init_sequences: int | None = None  # calibration sequences of a static init (None: the preset's)
     margin: bool = False  # the static init's next-ranked layer starts at the threshold (``router_init_margin``)
     centre: bool = False  # centred router inputs (``centre_router_inputs``)
+    cost: bool = False  # cost-supervised routers fitted after the start (``cost_routers``)
 
 
 RECIPES = {
@@ -113,7 +120,23 @@ RECIPES = {
     "kd+joint+wide+hold+slow+mix+margin+centre": Recipe(
         loss="kd", init="joint", layers="wide", data="mix", multiplier=1.0, learning_rate=5e-4, steps=60,
         init_sequences=32, margin=True, centre=True),
+    # Issue 34's levers, from kd-joint's recorded search path (``init="path"``, no search again): the 4-domain mix
+    # (with Python code), cost-supervised routers alone (``steps=0``: the fit and the calibration) and with kd-joint's
+    # training after the fit.
+    "kd+path+wide+hold+slow+mix4+margin+centre": Recipe(
+        loss="kd", init="path", layers="wide", data="mix4", multiplier=1.0, learning_rate=5e-4, steps=60,
+        margin=True, centre=True),
+    "path+wide+mix4+margin+cost": Recipe(loss="kd", init="path", layers="wide", data="mix4", steps=0, margin=True,
+                                         cost=True),
+    "path+wide+mix+margin+cost": Recipe(loss="kd", init="path", layers="wide", data="mix", steps=0, margin=True,
+                                        cost=True),
+    "kd+path+wide+hold+slow+mix4+margin+centre+cost": Recipe(
+        loss="kd", init="path", layers="wide", data="mix4", multiplier=1.0, learning_rate=5e-4, steps=60,
+        margin=True, centre=True, cost=True),
 }
+# The greedy joint-cost search path of kd-joint on SmolLM2-135M (kd+joint+wide+hold+slow+mix+margin+centre, on 32
+# sequences of the mixture): 12.5%, 25% and 37.5% took its first 4, 8 and 12 layers (the last one the margin).
+JOINT_PATH = (7, 6, 25, 9, 28, 26, 22, 17, 4, 12, 14, 8)
 
 
 @dataclass(frozen=True)
@@ -125,6 +148,9 @@ class Sizes:
     learning_rate: float
     calibration_sequences: int
     mix_weights: tuple[float, float, float]  # Alpaca, GSM8K, WikiText-2 valid
+    mix4_weights: tuple[float, float, float, float]  # the same and Python code (train split)
+    cost_sequences: int  # training sequences the cost-supervised routers are fitted on
+    joint_path: tuple[int, ...] | None  # the start of ``init="path"`` recipes (None: search it, ``init="joint"``)
     task_limit: dict[str, int | None]
     mmlu_per_subject: int | None
     mmlu_subjects: list[str] | None
@@ -136,22 +162,35 @@ class Sizes:
     projection_records: int  # training sequences that decide the static projection
     eval_batch_size: int
     seed: int = 0
+    tasks: bool = True  # the Pareto stage scores the six tasks (the small preset leaves them out)
 
 
 ITEMS = 350  # per task: the standard error of the six tasks' average is then about 1.1 points at 50% accuracy
 PRESETS = {
     "default": Sizes(
         heldout_fraction=0.05, max_length=256, batch_size=8, steps=None, learning_rate=2e-3,
-        calibration_sequences=128, mix_weights=(0.5, 0.25, 0.25),
-        task_limit={t: ITEMS for t in TASKS if t != "local_mmlu"}, mmlu_per_subject=6, mmlu_subjects=None,
+        calibration_sequences=128, mix_weights=(0.5, 0.25, 0.25), mix4_weights=(0.4, 0.2, 0.2, 0.2),
+        cost_sequences=128, joint_path=JOINT_PATH, task_limit={t: ITEMS for t in TASKS if t != "local_mmlu"},
+        mmlu_per_subject=6, mmlu_subjects=None,
         num_fewshot={"local_hellaswag": 0}, ppl_block=1024, ppl_blocks=None, ablation_ppl_blocks=48, drop_records=128,
         projection_records=256, eval_batch_size=8,
     ),
     "smoke": Sizes(
         heldout_fraction=0.1, max_length=160, batch_size=8, steps=4, learning_rate=2e-3, calibration_sequences=16,
-        mix_weights=(0.5, 0.25, 0.25), task_limit=dict.fromkeys(TASKS, 4), mmlu_per_subject=2,
+        mix_weights=(0.5, 0.25, 0.25), mix4_weights=(0.4, 0.2, 0.2, 0.2), cost_sequences=16,
+        joint_path=None,
+        task_limit=dict.fromkeys(TASKS, 4), mmlu_per_subject=2,
         mmlu_subjects=["anatomy", "virology"], num_fewshot={"local_hellaswag": 2, "local_mmlu": 2}, ppl_block=64,
         ppl_blocks=4, ablation_ppl_blocks=2, drop_records=16, projection_records=16, eval_batch_size=8,
+    ),
+    # A model whose every forward costs several times SmolLM2's on a CPU (Gemma 3 270M: its 262k vocabulary's
+    # output layer is most of it): short sequences, a capped recipe (30 steps, 8 calibration sequences for the joint
+    # search), the first 8 WikiText-2 test blocks of 512 tokens, 30 held-out examples, no tasks.
+    "small": Sizes(
+        heldout_fraction=0.03, max_length=128, batch_size=4, steps=30, learning_rate=2e-3, calibration_sequences=8,
+        mix_weights=(0.5, 0.25, 0.25), task_limit={}, mmlu_per_subject=None, mmlu_subjects=None, num_fewshot={},
+        ppl_block=512, ppl_blocks=8, ablation_ppl_blocks=8, drop_records=32, projection_records=32,
+        eval_batch_size=4, tasks=False,
     ),
 }
 
@@ -184,14 +223,17 @@ def load_data(args, sizes: Sizes, tokenizer) -> Data:
     small = 64 if args.smoke else None
     gsm8k, _, (gsm8k_stats,) = source(GSM8K, max_records=small)
     wiki, _, (wiki_stats,) = source(WIKITEXT_TRAIN, max_records=small)
+    code, _, (code_stats,) = source(CODE_TRAIN, max_records=small)
     mix = mix_examples([alpaca, gsm8k, wiki], sizes.mix_weights, seed=sizes.seed, total=len(alpaca))
+    mix4 = mix_examples([alpaca, gsm8k, wiki, code], sizes.mix4_weights, seed=sizes.seed, total=len(alpaca))
     ppl = wikitext_examples(args.data_dir / WIKITEXT, tokenizer, sizes.ppl_block, sizes.ppl_blocks)
     return Data(
-        train={"alpaca": alpaca, "mix": mix},
+        train={"alpaca": alpaca, "mix": mix, "mix4": mix4},
         heldout=heldout,
         ppl=ppl,
-        stats={"alpaca": alpaca_stats, "gsm8k": gsm8k_stats, "wikitext2_valid": wiki_stats,
+        stats={"alpaca": alpaca_stats, "gsm8k": gsm8k_stats, "wikitext2_valid": wiki_stats, "code_train": code_stats,
                "mix": {"examples": len(mix), "weights": list(sizes.mix_weights)},
+               "mix4": {"examples": len(mix4), "weights": list(sizes.mix4_weights)},
                "wikitext2_test": {"blocks": len(ppl), "block_tokens": sizes.ppl_block,
                                   "tokens": sum(len(e) for e in ppl)}},
     )
@@ -206,13 +248,17 @@ def tuning_config(recipe: Recipe, sizes: Sizes, capacity: float):
     from mindskip_ext.training import RouterTuningConfig
 
     steps = [s for s in (recipe.steps, sizes.steps) if s is not None]
+    path = recipe.init == "path" and sizes.joint_path is not None
+    init = "ranking" if path else "joint" if recipe.init == "path" else recipe.init
     return RouterTuningConfig(
-        target_capacity=capacity, loss=recipe.loss, router_init=recipe.init, initial_multiplier=recipe.multiplier,
+        target_capacity=capacity, loss=recipe.loss, router_init=init,
+        router_init_ranking=list(sizes.joint_path) if path else None, initial_multiplier=recipe.multiplier,
         learning_rate=recipe.learning_rate or sizes.learning_rate,
         batch_size=sizes.batch_size, max_steps=min(steps, default=None), seed=sizes.seed, log_every=5,
         save_every=20, calibration_sequences=sizes.calibration_sequences, eval_batch_size=sizes.eval_batch_size,
         router_init_sequences=recipe.init_sequences and min(recipe.init_sequences, sizes.calibration_sequences),
-        router_init_margin=recipe.margin, centre_router_inputs=recipe.centre,
+        router_init_margin=recipe.margin, centre_router_inputs=recipe.centre, cost_routers=recipe.cost,
+        cost_sequences=sizes.cost_sequences,
     )
 
 
@@ -244,15 +290,18 @@ def train_recipe(run: Run, name: str, base, tokenizer, recipe: Recipe, ratio: fl
         routing_decisions(model, data.train[recipe.data][: sizes.projection_records], pad, sizes.eval_batch_size),
         num_layers,
     )
+    log = [json.loads(line) for line in (out / LOG_NAME).read_text().splitlines()]
     entry = {
         "kind": "mindskip", "recipe": asdict(recipe), "recipe_name": name.rsplit("@", 1)[0], "ratio": ratio,
         "layers": layers, "target_capacity": capacity, "router_dir": str(router_dir),
         "train_seconds": summary["train_seconds"], "train_tokens_per_s": summary["train_tokens_per_s"],
         "steps": summary["steps"], "router_init": summary.get("router_init"), "calibration": summary["calibration"],
         "routing_train": projection,
-        "curves": [{k: e[k] for k in ("step", "ce", "kd", "loss", "capacity") if k in e}
-                   for e in map(json.loads, (out / LOG_NAME).read_text().splitlines()) if "ce" in e],
+        "curves": [{k: e[k] for k in ("step", "ce", "kd", "loss", "capacity") if k in e} for e in log if "ce" in e],
     }
+    fits = [e["cost_fit"] for e in log if "cost_fit" in e]
+    if fits:
+        entry["cost_fit"] = fits[0]
     return model, entry
 
 
@@ -261,22 +310,28 @@ def router_folder(preset: str, name: str) -> Path:
     return Path("pareto_routers") / preset / name
 
 
-def heldout_costs(run: Run, base, data: Data, pad: int, layers: list[int], work: Path):
-    """The held-out set's per-sequence cost of skipping each of ``layers`` alone (computed once, kept in ``work``)."""
+def heldout_costs(run: Run, base, data: Data, pad: int, layers: list[int], work: Path, per_token: bool = False,
+                  model=None):
+    """The held-out set's per-sequence (``per_token``: per supervised position) cost of skipping each of ``layers``
+    alone (computed once, kept in ``work``), on ``model`` (a MindSkip model with routers on ``layers``; default:
+    ``base`` converted for it and back). A skip is of every token either way, so the routing level does not matter."""
     import mindskip_ext as msk
     from mindskip_ext.eval.headroom import SkipCosts, skip_costs
 
-    path, key = work / "skip_costs_heldout.pt", [e.input_ids for e in data.heldout]
+    name = "skip_costs_heldout_per_token.pt" if per_token else "skip_costs_heldout.pt"
+    path, key = work / name, [e.input_ids for e in data.heldout]
     if path.is_file():
         saved = torch.load(path, weights_only=True)
         if saved["key"] == key and saved["layers"] == layers:
-            return SkipCosts(saved["layers"], saved["costs"], saved["tokens"])
-    model = msk.get_mindskip_model(base, msk.MindSkipConfig(layers=layers))
-    with run.stage("held-out skip costs"):
-        costs = skip_costs(model, data.heldout, pad, layers, run.sizes.eval_batch_size)
-    model.unload()
+            return SkipCosts(saved["layers"], saved["costs"], saved["tokens"], saved.get("sequence"))
+    wrapped = model if model is not None else msk.get_mindskip_model(base, msk.MindSkipConfig(layers=layers))
+    with run.stage("held-out skip costs" + (" per token" if per_token else "")):
+        costs = skip_costs(wrapped, data.heldout, pad, layers, run.sizes.eval_batch_size, per_token=per_token)
+    if model is None:
+        wrapped.unload()
     work.mkdir(parents=True, exist_ok=True)
-    torch.save({"key": key, "layers": costs.layers, "costs": costs.costs, "tokens": costs.tokens}, path)
+    torch.save({"key": key, "layers": costs.layers, "costs": costs.costs, "tokens": costs.tokens,
+                "sequence": costs.sequence}, path)
     return costs
 
 
@@ -341,14 +396,9 @@ def run_stage(args) -> Run:
     from . import local_tasks
 
     sizes = PRESETS[args.preset]
-    run = Run("pareto", args.preset, sizes, partial=args.output / "pareto.partial.json")
-    args.output.mkdir(parents=True, exist_ok=True)
+    run = start_run("pareto", args, sizes, "pareto", stage=args.stage, ratios=list(args.ratios),
+                    ablation_ratio=ABLATION_RATIO, recipes={k: asdict(v) for k, v in RECIPES.items()})
     started = time.perf_counter()
-    run.meta.update(started=utc_timestamp(), machine=machine_info(MACHINE_PACKAGES), data_dir=str(args.data_dir),
-                    stage=args.stage, ratios=list(args.ratios),
-                    ablation_ratio=ABLATION_RATIO,
-                    recipes={k: asdict(v) for k, v in RECIPES.items()})
-    torch.manual_seed(sizes.seed)
     work = Path(args.work_dir) / args.preset
     with run.stage("load model and data"):
         base, tokenizer, label = load_model(args.smoke, args.model, args.data_dir, sizes.seed)
@@ -371,6 +421,7 @@ def run_stage(args) -> Run:
         merge_results(run, source, args.output)
     pad = pad_token_id(tokenizer)
     ablation = args.stage == "ablation"
+    with_tasks = not ablation and sizes.tasks
     # The ablation ranks recipes on the first blocks of WikiText-2; the Pareto stage reports the whole split.
     ppl = data.ppl[: sizes.ablation_ppl_blocks] if ablation else data.ppl
     ppl_tokens = sum(len(e) - 1 for e in ppl)
@@ -435,7 +486,7 @@ def run_stage(args) -> Run:
                                    sizes.eval_batch_size)
     run.meta["attention_drop_similarity"] = {str(k): round(v, 6) for k, v in scores.items()}
     costs = heldout_costs(run, base, data, pad, sorted(set().union(*sets.values())), work)
-    ensure("dense", {"kind": "dense", "label": label}, lambda: (base, lambda: None), tasks=not ablation)
+    ensure("dense", {"kind": "dense", "label": label}, lambda: (base, lambda: None), tasks=with_tasks)
     ratios = run.meta["ratios"]
     # The Pareto stage compares the recipe ranked by the ablation's results, before it evaluates anything again.
     best = None if ablation else args.best or best_recipe(run.models)
@@ -449,7 +500,7 @@ def run_stage(args) -> Run:
             entry = {"kind": "attention-drop", "scope": scope, "ratio": ratio, "dropped_layers": dropped,
                      "skip_ratio": n / num_layers}
             drops[name] = ensure(name, entry, lambda d=dropped: static(d), tasks=False)
-        if drops and not ablation:  # the better scope by perplexity gets the tasks
+        if drops and with_tasks:  # the better scope by perplexity gets the tasks
             better = min(drops, key=lambda k: drops[k]["wikitext2"]["perplexity"])
             ensure(better, {"best_of_scopes": True}, lambda d=drops[better]["dropped_layers"]: static(d), tasks=True)
         for recipe_name in dict.fromkeys(recipes):
@@ -457,7 +508,7 @@ def run_stage(args) -> Run:
             model, entry = train_recipe(run, name, base, tokenizer, RECIPES[recipe_name], ratio, data, args.output)
             decisions = routing_decisions(model, data.heldout, pad, sizes.eval_batch_size)
             entry["routing_heldout"] = routing_report(decisions, num_layers)
-            result = ensure(name, entry, lambda m=model: (m, lambda: None), tasks=not ablation)
+            result = ensure(name, entry, lambda m=model: (m, lambda: None), tasks=with_tasks)
             result["headroom_heldout"] = headroom(costs, decisions)  # also for a model resumed without it
             run.save_partial()
             model.unload()
@@ -469,7 +520,7 @@ def run_stage(args) -> Run:
                 dropped = sorted(int(i) for i, _ in ranked[:count])
                 entry = {"kind": "static-projection", "of": name, "ratio": ratio, "dropped_layers": dropped,
                          "skip_ratio": len(dropped) / num_layers}
-                ensure(f"{recipe_name}-static@{ratio}", entry, lambda d=dropped: static(d), tasks=not ablation)
+                ensure(f"{recipe_name}-static@{ratio}", entry, lambda d=dropped: static(d), tasks=with_tasks)
 
     run.meta["best_recipe"] = best or args.best or best_recipe(run.models)
     run.timings["total"] = round(time.perf_counter() - started, 1)
@@ -493,6 +544,10 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=("ablation", "pareto"), default="pareto")
     p.add_argument("--smoke", action="store_true", help="Tiny config model, a handful of items (minutes).")
+    p.add_argument("--preset", choices=("default", "small"), default="default",
+                   help="Evaluation sizes: default (the whole WikiText-2 split, the six tasks), or small (8 blocks of "
+                   "512 tokens, 30 held-out examples, no tasks, the recipe capped at 30 steps of 4 sequences of 128 "
+                   "tokens: for a model whose forward costs several times SmolLM2's, e.g. Gemma 3 270M on a CPU).")
     p.add_argument("--best", choices=sorted(RECIPES), default=None,
                    help="The recipe to compare (default: the ablation's furthest below Attention-Drop at its own "
                    "skip ratio, WikiText-2 and held-out averaged).")
@@ -529,26 +584,19 @@ def parse_args(argv=None):
                    help="With --merge: write the merged results as <output>/pareto.partial.json (starting from "
                    "the results already there) and stop; no model is loaded.")
     args = p.parse_args(argv)
-    args.preset = "smoke" if args.smoke else "default"
+    if args.smoke and args.preset != "default":
+        p.error("--smoke is its own preset; drop --preset")
+    args.preset = "smoke" if args.smoke else args.preset
     args.recipes = _some_of(p, "--recipes", args.recipes, tuple(RECIPES))
     args.drop_scopes = _some_of(p, "--drop-scopes", args.drop_scopes, DROP_SCOPES)
     args.methods = _some_of(p, "--methods", args.methods, METHODS)
     text = args.ratios if args.ratios is not None else str(ABLATION_RATIO) if args.stage == "ablation" else ""
-    try:
-        args.ratios = sorted({float(r) for r in text.split(",") if r.strip()}) or list(RATIOS)
-    except ValueError:
-        p.error(f"--ratios takes comma-separated numbers, got {text!r}")
-    if not all(0.0 < r < 1.0 for r in args.ratios):
-        p.error(f"--ratios must be skip ratios in (0, 1), got {args.ratios}")
+    args.ratios = skip_ratios(p, text) or list(RATIOS)
     if args.stage == "pareto" and not set(args.ratios) <= set(RATIOS):
         p.error("the Pareto stage runs some of " + ", ".join(map(str, RATIOS)) + f", got {args.ratios}")
     if args.merge_only and not args.merge:
         p.error("--merge-only needs at least one --merge DIR")
-    if not (args.data_dir / "eval").is_dir():
-        p.error(f"the shared data folder {args.data_dir} is missing (pass --data-dir; see ../shared/data/README.md)")
-    args.data_dir = args.data_dir.resolve()
-    if args.smoke and args.model:
-        p.error("--smoke builds its own tiny model; drop --model")
+    check_data_and_model(p, args)
     return args
 
 

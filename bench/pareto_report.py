@@ -112,11 +112,13 @@ def _ablation(run, ratio: float) -> list[str]:
             how += f", {r['layers']} layers ({layers}), {r['data']}"
             if r.get("centre"):
                 how += ", centred router inputs"
+            if r.get("cost"):
+                how += ", cost-supervised routers"
             if r.get("multiplier"):
                 how += f", multiplier from {r['multiplier']:g}"
             if r.get("learning_rate"):
                 how += f", lr {r['learning_rate']:g}"
-            if r.get("steps"):  # a recipe's own step count (a preset may cap it)
+            if r.get("steps") is not None:  # a recipe's own step count (a preset may cap it)
                 how += f", {e['steps']} steps"
             dynamic = f"{100 * e['routing_heldout']['mean_disagreement']:.1f}%"
             speed = fmt(e["train_tokens_per_s"], ".0f")

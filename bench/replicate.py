@@ -37,18 +37,19 @@ from pathlib import Path
 
 import torch
 
-from .common import RESULTS_DIR, machine_info, utc_timestamp
+from .common import RESULTS_DIR
 from .experiment import (
     ALPACA,
     DEFAULT_DATA_DIR,
-    MACHINE_PACKAGES,
     METRIC,
     TASKS,
     WIKITEXT,
     Run,
+    check_data_and_model,
     evaluate,
     heldout_summary,
     load_model,
+    start_run,
     wikitext_examples,
 )
 from .replicate_report import findings, skip_ratio, write_outputs
@@ -183,13 +184,9 @@ def replicate(args) -> Run:
     from . import local_tasks
 
     sizes = PRESETS[args.preset]
-    run = Run("replicate", args.preset, sizes, partial=args.output / "replication.partial.json")
-    args.output.mkdir(parents=True, exist_ok=True)
-    started, cpu_started = time.perf_counter(), time.process_time()
-    run.meta.update(started=utc_timestamp(), machine=machine_info(MACHINE_PACKAGES),
-                    data_dir=str(args.data_dir), train_data=str(args.train_data),
+    run = start_run("replicate", args, sizes, "replication", train_data=str(args.train_data),
                     load_average_start=os.getloadavg())
-    torch.manual_seed(sizes.seed)
+    started, cpu_started = time.perf_counter(), time.process_time()
     work = Path(args.work_dir)
 
     with run.stage("load model"):
@@ -297,12 +294,8 @@ def parse_args(argv=None):
                         "multi-threaded ops slow down many-fold when a thread is descheduled.")
     args = p.parse_args(argv)
     args.preset = "smoke" if args.smoke else "full" if args.full else "default"
-    if not (args.data_dir / "eval").is_dir():
-        p.error(f"the shared data folder {args.data_dir} is missing (pass --data-dir; see ../shared/data/README.md)")
-    args.data_dir = args.data_dir.resolve()
+    check_data_and_model(p, args)
     args.train_data = args.train_data or str(args.data_dir / ALPACA)
-    if args.smoke and args.model:
-        p.error("--smoke builds its own tiny model; drop --model")
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads must be at least 1, got {args.threads}")
     return args

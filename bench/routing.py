@@ -94,7 +94,7 @@ def calibrate_routers(model: msk.MindSkipModel, fraction: float, batch: int, run
             state = kwargs.get(STATE_KWARG)
             # The mask the layer itself routes on: none when it pools over padding too.
             mask = state.padding_mask if state is not None and not layer.pool_padding else None
-            keep_exactly(layer, getattr(layer.base_layer, layer.spec.input_norm)(x), count, mask)
+            keep_exactly(layer, layer.router_input(x), count, mask)
 
         return hook
 

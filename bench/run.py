@@ -1,7 +1,7 @@
 """The one benchmark entry point (run from the repository root).
 
-    python -m bench.run --quick                 # every section, small and fast (< 1 min on CPU)
-    python -m bench.run --only micro --device cuda
+    python bench/run.py --quick                 # every section, small and fast (< 1 min on CPU)
+    python -m bench.run --only micro --device cuda    # the same module, run as part of the bench package
 
 Results are appended to bench/results/<device-slug>.jsonl and summarised in
 bench/results/<device-slug>.md (see bench/common.py for the row schema); --quick runs go to
@@ -18,18 +18,27 @@ import importlib
 import sys
 from pathlib import Path
 
-from . import common
+if __name__ == "__main__" and not __package__:
+    # `python bench/run.py`: this file runs outside its package, with bench/ first on the path. Put the repository
+    # root there instead, as `python -m bench.run` does, and run the package's module.
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+    from bench.run import main
+
+    sys.exit(main())
+
+from . import common  # noqa: E402
 
 # section name -> module of the bench package defining run(args, writer)
 SECTIONS: dict[str, str] = {
     "micro": "micro",
     "layer": "layer",
     "e2e": "e2e",
+    "token_decode": "token_decode",
 }
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python bench/run.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(SECTIONS),
                         help=f"comma-separated sections (default: all of {', '.join(SECTIONS)})")

@@ -78,14 +78,16 @@ inline void check_same_row_shape(const at::Tensor& a, int64_t a_lead, const at::
               "; their trailing dimensions must match");
 }
 
+// dst and src of one floating dtype; dst contiguous when it is updated in place.
 inline void check_scatter_dtypes(const at::Tensor& dst, const at::Tensor& src, const char* op,
-                                 const char* dst_name, const char* src_name) {
+                                 const char* dst_name, const char* src_name,
+                                 bool in_place = true) {
   TORCH_CHECK(is_kernel_float(dst.scalar_type()), op, ": ", dst_name,
               " must be float32, float16, bfloat16 or float64, got ", dst.scalar_type());
   TORCH_CHECK(src.scalar_type() == dst.scalar_type(), op, ": ", src_name, " is ",
               src.scalar_type(), " but ", dst_name, " is ", dst.scalar_type(),
               "; they must have the same dtype");
-  TORCH_CHECK(dst.is_contiguous(), op, ": ", dst_name,
+  TORCH_CHECK(!in_place || dst.is_contiguous(), op, ": ", dst_name,
               " must be contiguous (it is updated in place)");
 }
 
@@ -301,21 +303,73 @@ inline RowPlan check_gather_kept(const at::Tensor& x, const at::Tensor& order, i
   return row_plan(x, 1, k);
 }
 
-// scatter_add_kept_: residual (B, ...) floating and contiguous; y (k, ...) with k <= B and
-// residual's dtype, rank and row shape; order a (B,) int64 permutation.
+// scatter_add_kept_ and scatter_add_kept: residual (B, ...) floating (and contiguous, for the
+// in-place op); y (k, ...) with k <= B and residual's dtype, rank and row shape; order a (B,) int64
+// permutation.
 inline RowPlan check_scatter_add_kept(const at::Tensor& residual, const at::Tensor& y,
-                                      const at::Tensor& order, const char* op) {
+                                      const at::Tensor& order, const char* op,
+                                      bool in_place = true) {
   TORCH_CHECK(residual.dim() >= 1, op, ": residual must have a batch dimension, got a 0-d tensor");
   TORCH_CHECK(y.dim() == residual.dim(), op, ": y must have the rank of residual (",
               residual.dim(), "), got shape ", y.sizes());
   check_same_device(y, residual, op, "y", "residual");
   check_same_row_shape(y, 1, residual, 1, op, "y", "residual");
-  check_scatter_dtypes(residual, y, op, "residual", "y");
+  check_scatter_dtypes(residual, y, op, "residual", "y", in_place);
   const int64_t batch = residual.size(0);
   check_order(order, batch, residual, op, "residual");
   const int64_t k = y.size(0);
   check_count(k, batch, op, "y.size(0)", "B");
   return row_plan(residual, 1, k);
+}
+
+// The sizes of rotary_embedding's q (N, T, Hq, D), k (N, T, Hk, D) and cos/sin (C, T, D).
+struct RotaryShape {
+  int64_t rows;  // N
+  int64_t seqlen;  // T
+  int64_t q_heads;
+  int64_t k_heads;
+  int64_t dim;  // D
+  int64_t table_rows;  // C
+};
+
+// rotary_embedding: q and k (N, T, H, D) of one floating dtype with an even D; cos and sin (C, T, D)
+// of that dtype; rows, when given, (N,) int64 (its values, in [0, C), are checked by the kernels
+// that read them), else C is N or 1. All on q's device.
+inline RotaryShape check_rotary_embedding(const at::Tensor& q, const at::Tensor& k,
+                                          const at::Tensor& cos, const at::Tensor& sin,
+                                          const std::optional<at::Tensor>& rows, const char* op) {
+  TORCH_CHECK(q.dim() == 4, op, ": q must have shape (N, T, heads, D), got ", q.sizes());
+  TORCH_CHECK(k.dim() == 4 && k.size(0) == q.size(0) && k.size(1) == q.size(1) &&
+                  k.size(3) == q.size(3),
+              op, ": k must have shape (N, T, heads, D) = (", q.size(0), ", ", q.size(1),
+              ", heads, ", q.size(3), ") like q, got ", k.sizes());
+  TORCH_CHECK(is_kernel_float(q.scalar_type()), op,
+              ": q must be float32, float16, bfloat16 or float64, got ", q.scalar_type());
+  const RotaryShape shape{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), cos.size(0)};
+  TORCH_CHECK(shape.dim % 2 == 0, op, ": the head dim D must be even (rotate_half splits it), got ",
+              shape.dim);
+  TORCH_CHECK(cos.dim() == 3 && cos.size(1) == shape.seqlen && cos.size(2) == shape.dim, op,
+              ": cos must have shape (C, T, D) = (C, ", shape.seqlen, ", ", shape.dim, "), got ",
+              cos.sizes());
+  TORCH_CHECK(sin.sizes() == cos.sizes(), op, ": sin must have cos's shape ", cos.sizes(),
+              ", got ", sin.sizes());
+  const std::pair<const at::Tensor*, const char*> same[] = {{&k, "k"}, {&cos, "cos"}, {&sin, "sin"}};
+  for (const auto& [t, name] : same) {
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), op, ": ", name, " is ", t->scalar_type(),
+                " but q is ", q.scalar_type(), "; they must have the same dtype");
+    check_same_device(*t, q, op, name, "q");
+  }
+  if (rows.has_value() && rows->defined()) {
+    check_index(*rows, shape.rows, q, op, "rows", "q");
+    TORCH_CHECK(rows->size(0) == shape.rows, op, ": rows must have shape (N,) = (", shape.rows,
+                ",), got ", rows->sizes());
+  } else {
+    TORCH_CHECK(shape.table_rows == shape.rows || shape.table_rows == 1, op,
+                ": cos has ", shape.table_rows, " rows for ", shape.rows,
+                " rows of q; pass rows (which row of cos each row of q takes) or a cos of 1 or ",
+                shape.rows, " rows");
+  }
+  return shape;
 }
 
 // pack_plan: order a (B,) int64 permutation; 0 <= k <= B; seqlen >= 0. Returns B. The mask is

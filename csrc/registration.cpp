@@ -30,6 +30,18 @@ TORCH_LIBRARY(mindskip, m) {
   // residual[order[j]] += y[j] for j < y.size(0), in place, fp32 accumulation.
   m.def("scatter_add_kept_(Tensor(a!) residual, Tensor y, Tensor order) -> ()",
         {at::Tag::pt2_compliant_tag});
+  // Out of place: residual with rows order[j] += y[j] for j < y.size(0), fp32 accumulation, every
+  // other row copied (a mixed layer's residual add in one pass).
+  m.def("scatter_add_kept(Tensor residual, Tensor y, Tensor order) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  // Rotate-half rotary embedding of q (N, T, Hq, D) and k (N, T, Hk, D) with cos, sin (C, T, D):
+  // x * cos + rotate_half(x) * sin, rounded as the unfused ops round; cos and sin row rows[n] (or
+  // n, or 0 when C = 1) for row n. Returns new contiguous tensors in the attention layout:
+  // q_out (N, Hq, T, D), k_out (N, Hk, T, D).
+  m.def(
+      "rotary_embedding(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor? rows)"
+      " -> (Tensor q_out, Tensor k_out)",
+      {at::Tag::pt2_compliant_tag});
   // Varlen layout of the kept sequences' real tokens: cu_seqlens (k+1) int32, token_index
   // (k*seqlen) int64 (flat b*seqlen+t source rows, zero-filled past the total), max_len (1) int32.
   m.def(
@@ -42,6 +54,13 @@ TORCH_LIBRARY(mindskip, m) {
   // residual.view(B*T, ...)[token_index[i]] += packed[i] for i < packed.size(0), in place.
   m.def("unpack_add_kept_(Tensor(a!) residual, Tensor packed, Tensor token_index) -> ()",
         {at::Tag::pt2_compliant_tag});
+  // Token routing's decode attention: query (B, Hq, D) of one token per row over its row's key and
+  // value (B, Hkv, S, D), positions where mask (B, S) is nonzero and below length, for the rows
+  // where keep (B,) is true only; the other rows are zero and their key and value never read.
+  m.def(
+      "token_decode_attention(Tensor query, Tensor key, Tensor value, Tensor keep, Tensor? mask,"
+      " Tensor? length, float scale) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
 }
 
 #ifdef MINDSKIP_PYTHON_MODULE

@@ -7,7 +7,9 @@ kept-first ``order``, so a skipped layer-sequence costs no KV memory.
 
 The slot is the stock layer class specialised with a mixin that adds the decision and keeps beam
 search (``reorder_cache``) and ``crop`` right, and on a dynamic slot ``batch_select_indices`` and
-``batch_repeat_interleave`` too:
+``batch_repeat_interleave`` too. A sliding-window slot (Gemma 2/3, OLMo 3, Mistral with a window) stays one: its
+stock class keeps at most the window's positions of the kept rows, and its token count (``cumulative_length``,
+which transformers builds every sliding layer's mask from) advances on every layer, one that skipped every row too:
 
 * a dynamic slot (``DynamicLayer``, ``DynamicSlidingWindowLayer``; ``DynamicCache``) grows by
   concatenation, and counts its tokens in a Python int;
@@ -176,6 +178,20 @@ class StaticCompactMixin(CompactLayerMixin):
             self.cumulative_length = self.cumulative_length.to(device)
             torch._dynamo.mark_static_address(self.cumulative_length)
 
+    # Whether the stock slot's update is StaticLayer's own (set per compact class by _compact_class): then a decode
+    # step's one token is written at the token count itself, without the stock update's arange and add (two ops a
+    # layer a step on the host-bound decode path). The sliding-window slot keeps its own update.
+    _writes_at_count = False
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not (self._writes_at_count and key_states.shape[-2] == 1 and self.is_initialized):
+            return super().update(key_states, value_states, *args, **kwargs)
+        # The writes are queued before the count moves on.
+        self.keys.index_copy_(2, self.cumulative_length, key_states)
+        self.values.index_copy_(2, self.cumulative_length, value_states)
+        self.cumulative_length.add_(1)
+        return self.keys, self.values
+
     def skip_tokens(self, num_tokens: int) -> None:
         self.cumulative_length.add_(num_tokens)  # in place: a compiled step keeps its address
         if hasattr(self, "cumulative_length_int"):
@@ -227,9 +243,24 @@ _COMPACT_CLASSES: dict[type, type] = {}
 
 def _compact_class(layer_cls: type) -> type:
     if layer_cls not in _COMPACT_CLASSES:
-        mixin = StaticCompactMixin if issubclass(layer_cls, StaticLayer) else DynamicCompactMixin
-        _COMPACT_CLASSES[layer_cls] = type(f"MindSkip{layer_cls.__name__}", (mixin, layer_cls), {})
+        static = issubclass(layer_cls, StaticLayer)
+        mixin = StaticCompactMixin if static else DynamicCompactMixin
+        attrs = {"_writes_at_count": layer_cls.update is StaticLayer.update} if static else {}
+        _COMPACT_CLASSES[layer_cls] = type(f"MindSkip{layer_cls.__name__}", (mixin, layer_cls), attrs)
     return _COMPACT_CLASSES[layer_cls]
+
+
+def cache_slot(cache: Cache, layer_idx: int):
+    """``(cache.layers, the slot of layer_idx)``, adding the slots a lazily grown cache does not have yet."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise TypeError(f"MindSkip needs a transformers Cache with per-layer slots, got {type(cache).__name__}")
+    replicate = getattr(cache, "layer_class_to_replicate", None)
+    while len(layers) <= layer_idx:
+        if replicate is None:
+            raise ValueError(f"the cache has {len(layers)} layers but MindSkip layer {layer_idx} needs a slot")
+        layers.append(replicate())
+    return layers, layers[layer_idx]
 
 
 def routing_slot(cache: Cache, layer_idx: int, compact: bool, device: torch.device | None = None) -> CompactLayerMixin:
@@ -239,14 +270,11 @@ def routing_slot(cache: Cache, layer_idx: int, compact: bool, device: torch.devi
     computes (a static slot keeps its token count there).
     """
     layers = getattr(cache, "layers", None)
-    if layers is None:
-        raise TypeError(f"MindSkip needs a transformers Cache with per-layer slots, got {type(cache).__name__}")
-    replicate = getattr(cache, "layer_class_to_replicate", None)
-    while len(layers) <= layer_idx:
-        if replicate is None:
-            raise ValueError(f"the cache has {len(layers)} layers but MindSkip layer {layer_idx} needs a slot")
-        layers.append(replicate())
-    slot = layers[layer_idx]
+    if layers is not None and layer_idx < len(layers):  # every step after the first: the slot is converted already
+        slot = layers[layer_idx]
+        if isinstance(slot, CompactLayerMixin) and slot.mindskip_compact == compact:
+            return slot
+    layers, slot = cache_slot(cache, layer_idx)
     if isinstance(slot, CompactLayerMixin):
         if slot.mindskip_compact != compact:
             raise ValueError(f"the cache slot of layer {layer_idx} was made for a different MindSkip granularity")

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 GRANULARITIES = ("attn", "mlp", "block")
+# What one routing decision covers: a whole sequence (the paper's attn_sequence) or one token (attn_token).
+ROUTING_LEVELS = ("sequence", "token")
 PACKED_MODES = ("auto", "on", "off")
 # Version of the router directory's config file (mindskip_config.json). Files from before the field existed
 # are version 1. A reader refuses a newer version rather than guess at fields it does not know.
@@ -71,9 +73,19 @@ class MindSkipConfig:
             "last layer)."
         },
     )
+    routing: str = field(
+        default="sequence",
+        metadata={
+            "help": "What one decision covers: 'sequence' (the router pools the sequence; a skipped sequence skips "
+            "the sublayer at prefill and every decode step) or 'token' (attention only: each token is routed on its "
+            "own input; every token writes its keys and values, a skipped token computes no query, attention or "
+            "output projection; see docs/token-routing.md).",
+            "choices": ROUTING_LEVELS,
+        },
+    )
     threshold: float = field(
         default=0.5,
-        metadata={"help": "A sequence runs the gated sublayer when sigmoid(router) >= threshold; in (0, 1)."},
+        metadata={"help": "A sequence (token) runs the gated sublayer when sigmoid(router) >= threshold; in (0, 1)."},
     )
     packed_attention: str = field(
         default="auto",
@@ -110,6 +122,11 @@ class MindSkipConfig:
         self.threshold = float(self.threshold)
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        if self.routing not in ROUTING_LEVELS:
+            raise ValueError(f"routing must be one of {ROUTING_LEVELS}, got {self.routing!r}")
+        if self.routing == "token" and self.granularity != "attn":
+            raise ValueError(f"token routing gates the attention sublayer only (granularity 'attn'), got granularity "
+                             f"{self.granularity!r}")
         if self.packed_attention not in PACKED_MODES:
             raise ValueError(f"packed_attention must be one of {PACKED_MODES}, got {self.packed_attention!r}")
         for name in ("train_all_sequences", "pool_padding"):
@@ -125,6 +142,8 @@ class MindSkipConfig:
             if len(set(layers)) != len(layers):
                 raise ValueError(f"layers has duplicates: {layers}")
             self.layers = sorted(layers)
+        if self.routing == "token" and self.pool_padding:
+            raise ValueError("pool_padding pools a sequence's router input; token routing pools nothing")
 
     @property
     def threshold_logit(self) -> float:
@@ -144,7 +163,12 @@ class MindSkipConfig:
         return list(self.layers)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if data["routing"] == "sequence":
+            # The level is recorded where it is not the default, so that a file of sequence routers reads with a
+            # mindskip_ext from before token routing (a file without the field is sequence routing).
+            del data["routing"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MindSkipConfig:

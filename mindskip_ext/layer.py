@@ -20,15 +20,17 @@ is computed for every sequence so that skipped sequences also send a gradient to
 from __future__ import annotations
 
 import functools
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import attention as _attention
 from . import ops
-from .architectures import ArchSpec
+from .architectures import ArchSpec, takes_use_cache
 from .cache import Decision, StaticCompactMixin, routing_slot
 from .config import MindSkipConfig
 from .hf_compat import cache_name, pop_cache
@@ -37,24 +39,46 @@ from .hf_compat import cache_name, pop_cache
 # forward down to the MindSkip layers (through the stock decoder's **kwargs).
 STATE_KWARG = "mindskip_state"
 
+# The decoder layers whose decode step a mixed MindSkip layer (some sequences kept) runs itself: transformers' Llama
+# layer and its copies (input norm, attention, residual add, post-attention norm, MLP, residual add), whose attention
+# projects q/k/v, applies optional per-head q/k norms and the rotate-half rotary embedding, updates the KV cache and
+# calls the attention interface. The step gathers the kept rows once, runs that attention on them with the rotary
+# embedding of q and k as one op, and adds the result into the residual with one out-of-place scatter-add: sixteen
+# ops fewer than the stock layer's step, where the attention module on the gathered rows costs row selections and a
+# copy more than it. Any other layer or attention class takes the general path (the attention module's forward).
+_FUSED_DECODE_CLASSES = frozenset(
+    f"transformers.models.{family}.modeling_{family}.{prefix}{part}"
+    for family, prefix in (("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"))
+    for part in ("DecoderLayer", "Attention")
+)
+# The attention implementations whose interface ignores the arguments the fused step does not pass (position ids, the
+# sliding window: the mask carries it).
+_FUSED_DECODE_ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+
 
 @dataclass
 class LayerRouting:
-    """What one MindSkip layer decided in one forward."""
+    """What one MindSkip layer decided in one forward. A unit is what one decision covers: a sequence, or under token
+    routing a real token (``score``, ``keep`` and ``gate`` are then ``(B, T)``, and ``real`` says which count)."""
 
-    score: torch.Tensor  # (B,) fp32 router probability (differentiable in training)
-    keep: torch.Tensor  # (B,) bool
-    gate: torch.Tensor | None  # (B,) straight-through gate when gradients are recorded, else None
-    num_kept: int
-    batch_size: int
+    score: torch.Tensor  # (B,) fp32 router probability (differentiable in training); (B, T) per token
+    keep: torch.Tensor  # (B,) bool; (B, T) per token
+    gate: torch.Tensor | None  # (B,) straight-through gate when gradients are recorded, else None; (B, T) per token
+    num_kept: int  # kept units
+    batch_size: int  # units: sequences, or real tokens
+    real: torch.Tensor | None = None  # token routing: (B, T) bool real-token mask, None when every token is real
 
     @property
     def capacity(self) -> float:
         return self.num_kept / self.batch_size if self.batch_size else 0.0
 
+    def units(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-unit tensor (``score``, ``keep``, ``gate``, the gate's gradient) as a flat vector of the units."""
+        return t.reshape(-1) if self.real is None else t[self.real]
+
     def logit(self) -> torch.Tensor:
-        """``(B,)`` float64 router logits, from the scores (saturating at about +-16)."""
-        return torch.logit(self.score.detach().double(), eps=1e-7)
+        """Float64 router logits of the units, from the scores (saturating at about +-16)."""
+        return torch.logit(self.units(self.score.detach()).double(), eps=1e-7)
 
 
 @dataclass
@@ -126,6 +150,15 @@ class ForwardState:
         self.record = record
         # Every MindSkip layer runs its original layer, unrouted (a self-distillation teacher, a dense reference).
         self.bypass = bypass
+        self._fused_interface = None  # (config, eager default, attention function): see fused_attention_interface
+
+    def fused_attention_interface(self, config, eager):
+        """:func:`_fused_attention_interface` of this forward's layers, looked up once per forward: a config's
+        ``_attn_implementation`` alone is a dozen Python calls, which every mixed layer's decode step would repeat."""
+        cached = self._fused_interface
+        if cached is None or cached[0] is not config or cached[1] is not eager:
+            cached = self._fused_interface = (config, eager, _fused_attention_interface(config, eager))
+        return cached[2]
 
     @functools.cached_property
     def padding_mask(self) -> torch.Tensor | None:
@@ -170,9 +203,43 @@ def _select_rows(t, rows: torch.Tensor, batch: int):
     return t
 
 
+def _fused_attention_interface(config, eager):
+    """The attention function a fused decode step calls for ``config``'s attention implementation (transformers'
+    registry entry, ``eager`` for "eager"), as the stock attention resolves it; None for an implementation the fused
+    step does not take (see ``_FUSED_DECODE_ATTN_IMPLEMENTATIONS``)."""
+    impl = config._attn_implementation
+    if impl not in _FUSED_DECODE_ATTN_IMPLEMENTATIONS:
+        return None
+    return ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
+
+
+def _qualified_name(obj) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _apply_rotary(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of ``t`` (``(N, H, d)``) on its first ``cos.shape[-1]`` channels (all of them, or the rotary
+    part under a partial rotary factor, as Phi-3's ``apply_rotary_pos_emb``)."""
+    rot = cos.shape[-1]
+    if rot == t.shape[-1]:
+        return t * cos + _rotate_half(t) * sin
+    head, tail = t[..., :rot], t[..., rot:]
+    return torch.cat((head * cos + _rotate_half(head) * sin, tail), dim=-1)
+
+
+def attention_window(attn: nn.Module) -> int | None:
+    """The sliding window of a stock attention module: its own (Gemma, Qwen2/3: per layer type), else its config's
+    (Mistral, Mixtral, Phi-3: every layer); None for full causal attention."""
+    if hasattr(attn, "sliding_window"):
+        return attn.sliding_window
+    config = getattr(attn, "config", None)
+    return getattr(config, "sliding_window", None)
 
 
 class MindSkipDecoderLayer(nn.Module):
@@ -183,9 +250,14 @@ class MindSkipDecoderLayer(nn.Module):
     ):
         super().__init__()
         self.base_layer = base_layer
+        # Also a plain attribute, so that reading it (every forward does, several times) is a dictionary lookup
+        # rather than nn.Module.__getattr__ and this class's, two Python calls a read on the host-bound decode step.
+        # Assigning another module to it goes through nn.Module.__setattr__, which drops this copy.
+        self.__dict__["base_layer"] = base_layer
         self.layer_idx = layer_idx
         self.spec = spec
         self.granularity = config.granularity
+        self.routing = config.routing
         # Which sublayers the decision gates: plain attributes, read by every forward.
         self.gates_attention = config.granularity in ("attn", "block")
         self.gates_mlp = config.granularity in ("mlp", "block")
@@ -199,10 +271,29 @@ class MindSkipDecoderLayer(nn.Module):
         nn.init.zeros_(self.router.bias)
         # Router-Tuning may centre the router's pooled input (see set_router_centre); None at inference.
         self.register_buffer("router_centre", None, persistent=False)
+        # A post-norm family (OLMo 2) has no norm before the attention, which reads the residual stream itself. Its
+        # router pools that stream RMS-normalised per token, without weights: as a pre-norm family's router pools
+        # its input norm's output, so that a few tokens of large norm do not outweigh the rest of the sequence (see
+        # docs/families.md). A norm weight would only rescale the router's own weight, so it has none.
+        self.router_norm = (
+            nn.RMSNorm(hidden_size, eps=1e-6, elementwise_affine=False) if spec.post_norm else None
+        )
         # The keywords the attention module and the wrapped layer take the cache by, found once here: a compiled
         # decode step then traces no signature inspection.
-        self._attn_cache_name = cache_name(self._attn_module())
+        attn = self._attn_module()
+        self._attn_cache_name = cache_name(attn)
         self._base_cache_name = cache_name(base_layer)
+        # Gemma's layers take no use_cache: it is passed on only where the stock layer passes it.
+        self._takes_use_cache = takes_use_cache(base_layer)
+        # A mixed decode step runs the layer itself (see _FUSED_DECODE_CLASSES) with its module's eager attention as
+        # the interface's default, as the stock attention does; None where it takes the general path.
+        fused = self.gates_attention and {_qualified_name(base_layer), _qualified_name(attn)} <= _FUSED_DECODE_CLASSES
+        module = sys.modules[type(attn).__module__]
+        self._fused_eager = getattr(module, "eager_attention_forward", None) if fused else None
+        if self.routing == "token":
+            from . import token_routing  # it builds on this module
+
+            self._token_forward = token_routing.forward
 
     def extra_repr(self) -> str:
         return f"layer_idx={self.layer_idx}, granularity={self.granularity!r}, threshold={self.threshold}"
@@ -244,7 +335,24 @@ class MindSkipDecoderLayer(nn.Module):
         self.router.bias.copy_(effective + self.router.weight @ self.router_centre)
 
     def _input_norm(self, x):
-        return getattr(self.base_layer, self.spec.input_norm)(x)
+        """The attention's input: the pre-attention norm of ``x``, or ``x`` itself in a post-norm family."""
+        name = self.spec.input_norm
+        return x if name is None else getattr(self.base_layer, name)(x)
+
+    @property
+    def router_input_module(self) -> nn.Module:
+        """The module whose output the router pools (its forward hooks see the router's input per token): the
+        pre-attention norm, or :attr:`router_norm` in a post-norm family."""
+        if self.router_norm is not None:
+            return self.router_norm
+        return getattr(self.base_layer, self.spec.input_norm)
+
+    def router_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, T, D)``: what the router pools, per token, for the layer input ``x``."""
+        return self._router_input(self._input_norm(x))
+
+    def _router_input(self, normed):
+        return normed if self.router_norm is None else self.router_norm(normed)
 
     def _decide(self, x, state: ForwardState | None, slot):
         """The routing of this batch: reused from the cache slot, or made now (prefill / no cache) on the normalised
@@ -277,7 +385,7 @@ class MindSkipDecoderLayer(nn.Module):
             else:
                 mask = state.padding_mask
         score, keep, order, num_kept = ops.router_gate(
-            normed, mask, self.router.weight, self.router_bias(), self.threshold
+            self._router_input(normed), mask, self.router.weight, self.router_bias(), self.threshold
         )
         # The one host sync of a MindSkip layer: the kept count sizes the gathered batch.
         decision = Decision(keep=keep, order=order, num_kept=int(num_kept.item()))
@@ -309,20 +417,40 @@ class MindSkipDecoderLayer(nn.Module):
             **{self._attn_cache_name: cache},
             **kwargs,
         )
-        return out
+        return self._attention_output(out)
+
+    def _residual_delta(self, y, norm: str | None, dropout: str | None):
+        """What a sublayer whose output is ``y`` adds to the residual stream: ``y`` through the family's output norm
+        and dropout, times its residual scale."""
+        base = self.base_layer
+        if norm is not None:
+            y = getattr(base, norm)(y)
+        if dropout is not None:
+            y = getattr(base, dropout)(y)
+        if self.spec.residual_scale is not None:
+            y = y * getattr(base, self.spec.residual_scale)
+        return y
+
+    def _attention_output(self, a):
+        """The attention's addition to the residual stream from the attention module's output ``a`` (per token)."""
+        return self._residual_delta(a, self.spec.attn_out_norm, self.spec.attn_out_dropout)
 
     def _run_mlp(self, h):
-        norm = getattr(self.base_layer, self.spec.post_attn_norm)
-        return getattr(self.base_layer, self.spec.mlp)(norm(h))
+        """The MLP sublayer's addition to the residual stream ``h``: pre-MLP norm (if any), MLP, output norm, scale.
+        A mixture-of-experts block runs as the stock layer runs it (its router logits are recorded as usual)."""
+        spec, base = self.spec, self.base_layer
+        y = h if spec.mlp_norm is None else getattr(base, spec.mlp_norm)(h)
+        return self._residual_delta(getattr(base, spec.mlp)(y), spec.mlp_out_norm, spec.mlp_out_dropout)
 
     def _packed_backend(self, normed, cache, kwargs) -> str | None:
         """The varlen backend for the packed path, or None to use the gathered-rows path."""
         if self.packed_attention == "off" or cache is not None or kwargs.get("output_attentions"):
             return None
         attn = self._attn_module()
-        if getattr(attn, "sliding_window", None) is not None:
+        # The varlen kernels compute plain causal attention: no window, no logit soft-capping (Gemma 2).
+        if attention_window(attn) is not None or getattr(attn, "attn_logit_softcapping", None) is not None:
             return None
-        if self.training and getattr(attn, "attention_dropout", 0.0):
+        if self.training and (getattr(attn, "attention_dropout", 0.0) or getattr(attn, "residual_dropout", 0.0)):
             return None
         fast = _attention.best_fast_backend(normed.device, normed.dtype)
         if self.packed_attention == "on":
@@ -337,24 +465,40 @@ class MindSkipDecoderLayer(nn.Module):
         )
         packed = ops.pack_kept(normed, token_index, total)
         attn = self._attn_module()
-        head_dim = attn.head_dim
-        q = attn.q_proj(packed).view(total, -1, head_dim)
-        k = attn.k_proj(packed).view(total, -1, head_dim)
-        v = attn.v_proj(packed).view(total, -1, head_dim)
-        if self.spec.q_norm is not None:
-            q = getattr(attn, self.spec.q_norm)(q)
-            k = getattr(attn, self.spec.k_norm)(k)
-        cos, sin = position_embeddings
-        if cos.shape[0] == batch and batch > 1:
-            cos, sin = ops.pack_kept(cos, token_index, total), ops.pack_kept(sin, token_index, total)
-        else:
-            positions = token_index[:total] % seqlen
-            cos, sin = cos[0].index_select(0, positions), sin[0].index_select(0, positions)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q, k, v = self._packed_qkv(attn, packed)
+        if getattr(attn, "use_rope", True):  # SmolLM3 leaves out the rotary embedding in some layers
+            cos, sin = position_embeddings
+            if cos.shape[0] == batch and batch > 1:
+                cos, sin = ops.pack_kept(cos, token_index, total), ops.pack_kept(sin, token_index, total)
+            else:
+                positions = token_index[:total] % seqlen
+                cos, sin = cos[0].index_select(0, positions), sin[0].index_select(0, positions)
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+            q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
         out = _attention.varlen_causal_attention(q, k, v, cu_seqlens, max_len, attn.scaling, backend)
-        return attn.o_proj(out.reshape(total, -1)), token_index
+        return self._attention_output(attn.o_proj(out.reshape(total, -1))), token_index
+
+    def _packed_qkv(self, attn, packed):
+        """``(N, H, d)`` queries, keys and values of packed tokens ``(N, D)``, before the rotary embedding, as the
+        stock attention module computes them: separate or fused projections, q/k norms per head or over all heads,
+        and OLMo's clipping."""
+        spec = self.spec
+        head_dim = attn.head_dim
+        if spec.qkv_proj is not None:
+            config = attn.config
+            kv = config.num_key_value_heads * head_dim
+            q, k, v = getattr(attn, spec.qkv_proj)(packed).split([config.num_attention_heads * head_dim, kv, kv], -1)
+        else:
+            q, k, v = attn.q_proj(packed), attn.k_proj(packed), attn.v_proj(packed)
+        if spec.q_norm is not None and not spec.qk_norm_per_head:
+            q, k = getattr(attn, spec.q_norm)(q), getattr(attn, spec.k_norm)(k)
+        clip = getattr(getattr(attn, "config", None), "clip_qkv", None)
+        if clip is not None:
+            q, k, v = (t.clamp(min=-clip, max=clip) for t in (q, k, v))
+        q, k, v = (t.reshape(t.shape[0], -1, head_dim) for t in (q, k, v))
+        if spec.q_norm is not None and spec.qk_norm_per_head:
+            q, k = getattr(attn, spec.q_norm)(q), getattr(attn, spec.k_norm)(k)
+        return q, k, v
 
     # ------------------------------------------------------------------ forward
 
@@ -371,32 +515,58 @@ class MindSkipDecoderLayer(nn.Module):
         cache = pop_cache(kwargs)
         state: ForwardState | None = kwargs.pop(STATE_KWARG, None)
 
+        if self._takes_use_cache:
+            kwargs["use_cache"] = use_cache
+
         def stock_layer():
             base = self.base_layer
             return base(
-                hidden_states, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,
+                hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                 position_embeddings=position_embeddings, **{self._base_cache_name: cache}, **kwargs,
             )
 
         if state is not None and state.bypass:
             return stock_layer()
-        if hidden_states.dim() != 3:
+        if self.routing == "token":
+            return self._token_forward(self, hidden_states, attention_mask, position_ids, use_cache,
+                                       position_embeddings, cache, state, kwargs)
+        if hidden_states.ndim != 3:
             raise ValueError(f"hidden_states must be (batch, seq, hidden), got shape {tuple(hidden_states.shape)}")
         x = hidden_states
         slot = routing_slot(cache, self.layer_idx, self.gates_attention, x.device) if cache is not None else None
-        decision, routing, normed = self._decide(x, state, slot)
-        if routing is None and decision.num_kept == decision.batch_size and not (
-            self.training and torch.is_grad_enabled()
-        ):
-            # A decode step in which every sequence runs every sublayer is the stock layer's own step, on the same
-            # cache slot: calling it saves the host the routed path's calls (eager decode is host-bound on a GPU).
-            return stock_layer()
+        decision = slot.mindskip_decision if slot is not None else None
+        if decision is not None and not decision.from_training and decision.batch_size == x.shape[0]:
+            routing = normed = None  # a decode step reusing its prefill's decision (what _decide returns for it)
+        else:
+            decision, routing, normed = self._decide(x, state, slot)
+        grad = torch.is_grad_enabled()
+        if routing is None and not (self.training and grad):
+            if decision.num_kept == decision.batch_size:
+                # A decode step in which every sequence runs every sublayer is the stock layer's own step, on the same
+                # cache slot: calling it saves the host the routed path's calls (eager decode is host-bound on a GPU).
+                return stock_layer()
+            # Autocast computes q/k in another dtype than cos/sin, which the stock attention's products promote.
+            if self._fused_eager is not None and decision.num_kept and not grad and not torch.is_autocast_enabled(
+                x.device.type
+            ):
+                # Submodules read from _modules: a plain lookup where nn.Module.__getattr__ is a Python call.
+                modules = self.base_layer._modules
+                attn = modules[self.spec.attn]
+                interface = (state.fused_attention_interface(attn.config, self._fused_eager) if state is not None
+                             else _fused_attention_interface(attn.config, self._fused_eager))
+                # Hooks on the attention module (e.g. transformers' recording of attention weights) need its forward.
+                if interface is not None and not (attn._forward_hooks or attn._forward_pre_hooks):
+                    out = self._mixed_decode(x, decision, modules, attn, interface, attention_mask,
+                                             position_embeddings, cache, kwargs)
+                    if self.base_layer._forward_hooks:
+                        self._fire_base_hooks(hidden_states, out)
+                    return out
         gate = routing.gate if routing is not None else None
         sublayers = functools.partial(
             self._sublayers, decision=decision, state=state, attention_mask=attention_mask, position_ids=position_ids,
-            position_embeddings=position_embeddings, kwargs=dict(kwargs, use_cache=use_cache),
+            position_embeddings=position_embeddings, kwargs=kwargs,
         )
-        if self.training and torch.is_grad_enabled() and getattr(self.base_layer, "gradient_checkpointing", False):
+        if self.training and grad and getattr(self.base_layer, "gradient_checkpointing", False):
             # Activation checkpointing (transformers' gradient/activation_checkpointing_enable sets it on the wrapped
             # layer). The routing stays outside: the decision is made once, and its gate keeps its graph to the
             # router. The sublayers are recomputed in the backward pass from x and the gate, with no KV cache.
@@ -407,6 +577,49 @@ class MindSkipDecoderLayer(nn.Module):
             out = sublayers(x, gate, normed, cache, slot)
         self._fire_base_hooks(hidden_states, out)
         return out
+
+    def _mixed_decode(self, x, decision, modules, attn, interface, attention_mask, position_embeddings, cache,
+                      kwargs):
+        """A decode step of a layer that keeps some of the batch, for the layers of ``_FUSED_DECODE_CLASSES``
+        (``modules``: the wrapped layer's submodules, ``attn`` its attention, ``interface`` its attention function).
+
+        The decision was made at prefill, so its kept rows (``decision.order``, ``decision.rows``) are fixed; a step
+        gathers those rows of ``x`` once, normalises them and runs the attention on them in place on the compact KV
+        cache slot, as the stock attention does (its projections, q/k norms, cache update and attention interface),
+        with the rotary embedding of q and k as one op that picks each kept row's cos/sin itself; then one
+        out-of-place scatter-add puts ``x`` plus the attention output of the kept rows into a new tensor, and the MLP
+        runs on every row, as the stock layer runs it. The per-row mask is the one row selection left (the mask
+        changes every step). The host work is counted against the stock layer's in the tests: the ops are called
+        through ``torch.ops`` (no wrapper) and the submodules read from ``modules``.
+        """
+        order, rows, kept = decision.order, decision.rows, decision.num_kept
+        spec = self.spec
+        # A few rows of one token: the native gather costs the host less than gather_kept (whose Python autograd
+        # kernel runs on every call) and moves as little.
+        sub = modules[spec.input_norm](x.index_select(0, rows))
+        seqlen = sub.shape[1]
+        shape = (kept, seqlen, -1, attn.head_dim)
+        q = attn.q_proj(sub).view(shape)
+        k = attn.k_proj(sub).view(shape)
+        v = attn.v_proj(sub).view(shape).transpose(1, 2)
+        if spec.q_norm is not None:
+            q = getattr(attn, spec.q_norm)(q)
+            k = getattr(attn, spec.k_norm)(k)
+        cos, sin = position_embeddings
+        q, k = torch.ops.mindskip.rotary_embedding(q, k, cos, sin, None if cos.shape[0] == 1 else rows)
+        k, v = cache.update(k, v, attn.layer_idx)
+        if attention_mask is not None and attention_mask.shape[0] == decision.batch_size:
+            attention_mask = attention_mask.index_select(0, rows)
+        out, _ = interface(
+            attn, q, k, v, attention_mask, dropout=attn.attention_dropout if attn.training else 0.0,
+            scaling=attn.scaling, **kwargs,
+        )
+        h = torch.ops.mindskip.scatter_add_kept(x, attn.o_proj(out.reshape(kept, seqlen, -1).contiguous()), order)
+        mlp, norm = modules[spec.mlp], modules[spec.mlp_norm]
+        if not self.gates_mlp:
+            return h + mlp(norm(h))
+        torch.ops.mindskip.scatter_add_kept_(h, mlp(norm(h.index_select(0, rows))), order)
+        return h
 
     def _sublayers(self, x, gate, normed, cache, slot, *, decision, state, attention_mask, position_ids,
                    position_embeddings, kwargs):
@@ -462,7 +675,7 @@ class MindSkipDecoderLayer(nn.Module):
                 )
                 if ste:
                     a = gate.index_select(0, rows).view(k, 1, 1).to(a.dtype) * a
-                h = ops.scatter_add_kept_(x.clone(memory_format=torch.contiguous_format), a, decision.order)
+                h = ops.scatter_add_kept(x, a, decision.order)
 
         # ---- MLP sublayer
         if not self.gates_mlp:

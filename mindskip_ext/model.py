@@ -25,7 +25,14 @@ from torch import nn
 
 from . import __version__
 from ._io import atomic_write_bytes
-from .architectures import arch_for, check_attn_implementation, decoder_of, layer_list
+from .architectures import (
+    TOKEN_ROUTING_FAMILIES,
+    arch_for,
+    check_attn_implementation,
+    check_layer,
+    decoder_of,
+    layer_list,
+)
 from .config import MindSkipConfig
 from .layer import STATE_KWARG, ForwardState, MindSkipDecoderLayer, RoutingRecord
 
@@ -86,6 +93,20 @@ class MindSkipModel(nn.Module):
         if any(isinstance(layer, MindSkipDecoderLayer) for layer in layers):
             raise ValueError("this model already has MindSkip layers; call unload() on its MindSkipModel first")
         indices = config.resolve_layers(len(layers))
+        if spec.moe and config.granularity != "attn":
+            raise ValueError(
+                f"granularity {config.granularity!r} would gate the mixture-of-experts block of a "
+                f"{model.config.model_type!r} model, whose router logits the auxiliary loss reads for every token; "
+                "MindSkip skips attention in MoE models: use granularity 'attn'"
+            )
+        if config.routing == "token" and model.config.model_type not in TOKEN_ROUTING_FAMILIES:
+            raise ValueError(
+                f"token routing does not support {model.config.model_type!r} models (its attention output is not "
+                f"recomputed per token as the stock layer computes it); token routing supports "
+                f"{', '.join(TOKEN_ROUTING_FAMILIES)}. Sequence routing (routing='sequence') supports every family"
+            )
+        for idx in indices:
+            check_layer(layers[idx], spec, model.config.model_type)
         self.base_model = model
         self.mindskip_config = config
         self._spec = spec

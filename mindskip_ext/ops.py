@@ -23,8 +23,10 @@ Gradients
 tensor ``bias``), by ``router_gate_backward``; ``keep``, ``order`` and ``num_kept`` carry no
 gradient, and ``router_gate_varlen`` (serving) none at all. For the straight-through estimator
 multiply the sublayer output by ``straight_through(score, keep)``, whose value is the 0/1 keep
-decision and whose gradient w.r.t. ``score`` is 1. ``gather_kept`` / ``scatter_add_kept_`` and ``pack_kept`` /
-``unpack_add_kept_`` are each other's backward.
+decision and whose gradient w.r.t. ``score`` is 1. ``gather_kept`` / ``scatter_add_kept_`` (and
+its out-of-place twin ``scatter_add_kept``) and ``pack_kept`` / ``unpack_add_kept_`` are each
+other's backward. ``rotary_embedding`` (decoding) has no gradient: its wrapper refuses inputs
+that record one.
 """
 
 from __future__ import annotations
@@ -43,11 +45,14 @@ __all__ = [
     "pack_plan",
     "pack_plan_with_sizes",
     "pack_sequences",
+    "rotary_embedding",
     "router_gate",
     "router_gate_backward",
     "router_gate_varlen",
+    "scatter_add_kept",
     "scatter_add_kept_",
     "straight_through",
+    "token_decode_attention",
     "unpack_add_kept_",
     "unpack_add_sequences_",
 ]
@@ -264,6 +269,42 @@ def scatter_add_kept_(residual, y, order):
     return _scatter_add_rows(residual, y, order)
 
 
+@torch.library.register_fake("mindskip::scatter_add_kept")
+def _scatter_add_kept_fake(residual, y, order):
+    return torch.empty_like(residual, memory_format=torch.contiguous_format)
+
+
+class _AddRowsOut(torch.autograd.Function):
+    """Autograd of ``scatter_add_kept``, taken only where a gradient is recorded: a decode step calls the op with no
+    Python on the way (an autograd kernel registered on the op would run Python on every call, even without grad)."""
+
+    @staticmethod
+    def forward(ctx, residual, y, order):
+        ctx.save_for_backward(order)
+        ctx.rows = y.shape[0]
+        return _ops.scatter_add_kept(residual, y, order)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (order,) = ctx.saved_tensors
+        grad_y = _ops.gather_kept(grad, order, ctx.rows) if ctx.needs_input_grad[1] else None
+        return grad, grad_y, None
+
+
+def scatter_add_kept(residual, y, order):
+    """Out of place: ``residual`` with ``y[j]`` added to row ``order[j]`` for ``j < y.shape[0]``, as a new contiguous
+    tensor, in one pass (the other rows are copied). Accumulated in fp32 and rounded once, as
+    :func:`scatter_add_kept_`; ``y`` is cast to ``residual``'s dtype first if they differ. ``order`` must be a
+    permutation of ``range(B)`` (every row of the result is written through it). Differentiable w.r.t. both
+    ``residual`` and ``y``. A mixed layer's residual add: ``x + scatter(a)`` without a clone of ``x``.
+    """
+    if y.dtype != residual.dtype:
+        y = y.to(residual.dtype)
+    if torch.is_grad_enabled() and (residual.requires_grad or y.requires_grad):
+        return _AddRowsOut.apply(residual, y, order)
+    return _ops.scatter_add_kept(residual, y, order)
+
+
 def pack_plan(mask, order, k, seqlen):
     """Where the real tokens of the kept sequences go in a packed ``(total, ...)`` layout.
 
@@ -303,6 +344,86 @@ def unpack_add_kept_(residual, packed, token_index):
     if they differ. Returns ``residual``; differentiable w.r.t. ``residual`` and ``packed``.
     """
     return _unpack_add_rows(residual, packed, token_index)
+
+
+# ---------------------------------------------------------------------------------------------
+# rotary_embedding
+
+
+def rotary_embedding(q, k, cos, sin, rows):
+    """Rotate-half rotary embedding of queries and keys in one op: ``x * cos + rotate_half(x) * sin``.
+
+    What transformers' ``apply_rotary_pos_emb`` computes (``rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])``),
+    bit for bit: each product and the sum are rounded to the input dtype as the unfused ops round them. It reads
+    the projections' layout and writes the attention layout, so the heads need no transpose of their own.
+
+    Args:
+        q: ``(N, T, Hq, D)`` float32, float16, bfloat16 or float64, ``D`` even.
+        k: ``(N, T, Hk, D)``, ``q``'s dtype.
+        cos, sin: ``(C, T, D)`` in ``q``'s dtype (the rotary embedding module's output).
+        rows: ``(N,)`` int64, the row of ``cos``/``sin`` each row of ``q`` takes (a gathered subset of a batch whose
+            positions differ per row), or ``None``: row ``n`` takes row ``n``, or row 0 when ``C == 1``.
+
+    Returns:
+        ``q_out (N, Hq, T, D)`` and ``k_out (N, Hk, T, D)``: new contiguous tensors in the attention layout (the
+        projections' heads transposed, as attention and the KV cache take them). Inference only: it has no
+        gradient, and refuses inputs that record one (no autograd kernel is registered on the op, so that a decode
+        step calls it with no Python on the way).
+    """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, cos, sin)):
+        raise RuntimeError(
+            "mindskip::rotary_embedding has no gradient (it serves decoding): call it under torch.no_grad(), or use "
+            "transformers' apply_rotary_pos_emb where gradients are needed"
+        )
+    return _ops.rotary_embedding(q, k, cos, sin, rows)
+
+
+@torch.library.register_fake("mindskip::rotary_embedding")
+def _rotary_embedding_fake(q, k, cos, sin, rows):
+    return q.new_empty(q.transpose(1, 2).shape), k.new_empty(k.transpose(1, 2).shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# token_decode_attention (token routing's decode step)
+
+
+def token_decode_attention(query, key, value, keep, mask, length, scale):
+    """The attention of one decode step under token routing, reading the KV cache of the kept rows only.
+
+    Args:
+        query: ``(B, Hq, D)``, one query token per row (float32, float16, bfloat16 or float64).
+        key, value: ``(B, Hkv, S, D)`` of ``query``'s dtype, ``Hq`` a multiple of ``Hkv``: the layer's cache after
+            this step's write. Only the last dimension must be contiguous: a view of a longer buffer is read in
+            place.
+        keep: ``(B,)`` bool, the rows whose token runs the attention sublayer this step.
+        mask: ``(B, S)`` (nonzero = the row attends to that position: padding and future positions are zero), or
+            None (every position).
+        length: a 1-element integer tensor on ``query``'s device, or None: only positions ``s < length`` are read
+            (a static cache's filled length; its tensors are ``max_cache_len`` long).
+        scale: the softmax scale.
+
+    Returns:
+        ``(B, Hq, D)`` in ``query``'s dtype, accumulated in fp32: a kept row's attention output, zero for a skipped
+        row (whose key and value rows are never read) and for a row with no position to attend to. Fixed shapes and
+        no host sync (the CPU kernel reads ``length`` where it runs), so a compiled decode step stays one graph
+        whatever the kept count. No gradient (a decode step); training computes every token's attention.
+    """
+    return _ops.token_decode_attention(query, key, value, keep, mask, length, float(scale))
+
+
+@torch.library.register_fake("mindskip::token_decode_attention")
+def _token_decode_attention_fake(query, key, value, keep, mask, length, scale):
+    return torch.empty_like(query, memory_format=torch.contiguous_format)
+
+
+def _token_decode_attention_backward(ctx, *grads):
+    raise RuntimeError(
+        "mindskip::token_decode_attention has no gradient: it runs decode steps; a training-mode forward computes "
+        "every token's attention"
+    )
+
+
+torch.library.register_autograd("mindskip::token_decode_attention", _token_decode_attention_backward)
 
 
 # =============================================================================================

@@ -24,10 +24,13 @@ __all__ = [
     "gather_kept",
     "pack_kept",
     "pack_plan",
+    "rotary_embedding",
     "router_gate",
     "router_gate_backward",
     "router_gate_varlen",
+    "scatter_add_kept",
     "scatter_add_kept_",
+    "token_decode_attention",
     "unpack_add_kept_",
 ]
 
@@ -118,6 +121,27 @@ def scatter_add_kept_(residual, y, order):
     return residual
 
 
+def scatter_add_kept(residual, y, order):
+    """Out of place: :func:`scatter_add_kept_` on a contiguous copy of ``residual``."""
+    return scatter_add_kept_(residual.clone(memory_format=torch.contiguous_format), y, order)
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotary_embedding(q, k, cos, sin, rows):
+    """``x * cos + rotate_half(x) * sin`` for ``x`` = ``q (N, T, Hq, D)`` and ``k (N, T, Hk, D)``, in their dtype,
+    with ``cos``/``sin (C, T, D)`` rows ``rows`` (or ``n``, or 0 when ``C == 1``) broadcast over the heads: the
+    unfused computation of transformers' ``apply_rotary_pos_emb``. Returns ``(N, H, T, D)`` contiguous tensors."""
+    if rows is not None:
+        cos, sin = cos.index_select(0, rows), sin.index_select(0, rows)
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    q_out, k_out = (q * cos) + (_rotate_half(q) * sin), (k * cos) + (_rotate_half(k) * sin)
+    return q_out.transpose(1, 2).contiguous(), k_out.transpose(1, 2).contiguous()
+
+
 def pack_plan(mask, order, k, seqlen):
     """Where each real token of the kept sequences goes in a packed ``(total, ...)`` layout.
 
@@ -153,3 +177,30 @@ def unpack_add_kept_(residual, packed, token_index):
     flat = residual.view(residual.shape[0] * residual.shape[1], *residual.shape[2:])
     scatter_add_kept_(flat, packed, token_index)
     return residual
+
+
+def token_decode_attention(query, key, value, keep, mask, length, scale):
+    """One decode step's attention under token routing, for the kept rows only.
+
+    ``query (B, Hq, D)`` (one token per row) attends over ``key``/``value`` ``(B, Hkv, S, D)`` of its own row (each
+    key/value head serves ``Hq / Hkv`` query heads), at the positions ``s < length`` (all ``S`` when ``length`` is
+    None) where ``mask (B, S)`` is nonzero (all when None), with softmax scale ``scale``, in fp32 (fp64 for fp64).
+    Rows where ``keep (B,)`` is False, and rows with no position to attend to, are zero. Returns ``(B, Hq, D)`` in
+    ``query``'s dtype.
+    """
+    batch, q_heads, dim = query.shape
+    kv_heads, positions = key.shape[1], key.shape[2]
+    limit = positions if length is None else max(0, min(positions, int(length.reshape(()))))
+    compute = torch.float64 if query.dtype == torch.float64 else torch.float32
+    groups = q_heads // kv_heads
+    k = key[:, :, :limit].to(compute).repeat_interleave(groups, dim=1)  # (B, Hq, L, D)
+    v = value[:, :, :limit].to(compute).repeat_interleave(groups, dim=1)
+    scores = torch.einsum("bhd,bhld->bhl", query.to(compute), k) * scale
+    allowed = torch.ones(batch, limit, dtype=torch.bool, device=query.device)
+    if mask is not None:
+        allowed = mask[:, :limit] != 0
+    scores = scores.masked_fill(~allowed[:, None, :], float("-inf"))
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no allowed position: all zero
+    out = torch.einsum("bhl,bhld->bhd", weights, v)
+    rows = keep.to(torch.bool) & allowed.any(dim=-1)
+    return torch.where(rows[:, None, None], out, torch.zeros((), dtype=compute, device=query.device)).to(query.dtype)

@@ -1,5 +1,5 @@
-"""Tiny models, small built-in tasks and a word-level tokenizer: what the tests, the demo and the benchmarks
-build instead of downloading (no model hub is needed).
+"""Tiny models, small built-in tasks, built-in text and a word-level tokenizer: what the tests, the demo and the
+benchmarks build or read instead of downloading (no model hub is needed).
 
     tokenizer = train_word_tokenizer(tokenizer_corpus(records))
     model = tiny_model("llama", tokenizer=tokenizer, layers=8)           # random weights, eval mode
@@ -11,7 +11,10 @@ Models are built from configs with seeded random weights, directly on the reques
 from __future__ import annotations
 
 import random
+import sysconfig
+import zlib
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 
@@ -31,6 +34,41 @@ from .data import (
 # ----------------------------------------------------------------------------------- models
 
 
+# The smallest sliding window the tiny configs use: shorter than the test prompts, so that a sliding layer's window
+# really drops keys.
+TINY_WINDOW = 6
+
+
+def _family_fields(model_type: str, layers: int, hidden: int, heads: int, intermediate: int) -> dict:
+    """The config fields that make a small model of ``model_type`` exercise what is particular to its family:
+    experts, sliding and full layers, per-head norms, residual multipliers, layers without rotary embedding."""
+    head_dim = hidden // heads
+    # Sliding and full layers alternate, with the last layer full (Gemma 3 has five sliding ones per full one).
+    layer_types = ["full_attention" if i % 2 else "sliding_attention" for i in range(layers)]
+    layer_types[-1] = "full_attention"
+    sliding = dict(sliding_window=TINY_WINDOW, layer_types=layer_types, head_dim=head_dim)
+    experts = dict(num_experts_per_tok=2)
+    fields = {
+        "qwen3": dict(head_dim=head_dim),
+        "mixtral": dict(num_local_experts=4, **experts),
+        # Sparse experts in every layer but one dense MLP (Qwen3-MoE decides per layer).
+        "qwen3_moe": dict(num_experts=4, moe_intermediate_size=intermediate, decoder_sparse_step=1,
+                          mlp_only_layers=[layers // 2], head_dim=head_dim, **experts),
+        "olmoe": dict(num_experts=4, **experts),
+        "gemma": dict(head_dim=head_dim),
+        "gemma2": dict(query_pre_attn_scalar=head_dim, **sliding),
+        "gemma3_text": dict(query_pre_attn_scalar=head_dim, **sliding),
+        "olmo3": dict(**sliding),
+        "granite": dict(residual_multiplier=0.5, attention_multiplier=head_dim**-0.5, embedding_multiplier=2.0,
+                        logits_scaling=2.0),
+        "olmo": dict(clip_qkv=0.1),
+        "phi3": dict(partial_rotary_factor=0.5),  # Phi-4-mini's rotary embedding covers part of each head
+        # A layer without rotary embedding in the middle (SmolLM3 leaves it out of every fourth layer).
+        "smollm3": dict(no_rope_layers=[0 if i == layers // 2 else 1 for i in range(layers)]),
+    }
+    return fields.get(model_type, {})
+
+
 def tiny_config(
     model_type: str = "llama",
     *,
@@ -44,14 +82,16 @@ def tiny_config(
     tokenizer=None,
     **overrides,
 ):
-    """A small config of ``model_type`` (llama, mistral, qwen2, qwen3); the vocabulary and special ids follow
+    """A small config of ``model_type`` (any family :mod:`mindskip_ext.architectures` supports, with the features of
+    its family: experts, sliding layers of a :data:`TINY_WINDOW` window, ...); the vocabulary and special ids follow
     ``tokenizer`` when given (else pad 0, BOS 1, EOS 2). ``overrides`` are further config fields."""
     from transformers import AutoConfig
 
+    intermediate = intermediate or 2 * hidden
     kwargs = dict(
         vocab_size=len(tokenizer) if tokenizer is not None else vocab_size,
         hidden_size=hidden,
-        intermediate_size=intermediate or 2 * hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
@@ -60,9 +100,8 @@ def tiny_config(
         bos_token_id=tokenizer.bos_token_id if tokenizer is not None else 1,
         eos_token_id=tokenizer.eos_token_id if tokenizer is not None else 2,
         tie_word_embeddings=False,
+        **_family_fields(model_type, layers, hidden, heads, intermediate),
     )
-    if model_type == "qwen3":
-        kwargs["head_dim"] = hidden // heads
     kwargs.update(overrides)
     return AutoConfig.for_model(model_type, **kwargs)
 
@@ -185,22 +224,29 @@ def _task_fruits(rng):
     return "List the fruits.", " ".join(items), " ".join(fruits) if fruits else "none"
 
 
+# The built-in tasks by kind: on words (copy, reverse, pick, count, ...) and on numbers (sort, max, add).
+SYNTHETIC_KINDS = {
+    "words": (_task_reverse, _task_copy, _task_first, _task_last, _task_count, _task_color, _task_fruits),
+    "numbers": (_task_sort, _task_max, _task_add),
+}
 _SYNTHETIC_TASKS = (
     _task_reverse, _task_copy, _task_sort, _task_max, _task_add,
     _task_first, _task_last, _task_count, _task_color, _task_fruits,
 )
 
 
-def synthetic_instructions(n: int, seed: int = 0) -> list[dict]:
-    """``n`` Alpaca-style records from ten small word and number tasks (copy, reverse, sort, ...).
+def synthetic_instructions(n: int, seed: int = 0, kind: str | None = None) -> list[dict]:
+    """``n`` Alpaca-style records from ten small word and number tasks (copy, reverse, sort, ...), or from those of
+    one ``kind`` of :data:`SYNTHETIC_KINDS`.
 
     The package's built-in offline data: deterministic for a seed, learnable by a tiny model in
     seconds, and most tasks need attention (the answer is elsewhere in the sequence).
     """
+    tasks = _SYNTHETIC_TASKS if kind is None else SYNTHETIC_KINDS[kind]
     rng = random.Random(seed)
     records = []
     for _ in range(n):
-        instruction, input_text, output = rng.choice(_SYNTHETIC_TASKS)(rng)
+        instruction, input_text, output = rng.choice(tasks)(rng)
         records.append({"instruction": instruction, "input": input_text, "output": output})
     return records
 
@@ -256,3 +302,39 @@ def tokenizer_corpus(records: Iterable[dict]) -> list[str]:
         elif kind is not None:
             texts.extend(m["content"] for m in record_messages(record, kind))
     return texts
+
+
+# ----------------------------------------------------------------------------------- built-in text
+
+# Real text of two kinds that every Python installation carries, for held-out perplexity without any download.
+BUILTIN_TEXT = {
+    "docs": "English prose: Python's reference documentation (pydoc_data.topics of this Python)",
+    "code": "Python code: the standard library's modules (the *.py files of this Python)",
+}
+# One document in this many is held out (chosen by a hash of its name, so the split never depends on the order).
+HELDOUT_ONE_IN = 5
+
+
+def builtin_documents(kind: str) -> dict[str, str]:
+    """Name -> text of every document of the built-in text ``kind`` (see :data:`BUILTIN_TEXT`), read from the
+    running Python installation."""
+    if kind == "docs":
+        try:
+            from pydoc_data.topics import topics
+        except ImportError as err:  # some distributions ship the standard library without it
+            raise FileNotFoundError("this Python has no pydoc_data.topics (its reference documentation); "
+                                    "give text of your own with --data") from err
+        return dict(sorted(topics.items()))
+    if kind == "code":
+        folder = Path(sysconfig.get_paths()["stdlib"])
+        files = sorted(folder.glob("*.py"))
+        if not files:
+            raise FileNotFoundError(f"no standard-library sources (*.py) in {folder}; give text of your own with "
+                                    "--data")
+        return {f.name: f.read_text(encoding="utf-8", errors="replace") for f in files}
+    raise ValueError(f"built-in text is one of {', '.join(BUILTIN_TEXT)}, got {kind!r}")
+
+
+def is_heldout_document(name: str) -> bool:
+    """Whether a built-in document is in the held-out part (about one in :data:`HELDOUT_ONE_IN`)."""
+    return zlib.crc32(name.encode()) % HELDOUT_ONE_IN == 0

@@ -3,6 +3,7 @@ and the CMake build of the same sources (loaded with torch.ops.load_library)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -108,15 +109,45 @@ def test_cmake_build_loads_and_runs(tmp_path):
     assert "mindskip::pack_plan" in run.stdout
 
 
+# Run in a fresh interpreter: every import statement that a mindskip_ext module executes while `import mindskip_ext`
+# runs, as (importing module, top-level package imported); then the mindskip_ext modules loaded, and the top-level
+# packages that `import mindskip_ext` adds to those torch and transformers load themselves.
+RECORD_IMPORTS = """
+import builtins, json, sys
+direct = set()
+real_import = builtins.__import__
+
+def recording_import(name, globals=None, locals=None, fromlist=(), level=0):
+    importer = (globals or {}).get("__name__", "")
+    if level == 0 and importer.split(".")[0] == "mindskip_ext":
+        direct.add((importer, name.split(".")[0]))
+    return real_import(name, globals, locals, fromlist, level)
+
+import torch, transformers.cache_utils
+before = {m.split(".")[0] for m in sys.modules}
+builtins.__import__ = recording_import
+import mindskip_ext
+builtins.__import__ = real_import
+print(json.dumps({"direct": sorted(direct), "loaded": sorted(m for m in sys.modules if m.startswith("mindskip_ext")),
+                  "added": sorted({m.split(".")[0] for m in sys.modules} - before)}))
+"""
+CORE_MODULES = {"mindskip_ext." + m for m in ("_C", "_build_info", "_extension", "_io", "architectures", "attention",
+                                              "cache", "config", "hf_compat", "layer", "model", "ops")}
+
+
 def test_importing_the_package_loads_the_core_only():
-    """``import mindskip_ext`` adds none of the tooling's dependencies to what torch and transformers import."""
-    code = (
-        "import sys, torch, transformers.cache_utils; before = set(sys.modules); import mindskip_ext; "
-        "print(' '.join(sorted({m.split('.')[0] for m in set(sys.modules) - before})))"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    """``import mindskip_ext`` runs no import beyond the standard library, torch and transformers (tqdm, which torch
+    and transformers load themselves, is imported where a progress bar is drawn), loads the core modules only, and
+    adds none of the tooling's dependencies to what torch and transformers import."""
+    proc = subprocess.run([sys.executable, "-c", RECORD_IMPORTS], capture_output=True, text=True, timeout=300,
+                          check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    added = set(proc.stdout.split())
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    outside = [(importer, name) for importer, name in result["direct"]
+               if name not in sys.stdlib_module_names and name not in {"torch", "transformers", "mindskip_ext"}]
+    assert not outside, outside
+    assert {name for _, name in result["direct"]} >= {"torch", "transformers"}  # the recording saw the imports
+    assert set(result["loaded"]) == CORE_MODULES | {"mindskip_ext"}
+    added = set(result["added"])
     assert "mindskip_ext" in added
     assert not added & {"lm_eval", "datasets", "gguf", "matplotlib", "tqdm", "accelerate", "safetensors"}, added
-

@@ -15,6 +15,7 @@ from transformers import DynamicCache, StaticCache
 import mindskip_ext as msk
 from mindskip_ext.cache import kv_bytes
 from mindskip_ext.hf_compat import cache_kwargs, output_cache
+from mindskip_ext.layer import MindSkipDecoderLayer
 
 from tiny import (
     ATTN_IMPLS,
@@ -119,6 +120,81 @@ def test_a_decode_step_that_keeps_every_sequence_is_the_stock_layers_step(granul
     assert stock == dict.fromkeys(model.mindskip_layers, 4)
     assert hooked == dict.fromkeys(model.mindskip_layers, 5)
     assert all(layer.keys.shape[0] == ids.shape[0] for layer in cache.layers)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("attn", ATTN_IMPLS)
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("granularity", ["attn", "block"])
+def test_a_mixed_decode_step_runs_the_attention_itself_and_equals_the_attention_modules_step(
+    model_type, attn, cache, granularity
+):
+    """A decode step of a layer that keeps some of the batch runs the stock attention's computation on the kept rows
+    itself, with the rotary embedding of q and k as one op: the logits of every step are bit for bit those of the
+    general path, which calls the attention module on the gathered rows (taken where the attention module has hooks,
+    which then fire). Left padding: each kept row reads its own position's cos/sin."""
+    _check_mixed_decode_against_the_attention_module(tiny_lm(model_type, attn), cache, granularity)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_cuda_mixed_decode_step_equals_the_attention_modules_step(model_type, cache):
+    """The same on the GPU in bf16: the CUDA kernels of the rotary embedding and the out-of-place scatter-add round
+    as the unfused ops do."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    _check_mixed_decode_against_the_attention_module(tiny_lm(model_type, "sdpa", dtype=torch.bfloat16).cuda(), cache,
+                                                     "attn")
+
+
+def _check_mixed_decode_against_the_attention_module(base, cache, granularity):
+    model = msk.get_mindskip_model(base, msk.MindSkipConfig(granularity=granularity))
+    randomize_routers(model)
+    _, ids, mask = padded_batch([7, 12, 3, 9, 12, 5], "left")
+    device = next(model.parameters()).device
+    kwargs = dict(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=5, do_sample=False,
+                  return_dict_in_generate=True, output_logits=True,
+                  **({"cache_implementation": "static"} if cache == "static" else {}))
+    fused = MindSkipDecoderLayer._mixed_decode
+    runs = []
+
+    def counting(self, *args, **kw):
+        runs.append(self.layer_idx)
+        return fused(self, *args, **kw)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(MindSkipDecoderLayer, "_mixed_decode", counting)
+        got = model.generate(**kwargs)
+    mixed = [idx for idx, c in model.last_capacity.items() if 0.0 < c < 1.0]
+    assert mixed and sorted(runs) == sorted(mixed * 4)  # 4 decode steps after the prefill
+
+    calls = dict.fromkeys(model.mindskip_layers, 0)
+    hooks = [getattr(layer.base_layer, layer.spec.attn).register_forward_hook(
+        lambda *_, idx=idx: calls.__setitem__(idx, calls[idx] + 1)) for idx, layer in model.mindskip_layers.items()]
+    try:
+        want = model.generate(**kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert all(calls[idx] == 5 for idx in mixed)  # the hooked attention ran at the prefill and every step
+    assert torch.equal(got.sequences, want.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got.logits, want.logits, strict=True))
+
+
+def test_a_mixed_decode_step_under_autocast_is_the_attention_modules_step():
+    """Under autocast q and k are computed in another dtype than cos and sin, whose products the stock attention
+    promotes: a mixed layer's decode step then calls the attention module, as the general path does."""
+    model = msk.get_mindskip_model(tiny_lm("llama", "sdpa"))
+    randomize_routers(model)
+    _, ids, mask = padded_batch([7, 12, 3, 9], "left")
+    runs = []
+    fused = MindSkipDecoderLayer._mixed_decode
+    with pytest.MonkeyPatch.context() as patch, torch.autocast("cpu", dtype=torch.bfloat16):
+        patch.setattr(MindSkipDecoderLayer, "_mixed_decode", lambda *a, **k: runs.append(1) or fused(*a, **k))
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert any(0.0 < c < 1.0 for c in model.last_capacity.values()) and not runs
+    assert out.shape == (4, ids.shape[1] + 4)
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)

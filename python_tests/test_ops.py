@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -388,6 +389,223 @@ def test_scatter_add_low_precision_error_matches_pytorch(device, dtype):
     assert (ours - truth).abs().max() <= 2 * (theirs - truth).abs().max() + 1e-6
 
 
+@pytest.mark.parametrize("dtype", [*FLOATS, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (5, 3, 7), (8, 1, 64), (6, 17, 129), (3, 5, 4, 16)])
+def test_scatter_add_kept_out_of_place_is_the_in_place_op_on_a_copy(device, dtype, shape):
+    batch = shape[0]
+    for k in sorted({0, 1, batch // 2, batch}):
+        order = make_order(batch, k, device, seed=k)
+        residual = randn(*shape, dtype=dtype, device=device, seed=31)
+        before = residual.clone()
+        y = randn(k, *shape[1:], dtype=dtype, device=device, seed=32)
+        out = ops.scatter_add_kept(residual, y, order)
+        assert out.is_contiguous() and out.data_ptr() != residual.data_ptr()
+        assert torch.equal(residual, before)  # its input is left as it was
+        assert torch.equal(out, ref.scatter_add_kept(residual, y, order))
+        assert torch.equal(out, ops.scatter_add_kept_(residual.clone(), y, order))
+
+
+def test_scatter_add_kept_out_of_place_reads_any_layout_and_differentiates(device):
+    order = make_order(4, 2, device)
+    residual = randn(3, 4, 8, device=device, seed=33).transpose(0, 1)  # (4, 3, 8), not contiguous
+    y = randn(2, 3, 8, device=device, seed=34)
+    assert torch.equal(ops.scatter_add_kept(residual, y, order), ref.scatter_add_kept(residual, y, order))
+    # The same gradients as the in-place op on a copy (its autograd runs only where a gradient is recorded).
+    x = randn(5, 3, 4, dtype=torch.float64, device=device, seed=35).requires_grad_()
+    v = randn(3, 3, 4, dtype=torch.float64, device=device, seed=36).requires_grad_()
+    order = make_order(5, 3, device, seed=1)
+    if device.type == "cpu":
+        assert torch.autograd.gradcheck(lambda r, w: ops.scatter_add_kept(r, w, order), (x, v))
+    weights = randn(5, 3, 4, dtype=torch.float64, device=device, seed=37)
+    gx, gy = torch.autograd.grad((ops.scatter_add_kept(x, v, order) * weights).sum(), (x, v))
+    assert torch.equal(gx, weights) and torch.equal(gy, weights[order[:3]])
+
+
+# ---------------------------------------------------------------------------------------------
+# rotary_embedding
+
+
+def rotary_inputs(device, dtype, rows: int, seqlen: int, q_heads: int, k_heads: int, dim: int, table: int, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype).to(device)
+
+    return draw(rows, seqlen, q_heads, dim), draw(rows, seqlen, k_heads, dim), draw(table, seqlen, dim), draw(
+        table, seqlen, dim)
+
+
+@pytest.mark.parametrize("dtype", [*FLOATS, torch.float64])
+@pytest.mark.parametrize("sizes", [(1, 1, 1, 1, 2), (3, 1, 4, 2, 8), (5, 3, 8, 2, 64), (2, 7, 3, 3, 6)])
+@pytest.mark.parametrize("table", ["rows", "broadcast", "indexed"])
+def test_rotary_embedding_matches_reference_exactly(device, dtype, sizes, table):
+    n, t, hq, hk, d = sizes
+    c = {"rows": n, "broadcast": 1, "indexed": n + 2}[table]
+    q, k, cos, sin = rotary_inputs(device, dtype, n, t, hq, hk, d, c)
+    rows = torch.randperm(c, generator=torch.Generator().manual_seed(1))[:n].to(device) if table == "indexed" else None
+    got_q, got_k = ops.rotary_embedding(q, k, cos, sin, rows)
+    want_q, want_k = ref.rotary_embedding(q, k, cos, sin, rows)
+    assert got_q.shape == (n, hq, t, d) and got_k.shape == (n, hk, t, d)
+    assert got_q.is_contiguous() and got_k.is_contiguous()
+    # Each product and the sum rounded as the unfused ops round them: bit for bit, in every dtype.
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+
+
+@pytest.mark.hf
+def test_rotary_embedding_is_transformers_apply_rotary_pos_emb(device):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, cos, sin = rotary_inputs(device, dtype, 4, 2, 8, 2, 64, 6, seed=3)
+        rows = torch.tensor([5, 0, 3, 1], device=device)
+        got = ops.rotary_embedding(q, k, cos, sin, rows)
+        want = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos[rows], sin[rows])
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_rotary_embedding_reads_any_layout_and_refuses_gradients(device):
+    q, k, cos, sin = rotary_inputs(device, torch.float32, 3, 2, 4, 2, 8, 3)
+    strided = q.transpose(1, 2).contiguous().transpose(1, 2)  # (N, T, H, D) with the heads outermost
+    assert not strided.is_contiguous()
+    assert all(torch.equal(a, b) for a, b in zip(ops.rotary_embedding(strided, k, cos, sin, None),
+                                                  ref.rotary_embedding(q, k, cos, sin, None)))
+    with pytest.raises(RuntimeError, match="rotary_embedding has no gradient"):
+        ops.rotary_embedding(q.requires_grad_(), k, cos, sin, None)
+    with torch.no_grad():
+        ops.rotary_embedding(q, k, cos, sin, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# token_decode_attention (token routing's decode step)
+
+
+def decode_inputs(device, batch=5, q_heads=6, kv_heads=2, positions=37, dim=16, dtype=torch.float32, spare=9, seed=70):
+    """query (B, Hq, D) and key/value views (B, Hkv, S, D) of longer buffers (as a token-routing cache slot holds)."""
+    query = randn(batch, q_heads, dim, device=device, dtype=dtype, seed=seed)
+    key = randn(batch, kv_heads, positions + spare, dim, device=device, dtype=dtype, seed=seed + 1)[:, :, :positions]
+    value = randn(batch, kv_heads, positions + spare, dim, device=device, dtype=dtype, seed=seed + 2)[:, :, :positions]
+    return query, key, value
+
+
+@pytest.mark.parametrize("dtype", [*FLOATS, torch.float64])
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2), (8, 1)])
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("with_length", [False, True])
+def test_token_decode_attention_matches_reference(device, dtype, heads, mask_kind, with_length):
+    query, key, value = decode_inputs(device, q_heads=heads[0], kv_heads=heads[1], dtype=dtype)
+    keep = torch.tensor([True, False, True, True, False], device=device)
+    mask = make_mask(mask_kind, 5, 37, device)
+    length = torch.tensor(30, device=device) if with_length else None
+    got = ops.token_decode_attention(query, key, value, keep, mask, length, 0.25)
+    want = ref.token_decode_attention(query, key, value, keep, mask, length, 0.25)
+    assert got.dtype == dtype and got.shape == query.shape
+    atol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
+    torch.testing.assert_close(got, want, atol=atol, rtol=0)
+    assert torch.equal(got[~keep], torch.zeros_like(got[~keep]))
+
+
+def test_token_decode_attention_never_reads_skipped_rows_masked_or_later_positions(device):
+    """NaN in a skipped row's keys and values, at masked positions and past ``length`` would poison any sum that read
+    them: the kept rows are still the reference's, the skipped rows zero."""
+    query, key, value = decode_inputs(device)
+    keep = torch.tensor([True, False, True, False, True], device=device)
+    mask = make_mask("holes", 5, 37, device)
+    length = torch.tensor(31, device=device)
+    want = ops.token_decode_attention(query, key, value, keep, mask, length, 0.5)
+    poisoned_k, poisoned_v = key.clone(), value.clone()
+    for t in (poisoned_k, poisoned_v):
+        t[~keep] = float("nan")
+        t[:, :, 31:] = float("nan")
+        t.masked_fill_(~mask[:, None, :, None], float("nan"))
+    got = ops.token_decode_attention(query, poisoned_k, poisoned_v, keep, mask, length, 0.5)
+    assert torch.equal(got, want) and torch.isfinite(got).all()
+
+
+def test_token_decode_attention_edge_cases(device):
+    query, key, value = decode_inputs(device)
+    none = torch.zeros(5, dtype=torch.bool, device=device)
+    assert torch.equal(ops.token_decode_attention(query, key, value, none, None, None, 1.0), torch.zeros_like(query))
+    every = torch.ones(5, dtype=torch.bool, device=device)
+    empty = torch.zeros(5, 37, dtype=torch.bool, device=device)
+    empty[0, 3] = True  # row 0 attends to one position: its value row
+    out = ops.token_decode_attention(query, key, value, every, empty, None, 1.0)
+    torch.testing.assert_close(out[0], value[0, :, 3].repeat_interleave(3, dim=0))
+    assert torch.equal(out[1:], torch.zeros_like(out[1:]))  # no position to attend to
+    zero = torch.tensor(0, device=device)
+    assert torch.equal(ops.token_decode_attention(query, key, value, every, None, zero, 1.0), torch.zeros_like(query))
+    # A length past the positions reads all of them.
+    past = torch.tensor(99, device=device)
+    whole = ops.token_decode_attention(query, key, value, every, None, None, 1.0)
+    torch.testing.assert_close(ops.token_decode_attention(query, key, value, every, None, past, 1.0), whole)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_token_decode_attention_low_precision_error_within_2x_of_pytorch(device, dtype):
+    query, key, value = decode_inputs(device, batch=4, q_heads=8, kv_heads=2, positions=300, dim=64)
+    keep = torch.ones(4, dtype=torch.bool, device=device)
+    truth = ref.token_decode_attention(query.double(), key.double(), value.double(), keep, None, None, 0.125)
+    ours = ops.token_decode_attention(query.to(dtype), key.to(dtype), value.to(dtype), keep, None, None, 0.125)
+    theirs = torch.nn.functional.scaled_dot_product_attention(
+        query.to(dtype)[:, :, None], key.to(dtype), value.to(dtype), scale=0.125, enable_gqa=True)[:, :, 0]
+    err = (ours.double() - truth).abs().max()
+    assert err <= 2 * (theirs.double() - truth).abs().max() + 1e-6, err
+
+
+def test_token_decode_attention_does_not_depend_on_thread_count():
+    query, key, value = decode_inputs("cpu", batch=3, positions=200)
+    keep = torch.tensor([True, True, False])
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(ops.token_decode_attention(query, key, value, keep, None, None, 0.3))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_token_decode_attention_rejects_bad_input(device):
+    query, key, value = decode_inputs(device)
+    keep = torch.ones(5, dtype=torch.bool, device=device)
+    cases = [
+        (lambda: ops.token_decode_attention(query[0], key, value, keep, None, None, 1.0), r"query must have shape"),
+        (lambda: ops.token_decode_attention(query, key[0], value, keep, None, None, 1.0), r"key must have shape"),
+        (lambda: ops.token_decode_attention(query, key, value[:, :, :3], keep, None, None, 1.0), "they must match"),
+        (lambda: ops.token_decode_attention(query[:, :5], key, value, keep, None, None, 1.0),
+         r"query heads \(5\) must be a multiple of key/value heads \(2\)"),
+        (lambda: ops.token_decode_attention(query, key.double(), value.double(), keep, None, None, 1.0),
+         "must have query's dtype"),
+        (lambda: ops.token_decode_attention(query, key.transpose(2, 3), value.transpose(2, 3), keep, None, None, 1.0),
+         "key has shape"),
+        (lambda: ops.token_decode_attention(query, key.transpose(1, 2).contiguous().transpose(1, 2).transpose(-1, -2)
+                                            .contiguous().transpose(-1, -2), value, keep, None, None, 1.0),
+         "last dimension of key and value must be contiguous"),
+        (lambda: ops.token_decode_attention(query, key, value, keep.int(), None, None, 1.0), "keep must be a bool"),
+        (lambda: ops.token_decode_attention(query, key, value, keep[:3], None, None, 1.0), "keep must be a bool"),
+        (lambda: ops.token_decode_attention(query, key, value, keep, torch.ones(5, 9, device=device), None, 1.0),
+         r"mask must have shape \(B, T\) = \(5, 37\)"),
+        (lambda: ops.token_decode_attention(query, key, value, keep, None, torch.tensor([1.0], device=device), 1.0),
+         "length must be one integer element"),
+        (lambda: ops.token_decode_attention(query, key, value, keep, None, None, float("inf")),
+         "scale must be finite"),
+    ]
+    if device.type == "cpu":
+        cases.append((lambda: ops.token_decode_attention(query, key, value, keep, None, torch.tensor(-1), 1.0),
+                      "length must be non-negative"))
+    for fn, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            fn()
+
+
+def test_token_decode_attention_has_no_gradient():
+    query, key, value = decode_inputs("cpu")
+    out = ops.token_decode_attention(query.requires_grad_(), key, value, torch.ones(5, dtype=torch.bool), None, None,
+                                     1.0)
+    with pytest.raises(RuntimeError, match="token_decode_attention has no gradient"):
+        out.sum().backward()
+
+
 # ---------------------------------------------------------------------------------------------
 # packed layout
 
@@ -483,6 +701,9 @@ def opcheck_cases(device):
     total = int(cu[-1])
     flat = randn(12, 24, device=device, seed=43)
     segments = torch.tensor([0, 3, 3, 11], dtype=torch.int32, device=device)
+    query, key, value = randn(4, 6, 8, device=device), randn(4, 2, 7, 8, device=device, seed=44), randn(
+        4, 2, 7, 8, device=device, seed=45)
+    keep, length = torch.tensor([True, False, True, True], device=device), torch.tensor(6, device=device)
     m = torch.ops.mindskip
     return [
         (m.router_gate.default, (hidden, mask, weight, bias, 0.5)),
@@ -500,6 +721,12 @@ def opcheck_cases(device):
         (m.pack_plan.default, (None, order, 3, 5)),
         (m.pack_kept.default, (x, index, total)),
         (m.unpack_add_kept_.default, (randn(4, 5, 24, device=device), randn(total, 24, device=device), index)),
+        # Autograd of both runs in their wrappers, only where a gradient is recorded (none registered on the ops).
+        (m.scatter_add_kept.default, (randn(4, 5, 24, device=device), randn(2, 5, 24, device=device), order)),
+        (m.rotary_embedding.default, (*rotary_inputs(device, torch.float32, 2, 3, 4, 2, 8, 4), order[:2])),
+        (m.rotary_embedding.default, rotary_inputs(device, torch.float32, 2, 3, 4, 2, 8, 1) + (None,)),
+        (m.token_decode_attention.default, (query, key, value, keep, make_mask("holes", 4, 7, device), length, 0.3)),
+        (m.token_decode_attention.default, (query, key, value, keep, None, None, 0.3)),
     ]
 
 
@@ -509,7 +736,7 @@ def test_opcheck_every_op(device):
         torch.library.opcheck(op, args)
         seen.add(op.name())
     defined = {name for name in torch._C._dispatch_get_all_op_names() if name.startswith("mindskip::")}
-    assert len(defined) == 8
+    assert len(defined) == 11
     assert defined <= seen, f"ops without an opcheck case: {defined - seen}"
 
 
@@ -523,7 +750,7 @@ def test_ops_and_reference_mirror_every_schema():
     """Each schema op has a function of its exact name in ops and in reference, taking the schema's
     arguments in the schema's order; reference has nothing else."""
     schemas = mindskip_schemas()
-    assert len(schemas) == 8
+    assert len(schemas) == 11
     for name, schema in schemas.items():
         want = [arg.name for arg in schema.arguments]
         for module in (ops, ref):
@@ -682,7 +909,8 @@ def test_router_gate_varlen_rejects_bad_input(device, hidden, cu_seqlens, weight
 
 
 def test_cuda_entries_check_their_inputs_in_host_compiled_code():
-    """Every CUDA kernel is registered from csrc/cuda/ops.cpp, which checks the inputs before any CUDA call: sent
+    """Every CUDA kernel is registered from a host-compiled csrc/cuda/*.cpp (ops.cpp; token_attention.cpp for token
+    routing's op), which checks the inputs before any CUDA call: sent
     bad inputs (on the CPU, so this runs without a GPU), the CUDA entries raise the CPU kernels' messages. On the
     first GPU session a check that threw from nvcc-compiled code crashed the process instead."""
     from mindskip_ext import _extension
@@ -693,7 +921,7 @@ def test_cuda_entries_check_their_inputs_in_host_compiled_code():
     for name in ref.__all__:  # one per schema (test_ops_and_reference_mirror_every_schema)
         (line,) = [line for line in torch._C._dispatch_dump(f"mindskip::{name}").splitlines()
                    if line.startswith("CUDA:")]
-        assert "csrc/cuda/ops.cpp" in line, line
+        assert re.search(r"csrc/cuda/\w+\.cpp", line), line
     x, order = randn(4, 3, 8), torch.arange(4)
     calls = [
         (lambda: torch.ops.mindskip.router_gate.default.redispatch(cuda, randn(2, 4), None, torch.zeros(4),
@@ -712,6 +940,13 @@ def test_cuda_entries_check_their_inputs_in_host_compiled_code():
         (lambda: torch.ops.mindskip.pack_kept.default.redispatch(cuda, x, order, 9), "the row count = 9"),
         (lambda: torch.ops.mindskip.unpack_add_kept_.default.redispatch(cuda, x, randn(2, 7), order),
          "their trailing dimensions must match"),
+        (lambda: torch.ops.mindskip.scatter_add_kept.default.redispatch(cuda, x, randn(5, 3, 8), order),
+         r"y.size\(0\) = 5 is out of range"),
+        (lambda: torch.ops.mindskip.rotary_embedding.default.redispatch(
+            cuda, randn(2, 1, 4, 7), randn(2, 1, 2, 7), randn(2, 1, 7), randn(2, 1, 7), None), "must be even"),
+        (lambda: torch.ops.mindskip.token_decode_attention.default.redispatch(
+            cuda, randn(4, 6, 8), randn(4, 4, 5, 8), randn(4, 4, 5, 8), torch.ones(4, dtype=torch.bool), None, None,
+            1.0), r"query heads \(6\) must be a multiple of key/value heads \(4\)"),
     ]
     for call, message in calls:
         with pytest.raises(RuntimeError, match=message):
@@ -766,6 +1001,26 @@ def test_regroup_ops_reject_bad_input(device):
         ),
         (lambda: ops.pack_kept(x[0, 0], order, 1), r"x must have shape \(B, T, ...\)"),
         (lambda: ops.unpack_add_kept_(x, randn(2, 7, device=device), order), "trailing dimensions must match"),
+        (lambda: ops.scatter_add_kept(x, randn(2, 3, 7, device=device), order), "trailing dimensions must match"),
+        (lambda: ops.scatter_add_kept(x, randn(2, 3, 8, device=device), order[:3]), r"order must have shape \(B,\)"),
+        (lambda: m.scatter_add_kept(x, randn(2, 3, 8, device=device).half(), order), "y is Half but residual is"),
+    ]
+    q, k, cos, sin = rotary_inputs(device, torch.float32, 2, 3, 4, 2, 8, 2)
+    cases += [
+        (lambda: ops.rotary_embedding(q[0], k, cos, sin, None), r"q must have shape \(N, T, heads, D\)"),
+        (lambda: ops.rotary_embedding(q, k[:1], cos, sin, None), r"k must have shape \(N, T, heads, D\) = \(2, 3,"),
+        (lambda: ops.rotary_embedding(q[..., :7], k[..., :7], cos[..., :7], sin[..., :7], None), "must be even"),
+        (lambda: ops.rotary_embedding(q, k, cos[:, :2], sin, None), r"cos must have shape \(C, T, D\) = \(C, 3, 8\)"),
+        (lambda: ops.rotary_embedding(q, k, cos, sin[:1], None), "sin must have cos's shape"),
+        (lambda: ops.rotary_embedding(q, k.double(), cos, sin, None), "k is Double but q is Float"),
+        (lambda: ops.rotary_embedding(q, k, cos.half(), sin, None), "cos is Half but q is Float"),
+        (lambda: ops.rotary_embedding(q.int(), k.int(), cos.int(), sin.int(), None), "q must be float32"),
+        (lambda: ops.rotary_embedding(q, k, torch.cat([cos] * 2), torch.cat([sin] * 2)[:4], None),
+         "cos has 4 rows for 2 rows of q; pass rows"),
+        (lambda: ops.rotary_embedding(q, k, cos, sin, torch.zeros(3, dtype=torch.long, device=device)),
+         r"rows must have shape \(N,\) = \(2,\)"),
+        (lambda: ops.rotary_embedding(q, k, cos, sin, torch.zeros(2, dtype=torch.int32, device=device)),
+         "rows must be int64"),
     ]
     if device.type == "cpu":  # out-of-range rows are a device-side assert on CUDA
         bad = torch.tensor([0, 9, 1, 2], device=device)
@@ -776,6 +1031,9 @@ def test_regroup_ops_reject_bad_input(device):
                 r"token_index\[0\] = 12 is out of range \[0, 12\)",
             )
         )
+        cases.append((lambda: ops.scatter_add_kept(x, randn(2, 3, 8), bad), r"order\[1\] = 9 is out of range"))
+        cases.append((lambda: ops.rotary_embedding(q, k, cos, sin, torch.tensor([0, 2])),
+                      r"rows\[1\] = 2 is out of range \[0, 2\)"))
     for fn, message in cases:
         with pytest.raises(RuntimeError, match=message):
             fn()

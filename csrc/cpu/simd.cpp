@@ -24,6 +24,13 @@ acc_t dot_scalar(const scalar_t* x, const acc_t* w, int64_t n) {
 }
 
 template <typename scalar_t, typename acc_t>
+void axpy_scalar(acc_t* acc, acc_t a, const scalar_t* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    acc[i] += a * static_cast<acc_t>(x[i]);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
 void add_scalar(scalar_t* dst, const scalar_t* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     dst[i] = static_cast<scalar_t>(static_cast<acc_t>(dst[i]) + static_cast<acc_t>(src[i]));
@@ -104,6 +111,16 @@ MINDSKIP_AVX float dot_avx(const scalar_t* x, const float* w, int64_t n) {
 }
 
 template <typename scalar_t>
+MINDSKIP_AVX void axpy_avx(float* acc, float a, const scalar_t* x, int64_t n) {
+  const __m256 va = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(va, load8(x + i), _mm256_loadu_ps(acc + i)));
+  }
+  axpy_scalar<scalar_t, float>(acc + i, a, x + i, n - i);
+}
+
+template <typename scalar_t>
 MINDSKIP_AVX void add_avx(scalar_t* dst, const scalar_t* src, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
@@ -147,6 +164,19 @@ float dot(const c10::Half* x, const float* w, int64_t n) {
 }
 double dot(const double* x, const double* w, int64_t n) {
   return dot_scalar<double, double>(x, w, n);
+}
+
+void axpy(float* acc, float a, const float* x, int64_t n) {
+  MINDSKIP_DISPATCH(axpy_avx(acc, a, x, n), (axpy_scalar<float, float>(acc, a, x, n)))
+}
+void axpy(float* acc, float a, const c10::BFloat16* x, int64_t n) {
+  MINDSKIP_DISPATCH(axpy_avx(acc, a, x, n), (axpy_scalar<c10::BFloat16, float>(acc, a, x, n)))
+}
+void axpy(float* acc, float a, const c10::Half* x, int64_t n) {
+  MINDSKIP_DISPATCH(axpy_avx(acc, a, x, n), (axpy_scalar<c10::Half, float>(acc, a, x, n)))
+}
+void axpy(double* acc, double a, const double* x, int64_t n) {
+  axpy_scalar<double, double>(acc, a, x, n);
 }
 
 void add_inplace(float* dst, const float* src, int64_t n) {

@@ -20,6 +20,12 @@ float dot(const c10::BFloat16* x, const float* w, int64_t n);
 float dot(const c10::Half* x, const float* w, int64_t n);
 double dot(const double* x, const double* w, int64_t n);
 
+// acc[i] += a * x[i], in fp32 (fp64 for double); acc is an fp32 (fp64) accumulator.
+void axpy(float* acc, float a, const float* x, int64_t n);
+void axpy(float* acc, float a, const c10::BFloat16* x, int64_t n);
+void axpy(float* acc, float a, const c10::Half* x, int64_t n);
+void axpy(double* acc, double a, const double* x, int64_t n);
+
 // dst[i] = dst[i] + src[i], computed in fp32 (fp64 for double) and rounded once.
 void add_inplace(float* dst, const float* src, int64_t n);
 void add_inplace(c10::BFloat16* dst, const c10::BFloat16* src, int64_t n);

@@ -46,6 +46,19 @@ void launch_gather_rows(const at::Tensor& src, const at::Tensor& out, const at::
 void launch_scatter_add_rows(const at::Tensor& dst, const at::Tensor& src, const at::Tensor& index,
                              const RowPlan& plan);
 
+// out's rows order[j] = residual's (+ src's row j for j < plan.count), for the plan.rows entries of
+// order, a permutation; out, residual and src contiguous, of one floating dtype.
+void launch_scatter_add_rows_out(const at::Tensor& out, const at::Tensor& residual,
+                                 const at::Tensor& src, const at::Tensor& order,
+                                 const RowPlan& plan);
+
+// rotary_embedding's kernel: q_out, k_out (contiguous (N, H, T, D)) = the rotary embedding of q, k
+// (contiguous (N, T, H, D)) with cos, sin (contiguous (C, T, D)), table row rows[n] for row n when
+// rows is defined (contiguous int64), else n (or 0 when C = 1).
+void launch_rotary_embedding(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                             const at::Tensor& sin, const at::Tensor& rows, const RotaryShape& shape,
+                             const at::Tensor& q_out, const at::Tensor& k_out);
+
 // pack_plan's three kernels: the k kept sequences' real-token counts (into `lengths`), their scan
 // into cu_seqlens and max_len, and the token indices. mask is a contiguous (B, seqlen) bool tensor
 // or undefined (every token real); order contiguous int64.

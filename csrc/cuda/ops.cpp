@@ -112,6 +112,32 @@ void scatter_add_kept_cuda(const at::Tensor& residual, const at::Tensor& y,
                       check_scatter_add_kept(residual, y, order, "mindskip::scatter_add_kept_"));
 }
 
+at::Tensor scatter_add_kept_out_cuda(const at::Tensor& residual_in, const at::Tensor& y_in,
+                                     const at::Tensor& order_in) {
+  const RowPlan plan = check_scatter_add_kept(residual_in, y_in, order_in, "mindskip::scatter_add_kept",
+                                              /*in_place=*/false);
+  TORCH_CHECK(plan.rows <= kMaxBlocks, "mindskip::scatter_add_kept: batch of ", plan.rows, " is too large");
+  const c10::cuda::CUDAGuard guard(residual_in.device());
+  const at::Tensor residual = residual_in.contiguous();
+  at::Tensor out = at::empty(residual.sizes(), residual.options());
+  launch_scatter_add_rows_out(out, residual, y_in.contiguous(), order_in.contiguous(), plan);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> rotary_embedding_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                         const at::Tensor& cos_in, const at::Tensor& sin_in,
+                                                         const std::optional<at::Tensor>& rows_in) {
+  constexpr const char* op = "mindskip::rotary_embedding";
+  const RotaryShape shape = check_rotary_embedding(q_in, k_in, cos_in, sin_in, rows_in, op);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous();
+  at::Tensor q_out = at::empty({shape.rows, shape.q_heads, shape.seqlen, shape.dim}, q.options());
+  at::Tensor k_out = at::empty({shape.rows, shape.k_heads, shape.seqlen, shape.dim}, k.options());
+  const at::Tensor rows = rows_in.has_value() && rows_in->defined() ? rows_in->contiguous() : at::Tensor();
+  launch_rotary_embedding(q, k, cos_in.contiguous(), sin_in.contiguous(), rows, shape, q_out, k_out);
+  return {q_out, k_out};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_plan_cuda(
     const std::optional<at::Tensor>& mask_in, const at::Tensor& order_in, int64_t k,
     int64_t seqlen) {
@@ -150,6 +176,8 @@ TORCH_LIBRARY_IMPL(mindskip, CUDA, m) {
   m.impl("router_gate_varlen", &router_gate_varlen_cuda);
   m.impl("gather_kept", &gather_kept_cuda);
   m.impl("scatter_add_kept_", &scatter_add_kept_cuda);
+  m.impl("scatter_add_kept", &scatter_add_kept_out_cuda);
+  m.impl("rotary_embedding", &rotary_embedding_cuda);
   m.impl("pack_plan", &pack_plan_cuda);
   m.impl("pack_kept", &pack_kept_cuda);
   m.impl("unpack_add_kept_", &unpack_add_kept_cuda);

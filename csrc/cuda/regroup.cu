@@ -1,5 +1,6 @@
 // CUDA regroup ops. gather_kept / pack_kept share one row-gather kernel and scatter_add_kept_ /
 // unpack_add_kept_ one row scatter-add kernel: a "row" is a whole sequence or a single token.
+// scatter_add_kept (out of place) writes every row of a fresh tensor in one pass.
 // Both move 16 bytes per thread access when the rows allow it, and are one pass over the data.
 // pack_plan is three small kernels: per-row real-token counts, a scan into cu_seqlens, and a
 // per-row block scan that writes the token indices. The ops' entries, which check the inputs and
@@ -97,6 +98,47 @@ __global__ void __launch_bounds__(kThreads)
           }
           store_pack<scalar_t, kVec>(out + v * kVec, a[i]);
         }
+      }
+    }
+  }
+}
+
+// out[order[j]] = residual[order[j]] (+ src[j] for j < count) in opmath precision, for the `rows`
+// = B rows of order (a permutation, so every row of out is written once); rows of `width` vectors
+// of kVec elements.
+template <typename scalar_t, int kVec>
+__global__ void __launch_bounds__(kThreads)
+    scatter_add_rows_out_kernel(scalar_t* __restrict__ out, const scalar_t* __restrict__ residual,
+                                const scalar_t* __restrict__ src, const int64_t* __restrict__ order,
+                                int64_t rows, int64_t count, int64_t width, int64_t tiles,
+                                int64_t items) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int64_t j = item / tiles;
+    const int64_t first = (item % tiles) * kTile + threadIdx.x;
+    const int64_t to = order[j];
+    CUDA_KERNEL_ASSERT(to >= 0 && to < rows);
+    const bool kept = j < count;
+    scalar_t* dst = out + to * width * kVec;
+    const scalar_t* base = residual + to * width * kVec;
+    const scalar_t* add = src + j * width * kVec;
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int64_t v = first + i * kThreads;
+      if (v >= width) continue;
+      if constexpr (kVec == 1) {
+        dst[v] = kept ? static_cast<scalar_t>(static_cast<acc_t>(base[v]) + static_cast<acc_t>(add[v]))
+                      : base[v];
+      } else {
+        Pack<scalar_t, kVec> a = load_pack<scalar_t, kVec>(base + v * kVec);
+        if (kept) {
+          const Pack<scalar_t, kVec> b = load_pack<scalar_t, kVec>(add + v * kVec);
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) {
+            a.v[e] = static_cast<scalar_t>(static_cast<acc_t>(a.v[e]) + static_cast<acc_t>(b.v[e]));
+          }
+        }
+        store_pack<scalar_t, kVec>(dst + v * kVec, a);
       }
     }
   }
@@ -237,6 +279,30 @@ void launch_scatter_add_rows(const at::Tensor& dst, const at::Tensor& src, const
                                : scatter_add_rows_kernel<scalar_t, 1>;
     kernel<<<blocks, kThreads, 0, stream>>>(out, in, index.const_data_ptr<int64_t>(), plan.rows,
                                             width, tiles, items);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void launch_scatter_add_rows_out(const at::Tensor& out, const at::Tensor& residual,
+                                 const at::Tensor& src, const at::Tensor& order,
+                                 const RowPlan& plan) {
+  if (plan.rows == 0 || plan.row_elems == 0) {
+    return;
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "scatter_add_rows_out", [&] {
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    const scalar_t* base = residual.const_data_ptr<scalar_t>();
+    const scalar_t* add = src.const_data_ptr<scalar_t>();
+    const bool vector = plan.row_elems % kVec == 0 && aligned16(dst) && aligned16(base) && aligned16(add);
+    const int64_t width = vector ? plan.row_elems / kVec : plan.row_elems;
+    int64_t tiles = 0, items = 0;
+    const unsigned blocks = row_blocks(plan.rows, width, &tiles, &items);
+    const auto kernel = vector ? scatter_add_rows_out_kernel<scalar_t, kVec>
+                               : scatter_add_rows_out_kernel<scalar_t, 1>;
+    kernel<<<blocks, kThreads, 0, stream>>>(dst, base, add, order.const_data_ptr<int64_t>(), plan.rows,
+                                            plan.count, width, tiles, items);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

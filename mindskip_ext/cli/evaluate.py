@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 from .common import add_common, add_data_args, add_model_args, add_router_args, emit_json, load_for_eval, say
@@ -40,6 +42,32 @@ def add_parser(subparsers) -> None:
                    help="With --routers and --data: how much per-sequence routing could gain over the best static "
                    "drop at the routers' budget, and how much of it the routers take (first-order KL from the "
                    "dense model; one extra forward per router layer). Implies --routing-report.")
+    suite = p.add_argument_group(
+        "multi-domain suite", "Per-domain perplexity and skipped attention sublayers per token, and their "
+        "token-weighted mix, on a fixed set of sequences per domain (the same tokens for every model): text is cut "
+        "into --max-length blocks (full blocks only), instruction and question-answer records are scored on their "
+        "responses. The issue-34 suite is prose=wikitext:wikitext-2-raw-v1:test, instructions=<an Alpaca file> "
+        "held out with --suite-heldout instructions=0.05 (the split `train` holds out with --heldout-fraction and "
+        "--seed), math=openai/gsm8k:main:test and code=<Python files as {\"text\": ...} JSON lines>; --suite-dir "
+        "gives it from a folder laid out as this repository's ../shared/data.")
+    suite.add_argument("--suite", action="append", default=[], metavar="NAME=SOURCE",
+                       help="A domain: a local file or folder, or a hub dataset NAME[:CONFIG][:SPLIT] (split "
+                       "default: test). Repeat for each domain.")
+    suite.add_argument("--suite-dir", default=None, metavar="DIR",
+                       help="The default suite (prose, instructions, math, code) from a data folder laid out as "
+                       "../shared/data (see its README).")
+    suite.add_argument("--suite-heldout", action="append", default=[], metavar="NAME=FRACTION",
+                       help="Score domain NAME's held-out part only: the split Router-Tuning makes with this "
+                       "fraction and --suite-seed.")
+    suite.add_argument("--suite-sequences", type=int, default=32,
+                       help="Sequences per domain, spread evenly over each source (default: 32).")
+    suite.add_argument("--suite-seed", type=int, default=0, help="Seed of the held-out splits (default: 0).")
+    suite.add_argument("--save-scores", default=None, metavar="FILE",
+                       help="With the suite: write every sequence's loss, tokens and skips (JSON), to compare "
+                       "other models on the same tokens with --compare-to.")
+    suite.add_argument("--compare-to", default=None, metavar="FILE",
+                       help="With the suite: the per-domain loss and perplexity differences from a --save-scores "
+                       "file of the same suite, with standard errors from the per-sequence differences.")
     add_common(p)
     p.set_defaults(func=run)
 
@@ -48,8 +76,11 @@ def run(args) -> int:
     from ..devices import pick_device
     from ..eval.perplexity import evaluate_dataset
 
-    if not args.data and not args.tasks:
-        raise ValueError("give --data (perplexity), --tasks (lm-eval), or both")
+    domains = suite_domains(args)
+    if not args.data and not args.tasks and not domains:
+        raise ValueError("give --data (perplexity), --tasks (lm-eval), --suite / --suite-dir, or several")
+    if (args.save_scores or args.compare_to) and not domains:
+        raise ValueError("--save-scores and --compare-to need the suite (--suite or --suite-dir)")
     if (args.routing_report or args.static_projection or args.headroom) and not (args.routers and args.data):
         raise ValueError("--routing-report, --static-projection and --headroom need --routers and --data")
     if args.save_static and not args.static_projection:
@@ -76,6 +107,8 @@ def run(args) -> int:
                 + ", ".join(f"{k}: {v:.3f}" for k, v in ppl["capacity_per_layer"].items()))
         result.update({k: ppl[k] for k in ("perplexity", "loss", "target_tokens", "sequences", "capacity",
                                            "capacity_per_layer", "skipped_layers_per_sequence")})
+    if domains:
+        result["suite"] = run_suite(model, tokenizer, domains, args, bf16)
     if args.tasks:
         from ..eval.harness import parse_tasks, run_lm_eval
 
@@ -92,6 +125,71 @@ def run(args) -> int:
         result["saved_static"] = save_static(model, result["routing"], args)
     emit_json(result)
     return 0
+
+
+def suite_domains(args) -> list:
+    """The suite's domains from ``--suite`` / ``--suite-dir`` / ``--suite-heldout`` (empty: no suite)."""
+    from ..data import DataError
+    from ..data.suite import DEFAULT_DOMAINS, parse_domain
+
+    heldout = {}
+    for spec in args.suite_heldout:
+        name, _, fraction = spec.partition("=")
+        try:
+            heldout[name] = float(fraction)
+        except ValueError:
+            raise DataError(f"--suite-heldout takes NAME=FRACTION, got {spec!r}") from None
+    if args.suite_dir and args.suite:
+        raise ValueError("give the suite's domains with --suite or the default suite with --suite-dir, not both")
+    if args.suite_dir:
+        if not Path(args.suite_dir).is_dir():
+            raise DataError(f"--suite-dir {args.suite_dir} is not a folder")
+        domains = [dataclasses.replace(d, source=str(Path(args.suite_dir) / d.source),
+                                       heldout_fraction=heldout.get(d.name, d.heldout_fraction))
+                   for d in DEFAULT_DOMAINS]
+    else:
+        domains = []
+        for spec in args.suite:
+            name = spec.partition("=")[0]
+            domains.append(parse_domain(spec, heldout.get(name)))
+    unknown = sorted(set(heldout) - {d.name for d in domains})
+    if unknown:
+        raise ValueError(f"--suite-heldout names domain {unknown[0]}, which is not in the suite "
+                         f"({', '.join(d.name for d in domains) or 'none given'})")
+    return domains
+
+
+def run_suite(model, tokenizer, domains, args, bf16: bool) -> dict:
+    """Score the model on every domain of the suite; print a line per domain and the mix."""
+    from .._io import atomic_write_json
+    from ..data import pad_token_id
+    from ..data.suite import load_suite
+    from ..eval.suite import SequenceScores, paired, score_sequences, summarise
+
+    suite = load_suite(domains, tokenizer, args.max_length, args.suite_sequences, args.suite_seed)
+    examples, owner = suite.examples()
+    scores, _ = score_sequences(model, examples, pad_token_id(tokenizer), args.batch_size, bf16)
+    summary = summarise(scores, owner)
+    for name, s in summary.items():
+        say(f"suite {name:>12}: perplexity {s['perplexity']:.4f} (loss {s['loss']:.4f}) over {s['target_tokens']} "
+            f"tokens of {s['sequences']} sequences; {s['skipped_per_token']:.2f} attention sublayers skipped per "
+            "token")
+    out = {"domains": summary, "data": suite.stats}
+    if args.compare_to:
+        saved = json.loads(Path(args.compare_to).read_text())
+        if saved.get("owner") != owner:
+            raise ValueError(f"--compare-to {args.compare_to} is a scoring of another suite (its domains or sequence "
+                             "counts differ)")
+        other = SequenceScores.from_dict(saved["scores"])
+        out["compared_to"] = {"file": str(args.compare_to), "routers": saved.get("routers"),
+                              "difference": paired(scores, other, owner)}
+        for name, d in out["compared_to"]["difference"].items():
+            say(f"suite {name:>12}: {100 * d['ratio']:+.2f}% perplexity (+- {100 * d['ratio_se']:.2f}%) against "
+                f"{args.compare_to}")
+    if args.save_scores:
+        atomic_write_json(Path(args.save_scores), {"routers": args.routers, "owner": owner,
+                                                   "scores": scores.to_dict(), "data": suite.stats})
+    return out
 
 
 def save_static(model, report: dict, args) -> str:

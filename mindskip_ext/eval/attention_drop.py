@@ -48,11 +48,11 @@ class _Capture:
 
         return hook
 
-    def add_residual_output(self, idx):
+    def add_residual_output(self, idx, scale: float = 1.0):
         def hook(module, args, kwargs, output):
             delta = output[0] if isinstance(output, tuple) else output
             x = self.inputs.pop(idx)
-            self._add(idx, x, x + delta)
+            self._add(idx, x, x + delta * scale)
 
         return hook
 
@@ -94,20 +94,12 @@ def redundancy_scores(
     handles = []
     for idx, layer in enumerate(layer_list(model, spec)):
         layer = getattr(layer, "base_layer", layer)  # a MindSkip layer runs its original layer when bypassed
-        if granularity == "attn":
-            pre, post, hook = (
-                getattr(layer, spec.input_norm),
-                getattr(layer, spec.attn),
-                capture.add_residual_output(idx),
-            )
-        elif granularity == "mlp":
-            pre, post, hook = (
-                getattr(layer, spec.post_attn_norm),
-                getattr(layer, spec.mlp),
-                capture.add_residual_output(idx),
-            )
+        if granularity in ("attn", "mlp"):
+            # The family's own residual branch: e.g. Gemma's output norm is part of what the sublayer adds.
+            pre, post, scale = spec.residual_branch(layer, granularity)
+            hook = capture.add_residual_output(idx, scale)
         else:
-            pre, post, hook = getattr(layer, spec.input_norm), layer, capture.full_output(idx)
+            pre, post, hook = layer, layer, capture.full_output(idx)
         handles.append(pre.register_forward_pre_hook(capture.keep_input(idx), with_kwargs=True))
         handles.append(post.register_forward_hook(hook, with_kwargs=True))
     was_training = model.training

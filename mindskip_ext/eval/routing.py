@@ -24,6 +24,9 @@ def routing_decisions(model, examples: Sequence[Example], pad_id: int, batch_siz
     for index, _, _, record in routed_forwards(model, examples, pad_id, batch_size, bf16):
         rows = torch.tensor(index)
         for idx, routing in record.layers.items():
+            if routing.keep.dim() != 1:
+                raise ValueError("routing_decisions reads one decision per sequence; a token-routed model decides per "
+                                 "token (static projection: mindskip_ext.token_routing.set_static_token_fractions)")
             out = decisions.setdefault(idx, torch.zeros(len(examples), dtype=torch.bool))
             out[rows] = routing.keep.cpu()
     return dict(sorted(decisions.items()))

@@ -20,29 +20,46 @@ from ..eval.perplexity import routed_forwards
 from ..reference import pooled_mean
 
 
-@torch.no_grad()
+def router_inputs(model, examples: Sequence[Example], pad_id: int, batch_size: int = 16,
+                  bf16: bool = False) -> dict[int, torch.Tensor]:
+    """Layer index -> ``(len(examples), hidden)`` fp32: each router's pooled input for every example, in the order
+    of ``examples``, under the model's current routing: what each router sees, pooled over real tokens as the gate
+    pools them (a token-routed router: the mean of its per-token inputs over the example's real tokens)."""
+    return _pooled_inputs(model, examples, pad_id, batch_size, bf16)[0]
+
+
 def router_input_means(model, examples: Sequence[Example], pad_id: int, batch_size: int = 16,
                        bf16: bool = False) -> dict[int, torch.Tensor]:
     """Layer index -> the mean over ``examples`` of the router's pooled input (fp32, ``(hidden,)``), under the
-    model's current routing: what each router sees, pooled over real tokens as the gate pools them."""
+    model's current routing (:func:`router_inputs`); a token-routed router sees each real token, so its mean is over
+    the real tokens (each example weighted by its real-token count)."""
+    inputs, tokens = _pooled_inputs(model, examples, pad_id, batch_size, bf16)
+    weights = tokens / tokens.sum()
+    return {idx: (weights @ rows if model.mindskip_layers[idx].routing == "token" else rows.mean(0))
+            for idx, rows in inputs.items()}
+
+
+@torch.no_grad()
+def _pooled_inputs(model, examples, pad_id, batch_size, bf16) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """:func:`router_inputs`, and the real-token count of each example ``(len(examples),)`` fp32."""
     layers = model.mindskip_layers
     normed: dict[int, torch.Tensor] = {}
     hooks = [
-        getattr(layer.base_layer, layer.spec.input_norm).register_forward_hook(
+        layer.router_input_module.register_forward_hook(
             lambda module, args, output, idx=idx: normed.__setitem__(idx, output))
         for idx, layer in layers.items()
     ]
-    sums = dict.fromkeys(layers, 0.0)
-    count = 0
+    out = {idx: torch.zeros(len(examples), model.config.hidden_size) for idx in layers}
+    tokens = torch.zeros(len(examples))
     try:
-        for _, batch, _, _ in routed_forwards(model, examples, pad_id, batch_size, bf16):
+        for index, batch, _, _ in routed_forwards(model, examples, pad_id, batch_size, bf16):
             mask = batch["attention_mask"]
+            rows = torch.tensor(index)
+            tokens[rows] = mask.sum(1).float().cpu()
             for idx, layer in layers.items():
-                pooled = pooled_mean(normed[idx], None if layer.pool_padding else mask)
-                sums[idx] = sums[idx] + pooled.float().sum(0)
-            count += mask.shape[0]
+                out[idx][rows] = pooled_mean(normed[idx], None if layer.pool_padding else mask).float().cpu()
             normed.clear()
     finally:
         for hook in hooks:
             hook.remove()
-    return {idx: total / count for idx, total in sums.items()}
+    return out, tokens

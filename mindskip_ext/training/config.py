@@ -14,11 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..config import capacity_for_skip_ratio, default_layers, wide_layers
+from .cost_routers import TRANSFORMS
 from .penalty import INTEGRAL_LIMIT
 
 SCHEDULES = ("cosine", "linear", "constant")
 LOSSES = ("ce", "kd", "ce+kd")
-ROUTER_INITS = ("zero", "redundancy", "cost", "joint")
+ROUTER_INITS = ("zero", "redundancy", "cost", "joint", "ranking")
 
 
 @dataclass
@@ -56,9 +57,16 @@ class RouterTuningConfig:
             "target; weights stay zero), 'cost' (the same, ranked by the measured KL of skipping each layer alone "
             "on the calibration sequences: about half a forward per router layer and batch) or 'joint' (a greedy "
             "search: again and again the layer whose skip costs least together with those already chosen; about as "
-            "many times the forwards of 'cost' as layers start skipped).",
+            "many times the forwards of 'cost' as layers start skipped) or 'ranking' (the layers of "
+            "--router-init-ranking, most skippable first: a ranking found before, e.g. a joint search's path in its "
+            "train_log.jsonl).",
             "choices": ROUTER_INITS,
         },
+    )
+    router_init_ranking: list[int] | None = field(
+        default=None,
+        metadata={"help": "With --router-init ranking: router layers, most skippable first, at least as many as the "
+                  "start skips (one more with --router-init-margin)."},
     )
     router_init_scale: float = field(
         default=0.5,
@@ -75,6 +83,26 @@ class RouterTuningConfig:
         metadata={"help": "Train every router on its input less the input's mean over the calibration sequences at "
                   "the start (folded into the bias when saved). Without it the common part of the pooled input "
                   "makes weight steps act like bias steps, and routers stay static or flip whole layers."},
+    )
+    cost_routers: bool = field(
+        default=False,
+        metadata={"help": "After a static --router-init, fit every router to predict what skipping its layer "
+                  "costs each sequence (the KL from the dense model it adds around the start's skipped layers, per "
+                  "processed token; ridge regression on the standardised pooled input, folded into the router), so "
+                  "that one common level skips the cheapest (sequence, layer) pairs. About one skip-cost pass over "
+                  "--cost-sequences training sequences (half a forward per router layer). Training steps, if any, "
+                  "start from the fit."},
+    )
+    cost_sequences: int = field(
+        default=256, metadata={"help": "With --cost-routers: the training sequences the costs are measured on."}
+    )
+    cost_transform: str = field(
+        default="log",
+        metadata={"help": "With --cost-routers: the regression target, the per-token cost as it is ('linear') or its "
+                  "log ('log', floored at --cost-floor).", "choices": TRANSFORMS},
+    )
+    cost_floor: float = field(
+        default=1e-4, metadata={"help": "With --cost-routers and --cost-transform log: the smallest per-token cost."}
     )
     router_init_sequences: int | None = field(
         default=None,
@@ -94,7 +122,9 @@ class RouterTuningConfig:
     batch_size: int = field(default=8, metadata={"help": "Sequences per micro-batch."})
     grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     epochs: float = field(default=1.0, metadata={"help": "Passes over the training data (unless --max-steps)."})
-    max_steps: int | None = field(default=None, metadata={"help": "Optimizer steps; overrides --epochs."})
+    max_steps: int | None = field(
+        default=None, metadata={"help": "Optimizer steps; overrides --epochs (0 with --cost-routers: the fit alone)."}
+    )
     heldout_fraction: float = field(
         default=0.1, metadata={"help": "Share of the data held out for evaluation (without --heldout-data)."}
     )
@@ -151,25 +181,38 @@ class RouterTuningConfig:
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t <= 1.0 or math.isnan(t):
                 raise ValueError(f"target_capacity must be in (0, 1], got {t!r}")
             self.target_capacity = float(t)
-        if self.router_init_margin and self.router_init == "zero":
-            raise ValueError("router_init_margin needs a static router_init ('redundancy', 'cost' or 'joint')")
+        if (self.router_init == "ranking") != (self.router_init_ranking is not None):
+            raise ValueError("router_init 'ranking' and router_init_ranking go together: give both or neither")
+        if self.router_init_ranking is not None and len(set(self.router_init_ranking)) != len(
+                self.router_init_ranking):
+            raise ValueError(f"router_init_ranking names a layer twice: {self.router_init_ranking}")
+        for name in ("router_init_margin", "cost_routers"):
+            if getattr(self, name) and self.router_init == "zero":
+                raise ValueError(f"{name} needs a static router_init ('redundancy', 'cost', 'joint' or 'ranking')")
+        if self.cost_routers and self.mode != "target":
+            raise ValueError("cost_routers needs a target (target_capacity or skip_ratio): the level is calibrated")
         if self.l1_lambda is not None and not self.l1_lambda >= 0.0:
             raise ValueError(f"l1_lambda must be >= 0, got {self.l1_lambda!r}")
-        for name, choices in (("schedule", SCHEDULES), ("loss", LOSSES), ("router_init", ROUTER_INITS)):
+        for name, choices in (("schedule", SCHEDULES), ("loss", LOSSES), ("router_init", ROUTER_INITS),
+                              ("cost_transform", TRANSFORMS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
-        for name in ("kd_temperature", "router_init_scale"):
+        for name in ("kd_temperature", "router_init_scale", "cost_floor"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("batch_size", "grad_accum", "log_every", "eval_batch_size", "calibration_sequences"):
+        for name in ("batch_size", "grad_accum", "log_every", "eval_batch_size", "calibration_sequences",
+                     "cost_sequences"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("eval_every", "save_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("max_steps", "stop_after_steps", "router_init_sequences"):
+        for name in ("stop_after_steps", "router_init_sequences"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps is not None and (self.max_steps < 0 or self.max_steps == 0 and not self.cost_routers):
+            raise ValueError(f"max_steps must be at least 1 (0 only with cost_routers: the fit alone), got "
+                             f"{self.max_steps}")
         if not (math.isfinite(self.initial_multiplier) and abs(self.initial_multiplier) <= INTEGRAL_LIMIT):
             raise ValueError(f"initial_multiplier must be in [-{INTEGRAL_LIMIT:g}, {INTEGRAL_LIMIT:g}], "
                              f"got {self.initial_multiplier!r}")
@@ -224,7 +267,8 @@ RECIPES = {
     # The default of `mindskip train` (DEFAULT_RECIPE): the best at 12.5%, 25% and 37.5% on SmolLM2-135M
     # (bench/results/pareto.md): WikiText-2 24.39, 29.32 and 44.67 (kd-wide: 25.06, 33.62, 60.42), 0.052, 0.110 and
     # 0.412 nats below Attention-Drop (kd-wide: 0.038, 0.052, 0.093). Its start costs about a layer-cost pass per
-    # layer that starts skipped (minutes per search step on a CPU for a real model); `mindskip demo` does not use it.
+    # layer that starts skipped (minutes per search step on a CPU for a real model); `mindskip demo` searches on few
+    # sequences.
     "kd-joint": Recipe(
         "kd-wide's, started from the greedy joint-cost search with the next-ranked layer at the threshold "
         "(--router-init joint --router-init-margin, on 32 sequences: about as many times the forwards of one "

@@ -108,7 +108,8 @@ def shard_frozen_layers(model, device: torch.device) -> int:
             base = layer.base_layer
             attn = getattr(base, spec.attn)
             units += [m for m in attn.children() if next(m.parameters(), None) is not None]  # children first
-            units += [attn, *(getattr(base, name) for name in (spec.input_norm, spec.post_attn_norm, spec.mlp))]
+            # The attention, then the layer's other parts with weights (its norms and MLP, whatever the family).
+            units += [attn, *(m for m in base.children() if m is not attn and next(m.parameters(), None) is not None)]
         else:
             units.append(layer)
     embed, head = model.base_model.get_input_embeddings(), model.base_model.get_output_embeddings()

@@ -31,16 +31,18 @@ from ..hf_compat import enable_activation_checkpointing
 from ..layer import CapacityMeter
 from ..model import WEIGHTS_NAME, MindSkipModel
 from .calibration import calibrate_capacity
-from .centring import router_input_means
+from .centring import router_input_means, router_inputs
 from .checkpoint import load_checkpoint, remove_checkpoints, save_checkpoint, set_rng_state
 from .config import RouterTuningConfig
+from .cost_routers import fit_cost_routers, set_cost_routers, transform_costs
 from .distributed import World, current
 from .init import static_init
-from .loss import router_tuning_loss
+from .loss import router_tuning_loss, routing_units
 from .penalty import CapacityController, FixedPenalty
 
 LOG_NAME = "train_log.jsonl"
 SUMMARY_NAME = "training_summary.json"
+COST_LABELS_NAME = "cost_labels.pt"  # the per-sequence skip costs a cost-supervised fit was made from
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
@@ -118,7 +120,8 @@ class RouterTuner:
         if config.gradient_checkpointing:
             enable_activation_checkpointing(model.base_model)
         steps_per_epoch = max(1, self.batches_per_epoch // self.micro_per_step)
-        self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+        self.total_steps = (config.max_steps if config.max_steps is not None
+                            else max(1, math.ceil(config.epochs * steps_per_epoch)))
         self.optimizer = torch.optim.AdamW(routers, lr=config.learning_rate, weight_decay=config.weight_decay)
         warmup = int(config.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -162,7 +165,9 @@ class RouterTuner:
             "loss": c.loss,
             "router_init": c.router_init,
             **({"router_init_margin": True} if c.router_init_margin else {}),
+            **({"router_init_ranking": c.router_init_ranking} if c.router_init_ranking else {}),
             **({"centre_router_inputs": True} if c.centre_router_inputs else {}),
+            **({"cost_routers": [c.cost_sequences, c.cost_transform, c.cost_floor]} if c.cost_routers else {}),
             "layers": sorted(self.model.routers),
             "mindskip_config": self.model.mindskip_config.to_dict(),
         }
@@ -175,7 +180,7 @@ class RouterTuner:
         batches = [collate([self.train_examples[i] for i in idx], self.pad_id) for idx in self.micro_batches(step)]
         # The whole global step's counts normalise every micro-batch's loss, on every rank.
         sequences, targets, tokens = (int(v) for v in self.world.sum([
-            sum(b["input_ids"].shape[0] for b in batches),
+            sum(routing_units(model, b) for b in batches),  # sequences, or real tokens under token routing
             sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches),
             sum(int(b["attention_mask"].sum()) for b in batches),
         ], self.device))
@@ -296,6 +301,43 @@ class RouterTuner:
         self._log({"step": 0, "router_centres": {
             "sequences": len(examples), "norm": {str(i): round(float(v.norm()), 4) for i, v in centres.items()}}})
 
+    def fit_cost_routers(self, skipped: list[int]) -> dict:
+        """Fit every router to predict its layer's skip cost around the start's ``skipped`` layers (see
+        :mod:`.cost_routers`) on the first ``cost_sequences`` training sequences, under the start's routing, and
+        calibrate the common level to the target; logged as ``cost_fit``."""
+        from ..eval.headroom import skip_costs  # eval.headroom imports the training package
+
+        c = self.config
+        started = time.perf_counter()
+        examples = self.train_examples[: c.cost_sequences]
+        inputs = router_inputs(self.model, examples, self.pad_id, c.eval_batch_size, c.bf16)
+        # The costs take most of the time: kept beside the routers, so that a second run fits again without them.
+        key = {"tokens": [e.input_ids for e in examples], "layers": sorted(self.model.routers), "around": skipped}
+        labels = self.output_dir / COST_LABELS_NAME
+        saved = torch.load(labels, weights_only=False) if labels.is_file() else None
+        if saved is not None and saved["key"] == key:
+            costs = saved["costs"]
+        else:
+            costs = skip_costs(self.model, examples, self.pad_id, batch_size=c.eval_batch_size, bf16=c.bf16,
+                               layers=sorted(self.model.routers), also_skipped=skipped)
+            if self.world.is_main:
+                torch.save({"key": key, "costs": costs}, labels)
+        lengths = torch.tensor([len(e) for e in examples], dtype=torch.float64)
+        target = transform_costs(costs.marginal() / lengths[:, None], c.cost_transform, c.cost_floor)
+        fit = fit_cost_routers(inputs, target, costs.layers, folds=min(5, len(examples)), seed=c.seed)
+        scale = set_cost_routers(self.model, fit)
+        calibration = calibrate_capacity(self.model, self.train_examples[: c.calibration_sequences],
+                                         c.target_capacity, self.pad_id, c.eval_batch_size, c.bf16)
+        report = {**fit.report, "around": skipped, "transform": c.cost_transform, "scale": scale,
+                  "calibration": calibration, "seconds": round(time.perf_counter() - started, 1)}
+        self._log({"step": 0, "cost_fit": report})
+        if self.progress and self.world.is_main:
+            r2 = [v["cv_r2"] for v in fit.report["layers"].values() if v["cv_r2"] is not None]
+            print(f"cost routers: fitted on {len(examples)} sequences around {skipped}, cross-validated R^2 "
+                  f"{min(r2):.2f}..{max(r2):.2f}, capacity {calibration['capacity']:.3f} "
+                  f"({report['seconds']:.0f} s)", file=sys.stderr, flush=True)
+        return report
+
     def evaluate_heldout(self) -> dict:
         return evaluate_examples(
             self.model, self.heldout_examples, self.pad_id, self.config.eval_batch_size, self.config.bf16
@@ -318,8 +360,11 @@ class RouterTuner:
                     self.model, c.router_init, self.train_examples[:sequences], self.pad_id,
                     c.target_capacity if c.target_capacity is not None else 0.5, c.router_init_scale,
                     c.eval_batch_size, c.bf16, margin=c.router_init_margin, on_step=self._joint_init_step,
+                    ranking=c.router_init_ranking,
                 )
                 self._log({"step": 0, "router_init": init})
+            if c.cost_routers:
+                self.fit_cost_routers(init["skipped_layers"])
             if c.centre_router_inputs:
                 self.centre_routers()
         bar = None

@@ -32,7 +32,7 @@ from .calibration import calibrate_capacity
 from .config import RouterTuningConfig
 from .distributed import current
 from .fit import make_penalty
-from .loss import router_tuning_loss
+from .loss import router_tuning_loss, routing_units
 
 
 def example_collator(pad_id: int):
@@ -86,7 +86,8 @@ class RouterTuningTrainer(Trainer):
         if num_items_in_batch is None:
             raise ValueError("Router-Tuning needs Trainer's num_items_in_batch: give batches with 'labels'")
         processes = self.accelerator.num_processes
-        sequences = inputs["input_ids"].shape[0] * self.current_gradient_accumulation_steps * processes
+        # The step's routing units, from this micro-batch's (exact for sequences when the micro-batches are equal).
+        sequences = routing_units(model, inputs) * self.current_gradient_accumulation_steps * processes
         loss, stats = router_tuning_loss(
             model, inputs, self.routing.penalty, targets=int(num_items_in_batch), sequences=sequences,
             bf16=False, loss=self.tuning.loss, kd_temperature=self.tuning.kd_temperature,

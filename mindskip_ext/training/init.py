@@ -17,7 +17,8 @@ on calibration sequences:
 * ``joint``: a greedy search on the measured cost of the whole skipped set: the cheapest layer alone, then again
   and again the layer whose skip costs least *together with* those already chosen. Skip costs interact: on
   SmolLM2-135M, 5, 6 and 7 are the cheapest alone, but 5, 6, 7 and 25 cost more perplexity than 6, 7, 25 and
-  26. About ``n_skip`` times the forwards of ``cost``.
+  26. About ``n_skip`` times the forwards of ``cost``;
+* ``ranking``: a ranking given by the caller (e.g. the path of a joint search run before), most skippable first.
 """
 
 from __future__ import annotations
@@ -44,30 +45,39 @@ def static_init(
     bf16: bool = False,
     margin: bool = False,
     on_step: Callable[[dict], None] | None = None,
+    ranking: Sequence[int] | None = None,
 ) -> dict:
     """Start every router of ``model`` (a :class:`~mindskip_ext.MindSkipModel`) from the static drop that ``kind``
-    (``"redundancy"``, ``"cost"`` or ``"joint"``) ranks best at kept fraction ``target``.
+    (``"redundancy"``, ``"cost"``, ``"joint"`` or ``"ranking"``: the given ``ranking``) ranks best at kept fraction
+    ``target``.
 
     Returns the layers' scores (``redundancy``: similarity, higher is more skippable; ``cost`` and ``joint``: the
-    cost of skipping each alone, nats per supervised token, lower is), the layers that start skipped and the bias
-    distance; ``joint`` also the search's ``path``: each layer in the order chosen, with the cost of the set so far;
-    ``margin`` the layer at the threshold (None without ``margin``). ``on_step``, if given, is called with each
-    step of the ``joint`` search as it is taken (``{"step", "of", "layer", "cost", "seconds"}``): on a large model
-    a step takes about as long as the whole ``cost`` ranking.
+    cost of skipping each alone, nats per supervised token, lower is; ``ranking``: none), the layers that start
+    skipped and the bias distance; ``joint`` also the search's ``path``: each layer in the order chosen, with the
+    cost of the set so far; ``margin`` the layer at the threshold (None without ``margin``). ``on_step``, if given,
+    is called with each step of the ``joint`` search as it is taken (``{"step", "of", "layer", "cost",
+    "seconds"}``): on a large model a step takes about as long as the whole ``cost`` ranking.
     """
     layers = sorted(model.routers)
     share = (1.0 - target) * len(layers)
     n_skip = math.floor(share + 1e-9) if margin else round(share)
     n_ranked = n_skip + 1 if margin else n_skip  # the margin layer is ranked next (share < len(layers): it exists)
     started = time.perf_counter()  # of the ranking, then of each step of the joint search
-    if kind == "redundancy":
+    if kind == "ranking":
+        unknown = [i for i in ranking or () if i not in layers]
+        if ranking is None or unknown or len(ranking) < n_ranked:
+            problem = f"layer {unknown[0]} is not a router layer ({layers})" if unknown else (
+                f"it ranks {len(ranking or ())} layers and the start needs {n_ranked}")
+            raise ValueError(f"a 'ranking' router init needs the router layers most skippable first: {problem}")
+        scores = {}
+    elif kind == "redundancy":
         similarity = redundancy_scores(model, examples, pad_id, model.mindskip_config.granularity, batch_size, bf16)
         scores = skippable = {i: similarity[i] for i in layers}
     elif kind in ("cost", "joint"):
         scores = _cost_per_token(model, examples, pad_id, layers, (), batch_size, bf16)
         skippable = {i: -cost for i, cost in scores.items()}  # the cheapest first
     else:
-        raise ValueError(f"static router init must be 'redundancy', 'cost' or 'joint', got {kind!r}")
+        raise ValueError(f"static router init must be 'redundancy', 'cost', 'joint' or 'ranking', got {kind!r}")
     path = None
     if kind == "joint" and n_ranked:
         path, costs, pool = [], scores, layers  # the first step ranks the single-layer costs
@@ -83,6 +93,8 @@ def static_init(
                          "seconds": round(time.perf_counter() - started, 1)})
             started = time.perf_counter()
         ranked = [step["layer"] for step in path]
+    elif kind == "ranking":
+        ranked = list(ranking[:n_ranked])
     else:
         ranked = select_dropped(skippable, n_ranked, candidates=layers, ordered=True) if n_ranked else []
     skipped, at_threshold = sorted(ranked[:n_skip]), (ranked[n_skip] if n_ranked > n_skip else None)
@@ -92,7 +104,7 @@ def static_init(
         model.routers[at_threshold].bias.fill_(center)
     init = {
         "kind": kind,
-        "scores": {str(i): round(scores[i], 6) for i in layers},
+        "scores": {str(i): round(scores[i], 6) for i in layers if i in scores},
         "skipped_layers": skipped,
         "margin": at_threshold,
         "scale": scale,

@@ -10,8 +10,10 @@ label per token. With temperature ``T`` both distributions are softened and the 
 
 ``c`` is the batch's capacity (the mean gate: its value is the 0/1 decision, its gradient goes to the
 router score). ``targets`` and ``sequences`` count the whole optimizer step, so that micro-batches of one
-step add up to the loss of the step. ``coefficient`` comes from the penalty (:mod:`.penalty`): the paper's
-fixed lambda, or the capacity controller's.
+step add up to the loss of the step. Under token routing a decision covers one real token, so the gates are per
+real token and ``sequences`` counts the step's real tokens (:func:`routing_units`): the capacity is the kept fraction
+of the real tokens, and both levels train on the same losses. ``coefficient`` comes from the penalty
+(:mod:`.penalty`): the paper's fixed lambda, or the capacity controller's.
 """
 
 from __future__ import annotations
@@ -36,9 +38,17 @@ class LossStats:
     capacity: float  # mean keep gate over (MindSkip layer, sequence) pairs of the batch
     coefficient: float  # the penalty coefficient used for the batch
     per_gate: float  # d(penalty)/d(gate): coefficient / (layers * sequences of the step)
-    sequences: int  # sequences of the whole optimizer step
+    sequences: int  # routing units (sequences; real tokens under token routing) of the whole optimizer step
     record: RoutingRecord
-    gates: dict[int, torch.Tensor]  # layer -> (B,) straight-through gate
+    gates: dict[int, torch.Tensor]  # layer -> (B,) straight-through gate; (B, T) under token routing
+
+
+def routing_units(model, batch: dict) -> int:
+    """What the capacity penalty of ``model`` counts in ``batch``: its sequences, or under token routing its real
+    tokens."""
+    if model.mindskip_config.routing == "token":
+        return int(batch["attention_mask"].sum())
+    return int(batch["input_ids"].shape[0])
 
 
 def covered_log_probs(logits: torch.Tensor, covered: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -83,7 +93,7 @@ def router_tuning_loss(
             f"{len(gates)} of {num_layers} MindSkip layers recorded a straight-through gate; the model must be in "
             "training mode with gradients enabled"
         )
-    stacked = torch.stack([gates[i] for i in sorted(gates)])  # (layers, batch)
+    stacked = torch.stack([record.layers[i].units(gates[i]) for i in sorted(gates)])  # (layers, units)
     capacity = float(stacked.detach().mean())
     coefficient = penalty.coefficient(capacity)
     if penalty.reads_gate_gradients:

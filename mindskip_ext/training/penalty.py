@@ -97,10 +97,10 @@ class CapacityController:
         """
         grads, counted = [], []
         for idx in sorted(stats.gates):
-            grads.append(stats.gates[idx].grad - stats.per_gate)
-            counted.append(
-                torch.ones_like(grads[-1], dtype=torch.bool) if all_sequences else stats.record.layers[idx].keep
-            )
+            routing = stats.record.layers[idx]
+            grads.append(routing.units(stats.gates[idx].grad) - stats.per_gate)
+            everyone = torch.ones_like(grads[-1], dtype=torch.bool)
+            counted.append(everyone if all_sequences else routing.units(routing.keep))
         grads, counted = torch.stack(grads), torch.stack(counted)
         if counted.any():
             # Per gate the loss divides by (layers * sequences of the step); undo that to get dCE/dgate.

@@ -8,9 +8,9 @@ or the OpenAI-compatible server: ``python -m mindskip_ext.vllm.serve BASE --rout
 
 Installed with ``pip install "mindskip_ext[vllm]"``, the plugin is registered through the
 ``vllm.general_plugins`` entry point: vLLM calls :func:`register` in each of its processes, which names the
-MindSkip architectures (``MindSkipLlamaForCausalLM`` and the Mistral, Qwen2 and Qwen3 ones). A model is served
-with one of them through ``hf_overrides`` (:func:`hf_overrides` writes them), so the base checkpoint's files stay
-as they are. This package is not imported by ``import mindskip_ext``.
+MindSkip architectures (``MindSkipLlamaForCausalLM`` and the Mistral, Qwen2, Qwen3, Qwen3-MoE and Gemma 3 ones). A
+model is served with one of them through ``hf_overrides`` (:func:`hf_overrides` writes them), so the base
+checkpoint's files stay as they are. This package is not imported by ``import mindskip_ext``.
 
 A router directory is served in one of two modes (:func:`serving_mode`): **static** when its routers ignore their
 input (``mindskip drop``, ``mindskip eval --save-static``): the always-skipped layers have no attention and no KV
@@ -37,6 +37,8 @@ BASE_CLASSES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
 }
 # What a MindSkip model needs from the engine, by mode (see checks.serving_problems for why). Static mode is a
 # stock model with fewer attention layers: vLLM's defaults. Both modes run compiled unless enforce_eager is set.

@@ -77,6 +77,11 @@ class RoutingPlan:
                 f"the routers in {directory} gate granularity {config.granularity!r}; the vLLM plugin serves "
                 "granularity 'attn' (MindSkip). Serve these with transformers (MindSkipModel.from_pretrained)"
             )
+        if config.routing != "sequence":
+            raise ValueError(
+                f"the routers in {directory} route per {config.routing}; the vLLM plugin serves sequence routing. "
+                "Serve these with transformers (MindSkipModel.from_pretrained)"
+            )
         layers = sorted(meta["layers"])
         keep = None
         weights = [state[f"layers.{idx}.router.weight"] for idx in layers]
@@ -168,6 +173,21 @@ def serving_problems(vllm_config, mode: str) -> list[str]:
     return problems
 
 
+def sliding_window_problem(hf_config, layers: list[int], max_model_len: int) -> str | None:
+    """The refusal of routers on sliding-window layers (Gemma 3's, Mistral's with a window) when a request can outgrow
+    the window: vLLM then frees the KV blocks that leave it, a request's first block among them, and the plugin finds
+    a request's decisions by its first block (a freed block may start another request)."""
+    types = getattr(hf_config, "layer_types", None)
+    window = getattr(hf_config, "sliding_window", None)
+    sliding = [i for i in layers if window and (types[i] == "sliding_attention" if types else True)]
+    if not sliding or max_model_len <= window:
+        return None
+    return (f"the routers on layers {sliding} gate sliding-window attention (window {window}), and max_model_len "
+            f"{max_model_len} lets a request outgrow the window, whose KV blocks vLLM then frees: use "
+            f"max_model_len={window} (--max-model-len {window}) or routers on full-attention layers only; static "
+            "routers (mindskip eval --static-projection --save-static) serve sliding layers without this limit")
+
+
 def _execution(vllm_config, plan: RoutingPlan) -> str:
     """How the model runs: compiled (vLLM's default) or eager, and what that means for MindSkip."""
     if vllm_config.model_config.enforce_eager:
@@ -190,6 +210,10 @@ class ServingConfigCheck(VerifyAndUpdateConfig):
             raise ValueError(
                 f"MindSkip ({plan.mode} mode) cannot serve with these vLLM settings:\n- " + "\n- ".join(problems)
             )
+        hf_config = vllm_config.model_config.hf_config
+        problem = sliding_window_problem(hf_config, plan.routed, vllm_config.model_config.max_model_len)
+        if problem:
+            raise ValueError(f"MindSkip (dynamic mode) cannot serve these routers: {problem}")
         # vLLM keys its compile cache on the config, which does not see the router directory (hf_overrides are
         # left out of the hash), yet the routers change the traced graph: the additional config is hashed.
         if not isinstance(vllm_config.additional_config, dict):

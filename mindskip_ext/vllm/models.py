@@ -1,4 +1,4 @@
-"""MindSkip versions of vLLM's Llama, Mistral, Qwen2 and Qwen3 causal LMs.
+"""MindSkip versions of vLLM's Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE and Gemma 3 causal LMs.
 
 Each is the stock vLLM class, built as usual; then :class:`MindSkipMixin` applies the router directory named in
 the model's config (``mindskip_routers``) to its decoder layers, in one of two modes (see
@@ -10,9 +10,12 @@ the model's config (``mindskip_routers``) to its decoder layers, in one of two m
   (:func:`~mindskip_ext.vllm.routing.attach_router`) and runs as one custom op.
 
 Both work on any vLLM causal LM whose decoder is ``self.model`` with ``.layers`` of decoder layers that call
-``self.self_attn(positions=..., hidden_states=...)`` and add its output to the residual: a new model family
-gets both modes by mixing :class:`MindSkipMixin` into its stock class. Parameter names are unchanged, so the
-base checkpoint loads as it does without the plugin (less the dropped layers' attention weights).
+``self.self_attn(positions=..., hidden_states=...)`` on the pre-attention norm's output (what the router pools)
+and add what it returns to the residual: a new model family gets both modes by mixing :class:`MindSkipMixin` into
+its stock class. Gemma 3 adds it through its attention-output norm, which keeps a skipped token's zeros zeros (its
+decoder also passes its own keyword arguments, which its attention ignores and the routed op refuses if any come);
+Qwen3-MoE's expert block runs on every token as usual. Parameter names are unchanged, so the base checkpoint loads
+as it does without the plugin (less the dropped layers' attention weights).
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ import torch
 from torch import nn
 from vllm.config import CompilationMode
 from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+from vllm.model_executor.models.gemma3 import Gemma3ForCausalLM
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+from vllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
 
 from .checks import ROUTED_ATTENTION_OP, RoutingPlan, read_plan
 from .routing import LayerRouter, attach_router
@@ -90,4 +95,12 @@ class MindSkipQwen2ForCausalLM(MindSkipMixin, Qwen2ForCausalLM):
 
 
 class MindSkipQwen3ForCausalLM(MindSkipMixin, Qwen3ForCausalLM):
+    pass
+
+
+class MindSkipQwen3MoeForCausalLM(MindSkipMixin, Qwen3MoeForCausalLM):
+    pass
+
+
+class MindSkipGemma3ForCausalLM(MindSkipMixin, Gemma3ForCausalLM):
     pass

@@ -246,9 +246,16 @@ direct_register_custom_op(
 )
 
 
-def _routed_forward(self_attn: nn.Module, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+def _routed_forward(self_attn: nn.Module, positions: torch.Tensor, hidden_states: torch.Tensor, **kwargs
+                    ) -> torch.Tensor:
     """A routed attention module's forward: one call of the op, into a buffer allocated here (inside the
-    compiled graph, where vLLM's own attention allocates its output)."""
+    compiled graph, where vLLM's own attention allocates its output).
+
+    Gemma 3's decoder layer passes its own keyword arguments on to the attention module, which ignores them; the op
+    carries none, so a call that brings any is refused rather than routed without them."""
+    if kwargs:
+        raise ValueError("MindSkip routes attention modules called with positions and hidden states only; this "
+                         f"model passes {sorted(kwargs)} to its attention modules too")
     output = torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
     torch.ops.mindskip_vllm.routed_attention(hidden_states, positions, output, self_attn.mindskip_layer_name)
     return output

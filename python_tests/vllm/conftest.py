@@ -157,16 +157,22 @@ def _greedy(model, ids: list[int], tokenizer) -> list[int]:
     return out[0, len(ids) :].tolist()
 
 
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory) -> Served:
+def tiny_fixture(directory: Path, model_type: str, seed: int, **config) -> Served:
+    """A tiny random model of ``model_type`` (6 layers, hidden 128) with the test prompts' word tokenizer, served
+    with routers on layers 2, 3 and 4 that keep TINY_KEEP_COUNTS of the prompts (:func:`serve_fixture`)."""
     from mindskip_ext.testing import tiny_model, train_word_tokenizer
 
     tokenizer = train_word_tokenizer(PROMPTS, chat_template=False)
     model = tiny_model(
-        "llama", tokenizer=tokenizer, layers=6, hidden=128, heads=4, kv_heads=2, intermediate=256, seed=0,
-        max_position_embeddings=512,
+        model_type, tokenizer=tokenizer, layers=6, hidden=128, heads=4, kv_heads=2, intermediate=256, seed=seed,
+        max_position_embeddings=512, **config,
     )
-    return serve_fixture(tmp_path_factory.mktemp("tiny"), model, tokenizer, TINY_KEEP_COUNTS)
+    return serve_fixture(directory, model, tokenizer, TINY_KEEP_COUNTS)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Served:
+    return tiny_fixture(tmp_path_factory.mktemp("tiny"), "llama", seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -61,14 +61,17 @@ def test_routers_of_another_model_are_refused(tiny, tmp_path):
     assert "serve the base model they were trained on" in message
 
 
-def test_routers_of_another_granularity_are_refused(tiny, tmp_path):
+@pytest.mark.parametrize("config, expected", [
+    ({"granularity": "mlp"}, "gate granularity 'mlp'; the vLLM plugin serves granularity 'attn'"),
+    ({"routing": "token"}, "route per token; the vLLM plugin serves sequence routing"),
+], ids=["granularity", "token-routing"])
+def test_routers_the_plugin_does_not_serve_are_refused(tiny, tmp_path, config, expected):
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny.base)
-    mlp = msk.get_mindskip_model(base, msk.MindSkipConfig(granularity="mlp"))
-    mlp.save_pretrained(tmp_path / "routers")
+    msk.get_mindskip_model(base, msk.MindSkipConfig(**config)).save_pretrained(tmp_path / "routers")
     message = refused(dataclasses.replace(tiny, routers=tmp_path / "routers"))
-    assert "gate granularity 'mlp'; the vLLM plugin serves granularity 'attn'" in message
+    assert expected in message
 
 
 def test_missing_routers_are_refused(tiny):
@@ -102,7 +105,8 @@ def test_unsupported_model_types_are_refused(tmp_path, tiny):
     from transformers import AutoConfig
 
     AutoConfig.for_model("gpt2").save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"model type 'gpt2' has no MindSkip vLLM architecture; supported: llama"):
+    supported = "supported: gemma3_text, llama, mistral, qwen2, qwen3, qwen3_moe$"
+    with pytest.raises(ValueError, match=f"model type 'gpt2' has no MindSkip vLLM architecture; {supported}"):
         hf_overrides(tmp_path, tiny.routers)
 
 
@@ -120,3 +124,30 @@ def test_engine_kwargs_keep_the_callers_settings(tiny):
     }
     # Refused later, when the engine is created.
     assert engine_kwargs(tiny.base, tiny.routers, enable_prefix_caching=True)["enable_prefix_caching"] is True
+
+
+def test_routers_on_sliding_layers_past_the_window_are_refused(tmp_path):
+    """vLLM frees the KV blocks that leave a sliding window, and the plugin finds a request's decisions by its first
+    block: routers on sliding layers serve only where no request outgrows the window."""
+    from conftest import PROMPTS
+    from transformers import AutoConfig
+
+    from mindskip_ext.testing import tiny_model, train_word_tokenizer
+    from mindskip_ext.vllm.checks import sliding_window_problem
+
+    tokenizer = train_word_tokenizer(PROMPTS, chat_template=False)
+    model = tiny_model("gemma3_text", tokenizer=tokenizer, layers=6, hidden=128, heads=4, kv_heads=2, intermediate=256,
+                       sliding_window=64, max_position_embeddings=512)
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    msk.get_mindskip_model(model).save_pretrained(tmp_path / "routers")  # layers 2, 3, 4: sliding, full, sliding
+    message = creation_error(lambda: llm(tmp_path / "base", tmp_path / "routers", dtype="float32", max_model_len=256))
+    assert "routers on layers [2, 4] gate sliding-window attention (window 64)" in message
+    assert "MindSkip (dynamic mode) cannot serve these routers" in message
+    assert "use max_model_len=64 (--max-model-len 64) or routers on full-attention layers only" in message
+    assert "static routers (mindskip eval --static-projection --save-static) serve sliding layers" in message
+    config = AutoConfig.from_pretrained(tmp_path / "base")
+    assert sliding_window_problem(config, [3, 5], 256) is None  # full-attention layers
+    assert sliding_window_problem(config, [2, 3], 64) is None  # no request outgrows the window
+    mistral = AutoConfig.for_model("mistral", sliding_window=64, num_hidden_layers=6)
+    assert "layers [2, 3]" in sliding_window_problem(mistral, [2, 3], 256)  # Mistral's window: every layer

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import generate, in_process_engine, static_fixture
+from conftest import generate, in_process_engine, static_fixture, tiny_fixture
 
 from mindskip_ext.vllm import hf_overrides, serving_mode
 
@@ -61,6 +61,34 @@ def test_static_mode_compiled_matches_transformers_with_fewer_kv_layers(tiny, ti
     for idx, (kind, submodules) in layers.items():
         assert (kind == "SkippedAttention") == (idx in TINY_DROPPED), idx
         assert (submodules == 0) == (idx in TINY_DROPPED), idx
+
+
+# Gemma 3: a sliding-window and a full-attention layer dropped, with a window (64) that requests may outgrow
+# (max_model_len 256), which dynamic mode refuses (test_vllm_refusals); Qwen3-MoE: its expert blocks stay.
+@pytest.mark.parametrize("model_type, config, dropped", [
+    ("gemma3_text", {"sliding_window": 64}, [2, 3]),
+    ("qwen3_moe", {}, [2, 4]),
+])
+def test_static_mode_of_other_families(tmp_path, model_type, config, dropped):
+    from transformers import AutoConfig
+
+    served = tiny_fixture(tmp_path / "dynamic", model_type, seed=1, **config)
+    static = static_fixture(tmp_path / "static", served, TINY_LAYERS, dropped)
+    assert static.expected != static.dense, "dropping changes no output: the test could not see it"
+    layer_types = getattr(AutoConfig.from_pretrained(served.base), "layer_types", None)
+    if model_type == "gemma3_text":
+        assert [layer_types[i] for i in dropped] == ["sliding_attention", "full_attention"]
+    # vLLM's defaults: compiled, chunked prefill and prefix caching on.
+    with in_process_engine(static.base, static.routers, max_num_seqs=8) as engine:
+        assert not engine.llm_engine.vllm_config.model_config.enforce_eager
+        assert generate(engine, static) == static.expected
+        (layers,) = engine.apply_model(model_summary)
+        groups = engine.llm_engine.engine_core.engine_core.scheduler.kv_cache_config.kv_cache_groups
+    kv_layers = sorted(name for group in groups for name in group.layer_names)
+    assert kv_layers == [f"model.layers.{i}.self_attn.attn" for i in range(6) if i not in dropped]
+    for idx, (kind, submodules) in layers.items():
+        assert (kind == "SkippedAttention") == (idx in dropped), idx
+        assert (submodules == 0) == (idx in dropped), idx
 
 
 def test_compile_cache_key_follows_the_routers(tiny, tiny_static, tmp_path):
