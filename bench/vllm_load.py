@@ -117,7 +117,8 @@ class MemorySampler(threading.Thread):
 
 def memory_report(samples: list[tuple[float, int]], start: float, end: float, limit: float) -> dict:
     """RSS over the load phase ``[start, end]``: the medians of its second and last quarters, their ratio (level
-    when the growth is at most ``limit``), the peak."""
+    when the growth is at most ``limit``), the peak, and the median of each tenth of the phase (the course: a
+    leak climbs to the end, a warm-up levels off)."""
     loaded = [rss for t, rss in samples if start <= t <= end]
     if len(loaded) < 8:
         return {"samples": len(loaded), "level": None}
@@ -128,8 +129,9 @@ def memory_report(samples: list[tuple[float, int]], start: float, end: float, li
         return values[len(values) // 2]
 
     second, last = median(loaded[quarter:2 * quarter]), median(loaded[-quarter:])
+    tenths = [median(loaded[len(loaded) * i // 10:len(loaded) * (i + 1) // 10]) / 2**20 for i in range(10)]
     return {"samples": len(loaded), "second_quarter_mb": second / 2**20, "last_quarter_mb": last / 2**20,
-            "growth": last / second - 1.0, "peak_mb": max(loaded) / 2**20,
+            "growth": last / second - 1.0, "peak_mb": max(loaded) / 2**20, "tenths_mb": tenths,
             "level": last / second - 1.0 <= limit}
 
 
@@ -394,7 +396,8 @@ def _markdown(report: dict, about: str) -> str:
         f"- After the load: {report['state_after']} (running and waiting requests, KV cache usage).",
         f"- Server memory (RSS of its processes, sampled every second during the load): second quarter "
         f"{m['second_quarter_mb']:.0f} MB, last quarter {m['last_quarter_mb']:.0f} MB ({100 * m['growth']:+.1f}%), "
-        f"peak {m['peak_mb']:.0f} MB.",
+        f"peak {m['peak_mb']:.0f} MB; the median of each tenth of the load: "
+        f"{', '.join(f'{v:.0f}' for v in m['tenths_mb'])} MB.",
         f"- Times: offline references {report['offline_s']:.0f} s, server start {report['startup_s']:.0f} s.",
     ]
     return "\n".join(lines) + "\n"

@@ -8,6 +8,7 @@ import logging
 import re
 
 import pytest
+import torch
 
 import mindskip_ext as msk
 from mindskip_ext.vllm import ROUTERS_KEY, check_vllm_version, engine_kwargs, hf_overrides, llm, register
@@ -140,7 +141,11 @@ def test_routers_on_sliding_layers_past_the_window_are_refused(tmp_path):
                        sliding_window=64, max_position_embeddings=512)
     model.save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
-    msk.get_mindskip_model(model).save_pretrained(tmp_path / "routers")  # layers 2, 3, 4: sliding, full, sliding
+    mindskip = msk.get_mindskip_model(model)  # layers 2, 3, 4: sliding, full, sliding
+    with torch.no_grad():  # routers that read their input (dynamic mode: new routers ignore it, which is static)
+        for layer in mindskip.mindskip_layers.values():
+            layer.router.weight.normal_(generator=torch.Generator().manual_seed(layer.layer_idx))
+    mindskip.save_pretrained(tmp_path / "routers")
     message = creation_error(lambda: llm(tmp_path / "base", tmp_path / "routers", dtype="float32", max_model_len=256))
     assert "routers on layers [2, 4] gate sliding-window attention (window 64)" in message
     assert "MindSkip (dynamic mode) cannot serve these routers" in message
