@@ -338,6 +338,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--kind-weights", default="0.4,0.4,0.2", help="plain, stream, cancelled stream")
     parser.add_argument("--python", type=Path, default=ROOT / ".venv-vllm" / "bin" / "python",
                         help="the vLLM environment's interpreter")
+    parser.add_argument("--routers", type=Path, help="another router directory (default: bench.vllm_serving's, "
+                        "dynamic), e.g. their static projection as a control without the routed op")
     parser.add_argument("--results-dir", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -379,10 +381,10 @@ def run_worker(python: Path, spec: dict, env: dict | None = None) -> dict:
         raise RuntimeError(f"the load test did not report:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}") from None
 
 
-def _markdown(report: dict, about: str) -> str:
+def _markdown(report: dict, about: str, routers: str) -> str:
     s, m = report["stats"], report["memory"]
     lines = [
-        "# Load test of the OpenAI server, SmolLM2-135M with the default recipe's routers at 25% (dynamic)",
+        f"# Load test of the OpenAI server, SmolLM2-135M with {routers}",
         "",
         f"{about}. Written by `python -m bench.vllm_load`; the whole report in vllm_load.json.",
         "",
@@ -417,7 +419,8 @@ def main(argv=None) -> int:
 
     base = fetch_model("smollm2")
     _, requests, _ = workload(AutoTokenizer.from_pretrained(base))
-    spec = spec_for(str(base), str(ROUTERS), [ids for ids, _ in requests], clients=args.clients,
+    routers = args.routers or ROUTERS
+    spec = spec_for(str(base), str(routers), [ids for ids, _ in requests], clients=args.clients,
                     duration=args.duration, max_tokens=args.max_tokens,
                     kind_weights=[float(w) for w in args.kind_weights.split(",")])
     load = os.getloadavg()[0]
@@ -427,8 +430,10 @@ def main(argv=None) -> int:
              f"{os.getloadavg()[0]:.1f} at the end (2 cores)")
     args.results_dir.mkdir(parents=True, exist_ok=True)
     (args.results_dir / "vllm_load.json").write_text(json.dumps({"about": about, **report}, indent=1))
-    (args.results_dir / "vllm_load.md").write_text(_markdown(report, about))
-    print(_markdown(report, about))
+    name = "the default recipe's routers at 25% (dynamic)" if args.routers is None else f"the routers in {routers}"
+    text = _markdown(report, about, name)
+    (args.results_dir / "vllm_load.md").write_text(text)
+    print(text)
     return 0 if report["ok"] else 1
 
 
