@@ -33,7 +33,7 @@ from . import ops
 from .architectures import ArchSpec, takes_use_cache
 from .cache import Decision, StaticCompactMixin, routing_slot
 from .config import MindSkipConfig
-from .hf_compat import cache_name, pop_cache
+from .hf_compat import CACHE_NAMES, cache_name, pop_cache
 
 # Name of the keyword argument that carries the per-forward MindSkip state from the patched decoder
 # forward down to the MindSkip layers (through the stock decoder's **kwargs).
@@ -283,6 +283,7 @@ class MindSkipDecoderLayer(nn.Module):
         attn = self._attn_module()
         self._attn_cache_name = cache_name(attn)
         self._base_cache_name = cache_name(base_layer)
+        self._other_cache_name = next(n for n in CACHE_NAMES if n != self._base_cache_name)
         # Gemma's layers take no use_cache: it is passed on only where the stock layer passes it.
         self._takes_use_cache = takes_use_cache(base_layer)
         # A mixed decode step runs the layer itself (see _FUSED_DECODE_CLASSES) with its module's eager attention as
@@ -511,8 +512,9 @@ class MindSkipDecoderLayer(nn.Module):
         position_embeddings=None,
         **kwargs,
     ):
-        # The stock decoder passes the KV cache as `cache` (transformers >= 5.24) or `past_key_values`.
-        cache = pop_cache(kwargs)
+        # The stock decoder passes the KV cache as `cache` (transformers >= 5.24) or `past_key_values`: under the name
+        # the wrapped layer takes, popped directly (a decode step runs this in every layer; pop_cache is a call more).
+        cache = pop_cache(kwargs) if self._other_cache_name in kwargs else kwargs.pop(self._base_cache_name, None)
         state: ForwardState | None = kwargs.pop(STATE_KWARG, None)
 
         if self._takes_use_cache:
@@ -533,22 +535,34 @@ class MindSkipDecoderLayer(nn.Module):
         if hidden_states.ndim != 3:
             raise ValueError(f"hidden_states must be (batch, seq, hidden), got shape {tuple(hidden_states.shape)}")
         x = hidden_states
-        slot = routing_slot(cache, self.layer_idx, self.gates_attention, x.device) if cache is not None else None
+        slot = None
+        if cache is not None:
+            # The slot is converted at the first use (routing_slot); every decode step after that finds it with plain
+            # attribute reads and no call (this runs in every routed layer, and eager decode on a GPU is host-bound).
+            try:
+                slot = cache.layers[self.layer_idx]
+                if slot.mindskip_compact != self.gates_attention:  # a stock slot has no such attribute
+                    slot = None
+            except (AttributeError, IndexError):
+                slot = None
+            if slot is None:
+                slot = routing_slot(cache, self.layer_idx, self.gates_attention, x.device)
         decision = slot.mindskip_decision if slot is not None else None
         if decision is not None and not decision.from_training and decision.batch_size == x.shape[0]:
             routing = normed = None  # a decode step reusing its prefill's decision (what _decide returns for it)
         else:
             decision, routing, normed = self._decide(x, state, slot)
-        grad = torch.is_grad_enabled()
-        if routing is None and not (self.training and grad):
+        if routing is None and not (self.training and torch.is_grad_enabled()):
             if decision.num_kept == decision.batch_size:
                 # A decode step in which every sequence runs every sublayer is the stock layer's own step, on the same
                 # cache slot: calling it saves the host the routed path's calls (eager decode is host-bound on a GPU).
-                return stock_layer()
+                return self.base_layer(
+                    hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                    position_embeddings=position_embeddings, **{self._base_cache_name: cache}, **kwargs,
+                )
             # Autocast computes q/k in another dtype than cos/sin, which the stock attention's products promote.
-            if self._fused_eager is not None and decision.num_kept and not grad and not torch.is_autocast_enabled(
-                x.device.type
-            ):
+            fused = self._fused_eager is not None and decision.num_kept
+            if fused and not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
                 # Submodules read from _modules: a plain lookup where nn.Module.__getattr__ is a Python call.
                 modules = self.base_layer._modules
                 attn = modules[self.spec.attn]
@@ -566,7 +580,7 @@ class MindSkipDecoderLayer(nn.Module):
             self._sublayers, decision=decision, state=state, attention_mask=attention_mask, position_ids=position_ids,
             position_embeddings=position_embeddings, kwargs=kwargs,
         )
-        if self.training and grad and getattr(self.base_layer, "gradient_checkpointing", False):
+        if self.training and torch.is_grad_enabled() and getattr(self.base_layer, "gradient_checkpointing", False):
             # Activation checkpointing (transformers' gradient/activation_checkpointing_enable sets it on the wrapped
             # layer). The routing stays outside: the decision is made once, and its gate keeps its graph to the
             # router. The sublayers are recomputed in the backward pass from x and the gate, with no KV cache.

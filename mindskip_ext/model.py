@@ -117,8 +117,9 @@ class MindSkipModel(nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         for idx in indices:
-            layers[idx] = MindSkipDecoderLayer(layers[idx], idx, spec, config, hidden)
+            layers[idx] = MindSkipDecoderLayer(layers[idx], idx, spec, config, hidden).train(layers[idx].training)
         _patch_decoder_forward(decoder_of(model, spec), self)
+        self.training = model.training  # a model loaded for inference stays in eval mode, its MindSkip layers too
 
     # ------------------------------------------------------------------ delegation
 

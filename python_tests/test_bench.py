@@ -158,10 +158,12 @@ def test_decode_profile_at_kept_1_dispatches_the_same_ops_as_the_unconverted_mod
     assert set(rows) == {"hf", "mindskip kept 0.5", "mindskip kept 1", "attn-drop"}
     assert rows["mindskip kept 1"][2] == rows["hf"][2] and rows["mindskip kept 1"][5].strip(" |") == "-"
     # Its host work: a routed layer's decode step that keeps every sequence is the stock layer's step behind a few
-    # calls of the wrapper (about 16 Python calls; 35 when it ran the sublayers itself).
+    # calls of the wrapper: its own module call, the cache and state popped from the keywords, the slot read
+    # without a call, the compact slot's update (about 8 Python calls; 16 before the slot lookup and the cache's
+    # keyword were read without calls, 35 when it ran the sublayers itself).
     calls = {name: int(row[6].strip(" |")) for name, row in rows.items()}
     routed = len(msk.MindSkipConfig().resolve_layers(32))
-    assert 0 < calls["mindskip kept 1"] - calls["hf"] < 18 * routed
+    assert 0 < calls["mindskip kept 1"] - calls["hf"] < 10 * routed
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
