@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import attention as _attention
 from . import ops
@@ -210,6 +209,10 @@ def _fused_attention_interface(config, eager):
     impl = config._attn_implementation
     if impl not in _FUSED_DECODE_ATTN_IMPLEMENTATIONS:
         return None
+    # Imported here: transformers.modeling_utils loads safetensors and accelerate, which `import mindskip_ext` does
+    # not need (a model that reaches this step has imported it already).
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     return ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
 
 
