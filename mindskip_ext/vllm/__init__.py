@@ -11,6 +11,11 @@ Installed with ``pip install "mindskip_ext[vllm]"``, the plugin is registered th
 MindSkip architectures (``MindSkipLlamaForCausalLM`` and the Mistral, Qwen2, Qwen3, Qwen3-MoE and Gemma 3 ones). A
 model is served with one of them through ``hf_overrides`` (:func:`hf_overrides` writes them), so the base
 checkpoint's files stay as they are. This package is not imported by ``import mindskip_ext``.
+
+A router directory is served in one of two modes (:func:`serving_mode`): **static** when its routers ignore their
+input (``mindskip drop``, ``mindskip eval --save-static``): the always-skipped layers have no attention and no KV
+cache, under any vLLM setting; **dynamic** otherwise: each request is routed at its prefill, with chunked prefill
+and prefix caching off. Both run on vLLM's compiled path by default (``enforce_eager=True`` runs them eagerly).
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ from pathlib import Path
 
 from .checks import ROUTERS_KEY, SUPPORTED_VLLM, check_vllm_version
 
-__all__ = ["ROUTERS_KEY", "SUPPORTED_VLLM", "check_vllm_version", "engine_kwargs", "hf_overrides", "llm", "register"]
+__all__ = [
+    "ROUTERS_KEY", "SUPPORTED_VLLM", "check_vllm_version", "engine_kwargs", "hf_overrides", "llm", "register",
+    "serving_mode",
+]
 
 # model_type -> the stock vLLM class; the MindSkip architecture is "MindSkip" + its name.
 BASE_CLASSES = {
@@ -32,8 +40,12 @@ BASE_CLASSES = {
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
 }
-# What a MindSkip model needs from the engine (see checks.serving_problems for why).
-ENGINE_DEFAULTS = {"enforce_eager": True, "enable_chunked_prefill": False, "enable_prefix_caching": False}
+# What a MindSkip model needs from the engine, by mode (see checks.serving_problems for why). Static mode is a
+# stock model with fewer attention layers: vLLM's defaults. Both modes run compiled unless enforce_eager is set.
+ENGINE_DEFAULTS = {
+    "static": {},
+    "dynamic": {"enable_chunked_prefill": False, "enable_prefix_caching": False},
+}
 
 
 def register() -> None:
@@ -72,15 +84,23 @@ def hf_overrides(base: str | os.PathLike, routers: str | os.PathLike) -> dict:
     return {"architectures": [f"MindSkip{BASE_CLASSES[model_type]}"], ROUTERS_KEY: str(Path(routers).resolve())}
 
 
+def serving_mode(routers: str | os.PathLike) -> str:
+    """How ``routers`` are served: ``"static"`` (every router ignores its input: ``mindskip drop`` and ``mindskip
+    eval --save-static`` output) or ``"dynamic"`` (per-request routing)."""
+    from .checks import RoutingPlan
+
+    return RoutingPlan.read(routers).mode
+
+
 def engine_kwargs(base: str | os.PathLike, routers: str | os.PathLike, **vllm_kwargs) -> dict:
     """Keyword arguments of ``vllm.LLM(model=base, ...)`` that serve ``base`` with ``routers``.
 
-    ``vllm_kwargs`` pass through (``hf_overrides`` are merged); the settings MindSkip needs are the defaults, and one
-    set against them is refused by the config check when the engine is created.
+    ``vllm_kwargs`` pass through (``hf_overrides`` are merged); the settings the routers' mode needs are the
+    defaults, and one set against them is refused by the config check when the engine is created.
     """
     check_vllm_version()
     overrides = {**(vllm_kwargs.pop("hf_overrides", None) or {}), **hf_overrides(base, routers)}
-    return {**ENGINE_DEFAULTS, **vllm_kwargs, "hf_overrides": overrides}
+    return {**ENGINE_DEFAULTS[serving_mode(routers)], **vllm_kwargs, "hf_overrides": overrides}
 
 
 def llm(base: str | os.PathLike, routers: str | os.PathLike, **vllm_kwargs):

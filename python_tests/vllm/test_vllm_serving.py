@@ -1,11 +1,11 @@
-"""vLLM with the MindSkip plugin generates exactly what transformers MindSkip generates (greedy), and a skipped
-(layer, request) never writes its KV slots."""
+"""vLLM with the MindSkip plugin generates exactly what transformers MindSkip generates (greedy), eager and compiled,
+and a skipped (layer, request) never writes its KV slots."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import NEW_TOKENS, Served, generate, offline_engine, serve_fixture
+from conftest import NEW_TOKENS, Served, generate, offline_engine, tiny_fixture
 
 
 def check_fixture(served: Served) -> None:
@@ -25,6 +25,21 @@ def test_tiny_llama_matches_transformers(tiny, max_num_seqs):
         assert generate(engine, tiny) == tiny.expected
 
 
+# vLLM's default path, compiled (torch.compile with inductor on the CPU): the routed attention is one custom op in
+# the compiled graph. At 2, one request's prefill beside another's decode; at 8, every layer attends for a subset.
+@pytest.mark.parametrize("max_num_seqs", [2, 8])
+def test_tiny_llama_compiled_matches_transformers(tiny, max_num_seqs):
+    from vllm.config import CompilationMode
+
+    check_fixture(tiny)
+    with offline_engine(tiny, max_num_seqs, compiled=True) as engine:
+        config = engine.llm_engine.vllm_config
+        assert not config.model_config.enforce_eager and config.compilation_config.mode != CompilationMode.NONE
+        assert generate(engine, tiny) == tiny.expected
+        (compiled,) = engine.apply_model(lambda model: model.model.compiled)
+    assert compiled
+
+
 @pytest.mark.parametrize("max_num_seqs", [1, 2, 8])
 def test_smollm2_matches_transformers(smollm2, max_num_seqs):
     check_fixture(smollm2)
@@ -33,21 +48,17 @@ def test_smollm2_matches_transformers(smollm2, max_num_seqs):
 
 
 # Gemma 3 with sliding and full layers routed (a window of the engine's max_model_len: see test_vllm_refusals), and
-# Qwen3-MoE with sparse and dense MLP layers.
+# Qwen3-MoE with sparse and dense MLP layers. These two, whose decoder layers differ most from Llama's, run on vLLM's
+# default compiled path (the routed op inside the graph); the others eagerly (compiling costs 20-90 s an engine).
 OTHER = {"mistral": {}, "qwen2": {}, "qwen3": {}, "qwen3_moe": {}, "gemma3_text": {"sliding_window": 256}}
+COMPILED = ("qwen3_moe", "gemma3_text")
 
 
 @pytest.mark.parametrize("model_type", OTHER)
-def test_other_architectures_match_transformers(tmp_path, tiny_tokenizer, model_type):
-    from mindskip_ext.testing import tiny_model
-
-    model = tiny_model(
-        model_type, tokenizer=tiny_tokenizer, layers=6, hidden=128, heads=4, kv_heads=2, intermediate=256, seed=1,
-        max_position_embeddings=512, **OTHER[model_type],
-    )
-    served = serve_fixture(tmp_path, model, tiny_tokenizer, [3, 2, 4])
+def test_other_architectures_match_transformers(tmp_path, model_type):
+    served = tiny_fixture(tmp_path, model_type, seed=1, **OTHER[model_type])
     check_fixture(served)
-    with offline_engine(served, 8) as engine:
+    with offline_engine(served, 8, compiled=model_type in COMPILED) as engine:
         assert generate(engine, served) == served.expected
 
 
@@ -80,15 +91,6 @@ def test_skipped_requests_write_no_kv(tiny):
         keep = tiny.keep.get(idx, [True] * len(fed))
         assert count == sum(n for n, kept in zip(fed, keep) if kept), f"layer {idx}"
     assert written[2] < sum(fed)
-
-
-@pytest.fixture(scope="module")
-def tiny_tokenizer():
-    from conftest import PROMPTS
-
-    from mindskip_ext.testing import train_word_tokenizer
-
-    return train_word_tokenizer(PROMPTS, chat_template=False)
 
 
 def test_router_state_lives_in_buffers_not_parameters(tiny):
