@@ -37,7 +37,8 @@ SHAPES = [
 BIASES = {"none kept": -30.0, "some kept": None, "all kept": 30.0}
 # The ops run_case calls (router_gate_varlen where the library has it); any other op of the library fails the run.
 COVERED = {"router_gate", "router_gate_backward", "router_gate_varlen", "gather_kept", "scatter_add_kept_",
-           "scatter_add_kept", "rotary_embedding", "pack_plan", "pack_kept", "unpack_add_kept_"}
+           "scatter_add_kept", "rotary_embedding", "token_decode_attention", "pack_plan", "pack_kept",
+           "unpack_add_kept_"}
 # Low-precision outputs are rounded once from fp32 by both sides, but reductions run in another order.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
@@ -98,7 +99,7 @@ def run_case(batch, seqlen, dim, dtype, mask_kind, bias, device) -> int:
     got = ops.router_gate(d_hidden, d_mask, d_weight, d_bias, 0.5)
     want = ref.router_gate(hidden, mask, weight, bias, 0.5)
     check_outputs("router_gate", ("score", "keep", "order", "num_kept"), got, want, dtype)
-    (score, _, order, num_kept), (want_score, _, want_order, _) = got, want
+    (score, _, order, num_kept), (want_score, want_keep, want_order, _) = got, want
     k = int(num_kept)
 
     grad = torch.ones(batch)
@@ -113,6 +114,7 @@ def run_case(batch, seqlen, dim, dtype, mask_kind, bias, device) -> int:
     check("scatter_add_kept", ops.scatter_add_kept(d_hidden, kept, order),
           ref.scatter_add_kept(hidden, want_kept, want_order), dtype)
     run_rotary(hidden, kept, order, want_kept, want_order, device)
+    run_token_decode(hidden, mask, want_keep, device)
 
     cu_seqlens, token_index, max_len = ops.pack_plan(d_mask, order, k, seqlen)
     want_cu, want_index, want_max = ref.pack_plan(mask, want_order, k, seqlen)
@@ -142,6 +144,21 @@ def run_rotary(hidden, kept, order, want_kept, want_order, device) -> None:
         got = ops.rotary_embedding(*heads(kept), table.cos().to(device), table.sin().to(device), order[:k])
     want = ref.rotary_embedding(*heads(want_kept), table.cos(), table.sin(), want_order[:k])
     check_outputs("rotary_embedding", ("q_out", "k_out"), got, want, hidden.dtype)
+
+
+def run_token_decode(hidden, mask, keep, device) -> None:
+    """token_decode_attention as a token-routed decode step calls it: the last position's query (two query heads on
+    one key/value head) over each row's cache of ``hidden``, only the rows of ``keep``, the padding ``mask``, and a
+    static cache's fill length one position short of the buffer."""
+    batch, seqlen, dim = hidden.shape
+    last = hidden[:, -1]
+    query = torch.stack([last, -last], dim=1)
+    key, value = hidden.unsqueeze(1), hidden.flip(-1).unsqueeze(1)
+    length = torch.tensor([max(1, seqlen - 1)])
+    scale = dim ** -0.5
+    args = (query, key, value, keep, mask, length)
+    got = ops.token_decode_attention(*(None if t is None else t.to(device) for t in args), scale)
+    check("token_decode_attention", got, ref.token_decode_attention(*args, scale), hidden.dtype)
 
 
 def run_varlen(hidden, mask, weight, bias, device) -> None:

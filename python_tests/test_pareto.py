@@ -335,7 +335,9 @@ def test_merging_takes_what_another_run_evaluated_further_with_its_routers(tmp_p
     assert "merged from" in capsys.readouterr().err
     # Merging again takes nothing; the partial results are now where a --resume continues.
     assert pareto.main(argv) == 0
-    assert json.loads((ours / "pareto.partial.json").read_text()) == merged
+    again = json.loads((ours / "pareto.partial.json").read_text())
+    assert (again["models"], again["timings"]) == (merged["models"], merged["timings"])
+    assert again["meta"]["merged"] == {str(theirs): []}  # the run's metadata says what this run took: nothing
 
     with pytest.raises(SystemExit, match="no pareto.partial.json or pareto.json in"):
         pareto.main([*argv[:5], str(tmp_path / "empty"), "--merge-only"])
