@@ -188,7 +188,8 @@ PRESETS = {
     # search), the first 8 WikiText-2 test blocks of 512 tokens, 30 held-out examples, no tasks.
     "small": Sizes(
         heldout_fraction=0.03, max_length=128, batch_size=4, steps=30, learning_rate=2e-3, calibration_sequences=8,
-        mix_weights=(0.5, 0.25, 0.25), task_limit={}, mmlu_per_subject=None, mmlu_subjects=None, num_fewshot={},
+        mix_weights=(0.5, 0.25, 0.25), mix4_weights=(0.4, 0.2, 0.2, 0.2), cost_sequences=32, joint_path=None,
+        task_limit={}, mmlu_per_subject=None, mmlu_subjects=None, num_fewshot={},
         ppl_block=512, ppl_blocks=8, ablation_ppl_blocks=8, drop_records=32, projection_records=32,
         eval_batch_size=4, tasks=False,
     ),
