@@ -29,6 +29,19 @@ sizes and settings) and ratio:
   choices of the oracle and of cross-fitted linear cost predictors (the best a ``Linear(hidden, 1)`` router fitted
   to these costs does on sequences it was not fitted on) scored like any model.
 
+Token routers (issue 37: ``--token-routers DIR``, trained with the recipe of ``--recipes`` at ``--ratios``, e.g. by
+:mod:`bench.token_quality`) are scored instead of the recipes' sequence routers, on the same sequences: the token
+model (skips per token: each routed layer's skipped share of the real tokens), its static projection (each layer's
+kept fraction on the recipe's training sequences as input-independent decisions,
+:func:`mindskip_ext.token_routing.set_static_token_fractions`), its kept fractions on the suite as input-independent
+decisions (the token level's shuffled decisions: permuting per-token decisions over the suite is, in expectation,
+keeping each layer's fraction at random), Attention-Drop at the whole counts around its skips, and the sequence
+variant's static projection at those counts when the sequence variant is among the results: reuse another run's with
+``--resume-from bench/results/suite.json`` and write to another ``--output``, e.g.::
+
+    python -m bench.suite --threads 1 --token-routers bench/results/token_routers/default/token@0.25 \
+        --resume-from bench/results/suite.json --output bench/results/suite_token
+
 Resumable (``--resume``: the models in ``<output>/suite.partial.json``, else ``suite.json``); writes ``suite.json``
 (every model's per-domain summary and per-sequence scores) and ``suite.md``.
 """
