@@ -29,6 +29,19 @@ sizes and settings) and ratio:
   choices of the oracle and of cross-fitted linear cost predictors (the best a ``Linear(hidden, 1)`` router fitted
   to these costs does on sequences it was not fitted on) scored like any model.
 
+Token routers (issue 37: ``--token-routers DIR``, trained with the recipe of ``--recipes`` at ``--ratios``, e.g. by
+:mod:`bench.token_quality`) are scored instead of the recipes' sequence routers, on the same sequences: the token
+model (skips per token: each routed layer's skipped share of the real tokens), its static projection (each layer's
+kept fraction on the recipe's training sequences as input-independent decisions,
+:func:`mindskip_ext.token_routing.set_static_token_fractions`), its kept fractions on the suite as input-independent
+decisions (the token level's shuffled decisions: permuting per-token decisions over the suite is, in expectation,
+keeping each layer's fraction at random), Attention-Drop at the whole counts around its skips, and the sequence
+variant's static projection at those counts when the sequence variant is among the results: reuse another run's with
+``--resume-from bench/results/suite.json`` and write to another ``--output``, e.g.::
+
+    python -m bench.suite --threads 1 --token-routers bench/results/token_routers/default/token@0.25 \
+        --resume-from bench/results/suite.json --output bench/results/suite_token
+
 Resumable (``--resume``: the models in ``<output>/suite.partial.json``, else ``suite.json``); writes ``suite.json``
 (every model's per-domain summary and per-sequence scores) and ``suite.md``.
 """
@@ -152,7 +165,7 @@ def run_suite(args) -> Run:
     from mindskip_ext.data import pad_token_id
     from mindskip_ext.data.suite import DEFAULT_DOMAINS, load_suite
     from mindskip_ext.eval.attention_drop import dropped_model, redundancy_scores, select_dropped
-    from mindskip_ext.eval.suite import score_sequences, summarise
+    from mindskip_ext.eval.suite import domain_rows, kept_fractions, score_sequences, summarise
 
     from . import pareto
 
@@ -169,6 +182,9 @@ def run_suite(args) -> Run:
     if args.resume:
         run.resume(finished=args.output / "suite.json")
 
+    if args.resume_from:
+        reuse(run, args.resume_from, owner, [len(e) for e in examples])
+
     def score(name: str, entry: dict, model, decisions=None) -> dict:
         """Score ``model`` on the suite as ``name`` unless it was (``decisions``: forced per-sequence routing)."""
         if name in run.models:
@@ -180,6 +196,10 @@ def run_suite(args) -> Run:
             f"evaluate {name}"]}
         if taken and decisions is None and entry["kind"] == "routed":
             entry["decisions"] = encode_keep(taken)
+        if taken and entry["kind"].startswith("token"):
+            entry["kept"] = {domain: {str(i): round(f, 6) for i, f in kept_fractions(
+                {i: t[rows] for i, t in taken.items()}, scores.tokens[rows]).items()}
+                for domain, rows in domain_rows(owner).items()}
         run.models[name] = entry
         run.save_partial()
         run.say(f"{name}: mix perplexity {summary['mix']['perplexity']:.3f} at "
@@ -196,6 +216,47 @@ def run_suite(args) -> Run:
         return loaded["data"]
 
     drop_scores: dict[str, dict[int, float]] = {}
+
+    def projection(recipe_name: str, ratio: float, name: str, order: list[int], counts: list[int]) -> None:
+        """The static projection of routed model ``name`` (``order``: its layers from least kept) at ``counts``."""
+        for count in counts:
+            dropped = sorted(order[:count])
+            model = dropped_model(base, dropped, "attn") if dropped else base
+            score(f"{recipe_name}-static@{ratio}/{count}", {"kind": "static-projection", "of": name,
+                                                           "ratio": ratio, "count": count,
+                                                           "dropped_layers": dropped}, model)
+            if dropped:
+                model.unload()
+
+    def attention_drops(recipe_data: str, counts: list[int]) -> None:
+        """Attention-Drop in both scopes at ``counts``, its similarity scores calibrated on ``recipe_data``."""
+        if recipe_data not in drop_scores:
+            records = data().train[recipe_data][: sizes.drop_records]
+
+            def similarity(records=records, stage=f"attention-drop scores on {recipe_data}"):
+                with run.stage(stage):
+                    return {"scores": redundancy_scores(base, records, pad, "attn", sizes.batch_size)}
+
+            drop_scores[recipe_data] = cached(args.work_dir / args.preset / f"attention_drop_{recipe_data}.pt",
+                                              [e.input_ids for e in records], similarity)["scores"]
+            run.meta.setdefault("attention_drop_similarity", {})[recipe_data] = {
+                str(k): round(v, 6) for k, v in drop_scores[recipe_data].items()}
+        scopes = {"all": list(range(num_layers)), "restricted": pareto.layer_sets(num_layers)["paper"]}
+        for scope, candidates in scopes.items():
+            for count in counts:
+                if not 1 <= count <= len(candidates):
+                    continue
+                dropped = select_dropped(drop_scores[recipe_data], count, candidates)
+                model = dropped_model(base, dropped, "attn")
+                score(f"attention-drop-{scope}[{recipe_data}]@{count}",
+                      {"kind": "attention-drop", "scope": scope, "data": recipe_data, "count": count,
+                       "dropped_layers": dropped}, model)
+                model.unload()
+
+    if args.token_routers is not None:
+        token_model(run, args, base, pad, data, score, projection, attention_drops)
+        run.timings["total"] = round(time.perf_counter() - started, 1)
+        return run
     for recipe_name in args.recipes:
         recipe = pareto.RECIPES[recipe_name]
         for ratio in args.ratios:
@@ -211,40 +272,78 @@ def run_suite(args) -> Run:
             counts = counts_for(routed["summary"])
             routed.setdefault("routing_train", trained["routing_train"])  # results scored before it was kept
             order = projection_order(routed["routing_train"])
-            for count in counts:
-                dropped = sorted(order[:count])
-                model = dropped_model(base, dropped, "attn") if dropped else base
-                score(f"{recipe_name}-static@{ratio}/{count}", {"kind": "static-projection", "of": name,
-                                                               "ratio": ratio, "count": count,
-                                                               "dropped_layers": dropped}, model)
-                if dropped:
-                    model.unload()
-            if recipe.data not in drop_scores:
-                records = data().train[recipe.data][: sizes.drop_records]
-
-                def similarity(records=records, stage=f"attention-drop scores on {recipe.data}"):
-                    with run.stage(stage):
-                        return {"scores": redundancy_scores(base, records, pad, "attn", sizes.batch_size)}
-
-                drop_scores[recipe.data] = cached(args.work_dir / args.preset / f"attention_drop_{recipe.data}.pt",
-                                                  [e.input_ids for e in records], similarity)["scores"]
-                run.meta.setdefault("attention_drop_similarity", {})[recipe.data] = {
-                    str(k): round(v, 6) for k, v in drop_scores[recipe.data].items()}
-            scopes = {"all": list(range(num_layers)), "restricted": pareto.layer_sets(num_layers)["paper"]}
-            for scope, candidates in scopes.items():
-                for count in counts:
-                    if not 1 <= count <= len(candidates):
-                        continue
-                    dropped = select_dropped(drop_scores[recipe.data], count, candidates)
-                    model = dropped_model(base, dropped, "attn")
-                    score(f"attention-drop-{scope}[{recipe.data}]@{count}",
-                          {"kind": "attention-drop", "scope": scope, "data": recipe.data, "count": count,
-                           "dropped_layers": dropped}, model)
-                    model.unload()
+            projection(recipe_name, ratio, name, order, counts)
+            attention_drops(recipe.data, counts)
             if args.costs:
                 headroom_of(run, args, base, examples, owner, pad, name, routed, order, score)
     run.timings["total"] = round(time.perf_counter() - started, 1)
     return run
+
+
+def reuse(run: Run, path: Path, owner: list[str], lengths: list[int]) -> None:
+    """Take the models of another suite run's results at ``path`` (``--resume-from``) that this run has not scored:
+    they must be of the same suite (the same domains and token counts, sequence by sequence)."""
+    from .experiment import read_results
+
+    models, timings = read_results(path, "--resume-from", "suite", run.preset)
+    saved = json.loads(path.read_text()).get("meta", {})
+    if saved.get("owner") != owner:
+        raise SystemExit(f"--resume-from: {path} scored another suite (its sequences' domains differ from this one's)")
+    other = [name for name, e in models.items() if e["scores"]["tokens"] != lengths]
+    if other:
+        raise SystemExit(f"--resume-from: {path} scored {other[0]!r} on other sequences (their token counts differ)")
+    new = {k: v for k, v in models.items() if k not in run.models}
+    run.models.update(new)
+    run.timings.update({k: v for k, v in timings.items() if k.startswith("evaluate ") and k not in run.timings})
+    run.meta["reused"] = {"from": str(path), "models": sorted(new)}
+    run.say(f"reused {len(new)} models from {path}")
+
+
+def token_model(run: Run, args, base, pad: int, data, score, projection, attention_drops) -> None:
+    """Token routers (``--token-routers``, trained with the recipe of ``--recipes`` at ``--ratios``, e.g. by
+    :mod:`bench.token_quality`) on the suite: the routed model; its static projection (each layer's kept fraction of
+    the recipe's training sequences, as input-independent decisions); its suite fractions as input-independent
+    decisions (the token level's shuffled decisions); Attention-Drop at the whole counts around its skips; and, when
+    the sequence variant of the same recipe and ratio is among the results (``--resume-from``), its static projection
+    at those counts."""
+    import mindskip_ext as msk
+    from mindskip_ext.token_routing import set_static_token_fractions
+
+    from . import pareto
+    from .token_quality import kept_per_layer
+
+    recipe_name, ratio = args.recipes[0], args.ratios[0]
+    recipe = pareto.RECIPES[recipe_name]
+    sequence = f"{recipe_name}@{ratio}"
+    name = f"{sequence} token"
+    model = msk.MindSkipModel.from_pretrained(base, args.token_routers)
+    if model.mindskip_config.routing != "token":
+        model.unload()
+        raise SystemExit(f"--token-routers: {args.token_routers} holds {model.mindskip_config.routing} routers; "
+                         "it takes token routers (MindSkipConfig(routing='token'), e.g. bench.token_quality's)")
+    routed = score(name, {"kind": "token-routed", "of": sequence, "recipe": recipe_name, "ratio": ratio,
+                          "router_dir": str(args.token_routers)}, model)
+    if "kept_train" not in routed:
+        records = data().train[recipe.data][: pareto.PRESETS[args.preset].projection_records]
+        with run.stage(f"kept fractions of {name} on {len(records)} training sequences"):
+            routed["kept_train"] = {str(i): round(f, 6) for i, f in kept_per_layer(
+                model, records, pad, run.sizes.batch_size).items()}
+        run.save_partial()
+    set_static_token_fractions(model, {int(i): f for i, f in routed["kept_train"].items()})
+    score(f"{name} static", {"kind": "token-static", "of": name, "ratio": ratio}, model)
+    suite_kept = {int(i): f for i, f in routed["kept"]["mix"].items()}
+    set_static_token_fractions(model, suite_kept)
+    score(f"{name} shuffled", {"kind": "token-shuffled", "of": name, "ratio": ratio}, model)
+    set_static_token_fractions(model, None)
+    model.unload()
+    counts = counts_for(routed["summary"])
+    attention_drops(recipe.data, counts)
+    entry = run.models.get(sequence)
+    if entry is None or "routing_train" not in entry:
+        run.say(f"no sequence-level {sequence} with its training-data routing among the results: its static "
+                "projection is not scored at the token model's counts (pass --resume-from)")
+        return
+    projection(recipe_name, ratio, sequence, projection_order(entry["routing_train"]), counts)
 
 
 def headroom_of(run: Run, args, base, examples, owner, pad, name: str, routed: dict, order: list[int], score):
@@ -384,6 +483,7 @@ def report_only(args) -> Run:
     run = Run("suite", saved["preset"], PRESETS[saved["preset"]], timings=saved["timings"], models=saved["models"],
               meta=saved["meta"])
     run.meta.pop("comparisons", None)
+    run.meta.pop("token_comparisons", None)
     return run
 
 
@@ -409,6 +509,14 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true",
                    help="Reuse the models in <output>/suite.partial.json (else <output>/suite.json).")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+    p.add_argument("--token-routers", type=Path, default=None,
+                   help="Score these token routers (MindSkipConfig(routing='token'), trained with the recipe of "
+                   "--recipes at --ratios, e.g. bench.token_quality's token_routers/default/token@0.25) instead of "
+                   "the recipes' sequence routers: the token model, its static projection, its suite fractions as "
+                   "input-independent decisions, Attention-Drop and the sequence variant's projection at its skips.")
+    p.add_argument("--resume-from", type=Path, default=None,
+                   help="Also reuse the models of another suite run's results (e.g. bench/results/suite.json) on the "
+                   "same suite, e.g. the sequence variant to compare token routers with in another --output.")
     p.add_argument("--report-only", action="store_true",
                    help="Write suite.json and suite.md from the results there (suite.partial.json, else suite.json) "
                    "and stop; no model is loaded.")
@@ -418,6 +526,15 @@ def parse_args(argv=None):
     args.ratios = skip_ratios(p, args.ratios)
     if not args.ratios:
         p.error("--ratios needs at least one skip ratio")
+    if args.token_routers is not None:
+        if len(args.recipes) != 1 or len(args.ratios) != 1:
+            p.error("--token-routers compares with one recipe at one ratio: give one --recipes and one --ratios")
+        if args.costs:
+            p.error("--costs measures per-sequence headroom; it does not go with --token-routers")
+        if not (args.token_routers / "mindskip_config.json").is_file():
+            p.error(f"--token-routers: {args.token_routers} is not a router folder (no mindskip_config.json)")
+    if args.resume_from is not None and not args.resume_from.is_file():
+        p.error(f"--resume-from: no results file at {args.resume_from}")
     check_data_and_model(p, args)
     return args
 

@@ -31,7 +31,7 @@ def _scores(entry: dict):
 def comparisons(run) -> dict[str, dict]:
     """Per routed model: its paired differences against its projection, shuffled decisions, the better
     Attention-Drop and (when scored) the oracle, per domain and on the mix; and its skips per domain."""
-    from mindskip_ext.eval.suite import MIX, best_per_domain, paired, static_at
+    from mindskip_ext.eval.suite import MIX, paired, static_at
 
     models, owner = run.models, run.meta["owner"]
     dense = _scores(models["dense"])
@@ -45,32 +45,15 @@ def comparisons(run) -> dict[str, dict]:
         on_mix = dict.fromkeys(per_domain, summary[MIX]["skipped_per_token"])
         projection = {0: dense, **{e["count"]: _scores(e) for e in models.values()
                                    if e["kind"] == "static-projection" and e["of"] == name}}
-        drops: dict[int, list] = {}
         recipe_data = {RECIPES[entry["recipe"]].data}  # Attention-Drop calibrated on the recipe's own data
-        for e in models.values():
-            if e["kind"] == "attention-drop":
-                drops.setdefault(e["count"], []).append((e["scope"], e["data"], _scores(e)))
         result = {"skips": {**per_domain, MIX: summary[MIX]["skipped_per_token"]}}
-        try:
-            matched = static_at(projection, owner, per_domain)
-            result["vs_projection"] = paired(routed, matched, owner)
-            result["vs_projection"][MIX] = paired(routed, static_at(projection, owner, on_mix), owner)[MIX]
-            result["projection_ppl"] = _ppl(matched, owner)
-        except ValueError as err:
-            result["vs_projection_missing"] = str(err)
+        _against(result, "projection", routed, projection, owner, per_domain, on_mix)
         shuffled = models.get(f"{name} shuffled")
         if shuffled is not None:
             result["vs_shuffled"] = paired(routed, _scores(shuffled), owner)
         for data in sorted(recipe_data):
-            curve = {0: dense, **{k: best_per_domain([s for _, d, s in v if d == data], owner)
-                                  for k, v in drops.items() if any(d == data for _, d, _ in v)}}
-            try:
-                matched = static_at(curve, owner, per_domain)
-                result.setdefault("vs_attention_drop", {})[data] = paired(routed, matched, owner)
-                result["vs_attention_drop"][data][MIX] = paired(routed, static_at(curve, owner, on_mix), owner)[MIX]
-                result.setdefault("attention_drop_ppl", {})[data] = _ppl(matched, owner)
-            except ValueError as err:
-                result.setdefault("vs_attention_drop_missing", {})[data] = str(err)
+            _against(result, "attention_drop", routed, _drop_curve(models, dense, data, owner), owner, per_domain,
+                     on_mix, data)
         for kind in SCORED_BOUNDS:  # at their mix's skips per token on every domain: the same compute on the mix
             bound = models.get(f"{name} {kind}")
             if bound is not None:
@@ -79,6 +62,72 @@ def comparisons(run) -> dict[str, dict]:
                     per_domain, at)), owner) if _has_counts(projection, at) else None
         out[name] = result
     return out
+
+
+def token_comparisons(run) -> dict[str, dict]:
+    """Per token-routed model (issue 37): its paired differences against its static projection (each layer's kept
+    fraction on the training data, input-independent), its suite fractions input-independent (its shuffled
+    decisions), the sequence variant of the same recipe and ratio, that variant's static projection and the better
+    Attention-Drop at its own skips (per domain at the domain's, on the mix at the mix's); and the skips of each."""
+    from mindskip_ext.eval.suite import MIX, paired
+
+    models, owner = run.models, run.meta["owner"]
+    dense = _scores(models["dense"])
+    out = {}
+    for name, entry in sorted(models.items()):
+        if entry["kind"] != "token-routed":
+            continue
+        routed = _scores(entry)
+        summary = entry["summary"]
+        per_domain = {d: s["skipped_per_token"] for d, s in summary.items() if d != MIX}
+        on_mix = dict.fromkeys(per_domain, summary[MIX]["skipped_per_token"])
+        result = {"skips": {d: s["skipped_per_token"] for d, s in summary.items()}}
+        for key, other in (("static", f"{name} static"), ("shuffled", f"{name} shuffled"),
+                           ("sequence", entry["of"])):
+            if other in models:
+                result[f"vs_{key}"] = paired(routed, _scores(models[other]), owner)
+                result[f"{key}_skips"] = {d: s["skipped_per_token"] for d, s in models[other]["summary"].items()}
+        projection = {0: dense, **{e["count"]: _scores(e) for e in models.values()
+                                   if e["kind"] == "static-projection" and e["of"] == entry["of"]}}
+        if len(projection) > 1:
+            _against(result, "projection", routed, projection, owner, per_domain, on_mix)
+        data = RECIPES[entry["recipe"]].data
+        _against(result, "attention_drop", routed, _drop_curve(models, dense, data, owner), owner, per_domain, on_mix,
+                 data)
+        out[name] = result
+    return out
+
+
+def _drop_curve(models: dict, dense, data: str, owner) -> dict:
+    """Attention-Drop calibrated on ``data``, the better scope per domain, by whole layer count (0: dense)."""
+    from mindskip_ext.eval.suite import best_per_domain
+
+    drops: dict[int, list] = {}
+    for e in models.values():
+        if e["kind"] == "attention-drop" and e["data"] == data:
+            drops.setdefault(e["count"], []).append(_scores(e))
+    return {0: dense, **{k: best_per_domain(v, owner) for k, v in drops.items()}}
+
+
+def _against(result: dict, key: str, routed, curve: dict, owner, per_domain: dict, on_mix: dict, data=None) -> None:
+    """``routed`` against the static drops of ``curve`` at its skips (per domain at the domain's, on the mix at the
+    mix's): ``vs_<key>`` and ``<key>_ppl`` in ``result`` (under ``data`` when given), or ``vs_<key>_missing``."""
+    from mindskip_ext.eval.suite import MIX, paired, static_at
+
+    def put(field, value):
+        if data is None:
+            result[field] = value
+        else:
+            result.setdefault(field, {})[data] = value
+
+    try:
+        matched = static_at(curve, owner, per_domain)
+        diff = paired(routed, matched, owner)
+        diff[MIX] = paired(routed, static_at(curve, owner, on_mix), owner)[MIX]
+        put(f"vs_{key}", diff)
+        put(f"{key}_ppl", _ppl(matched, owner))
+    except ValueError as err:
+        put(f"vs_{key}_missing", str(err))
 
 
 def _has_counts(curve: dict, at: float) -> bool:
@@ -195,7 +244,66 @@ def render_markdown(run, compared: dict) -> str:
                     share = (bounds["projection"][MIX]["cost"] - by_domain[MIX]["cost"]) / top if top > 0 else None
                     rows.append([label, *cells, "–" if share is None else f"{100 * share:.0f}%"])
                 lines += markdown_table(["routing", *domains, "share"], rows) + [""]
+    for name, c in run.meta.get("token_comparisons", {}).items():
+        lines += token_section(models, name, c, domains)
     return "\n".join(lines) + "\n"
+
+
+def token_section(models: dict, name: str, c: dict, domains: list[str]) -> list[str]:
+    """The report of one token-routed model: its paired differences, issue 37's goals, and its kept fractions."""
+    from mindskip_ext.eval.suite import MIX
+
+    entry = models[name]
+    lines = [f"## {name}", "",
+             f"Token routers ({entry['router_dir']}) trained with the recipe of {entry['of']}, each token's decision "
+             "its own; skips per token count each routed layer by its skipped share of the real tokens. Perplexity "
+             "ratio − 1 in % (± its standard error, from the per-sequence differences on the same tokens); negative: "
+             "the token model is better. Its static projection: each layer's kept fraction on the recipe's training "
+             "sequences as input-independent decisions (by position); suite fractions, input-independent: each "
+             "layer's kept fraction on the whole suite the same way (the token level's shuffled decisions: the same "
+             "compute per layer, independent of the input). Whole-layer static drops (the sequence variant's "
+             "projection, Attention-Drop) at the token model's skips: per domain at the domain's, on the mix at the "
+             "mix's.", ""]
+    table = [["skips per token", *(f"{c['skips'][d]:.2f}" for d in domains)]]
+    labels = {"static": "its static projection", "shuffled": "its suite fractions, input-independent",
+              "sequence": f"the sequence variant ({entry['of']})"}
+    for key, label in labels.items():
+        if f"vs_{key}" in c:
+            table.append([f"{label}: skips per token", *(f"{c[f'{key}_skips'][d]:.2f}" for d in domains)])
+            table.append([f"against {label}", *(_pct(c[f"vs_{key}"].get(d)) for d in domains)])
+    if "vs_projection" in c:
+        table.append(["against the sequence variant's static projection (at its skips)",
+                      *(_pct(c["vs_projection"].get(d)) for d in domains)])
+    for data, diff in c.get("vs_attention_drop", {}).items():
+        table.append([f"against Attention-Drop (better scope, calibrated on {data}, at its skips)",
+                      *(_pct(diff.get(d)) for d in domains)])
+    lines += markdown_table(["", *domains], table) + [""]
+    goals = []
+    for key, label in (("sequence", "the sequence variant"), ("static", "its static projection")):
+        if f"vs_{key}" in c:
+            d = c[f"vs_{key}"][MIX]
+            goals.append(f"against {label} {_pct(d)}% at {c['skips'][MIX]:.2f} against {c[f'{key}_skips'][MIX]:.2f} "
+                         f"skips per token ({'met' if d['ratio'] < 0 else 'not met'})")
+    for data, diff in c.get("vs_attention_drop", {}).items():
+        d = diff[MIX]
+        goals.append(f"against Attention-Drop ({data}) at the same skips {_pct(d)}% "
+                     f"({'met' if d['ratio'] < 0 else 'not met'})")
+    if goals:
+        lines += [f"Issue 37's goal, to beat all three on the mix (point estimates): {'; '.join(goals)}.", ""]
+    kept = entry.get("kept")
+    if kept:
+        train = entry.get("kept_train", {})
+        layers = sorted(kept[MIX], key=int)
+        varied = [i for i in layers if any(kept[d][i] not in (0.0, 1.0) for d in domains)
+                  or train.get(i, 1.0) not in (0.0, 1.0)]
+        never = [i for i in layers if all(kept[d][i] == 0.0 for d in domains)]
+        lines += [f"Layers that skip every token of every domain: {', '.join(never) or 'none'}. The kept fraction "
+                  "of each layer that neither keeps nor skips every token everywhere, on each domain and on the "
+                  "recipe's training sequences (the other layers keep every token):", ""]
+        rows = [[i, *(f"{kept[d][i]:.3f}" for d in domains), f"{train[i]:.3f}" if i in train else "–"]
+                for i in varied]
+        lines += markdown_table(["layer", *domains, "training"], rows) + [""]
+    return lines
 
 
 def write_outputs(run, output: Path) -> dict[str, Path]:
@@ -203,6 +311,9 @@ def write_outputs(run, output: Path) -> dict[str, Path]:
 
     compared = comparisons(run)
     run.meta["comparisons"] = compared
+    tokens = token_comparisons(run)
+    if tokens:
+        run.meta["token_comparisons"] = tokens
     paths = {"json": output / "suite.json", "markdown": output / "suite.md"}
     payload = {"preset": run.preset, "sizes": asdict(run.sizes), "meta": run.meta, "timings": run.timings,
                "models": run.models}

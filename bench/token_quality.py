@@ -61,7 +61,7 @@ RECIPE = "kd+joint+wide+hold+slow+mix+margin+centre"
 RATIO = 0.25
 
 
-def _kept_per_layer(model, examples, pad: int, batch_size: int) -> dict[int, float]:
+def kept_per_layer(model, examples, pad: int, batch_size: int) -> dict[int, float]:
     """Each router layer's kept fraction of the real tokens of ``examples``."""
     from mindskip_ext.eval.perplexity import evaluate_examples
 
@@ -151,7 +151,7 @@ def run_study(args) -> Run:
         return run
     train = data.train[recipe.data][: sizes.projection_records]
     with run.stage(f"kept fractions of {token} on the training sequences"):
-        kept = _kept_per_layer(model, train, pad, sizes.eval_batch_size)
+        kept = kept_per_layer(model, train, pad, sizes.eval_batch_size)
     skipped_train = sum(1.0 - c for c in kept.values())
     common = {"ratio": RATIO, "layers": layers, "target_capacity": capacity, "kept_train": kept,
               "skipped_per_token_train": skipped_train}

@@ -74,6 +74,12 @@ def test_bad_arguments_are_refused_by_name(capsys):
         with pytest.raises(SystemExit):
             suite.parse_args(["--data-dir", str(DATA_DIR), *argv])
     assert "--smoke builds its own tiny model" in capsys.readouterr().err
+    for argv, message in ((["--token-routers", str(DATA_DIR)], "not a router folder"),
+                          (["--token-routers", str(DATA_DIR), "--ratios", "0.25,0.375"], "one recipe at one ratio"),
+                          (["--resume-from", str(DATA_DIR / "nothing.json")], "no results file")):
+        with pytest.raises(SystemExit):
+            suite.parse_args(["--data-dir", str(DATA_DIR), *argv])
+        assert message in capsys.readouterr().err
     assert suite.parse_args(["--data-dir", str(DATA_DIR), "--ratios", "0.375,0.25,0.25"]).ratios == [0.25, 0.375]
 
 
@@ -108,3 +114,58 @@ def test_the_smoke_run_compares_every_model_on_the_same_sequences(tmp_path):
     assert suite.main([*common, "--recipes", "path+wide+mix4+margin+cost", "--costs", "--resume"]) == 0
     again = json.loads((tmp_path / "suite.json").read_text())
     assert not [k for k in again["timings"] if k.startswith(("evaluate", "train")) and k not in results["timings"]]
+
+
+@pytest.mark.slow
+@pytest.mark.hf
+@pytest.mark.skipif(not (DATA_DIR / "eval").is_dir(), reason="needs the shared data (../shared/data)")
+def test_the_smoke_run_scores_token_routers_beside_the_sequence_variant(tmp_path):
+    import mindskip_ext as msk
+    from bench.experiment import load_model
+
+    base, _, _ = load_model(True, None, DATA_DIR, 0)
+    for routing in ("token", "sequence"):
+        model = msk.get_mindskip_model(base, msk.MindSkipConfig(routing=routing))
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for router in model.routers.values():
+                router.weight.copy_(torch.randn(router.weight.shape, generator=gen))
+        model.save_pretrained(tmp_path / routing)
+        model.unload()
+    common = ["--smoke", "--data-dir", str(DATA_DIR), "--work-dir", str(tmp_path / "w"), "--threads", "1"]
+    first = tmp_path / "first"
+    assert suite.main([*common, "--output", str(first), "--token-routers", str(tmp_path / "token")]) == 0
+    results = json.loads((first / "suite.json").read_text())
+    models, owner = results["models"], results["meta"]["owner"]
+    name = f"{suite.DEFAULT_RECIPE}@0.25 token"
+    assert {e["kind"] for e in models.values()} == {"dense", "token-routed", "token-static", "token-shuffled",
+                                                    "attention-drop"}
+    token = models[name]
+    assert set(token["kept_train"]) == set(token["kept"]["mix"]) and 0 < token["summary"]["mix"][
+        "skipped_per_token"] < results["meta"]["num_layers"]
+    # The input-independent decisions at the suite's fractions spend about the routers' compute.
+    assert models[f"{name} shuffled"]["summary"]["mix"]["skipped_per_token"] == pytest.approx(
+        token["summary"]["mix"]["skipped_per_token"], abs=0.1)
+    compared = results["meta"]["token_comparisons"][name]
+    assert set(compared["vs_static"]) == set(compared["vs_attention_drop"]["mix"]) == {*owner, "mix"}
+    assert "vs_sequence" not in compared
+    # A sequence variant from another run (here: the dense scores under its name, with a training-data routing that
+    # ranks its projection) is reused with --resume-from; the token models are not scored again.
+    seq = f"{suite.DEFAULT_RECIPE}@0.25"
+    layers = {i: {"kept": 1.0 - 0.1 * int(i)} for i in token["kept_train"]}
+    models[seq] = {**models["dense"], "kind": "routed", "recipe": suite.DEFAULT_RECIPE, "ratio": 0.25,
+                   "router_dir": "x", "routing_train": {"layers": layers}, "decisions": {}}
+    (first / "suite.json").write_text(json.dumps(results))
+    second = tmp_path / "second"
+    assert suite.main([*common, "--output", str(second), "--token-routers", str(tmp_path / "token"),
+                       "--resume-from", str(first / "suite.json")]) == 0
+    again = json.loads((second / "suite.json").read_text())
+    scored = [k for k in again["timings"] if k.startswith("evaluate") and k not in results["timings"]]
+    counts = suite.counts_for(token["summary"])
+    assert sorted(scored) == sorted(f"evaluate {suite.DEFAULT_RECIPE}-static@0.25/{c}" for c in counts)
+    compared = again["meta"]["token_comparisons"][name]
+    assert set(compared["vs_sequence"]) == set(compared["vs_projection"]) == {*owner, "mix"}
+    assert "against the sequence variant" in (second / "suite.md").read_text()
+    # Sequence routers are refused by name.
+    with pytest.raises(SystemExit, match="holds sequence routers"):
+        suite.main([*common, "--output", str(tmp_path / "third"), "--token-routers", str(tmp_path / "sequence")])

@@ -19,12 +19,14 @@ from mindskip_ext.eval.suite import (
     MIX,
     SequenceScores,
     best_per_domain,
+    kept_fractions,
     paired,
     score_sequences,
     static_at,
     summarise,
 )
 from mindskip_ext.testing import synthetic_instructions, tiny_model
+from mindskip_ext.token_routing import set_static_token_fractions, static_token_keep
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +144,67 @@ def test_given_decisions_score_each_sequence_as_its_own_static_drop(tok, example
         score_sequences(model, examples, pad, decisions={1: forced[1][:3]})
     with pytest.raises(TypeError, match="MindSkipModel"):
         score_sequences(model.base_model, examples, pad, decisions={1: forced[1]})
+
+
+@pytest.fixture
+def token_model(tok):
+    model = msk.get_mindskip_model(tiny_model(tokenizer=tok, layers=5),
+                                   msk.MindSkipConfig(layers=[1, 2, 3], routing="token"))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for router in model.routers.values():
+            router.weight.copy_(torch.randn(router.weight.shape, generator=gen) * 2.0)
+    return model
+
+
+@pytest.mark.hf
+def test_a_token_routed_model_counts_skips_per_real_token(tok, examples, token_model):
+    pad = D.pad_token_id(tok)
+    scores, taken = score_sequences(token_model, examples, pad, batch_size=5)
+    total = evaluate_examples(token_model, examples, pad, batch_size=5)
+    assert float(scores.nll.sum()) / int(scores.targets.sum()) == pytest.approx(total["loss"], rel=1e-6)
+    assert sorted(taken) == [1, 2, 3] and all(t.dtype == torch.float64 for t in taken.values())
+    # Each sequence alone (no padding): its kept share of its tokens per layer, and so its skips.
+    for row in (0, 5, 17):
+        token_model(input_ids=torch.tensor([examples[row].input_ids]))
+        keep = {i: r.keep[0] for i, r in token_model.last_record.layers.items()}
+        for i, k in keep.items():
+            assert float(taken[i][row]) == pytest.approx(float(k.double().mean()))
+        assert float(scores.skipped[row]) == pytest.approx(sum(float((~k).double().mean()) for k in keep.values()))
+    # The routers decide per token here: neither whole layers nor nothing.
+    assert any(0.0 < float(t[row]) < 1.0 for t in taken.values() for row in range(len(examples)))
+    # Padding is not counted: one sequence per batch gives the same skips.
+    alone, _ = score_sequences(token_model, examples, pad, batch_size=1)
+    assert torch.allclose(alone.skipped, scores.skipped) and torch.allclose(alone.nll, scores.nll, rtol=1e-5)
+    fractions = kept_fractions(taken, scores.tokens)
+    weights = scores.tokens.double()
+    assert summarise(scores, ["x"] * len(examples))[MIX]["skipped_per_token"] == pytest.approx(
+        sum(1 - f for f in fractions.values()))
+    assert fractions[2] == pytest.approx(float((taken[2] * weights).sum() / weights.sum()))
+
+
+@pytest.mark.hf
+def test_a_token_models_static_projection_and_whole_layer_decisions(tok, examples, token_model):
+    pad = D.pad_token_id(tok)
+    set_static_token_fractions(token_model, {1: 0.5, 2: 1.0, 3: 0.0})
+    scores, taken = score_sequences(token_model, examples, pad, batch_size=5)
+    set_static_token_fractions(token_model, None)
+    # Each sequence keeps the static pattern's share of its own positions (about the fraction, exactly on average
+    # over long sequences).
+    pattern = torch.tensor([float(static_token_keep(1, 0.5, torch.arange(len(e))).double().mean()) for e in examples])
+    assert torch.allclose(taken[1], pattern.double()) and bool((taken[2] == 1).all()) and bool((taken[3] == 0).all())
+    assert torch.allclose(scores.skipped, 2.0 - pattern.double())
+    fractions = kept_fractions(taken, scores.tokens)
+    assert fractions[2] == 1.0 and fractions[3] == 0.0 and fractions[1] == pytest.approx(0.5, abs=0.1)
+    # Whole-layer decisions per sequence on a token-routed model: whole counts, and the routers come back.
+    forced = {1: torch.arange(len(examples)) % 2 == 0, 3: torch.zeros(len(examples), dtype=torch.bool)}
+    before = {k: v.clone() for k, v in token_model.router_state_dict().items()}
+    scores, taken = score_sequences(token_model, examples, pad, batch_size=4, decisions=forced)
+    assert scores.skipped.tolist() == [1.0 + (row % 2) for row in range(len(examples))]
+    assert taken[1].tolist() == forced[1].double().tolist() and bool((taken[2] == 1).all())
+    assert all(torch.equal(v, token_model.router_state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match="decisions of layer 1 are for 3 sequences"):
+        kept_fractions({1: taken[1][:3]}, scores.tokens)
 
 
 def hand(nll, targets, tokens, skipped):

@@ -2,8 +2,9 @@
 models scored on the same tokens compare per domain with paired standard errors.
 
 * :func:`score_sequences`: every sequence's summed NLL, supervised and processed tokens, and skipped attention
-  sublayers, under the model's own routing or under given per-sequence decisions (``decisions``: the static
-  projection, shuffled decisions, an oracle's choices);
+  sublayers (under token routing, per processed token: each layer's skipped share of the sequence's real tokens),
+  under the model's own routing or under given per-sequence decisions (``decisions``: the static projection,
+  shuffled decisions, an oracle's choices); :func:`kept_fractions`: each layer's kept share of the tokens;
 * :func:`summarise`: per domain and over the token-weighted mix: loss, perplexity, skipped sublayers per
   processed token (the compute) and per sequence;
 * :func:`paired`: the loss difference of two scorings of the same sequences, per domain and on the mix, with its
@@ -61,13 +62,17 @@ def score_sequences(model, examples: Sequence[Example], pad_id: int, batch_size:
     """Score every example under ``model``'s routing, or under ``decisions`` (layer -> ``(len(examples),)`` bool
     keep; the MindSkip layers it does not name always keep): sequences that take the same decisions run together
     as a static drop, and the routers are restored afterwards. Returns the scores and the keep decisions taken,
-    layer -> ``(len(examples),)`` bool (empty for a model without routers)."""
+    layer -> ``(len(examples),)`` bool (empty for a model without routers). A token-routed model (its routing, a
+    static token pattern, or whole-layer ``decisions``) decides per token: its ``skipped`` counts each layer by the
+    skipped share of the sequence's real tokens (so that skips per token compare with per-sequence routing's), and
+    the decisions taken are each sequence's kept share of its real tokens, ``(len(examples),)`` float64."""
     from .attention_drop import set_static_routing
 
     n = len(examples)
     nll = torch.zeros(n, dtype=torch.float64)
     targets = torch.zeros(n, dtype=torch.long)
-    taken: dict[int, torch.Tensor] = {}
+    taken: dict[int, torch.Tensor] = {}  # layer -> each sequence's kept share of its units
+    per_token = False
     if decisions is None:
         groups = [(None, list(range(n)))]
     else:
@@ -99,13 +104,38 @@ def score_sequences(model, examples: Sequence[Example], pad_id: int, batch_size:
                 seq_nll, seq_targets = sequence_nll(output.logits, batch["labels"])
                 nll[at], targets[at] = seq_nll.cpu(), seq_targets.cpu()
                 for idx, routing in record.layers.items():
-                    taken.setdefault(idx, torch.ones(n, dtype=torch.bool))[at] = routing.keep.cpu()
+                    per_token |= routing.keep.dim() == 2
+                    taken.setdefault(idx, torch.ones(n, dtype=torch.float64))[at] = kept_share(routing).cpu()
     finally:
         if decisions is not None:
             model.load_router_state_dict(saved)
     tokens = torch.tensor([len(e) for e in examples], dtype=torch.long)
-    skipped = sum(((~keep).double() for keep in taken.values()), torch.zeros(n, dtype=torch.float64))
+    skipped = sum((1.0 - share for share in taken.values()), torch.zeros(n, dtype=torch.float64))
+    if not per_token:
+        taken = {i: share.bool() for i, share in taken.items()}
     return SequenceScores(nll, targets, tokens, skipped), dict(sorted(taken.items()))
+
+
+def kept_share(routing) -> torch.Tensor:
+    """``(B,)`` float64: each row's kept share of one layer's decisions in a forward (a
+    :class:`~mindskip_ext.layer.LayerRouting`): 0 or 1 for a sequence decision, the kept share of the row's real
+    tokens for per-token decisions."""
+    keep = routing.keep
+    if keep.dim() == 1:
+        return keep.double()
+    real = torch.ones_like(keep) if routing.real is None else routing.real.to(torch.bool)
+    return (keep & real).sum(1).double() / real.sum(1).clamp(min=1).double()
+
+
+def kept_fractions(taken: dict[int, torch.Tensor], tokens: torch.Tensor) -> dict[int, float]:
+    """Each layer's kept share of all the processed tokens, from :func:`score_sequences`' decisions taken (per
+    sequence: bool, or a token-routed model's kept shares) and ``tokens`` (each sequence's processed tokens)."""
+    weights = tokens.double()
+    bad = [i for i, share in taken.items() if share.shape != weights.shape]
+    if bad:
+        raise ValueError(f"decisions of layer {bad[0]} are for {taken[bad[0]].shape[0]} sequences, the token "
+                         f"counts for {weights.shape[0]}")
+    return {i: float((share.double() * weights).sum() / weights.sum()) for i, share in taken.items()}
 
 
 def domain_rows(owner: Sequence[str]) -> dict[str, torch.Tensor]:
