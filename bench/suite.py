@@ -150,13 +150,13 @@ def routers_of(run: Run, args, base, tokenizer, recipe_name: str, ratio: float, 
     from . import pareto
 
     name = f"{recipe_name}@{ratio}"
-    folder = args.output / pareto.router_folder(args.preset, name)
+    folder = args.output / pareto.router_folder(args.router_preset, name)
     entry = pareto_entry(args.output, name)
     if entry is None and "routing_train" in run.models.get(name, {}):
         entry = run.models[name]
     if entry is not None and folder.is_dir():
         return msk.MindSkipModel.from_pretrained(base, folder), entry
-    trainer = Run("pareto", args.preset, pareto.PRESETS[args.preset], timings=run.timings)
+    trainer = Run("pareto", args.router_preset, pareto.PRESETS[args.router_preset], timings=run.timings)
     return pareto.train_recipe(trainer, name, base, tokenizer, pareto.RECIPES[recipe_name], ratio, data(),
                                args.output)
 
@@ -170,7 +170,8 @@ def run_suite(args) -> Run:
     from . import pareto
 
     sizes = PRESETS[args.preset]
-    run = start_run("suite", args, sizes, "suite", ratios=list(args.ratios), recipes=list(args.recipes))
+    run = start_run("suite", args, sizes, "suite", ratios=list(args.ratios), recipes=list(args.recipes),
+                    router_preset=args.router_preset)
     started = time.perf_counter()
     with run.stage("load model and data"):
         base, tokenizer, label = load_model(args.smoke, args.model, args.data_dir, sizes.seed)
@@ -212,7 +213,7 @@ def run_suite(args) -> Run:
     def data():
         if "data" not in loaded:
             with run.stage("load training data"):
-                loaded["data"] = pareto.load_data(args, pareto.PRESETS[args.preset], tokenizer)
+                loaded["data"] = pareto.load_data(args, pareto.PRESETS[args.router_preset], tokenizer)
         return loaded["data"]
 
     drop_scores: dict[str, dict[int, float]] = {}
@@ -324,7 +325,7 @@ def token_model(run: Run, args, base, pad: int, data, score, projection, attenti
     routed = score(name, {"kind": "token-routed", "of": sequence, "recipe": recipe_name, "ratio": ratio,
                           "router_dir": str(args.token_routers)}, model)
     if "kept_train" not in routed:
-        records = data().train[recipe.data][: pareto.PRESETS[args.preset].projection_records]
+        records = data().train[recipe.data][: pareto.PRESETS[args.router_preset].projection_records]
         with run.stage(f"kept fractions of {name} on {len(records)} training sequences"):
             routed["kept_train"] = {str(i): round(f, 6) for i, f in kept_per_layer(
                 model, records, pad, run.sizes.batch_size).items()}
@@ -504,6 +505,11 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None, help="Model folder (default: SmolLM2-135M-Instruct, fetched once).")
     p.add_argument("--output", type=Path, default=None,
                    help="Results folder, with bench.pareto's results and routers (default: bench/results).")
+    p.add_argument("--router-preset", choices=("default", "small"), default=None,
+                   help="The bench.pareto preset whose routers to score (<output>/pareto_routers/<preset>/), or to "
+                   "train them with, and whose training data calibrates Attention-Drop (default: the suite's, "
+                   "default or smoke; small: bench.pareto --preset small's, e.g. Gemma 3 270M's in "
+                   "bench/results/pareto_gemma3).")
     p.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR,
                    help=f"Cached skip costs (default: {DEFAULT_WORK_DIR}).")
     p.add_argument("--resume", action="store_true",
@@ -522,6 +528,7 @@ def parse_args(argv=None):
                    "and stop; no model is loaded.")
     args = p.parse_args(argv)
     args.preset = "smoke" if args.smoke else "default"
+    args.router_preset = args.router_preset or args.preset
     args.recipes = pareto._some_of(p, "--recipes", args.recipes, tuple(pareto.RECIPES))
     args.ratios = skip_ratios(p, args.ratios)
     if not args.ratios:

@@ -67,6 +67,39 @@ def test_cached_results_are_computed_again_only_for_another_key(tmp_path):
     assert len(calls) == 2 and torch.equal(other["value"], torch.arange(3) * 2)
 
 
+@pytest.mark.hf
+@pytest.mark.skipif(not (DATA_DIR / "eval").is_dir(), reason="needs the shared data (../shared/data)")
+def test_routers_are_read_from_the_router_presets_folder(tmp_path):
+    """``--router-preset small`` scores ``bench.pareto --preset small``'s routers (e.g. Gemma 3 270M's) without
+    training any: its folder and its results' training-data routing."""
+    import mindskip_ext as msk
+    from bench.experiment import load_model
+
+    args = suite.parse_args(["--data-dir", str(DATA_DIR), "--router-preset", "small"])
+    assert (args.preset, args.router_preset) == ("default", "small")
+    assert suite.parse_args(["--data-dir", str(DATA_DIR), "--smoke"]).router_preset == "smoke"
+    base, tokenizer, _ = load_model(True, None, DATA_DIR, 0)
+    name = f"{suite.DEFAULT_RECIPE}@0.25"
+    model = msk.get_mindskip_model(base, msk.MindSkipConfig())
+    with torch.no_grad():
+        for router in model.routers.values():
+            router.weight.normal_()
+    saved = {i: r.weight.clone() for i, r in model.routers.items()}
+    model.save_pretrained(tmp_path / "pareto_routers" / "small" / name)
+    model.unload()
+    entry = {"routing_train": {"layers": {"3": {"kept": 0.5}}}}
+    (tmp_path / "pareto.json").write_text(json.dumps({"models": {name: entry}}))
+    args.output = tmp_path
+
+    def no_training_data():
+        raise AssertionError("the routers were trained again")
+
+    loaded, found = suite.routers_of(None, args, base, tokenizer, suite.DEFAULT_RECIPE, 0.25, no_training_data)
+    assert found == entry and set(loaded.routers) == set(saved)
+    assert all(torch.equal(loaded.routers[i].weight, w) for i, w in saved.items())
+    loaded.unload()
+
+
 @pytest.mark.skipif(not (DATA_DIR / "eval").is_dir(), reason="needs the shared data (../shared/data)")
 def test_bad_arguments_are_refused_by_name(capsys):
     for argv in (["--ratios", "0.25,1"], ["--ratios", "x"], ["--ratios", ","], ["--recipes", "nope"],
