@@ -92,6 +92,17 @@ def test_eval_reports_perplexity_and_capacity(model_dir, data_file, trained):
     assert code == 0 and last_json(stdout)["capacity"] is None  # no routers: the dense model
 
 
+def test_no_progress_silences_the_libraries_bars_for_that_command_only(model_dir):
+    from transformers.utils import logging as hf_logging
+
+    argv = ("eval", "--model", model_dir, "--data", str(DATA_DIR / "text_small.txt"), "--max-length", "32")
+    code, _, err = run_cli(*argv)
+    assert code == 0 and "Loading weights" in err  # transformers' own bar
+    code, _, err = run_cli(*argv, "--no-progress")
+    assert code == 0 and "Loading weights" not in err and "%|" not in err
+    assert hf_logging.is_progress_bar_enabled()  # restored after the command
+
+
 def test_eval_scores_a_multi_domain_suite_and_compares_on_the_same_tokens(model_dir, data_file, trained, tmp_path):
     out, _ = trained
     suite = ["--suite", f"prose={DATA_DIR / 'text_small.txt'}", "--suite", f"instructions={data_file}",

@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from . import calibrate, demo, drop, evaluate, fetch_model, generate, train
+from .common import library_progress_bars
 
 COMMANDS = (train, calibrate, evaluate, drop, generate, fetch_model, demo)
 
@@ -40,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        return args.func(args)
+        with library_progress_bars(not getattr(args, "no_progress", False)):
+            return args.func(args)
     except KeyboardInterrupt:
         print(f"mindskip {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -4,7 +4,10 @@ model with its routers."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import sys
 
 
 def say(*parts) -> None:
@@ -49,6 +52,36 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="No progress bars.")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; 1 is often fastest on a busy machine).")
+
+
+@contextlib.contextmanager
+def library_progress_bars(enabled: bool):
+    """transformers' and datasets' own progress bars (loading weights, generating a split) on or off for one command
+    (``--no-progress``), their state before it restored after."""
+    if enabled:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    hf_was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    ds_loaded = "datasets" in sys.modules  # else: not imported only to switch its bars off
+    ds_was = sys.modules["datasets"].is_progress_bar_enabled() if ds_loaded else None
+    if ds_loaded:
+        sys.modules["datasets"].disable_progress_bars()
+    env_was = os.environ.get("HF_DATASETS_DISABLE_PROGRESS_BARS")
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"  # read when datasets is imported later
+    try:
+        yield
+    finally:
+        if hf_was:
+            hf_logging.enable_progress_bar()
+        if env_was is None:
+            del os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"]
+        else:
+            os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = env_was
+        if "datasets" in sys.modules and (ds_was or (not ds_loaded and env_was is None)):
+            sys.modules["datasets"].enable_progress_bars()
 
 
 def load_for_eval(args):
