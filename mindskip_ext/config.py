@@ -51,6 +51,19 @@ def capacity_for_skip_ratio(skip_ratio: float, num_layers: int, router_layers: i
     return capacity
 
 
+def _layer_list(name: str, layers, otherwise: str) -> list[int]:
+    """``layers`` (decoder layer indices) checked and sorted; errors name the field."""
+    layers = list(layers)
+    if not layers:
+        raise ValueError(f"{name} must name at least one decoder layer ({otherwise})")
+    for idx in layers:
+        if isinstance(idx, bool) or not isinstance(idx, int):
+            raise ValueError(f"{name} must be integers, got {idx!r}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"{name} has duplicates: {layers}")
+    return sorted(layers)
+
+
 @dataclass
 class MindSkipConfig:
     """How a model is converted to MindSkip.
@@ -81,6 +94,16 @@ class MindSkipConfig:
             "own input; every token writes its keys and values, a skipped token computes no query, attention or "
             "output projection; see docs/token-routing.md).",
             "choices": ROUTING_LEVELS,
+        },
+    )
+    token_layers: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "With routing 'token': the routed layers that route per token; the other routed layers route per "
+            "sequence with the same router (default: every routed layer per token). A router is linear, so taken per "
+            "sequence it keeps a sequence when the mean of its tokens' logits clears the threshold, and a skipped "
+            "sequence stores no KV cache there: route per token only the layers whose routers do not decide alike "
+            "for every token (mindskip_ext.token_routing.varying_layers).",
         },
     )
     threshold: float = field(
@@ -133,15 +156,12 @@ class MindSkipConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.layers is not None:
-            layers = list(self.layers)
-            if not layers:
-                raise ValueError("layers must name at least one decoder layer (or be None for the default)")
-            for idx in layers:
-                if isinstance(idx, bool) or not isinstance(idx, int):
-                    raise ValueError(f"layers must be integers, got {idx!r}")
-            if len(set(layers)) != len(layers):
-                raise ValueError(f"layers has duplicates: {layers}")
-            self.layers = sorted(layers)
+            self.layers = _layer_list("layers", self.layers, "or be None for the default")
+        if self.token_layers is not None:
+            if self.routing != "token":
+                raise ValueError("token_layers chooses which routed layers route per token: it needs routing 'token'")
+            self.token_layers = _layer_list("token_layers", self.token_layers,
+                                            "or be None for every routed layer; for none, use routing 'sequence'")
         if self.routing == "token" and self.pool_padding:
             raise ValueError("pool_padding pools a sequence's router input; token routing pools nothing")
 
@@ -151,16 +171,28 @@ class MindSkipConfig:
         return math.log(self.threshold / (1.0 - self.threshold))
 
     def resolve_layers(self, num_layers: int) -> list[int]:
-        """The layer indices for a model with ``num_layers`` decoder layers, checked against that count."""
+        """The layer indices for a model with ``num_layers`` decoder layers, checked against that count (and the
+        token layers against them)."""
         if self.layers is None:
-            return default_layers(num_layers)
-        bad = [i for i in self.layers if not 0 <= i < num_layers]
-        if bad:
-            raise ValueError(
-                f"layer index {bad[0]} is out of range: the model has {num_layers} decoder layers "
-                f"(0..{num_layers - 1})"
-            )
-        return list(self.layers)
+            layers = default_layers(num_layers)
+        else:
+            bad = [i for i in self.layers if not 0 <= i < num_layers]
+            if bad:
+                raise ValueError(
+                    f"layer index {bad[0]} is out of range: the model has {num_layers} decoder layers "
+                    f"(0..{num_layers - 1})"
+                )
+            layers = list(self.layers)
+        stray = sorted(set(self.token_layers or ()) - set(layers))
+        if stray:
+            raise ValueError(f"token_layers {stray} are not routed layers (the routers are on {layers})")
+        return layers
+
+    def routing_of(self, layer_idx: int) -> str:
+        """What one decision of routed layer ``layer_idx`` covers: ``"sequence"`` or ``"token"``."""
+        if self.routing == "token" and (self.token_layers is None or layer_idx in self.token_layers):
+            return "token"
+        return "sequence"
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -168,6 +200,8 @@ class MindSkipConfig:
             # The level is recorded where it is not the default, so that a file of sequence routers reads with a
             # mindskip_ext from before token routing (a file without the field is sequence routing).
             del data["routing"]
+        if data["token_layers"] is None:  # likewise: a file without the field routes every layer at one level
+            del data["token_layers"]
         return data
 
     @classmethod

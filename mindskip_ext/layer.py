@@ -260,7 +260,7 @@ class MindSkipDecoderLayer(nn.Module):
         self.layer_idx = layer_idx
         self.spec = spec
         self.granularity = config.granularity
-        self.routing = config.routing
+        self.routing = config.routing_of(layer_idx)
         # Which sublayers the decision gates: plain attributes, read by every forward.
         self.gates_attention = config.granularity in ("attn", "block")
         self.gates_mlp = config.granularity in ("mlp", "block")

@@ -173,6 +173,20 @@ def _decide(layer, normed, position_ids):
     return score, score.detach() >= layer.threshold
 
 
+def varying_layers(kept: dict[int, float], tolerance: float = 0.02) -> list[int]:
+    """The token-routed layers worth routing per token: those whose kept fraction of the real tokens (``kept``,
+    layer -> fraction, e.g. ``capacity_per_layer`` of ``mindskip eval`` on calibration data) is within
+    ``(tolerance, 1 - tolerance)``. The routers of the others decide alike for (nearly) every token: routed per
+    sequence (``MindSkipConfig(token_layers=...)``), they keep or skip whole sequences, and a skipped sequence stores
+    no KV cache there, where a token-routed layer stores every token's."""
+    if not 0.0 <= tolerance < 0.5:
+        raise ValueError(f"tolerance must be in [0, 0.5), got {tolerance!r}")
+    bad = {i: f for i, f in kept.items() if not 0.0 <= f <= 1.0}
+    if bad:
+        raise ValueError(f"a kept fraction must be in [0, 1], got {bad}")
+    return sorted(i for i, f in kept.items() if tolerance < f < 1.0 - tolerance)
+
+
 def token_keep(layer, hidden_states: torch.Tensor, position_ids=None) -> torch.Tensor:
     """``(B, T)`` bool: which tokens of ``hidden_states`` (the layer's input) run the attention sublayer of ``layer``
     (a token-routed :class:`~mindskip_ext.layer.MindSkipDecoderLayer`). For benchmarks and reports: the forward makes

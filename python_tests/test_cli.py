@@ -103,6 +103,38 @@ def test_no_progress_silences_the_libraries_bars_for_that_command_only(model_dir
     assert hf_logging.is_progress_bar_enabled()  # restored after the command
 
 
+def test_eval_and_generate_route_the_chosen_token_layers_per_token(model_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import mindskip_ext as msk
+
+    model = msk.get_mindskip_model(AutoModelForCausalLM.from_pretrained(model_dir), msk.MindSkipConfig(routing="token"))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for router in model.routers.values():
+            router.weight.copy_(torch.randn(router.weight.shape, generator=gen) * 0.5)
+    model.save_pretrained(tmp_path / "token")
+    text = ["--data", str(DATA_DIR / "text_small.txt"), "--max-length", "32", "--no-progress"]
+    code, stdout, _ = run_cli("eval", "--model", model_dir, "--routers", str(tmp_path / "token"), *text)
+    every = last_json(stdout)
+    code, stdout, _ = run_cli("eval", "--model", model_dir, "--routers", str(tmp_path / "token"), "--token-layers",
+                              "4", *text)
+    assert code == 0
+    mixed = last_json(stdout)
+    assert set(mixed["capacity_per_layer"]) == set(every["capacity_per_layer"]) and mixed != every
+    # The first router sees the same input either way: per sequence it keeps whole sequences.
+    assert mixed["capacity_per_layer"]["3"] != every["capacity_per_layer"]["3"]
+    code, stdout, _ = run_cli("generate", "--model", model_dir, "--routers", str(tmp_path / "token"),
+                              "--token-layers", "4-5", "--prompt", "the cat", "--max-new-tokens", "4", "--no-progress")
+    assert code == 0
+    for argv, message in ((["--token-layers", "1"], "token_layers [1] are not routed layers"),
+                          (["--token-layers", "4"], "give --routers")):
+        routers = [] if message == "give --routers" else ["--routers", str(tmp_path / "token")]
+        code, _, err = run_cli("eval", "--model", model_dir, *routers, *argv, *text)
+        assert code == 1 and message in err, err
+
+
 def test_eval_scores_a_multi_domain_suite_and_compares_on_the_same_tokens(model_dir, data_file, trained, tmp_path):
     out, _ = trained
     suite = ["--suite", f"prose={DATA_DIR / 'text_small.txt'}", "--suite", f"instructions={data_file}",

@@ -17,7 +17,7 @@ from transformers import DynamicCache, StaticCache
 import mindskip_ext as msk
 from mindskip_ext import data as D
 from mindskip_ext import token_routing as tr
-from mindskip_ext.cache import decode_compile_config
+from mindskip_ext.cache import decode_compile_config, kv_bytes
 from mindskip_ext.hf_compat import cache_kwargs
 from mindskip_ext.model import CONFIG_NAME
 from mindskip_ext.testing import synthetic_instructions, tiny_model
@@ -324,6 +324,104 @@ def test_static_token_fractions_are_input_independent_at_each_layers_fraction():
         tr.set_static_token_fractions(model, {1: 0.5, 2: 1.5})
     with pytest.raises(ValueError, match="need a token-routed model"):
         tr.set_static_token_fractions(msk.get_mindskip_model(tiny_lm("llama")), {1: 0.5, 2: 0.5})
+
+
+# ----------------------------------------------------------------------------------- some layers per token
+
+
+def test_token_layers_config_is_checked_and_saved(tmp_path):
+    config = msk.MindSkipConfig(routing="token", layers=[1, 2, 3], token_layers=[3, 2])
+    assert config.token_layers == [2, 3] and [config.routing_of(i) for i in (1, 2, 3)] == ["sequence", "token",
+                                                                                          "token"]
+    assert "token_layers" not in TOKEN.to_dict()  # a file routing every layer alike reads with an older mindskip_ext
+    assert msk.MindSkipConfig.from_json(config.to_json())[0] == config
+    for kwargs, message in ((dict(token_layers=[2]), "needs routing 'token'"),
+                            (dict(routing="token", token_layers=[]), "use routing 'sequence'"),
+                            (dict(routing="token", token_layers=[2, 2]), "duplicates"),
+                            (dict(routing="token", token_layers=["2"]), "must be integers")):
+        with pytest.raises(ValueError, match=message):
+            msk.MindSkipConfig(**kwargs)
+    base = tiny_lm()
+    with pytest.raises(ValueError, match=r"token_layers \[3\] are not routed layers"):
+        msk.get_mindskip_model(base, msk.MindSkipConfig(routing="token", layers=[1, 2], token_layers=[2, 3]))
+    assert not any(isinstance(m, msk.MindSkipDecoderLayer) for m in base.modules())  # refused before any change
+    model = routed(layers=[1, 2, 3])
+    model.save_pretrained(tmp_path)
+    model.unload()
+    mixed = msk.MindSkipModel.from_pretrained(tiny_lm(), tmp_path, token_layers=[2])
+    assert {i: layer.routing for i, layer in mixed.mindskip_layers.items()} == {1: "sequence", 2: "token",
+                                                                               3: "sequence"}
+    mixed.save_pretrained(tmp_path / "mixed")
+    assert json.loads((tmp_path / "mixed" / CONFIG_NAME).read_text())["mindskip_config"]["token_layers"] == [2]
+    from mindskip_ext.training.loss import routing_units
+
+    batch = D.collate([D.Example([1, 2, 3], [1, 2, 3])], pad_token_id=0)
+    with pytest.raises(ValueError, match="trains one routing level"):
+        routing_units(mixed, batch)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_a_sequence_layer_keeps_by_the_mean_of_its_token_logits(model_type):
+    """A router is linear: routed per sequence, it keeps a sequence when the mean of its tokens' logits (over the
+    real tokens) clears the threshold, the same router's per-token logits."""
+    _, ids, mask = padded_batch([7, 12, 3, 9, 12, 5], "left")
+    token, mixed = routed(model_type, layers=[1, 2]), routed(model_type, layers=[1, 2], token_layers=[2])
+    scores = {}
+    for model in (token, mixed):
+        randomize_routers(model, std=0.3)  # probabilities short of 0 and 1 in fp32, for their logits
+        logits_of(model, ids, mask)
+        scores[model.mindskip_layers[1].routing] = model.last_record.layers[1]
+    per_token, per_sequence = scores["token"], scores["sequence"]
+    assert per_token.keep.shape == mask.shape and per_sequence.keep.shape == (len(mask),)
+    real = mask.bool()
+    mean_logit = (torch.logit(per_token.score.double()) * real).sum(1) / real.sum(1)
+    torch.testing.assert_close(torch.logit(per_sequence.score.double()), mean_logit, rtol=1e-4, atol=1e-4)
+    assert torch.equal(per_sequence.keep, mean_logit >= 0.0) and 0 < int(per_sequence.keep.sum()) < len(mask)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_sequence_layers_that_decide_alike_for_every_token_store_no_kv_and_change_no_output(model_type, kind):
+    """Where the other routers decide alike for every token (one skips all, one keeps all), routing them per
+    sequence gives the token model's outputs and generations, batched or not, and the skipping layer stores no KV
+    cache (the token model stores every token's there)."""
+    token, mixed = routed(model_type, layers=[1, 2, 3]), routed(model_type, layers=[1, 2, 3], token_layers=[2])
+    for model in (token, mixed):
+        with torch.no_grad():
+            for idx, bias in ((1, -20.0), (3, 20.0)):
+                model.routers[idx].weight.zero_()
+                model.routers[idx].bias.fill_(bias)
+    seqs, ids, mask = padded_batch([7, 12, 3, 9, 12, 5], "left")
+    torch.testing.assert_close(logits_of(mixed, ids, mask), logits_of(token, ids, mask), rtol=0, atol=0)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                  **({"cache_implementation": "static"} if kind == "static" else {}))
+    want = token.generate(**kwargs)
+    assert torch.equal(mixed.generate(**kwargs), want)
+    assert mixed.last_capacity[1] == 0.0 and mixed.last_capacity[3] == 1.0 and 0 < mixed.last_capacity[2] < 1
+    width = ids.shape[1]
+    for i, s in enumerate(seqs):
+        alone = mixed.generate(input_ids=s[None], attention_mask=torch.ones(1, len(s), dtype=torch.long),
+                               max_new_tokens=6, do_sample=False)
+        assert torch.equal(alone[0, len(s):], want[i, width:]), f"sequence {i}"
+    stored = {}
+    for model in (token, mixed):
+        cache = DynamicCache() if kind == "dynamic" else StaticCache(config=model.config, max_cache_len=24)
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True,
+                  **cache_kwargs(model, cache))
+        stored[model.mindskip_layers[1].routing] = kv_bytes(cache)
+    assert stored["sequence"][1] == 0 < stored["token"][1] == stored["token"][0]
+    assert stored["sequence"][2] == stored["token"][2] == stored["token"][0] == stored["sequence"][3]
+
+
+def test_varying_layers_are_those_not_deciding_alike_for_every_token():
+    kept = {6: 0.0, 17: 0.47, 24: 0.9996, 27: 0.985, 28: 0.01}
+    assert tr.varying_layers(kept) == [17]
+    assert tr.varying_layers(kept, tolerance=0.0) == [17, 24, 27, 28]
+    with pytest.raises(ValueError, match="must be in"):
+        tr.varying_layers({1: 1.5})
+    with pytest.raises(ValueError, match="tolerance"):
+        tr.varying_layers(kept, tolerance=0.5)
 
 
 # ----------------------------------------------------------------------------------- training

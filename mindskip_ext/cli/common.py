@@ -6,8 +6,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import sys
 
 
 def say(*parts) -> None:
@@ -31,6 +29,14 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
     """The routers :func:`load_for_eval` applies."""
     p.add_argument("--routers", default=None, help="Router directory (omit for the unconverted model).")
     p.add_argument("--threshold", type=float, default=None, help="Override the routers' keep threshold.")
+
+
+def add_token_layers_arg(p: argparse.ArgumentParser) -> None:
+    """``--token-layers``: of token routers, the layers that route per token (the others per sequence)."""
+    p.add_argument("--token-layers", nargs="+", default=None,
+                   help="Of token routers (routing 'token'): route only these layers per token, e.g. 17 or 14-16, "
+                   "and the other routed layers per sequence, where a skipped sequence stores no KV cache (see "
+                   "docs/token-routing.md).")
 
 
 def add_data_args(p: argparse.ArgumentParser, required: bool, help_text: str, mixture: bool = False) -> None:
@@ -61,27 +67,19 @@ def library_progress_bars(enabled: bool):
     if enabled:
         yield
         return
+    import datasets
     from transformers.utils import logging as hf_logging
 
-    hf_was = hf_logging.is_progress_bar_enabled()
+    was = hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
-    ds_loaded = "datasets" in sys.modules  # else: not imported only to switch its bars off
-    ds_was = sys.modules["datasets"].is_progress_bar_enabled() if ds_loaded else None
-    if ds_loaded:
-        sys.modules["datasets"].disable_progress_bars()
-    env_was = os.environ.get("HF_DATASETS_DISABLE_PROGRESS_BARS")
-    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"  # read when datasets is imported later
+    datasets.disable_progress_bars()
     try:
         yield
     finally:
-        if hf_was:
+        if was[0]:
             hf_logging.enable_progress_bar()
-        if env_was is None:
-            del os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"]
-        else:
-            os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = env_was
-        if "datasets" in sys.modules and (ds_was or (not ds_loaded and env_was is None)):
-            sys.modules["datasets"].enable_progress_bars()
+        if was[1]:
+            datasets.enable_progress_bars()
 
 
 def load_for_eval(args):
@@ -89,11 +87,17 @@ def load_for_eval(args):
     from ..devices import pick_device, pick_dtype
     from ..loading import load_model
     from ..model import MindSkipModel
+    from .options import parse_layers
 
     device = pick_device(args.device)
     model, tokenizer = load_model(args.model, device, pick_dtype(args.dtype, device), args.attn_implementation)
+    token_layers = parse_layers(getattr(args, "token_layers", None))
+    if token_layers and not args.routers:
+        raise ValueError("--token-layers chooses among token routers: give --routers")
     if args.routers:
         overrides = {"threshold": args.threshold} if args.threshold is not None else {}
+        if token_layers:
+            overrides["token_layers"] = token_layers
         model = MindSkipModel.from_pretrained(model, args.routers, **overrides)
         model.eval()
     return model, tokenizer

@@ -6,7 +6,16 @@ import dataclasses
 import json
 from pathlib import Path
 
-from .common import add_common, add_data_args, add_model_args, add_router_args, emit_json, load_for_eval, say
+from .common import (
+    add_common,
+    add_data_args,
+    add_model_args,
+    add_router_args,
+    add_token_layers_arg,
+    emit_json,
+    load_for_eval,
+    say,
+)
 
 STATIC_REPORT_NAME = "static_projection.json"
 
@@ -22,6 +31,7 @@ def add_parser(subparsers) -> None:
     )
     add_model_args(p)
     add_router_args(p)
+    add_token_layers_arg(p)
     add_data_args(p, False, "Perplexity data: .json/.jsonl/.parquet/.txt file, folder, or hub dataset name.")
     p.add_argument("--tasks", default=None, help="lm-eval tasks: 'paper', or e.g. 'piqa,boolq' / 'mmlu:5,piqa:0'.")
     p.add_argument("--num-fewshot", type=int, default=None, help="Shots for tasks given without ':shots'.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .common import add_common, add_model_args, add_router_args, load_for_eval, say
+from .common import add_common, add_model_args, add_router_args, add_token_layers_arg, load_for_eval, say
 
 
 def add_parser(subparsers) -> None:
@@ -18,6 +18,7 @@ def add_parser(subparsers) -> None:
     )
     add_model_args(p)
     add_router_args(p)
+    add_token_layers_arg(p)
     p.add_argument("--prompt", action="append", help="A prompt (repeat for a batch).")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--raw", action="store_true", help="Feed prompts as they are, without a template.")

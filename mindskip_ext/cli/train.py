@@ -10,7 +10,8 @@ from .common import add_common, add_data_args, add_model_args, emit_json, say
 from .options import add_options, from_options
 
 # Settings that are not the run's own: the device/dtype come from --device/--dtype, the packed path from the model.
-EXCLUDED = {MindSkipConfig: ("packed_attention",)}
+# token_layers: Router-Tuning trains one level; the layers that route per token are chosen on the trained routers.
+EXCLUDED = {MindSkipConfig: ("packed_attention", "token_layers")}
 
 
 def add_parser(subparsers) -> None:

@@ -45,8 +45,15 @@ class LossStats:
 
 def routing_units(model, batch: dict) -> int:
     """What the capacity penalty of ``model`` counts in ``batch``: its sequences, or under token routing its real
-    tokens."""
-    if model.mindskip_config.routing == "token":
+    tokens. A model that routes some layers per token and the others per sequence (``token_layers``) is refused."""
+    config = model.mindskip_config
+    if config.token_layers is not None:
+        raise ValueError(
+            f"Router-Tuning trains one routing level, but this model routes layers {config.token_layers} per token "
+            "and its other routed layers per sequence: train token routers (routing='token' without token_layers), "
+            "then choose the token layers (MindSkipModel.from_pretrained(model, routers, token_layers=...))"
+        )
+    if config.routing == "token":
         return int(batch["attention_mask"].sum())
     return int(batch["input_ids"].shape[0])
 
