@@ -58,7 +58,7 @@ from .pareto import (
 from .pareto_report import drop_at
 
 RECIPE = "kd+joint+wide+hold+slow+mix+margin+centre"
-RATIO = 0.25
+RATIO = 0.25  # the default of --ratio
 
 
 def kept_per_layer(model, examples, pad: int, batch_size: int) -> dict[int, float]:
@@ -77,12 +77,12 @@ def _skipped(entry: dict, where: str) -> float:
     return sum(1.0 - c for c in entry[where]["capacity_per_layer"].values())
 
 
-def _start_from_sequence_run(model, output: Path, preset: str) -> dict | None:
+def _start_from_sequence_run(model, output: Path, preset: str, ratio: float) -> dict | None:
     """Give ``model``'s routers the sequence run's joint-search start (zero weights; biases as
     :func:`~mindskip_ext.training.init.static_init` sets them). None where that run's summary is absent."""
     from mindskip_ext.eval.attention_drop import set_static_routing
 
-    summary = output / router_folder(preset, f"{RECIPE}@{RATIO}") / "training_summary.json"
+    summary = output / router_folder(preset, f"{RECIPE}@{ratio}") / "training_summary.json"
     if not summary.is_file():
         return None
     init = json.loads(summary.read_text())["router_init"]
@@ -110,8 +110,13 @@ def run_study(args) -> Run:
     args.output.mkdir(parents=True, exist_ok=True)
     if args.resume and (run.partial.is_file() or (args.output / "token_quality.json").is_file()):
         run.resume(args.output / "token_quality.json")
+        other = sorted(name for name, e in run.models.items() if e.get("ratio", args.ratio) != args.ratio)
+        if other:
+            raise SystemExit(f"--resume: the results there are at another skip ratio ({other[0]!r} at "
+                             f"{run.models[other[0]]['ratio']}, not --ratio {args.ratio}); use another --output")
     started = time.perf_counter()
-    run.meta.update(started=utc_timestamp(), machine=machine_info(MACHINE_PACKAGES), recipe=RECIPE, ratio=RATIO,
+    ratio = args.ratio
+    run.meta.update(started=utc_timestamp(), machine=machine_info(MACHINE_PACKAGES), recipe=RECIPE, ratio=ratio,
                     sizes=asdict(sizes))
     torch.manual_seed(sizes.seed)
     with run.stage("load model and data"):
@@ -120,20 +125,20 @@ def run_study(args) -> Run:
     pad, num_layers = pad_token_id(tokenizer), base.config.num_hidden_layers
     recipe = RECIPES[RECIPE]
     layers = layer_sets(num_layers)[recipe.layers]
-    capacity = capacity_for_skip_ratio(RATIO, num_layers, len(layers))
+    capacity = capacity_for_skip_ratio(ratio, num_layers, len(layers))
     run.meta.update(model=label, num_layers=num_layers, layers=layers, target_capacity=capacity, data=data.stats)
     settings = {"batch_size": sizes.eval_batch_size, "seed": sizes.seed, "ppl_examples": data.ppl,
                 "heldout": data.heldout}
 
     model = msk.get_mindskip_model(base, msk.MindSkipConfig(layers=layers, routing="token"))
     token = "token" + (f"+{args.tag}" if args.tag else "")  # the names of this run's models
-    out = args.output / "token_routers" / args.preset / f"{token}@{RATIO}"
+    out = args.output / "token_routers" / args.preset / f"{token}@{ratio}"
     if (out / SUMMARY_NAME).is_file():
         model.load_router_state_dict(read_router_directory(out)[2])
         summary = json.loads((out / SUMMARY_NAME).read_text())
         run.say(f"token routers reloaded from {out}")
     else:
-        init = _start_from_sequence_run(model, args.output, args.preset)
+        init = _start_from_sequence_run(model, args.output, args.preset, ratio)
         tuning = tuning_config(recipe, sizes, capacity)
         if args.lr is not None:
             tuning = replace(tuning, learning_rate=args.lr)
@@ -153,7 +158,7 @@ def run_study(args) -> Run:
     with run.stage(f"kept fractions of {token} on the training sequences"):
         kept = kept_per_layer(model, train, pad, sizes.eval_batch_size)
     skipped_train = sum(1.0 - c for c in kept.values())
-    common = {"ratio": RATIO, "layers": layers, "target_capacity": capacity, "kept_train": kept,
+    common = {"ratio": ratio, "layers": layers, "target_capacity": capacity, "kept_train": kept,
               "skipped_per_token_train": skipped_train}
     if token not in run.models:
         evaluate(run, token, model, tokenizer, {
@@ -188,7 +193,8 @@ def compare(run: Run, pareto_path: Path) -> list[dict]:
     projection's and Attention-Drop's at the same skips (from the Pareto study's results, where present)."""
     rows = []
     models = json.loads(pareto_path.read_text())["models"] if pareto_path.is_file() else {}
-    sequence = models.get(f"{RECIPE}@{RATIO}")
+    ratio = run.meta["ratio"]
+    sequence = models.get(f"{RECIPE}@{ratio}")
     for name, entry in run.models.items():
         row = {"model": name}
         for where in ("wikitext2", "heldout"):
@@ -198,7 +204,7 @@ def compare(run: Run, pareto_path: Path) -> list[dict]:
                           if models else None}
         rows.append(row)
     if sequence is not None:
-        static = models.get(f"{RECIPE}-static@{RATIO}")
+        static = models.get(f"{RECIPE}-static@{ratio}")
         for name, entry in (("sequence", sequence), ("sequence-static", static)):
             if entry is None:
                 continue
@@ -231,7 +237,8 @@ def render(run: Run, rows: list[dict]) -> str:
     head = ["model", "WikiText-2 skip", "ppl", "loss", "Attention-Drop ppl", "Δ loss", "held-out skip", "ppl", "loss",
             "Attention-Drop ppl", "Δ loss"]
     lines = [
-        f"# Token-level MindSkip on {run.meta['model']} at {100 * RATIO:.0f}% of the attention sublayer-tokens "
+        f"# Token-level MindSkip on {run.meta['model']} at {100 * run.meta['ratio']:.1f}% of the attention "
+        "sublayer-tokens "
         "skipped",
         "",
         f"Machine: {run.meta['machine']['cpu']} ({run.meta['machine']['torch_threads']} torch threads); commit "
@@ -282,7 +289,12 @@ def parse_args(argv=None):
     p.add_argument("--tag", default="", help="A variant of the recipe: its models are named token+TAG.")
     p.add_argument("--lr", type=float, default=None, help="The learning rate (default: the recipe's).")
     p.add_argument("--train-only", action="store_true", help="Train (or find trained) routers and stop.")
+    p.add_argument("--ratio", type=float, default=RATIO,
+                   help=f"The share of the attention sublayer-tokens to skip, in (0, 1) (default: {RATIO}); the "
+                   "sequence run's start is taken at the same ratio.")
     args = p.parse_args(argv)
+    if not 0.0 < args.ratio < 1.0:
+        p.error(f"--ratio must be a skip ratio in (0, 1), got {args.ratio}")
     args.preset = "smoke" if args.smoke else "default"
     args.output = args.output or RESULTS_DIR
     return args

@@ -48,3 +48,9 @@ def test_the_study_evaluates_the_token_model_its_projections_and_headroom_and_re
     assert token_quality.main([*argv, "--resume"]) == 0
     again = json.loads((out / "token_quality.json").read_text())["models"]
     assert again["token"]["wikitext2"] == token["wikitext2"] and again["token"]["headroom_heldout"] == h
+    # Another --ratio trains its own routers (token@<ratio>); it does not resume results of another ratio.
+    assert token["router_dir"].endswith("token@0.25")
+    with pytest.raises(SystemExit, match="another skip ratio"):
+        token_quality.main([*argv, "--resume", "--ratio", "0.375"])
+    with pytest.raises(SystemExit):
+        token_quality.parse_args(["--ratio", "1.5"])
