@@ -109,7 +109,8 @@ def test_eval_and_generate_route_the_chosen_token_layers_per_token(model_dir, tm
 
     import mindskip_ext as msk
 
-    model = msk.get_mindskip_model(AutoModelForCausalLM.from_pretrained(model_dir), msk.MindSkipConfig(routing="token"))
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = msk.get_mindskip_model(base, msk.MindSkipConfig(routing="token"))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for router in model.routers.values():
