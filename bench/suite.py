@@ -304,11 +304,13 @@ def token_model(run: Run, args, base, pad: int, data, score, projection, attenti
     """Token routers (``--token-routers``, trained with the recipe of ``--recipes`` at ``--ratios``, e.g. by
     :mod:`bench.token_quality`) on the suite: the routed model; its static projection (each layer's kept fraction of
     the recipe's training sequences, as input-independent decisions); its suite fractions as input-independent
-    decisions (the token level's shuffled decisions); Attention-Drop at the whole counts around its skips; and, when
-    the sequence variant of the same recipe and ratio is among the results (``--resume-from``), its static projection
-    at those counts."""
+    decisions (the token level's shuffled decisions); the same routers with only the layers that vary on the training
+    sequences per token and the others per sequence (``MindSkipConfig.token_layers``, ``varying_layers``: where a
+    skipped sequence stores no KV cache); Attention-Drop at the whole counts around its skips; and, when the sequence
+    variant of the same recipe and ratio is among the results (``--resume-from``), its static projection at those
+    counts."""
     import mindskip_ext as msk
-    from mindskip_ext.token_routing import set_static_token_fractions
+    from mindskip_ext.token_routing import set_static_token_fractions, varying_layers
 
     from . import pareto
     from .token_quality import kept_per_layer
@@ -337,6 +339,14 @@ def token_model(run: Run, args, base, pad: int, data, score, projection, attenti
     score(f"{name} shuffled", {"kind": "token-shuffled", "of": name, "ratio": ratio}, model)
     set_static_token_fractions(model, None)
     model.unload()
+    kept_train = {int(i): f for i, f in routed["kept_train"].items()}
+    layers = varying_layers(kept_train)
+    if layers and len(layers) < len(kept_train):
+        mixed = msk.MindSkipModel.from_pretrained(base, args.token_routers, token_layers=layers)
+        score(f"{name} hybrid", {"kind": "token-routed", "of": sequence, "recipe": recipe_name, "ratio": ratio,
+                                 "router_dir": str(args.token_routers), "token_layers": layers, "hybrid_of": name},
+              mixed)
+        mixed.unload()
     counts = counts_for(routed["summary"])
     attention_drops(recipe.data, counts)
     entry = run.models.get(sequence)

@@ -81,12 +81,16 @@ def token_comparisons(run) -> dict[str, dict]:
         summary = entry["summary"]
         per_domain = {d: s["skipped_per_token"] for d, s in summary.items() if d != MIX}
         on_mix = dict.fromkeys(per_domain, summary[MIX]["skipped_per_token"])
-        result = {"skips": {d: s["skipped_per_token"] for d, s in summary.items()}}
-        for key, other in (("static", f"{name} static"), ("shuffled", f"{name} shuffled"),
-                           ("sequence", entry["of"])):
+        result = {"skips": {d: s["skipped_per_token"] for d, s in summary.items()},
+                  "kv_layers": kv_layers(entry, run.meta["num_layers"])}
+        token = entry.get("hybrid_of", name)  # a hybrid's projection is its token model's
+        for key, other in (("static", f"{token} static"), ("shuffled", f"{token} shuffled"),
+                           ("sequence", entry["of"]), ("token", token if token != name else None)):
             if other in models:
                 result[f"vs_{key}"] = paired(routed, _scores(models[other]), owner)
                 result[f"{key}_skips"] = {d: s["skipped_per_token"] for d, s in models[other]["summary"].items()}
+        if "sequence_skips" in result:  # a layer-sequence a sequence router skips stores no keys and values
+            result["sequence_kv_layers"] = {d: run.meta["num_layers"] - k for d, k in result["sequence_skips"].items()}
         projection = {0: dense, **{e["count"]: _scores(e) for e in models.values()
                                    if e["kind"] == "static-projection" and e["of"] == entry["of"]}}
         if len(projection) > 1:
@@ -96,6 +100,16 @@ def token_comparisons(run) -> dict[str, dict]:
                  data)
         out[name] = result
     return out
+
+
+def kv_layers(entry: dict, num_layers: int) -> dict[str, float]:
+    """Per domain: the layers whose keys and values a token-routed model stores per processed token. A token-routed
+    layer stores every token's; a layer routed per sequence (a hybrid's, ``token_layers``) only the kept
+    sequences'."""
+    token_layers = entry.get("token_layers")
+    return {d: num_layers - sum(1.0 - f for i, f in kept.items() if token_layers is not None
+                                and int(i) not in token_layers)
+            for d, kept in entry["kept"].items()}
 
 
 def _drop_curve(models: dict, dense, data: str, owner) -> dict:
@@ -264,9 +278,19 @@ def token_section(models: dict, name: str, c: dict, domains: list[str]) -> list[
              "compute per layer, independent of the input). Whole-layer static drops (the sequence variant's "
              "projection, Attention-Drop) at the token model's skips: per domain at the domain's, on the mix at the "
              "mix's.", ""]
+    if "hybrid_of" in entry:
+        lines += [f"Layers {', '.join(map(str, entry['token_layers']))} route per token, the others per sequence with "
+                  "the same routers (`MindSkipConfig.token_layers`: the layers whose kept fraction on the recipe's "
+                  "training sequences is within (0.02, 0.98), `token_routing.varying_layers`). Its projections are "
+                  f"those of {entry['hybrid_of']}.", ""]
     table = [["skips per token", *(f"{c['skips'][d]:.2f}" for d in domains)]]
+    if "kv_layers" in c:
+        table.append(["KV cache: layers stored per processed token", *(f"{c['kv_layers'][d]:.2f}" for d in domains)])
+        if "sequence_kv_layers" in c:
+            table.append([f"the sequence variant's KV cache ({entry['of']})",
+                          *(f"{c['sequence_kv_layers'][d]:.2f}" for d in domains)])
     labels = {"static": "its static projection", "shuffled": "its suite fractions, input-independent",
-              "sequence": f"the sequence variant ({entry['of']})"}
+              "sequence": f"the sequence variant ({entry['of']})", "token": "the token model (every layer per token)"}
     for key, label in labels.items():
         if f"vs_{key}" in c:
             table.append([f"{label}: skips per token", *(f"{c[f'{key}_skips'][d]:.2f}" for d in domains)])

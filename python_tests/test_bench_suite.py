@@ -163,6 +163,9 @@ def test_the_smoke_run_scores_token_routers_beside_the_sequence_variant(tmp_path
         with torch.no_grad():
             for router in model.routers.values():
                 router.weight.copy_(torch.randn(router.weight.shape, generator=gen))
+            constant = min(model.routers)
+            model.routers[constant].weight.zero_()  # skips every token: routed per sequence in the hybrid
+            model.routers[constant].bias.fill_(-20.0)
         model.save_pretrained(tmp_path / routing)
         model.unload()
     common = ["--smoke", "--data-dir", str(DATA_DIR), "--work-dir", str(tmp_path / "w"), "--threads", "1"]
@@ -173,7 +176,10 @@ def test_the_smoke_run_scores_token_routers_beside_the_sequence_variant(tmp_path
     name = f"{suite.DEFAULT_RECIPE}@0.25 token"
     assert {e["kind"] for e in models.values()} == {"dense", "token-routed", "token-static", "token-shuffled",
                                                     "attention-drop"}
-    token = models[name]
+    token, hybrid = models[name], models[f"{name} hybrid"]
+    # The hybrid routes the constant layer per sequence: the same losses, and no KV cache there.
+    assert set(hybrid["token_layers"]) == set(map(int, token["kept_train"])) - {constant}
+    assert hybrid["scores"]["nll"] == pytest.approx(token["scores"]["nll"], rel=1e-5)
     assert set(token["kept_train"]) == set(token["kept"]["mix"]) and 0 < token["summary"]["mix"][
         "skipped_per_token"] < results["meta"]["num_layers"]
     # The input-independent decisions at the suite's fractions spend about the routers' compute.
@@ -182,6 +188,11 @@ def test_the_smoke_run_scores_token_routers_beside_the_sequence_variant(tmp_path
     compared = results["meta"]["token_comparisons"][name]
     assert set(compared["vs_static"]) == set(compared["vs_attention_drop"]["mix"]) == {*owner, "mix"}
     assert "vs_sequence" not in compared
+    layers = results["meta"]["num_layers"]
+    assert all(k == layers for k in compared["kv_layers"].values())  # every token-routed layer stores every token
+    mixed = results["meta"]["token_comparisons"][f"{name} hybrid"]
+    assert all(k == pytest.approx(layers - 1) for k in mixed["kv_layers"].values())
+    assert mixed["vs_token"]["mix"]["ratio"] == pytest.approx(0.0, abs=1e-5) and "vs_static" in mixed
     # A sequence variant from another run (here: the dense scores under its name, with a training-data routing that
     # ranks its projection) is reused with --resume-from; the token models are not scored again.
     seq = f"{suite.DEFAULT_RECIPE}@0.25"
