@@ -279,7 +279,9 @@ def token_section(models: dict, name: str, c: dict, domains: list[str]) -> list[
              "projection, Attention-Drop) at the token model's skips: per domain at the domain's, on the mix at the "
              "mix's.", ""]
     if "hybrid_of" in entry:
-        lines += [f"Layers {', '.join(map(str, entry['token_layers']))} route per token, the others per sequence with "
+        layers = entry["token_layers"]
+        lines += [f"Layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))} route"
+                  f"{'' if len(layers) > 1 else 's'} per token, the others per sequence with "
                   "the same routers (`MindSkipConfig.token_layers`: the layers whose kept fraction on the recipe's "
                   "training sequences is within (0.02, 0.98), `token_routing.varying_layers`). Its projections are "
                   f"those of {entry['hybrid_of']}.", ""]
@@ -316,7 +318,7 @@ def token_section(models: dict, name: str, c: dict, domains: list[str]) -> list[
         lines += [f"Issue 37's goal, to beat all three on the mix (point estimates): {'; '.join(goals)}.", ""]
     kept = entry.get("kept")
     if kept:
-        train = entry.get("kept_train", {})
+        train = models[entry.get("hybrid_of", name)].get("kept_train", {})
         layers = sorted(kept[MIX], key=int)
         varied = [i for i in layers if any(kept[d][i] not in (0.0, 1.0) for d in domains)
                   or train.get(i, 1.0) not in (0.0, 1.0)]
