@@ -103,6 +103,21 @@ def test_no_progress_silences_the_libraries_bars_for_that_command_only(model_dir
     assert hf_logging.is_progress_bar_enabled()  # restored after the command
 
 
+def test_train_token_routers_names_the_layers_worth_routing_per_token(model_dir, data_file, trained, tmp_path):
+    from mindskip_ext.token_routing import varying_layers
+
+    assert trained[1]["varying_token_layers"] is None  # sequence routers
+    code, stdout, _ = run_cli(
+        "train", "--model", model_dir, "--data", data_file, "--target-capacity", "0.5", "--recipe", "paper",
+        "--routing", "token", "--output", str(tmp_path), "--max-steps", "12", "--batch-size", "16",
+        "--heldout-fraction", "0.3", "--no-progress",
+    )
+    assert code == 0
+    result = last_json(stdout)
+    kept = {int(k): v for k, v in result["capacity_per_layer"].items()}
+    assert result["varying_token_layers"] == varying_layers(kept)
+
+
 def test_eval_and_generate_route_the_chosen_token_layers_per_token(model_dir, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM

@@ -120,6 +120,16 @@ def _train(args, device, world) -> int:
     say(f"held-out: loss {held['loss']:.4f}, perplexity {held['perplexity']:.3f}, capacity {held['capacity']:.4f}")
     say("capacity per layer: " + ", ".join(f"{k}: {v:.3f}" for k, v in held["capacity_per_layer"].items()))
     say(f"routers: {args.output} ({summary['router_file_bytes']} bytes of weights)")
+    token_layers = None
+    if ms_config.routing == "token":
+        from ..token_routing import varying_layers
+
+        token_layers = varying_layers({int(k): v for k, v in held["capacity_per_layer"].items()})
+        alike = sorted(set(map(int, held["capacity_per_layer"])) - set(token_layers))
+        if token_layers and alike:
+            say(f"layers {alike} keep or skip at least 98% of the held-out tokens alike: routed per sequence they "
+                f"store no KV cache for a skipped sequence (mindskip eval/generate --token-layers "
+                f"{','.join(map(str, token_layers))}; docs/token-routing.md)")
     emit_json(
         {
             "command": "train",
@@ -138,6 +148,7 @@ def _train(args, device, world) -> int:
             "peak_memory_mib": summary["peak_memory_mib"],
             "router_dir": str(args.output),
             "router_file_bytes": summary["router_file_bytes"],
+            "varying_token_layers": token_layers,
         }
     )
     return 0
