@@ -204,6 +204,25 @@ def test_text_records_are_packed_into_blocks(tok):
     assert prepared.stats["formats"] == {"text": len(records)}
 
 
+def test_every_block_starts_with_bos_where_the_tokenizer_starts_every_text_with_it(tok):
+    import copy
+
+    from tokenizers import processors
+
+    texts = [r["text"] for r in D.load_records(TEXT)]
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    content = [t for text in texts if text.strip() for t in tok(text, add_special_tokens=False)["input_ids"] + [eos]]
+    assert D.adds_bos(tok)
+    blocks = D.pack_texts(tok, texts, 16)
+    assert all(b.input_ids[0] == bos for b in blocks) and all(len(b) == 16 for b in blocks[:-1])
+    assert [t for b in blocks for t in b.input_ids[1:]] == content
+    no_bos = copy.deepcopy(tok)
+    no_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
+    assert not D.adds_bos(no_bos)
+    stream = [t for b in D.pack_texts(no_bos, texts, 16) for t in b.input_ids]
+    assert stream == [bos] + content
+
+
 # ----------------------------------------------------------------------------------- checks
 
 

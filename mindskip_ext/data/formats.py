@@ -178,18 +178,33 @@ def encode_record(tokenizer, record: dict, kind: str) -> tuple[list[int], list[i
     return _encode_supervised(tokenizer, text, spans, templated=False)
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether ``tokenizer`` starts every text it encodes with its BOS token (Llama 3, Mistral, Gemma do)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
 def pack_texts(tokenizer, texts: Iterable[str], max_length: int) -> list[Example]:
-    """Concatenate documents (EOS between them) and cut the stream into ``max_length`` blocks."""
-    stream: list[int] = []
-    if tokenizer.bos_token_id is not None:
-        stream.append(tokenizer.bos_token_id)
+    """Concatenate documents (EOS between them) and cut the stream into ``max_length`` blocks.
+
+    Where the tokenizer starts every text with BOS, every block starts with it too, as each window did in
+    pretraining: a model like Gemma 3 is far off its quality on a window without it (Gemma 3 270M: WikiText-2
+    perplexity 332 on 256-token windows without BOS, 73 with). Otherwise only the stream's start has BOS.
+    """
+    bos = tokenizer.bos_token_id
+    every_block = adds_bos(tokenizer)
+    stream: list[int] = [bos] if bos is not None and not every_block else []
     for text in texts:
         if not text.strip():
             continue
         stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
         if tokenizer.eos_token_id is not None:
             stream.append(tokenizer.eos_token_id)
-    blocks = [stream[i : i + max_length] for i in range(0, len(stream), max_length)]
+    step = max_length - 1 if every_block else max_length
+    blocks = [([bos] if every_block else []) + stream[i : i + step] for i in range(0, len(stream), step)]
     return [Example(list(b), list(b)) for b in blocks if len(b) >= 2]
 
 
