@@ -104,18 +104,27 @@ def test_no_progress_silences_the_libraries_bars_for_that_command_only(model_dir
 
 
 def test_train_token_routers_names_the_layers_worth_routing_per_token(model_dir, data_file, trained, tmp_path):
+    from mindskip_ext.model import read_router_directory
     from mindskip_ext.token_routing import varying_layers
 
     assert trained[1]["varying_token_layers"] is None  # sequence routers
     code, stdout, _ = run_cli(
         "train", "--model", model_dir, "--data", data_file, "--target-capacity", "0.5", "--recipe", "paper",
-        "--routing", "token", "--output", str(tmp_path), "--max-steps", "12", "--batch-size", "16",
-        "--heldout-fraction", "0.3", "--no-progress",
+        "--routing", "token", "--output", str(tmp_path / "token"), "--max-steps", "12", "--batch-size", "16",
+        "--heldout-fraction", "0.3", "--no-progress", "--hybrid-output", str(tmp_path / "hybrid"),
     )
     assert code == 0
     result = last_json(stdout)
     kept = {int(k): v for k, v in result["capacity_per_layer"].items()}
-    assert result["varying_token_layers"] == varying_layers(kept)
+    layers = varying_layers(kept)
+    assert result["varying_token_layers"] == layers and layers  # this run's routers vary on some layers
+    assert result["hybrid_dir"] == str(tmp_path / "hybrid")
+    config, _, _ = read_router_directory(tmp_path / "hybrid")
+    assert config.routing == "token" and config.token_layers == layers
+    code, _, stderr = run_cli("train", "--model", model_dir, "--data", data_file, "--target-capacity", "0.5",
+                              "--output", str(tmp_path / "sequence"), "--hybrid-output", str(tmp_path / "h2"))
+    assert code != 0 and "--hybrid-output chooses the layers that route per token: it needs --routing token" in stderr
+    assert not (tmp_path / "sequence").exists()
 
 
 def test_eval_and_generate_route_the_chosen_token_layers_per_token(model_dir, tmp_path):

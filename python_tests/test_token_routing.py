@@ -360,6 +360,28 @@ def test_token_layers_config_is_checked_and_saved(tmp_path):
         routing_units(mixed, batch)
 
 
+def test_save_hybrid_writes_the_token_routers_with_the_chosen_token_layers(tmp_path):
+    from mindskip_ext.model import WEIGHTS_NAME
+
+    model = routed(layers=[1, 2, 3])
+    model.save_pretrained(tmp_path / "token")
+    ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+    model.unload()
+    expected = logits_of(msk.MindSkipModel.from_pretrained(tiny_lm(), tmp_path / "token", token_layers=[2]), ids)
+    out = tr.save_hybrid(tmp_path / "token", tmp_path / "hybrid", [2])
+    assert (out / WEIGHTS_NAME).read_bytes() == (tmp_path / "token" / WEIGHTS_NAME).read_bytes()
+    hybrid = msk.MindSkipModel.from_pretrained(tiny_lm(), out)
+    assert hybrid.mindskip_config.token_layers == [2]
+    assert torch.equal(logits_of(hybrid, ids), expected)
+    with pytest.raises(ValueError, match=r"token_layers \[4\] are not routed layers"):
+        tr.save_hybrid(tmp_path / "token", tmp_path / "bad", [2, 4])
+    sequence = msk.get_mindskip_model(tiny_lm(), msk.MindSkipConfig(layers=[1, 2, 3]))
+    sequence.save_pretrained(tmp_path / "sequence")
+    with pytest.raises(ValueError, match="holds sequence routers: a hybrid needs token routers"):
+        tr.save_hybrid(tmp_path / "sequence", tmp_path / "bad", [2])
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
+
+
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_a_sequence_layer_keeps_by_the_mean_of_its_token_logits(model_type):
     """A router is linear: routed per sequence, it keeps a sequence when the mean of its tokens' logits (over the

@@ -28,6 +28,10 @@ def add_parser(subparsers) -> None:
     add_data_args(p, True, "Training data: .json/.jsonl/.parquet/.txt file, folder, or hub dataset name.", True)
     p.add_argument("--output", required=True, help="Router directory to write.")
     p.add_argument("--heldout-data", default=None, help="Separate held-out data (default: a split of --data).")
+    p.add_argument("--hybrid-output", default=None,
+                   help="With --routing token: also write the routers to this directory with token_layers set to the "
+                   "layers that vary per token on the held-out set (the others route per sequence and store no KV "
+                   "cache for a skipped sequence; docs/token-routing.md).")
     p.add_argument("--resume", action="store_true", help="Continue from --output/checkpoints/latest when present.")
     p.add_argument("--fsdp", action="store_true",
                    help="Under torchrun: shard the frozen weights over the processes with FSDP2 (routers replicated).")
@@ -75,6 +79,8 @@ def _train(args, device, world) -> int:
     recipe = RECIPES[args.recipe]
     config = from_options(RouterTuningConfig, args, defaults=recipe.tuning)
     ms_config = from_options(MindSkipConfig, args)
+    if args.hybrid_output and ms_config.routing != "token":
+        raise ValueError("--hybrid-output chooses the layers that route per token: it needs --routing token")
     if args.fsdp and not world.active:
         raise ValueError("--fsdp shards the weights over several processes: run under torchrun --nproc_per_node N")
     # Everything that can be wrong with the input is checked before the weights load.
@@ -120,9 +126,9 @@ def _train(args, device, world) -> int:
     say(f"held-out: loss {held['loss']:.4f}, perplexity {held['perplexity']:.3f}, capacity {held['capacity']:.4f}")
     say("capacity per layer: " + ", ".join(f"{k}: {v:.3f}" for k, v in held["capacity_per_layer"].items()))
     say(f"routers: {args.output} ({summary['router_file_bytes']} bytes of weights)")
-    token_layers = None
+    token_layers = hybrid_dir = None
     if ms_config.routing == "token":
-        from ..token_routing import varying_layers
+        from ..token_routing import save_hybrid, varying_layers
 
         token_layers = varying_layers({int(k): v for k, v in held["capacity_per_layer"].items()})
         alike = sorted(set(map(int, held["capacity_per_layer"])) - set(token_layers))
@@ -130,6 +136,12 @@ def _train(args, device, world) -> int:
             say(f"layers {alike} keep or skip at least 98% of the held-out tokens alike: routed per sequence they "
                 f"store no KV cache for a skipped sequence (mindskip eval/generate --token-layers "
                 f"{','.join(map(str, token_layers))}; docs/token-routing.md)")
+        if args.hybrid_output and token_layers:
+            hybrid_dir = str(save_hybrid(args.output, args.hybrid_output, token_layers))
+            say(f"hybrid routers (layers {token_layers} per token, the others per sequence): {hybrid_dir}")
+        elif args.hybrid_output:
+            say(f"no layer varies per token on the held-out set: {args.hybrid_output} not written (route every "
+                "layer per sequence instead: mindskip train without --routing token)")
     emit_json(
         {
             "command": "train",
@@ -149,6 +161,7 @@ def _train(args, device, world) -> int:
             "router_dir": str(args.output),
             "router_file_bytes": summary["router_file_bytes"],
             "varying_token_layers": token_layers,
+            "hybrid_dir": hybrid_dir,
         }
     )
     return 0
