@@ -64,6 +64,13 @@ def _layer_list(name: str, layers, otherwise: str) -> list[int]:
     return sorted(layers)
 
 
+def check_token_layers(token_layers, layers) -> None:
+    """Raise unless every layer of ``token_layers`` is one of the routed ``layers``."""
+    stray = sorted(set(token_layers) - set(layers))
+    if stray:
+        raise ValueError(f"token_layers {stray} are not routed layers (the routers are on {layers})")
+
+
 @dataclass
 class MindSkipConfig:
     """How a model is converted to MindSkip.
@@ -183,9 +190,7 @@ class MindSkipConfig:
                     f"(0..{num_layers - 1})"
                 )
             layers = list(self.layers)
-        stray = sorted(set(self.token_layers or ()) - set(layers))
-        if stray:
-            raise ValueError(f"token_layers {stray} are not routed layers (the routers are on {layers})")
+        check_token_layers(self.token_layers or (), layers)
         return layers
 
     def routing_of(self, layer_idx: int) -> str:

@@ -189,20 +189,18 @@ def varying_layers(kept: dict[int, float], tolerance: float = 0.02) -> list[int]
     return sorted(i for i, f in kept.items() if tolerance < f < 1.0 - tolerance)
 
 
-
 def save_hybrid(router_directory, output, token_layers) -> Path:
     """Write token routers saved in ``router_directory`` to ``output`` with ``token_layers`` set: loaded, only those
     layers route per token and the others per sequence (the hybrid). The router weights are copied unchanged; the
     source is read and checked before anything is written."""
     from ._io import atomic_write_bytes
+    from .config import check_token_layers
     from .model import CONFIG_NAME, WEIGHTS_NAME, read_router_directory
 
     config, meta, _ = read_router_directory(router_directory)
     if config.routing != "token":
         raise ValueError(f"{router_directory} holds {config.routing} routers: a hybrid needs token routers")
-    stray = sorted(set(token_layers) - set(meta["layers"]))
-    if stray:
-        raise ValueError(f"token_layers {stray} are not routed layers (the routers are on {meta['layers']})")
+    check_token_layers(token_layers, meta["layers"])
     config = dataclasses.replace(config, token_layers=list(token_layers))
     out = Path(output)
     if out.exists() and not out.is_dir():
@@ -210,6 +208,7 @@ def save_hybrid(router_directory, output, token_layers) -> Path:
     atomic_write_bytes(out / WEIGHTS_NAME, (Path(router_directory) / WEIGHTS_NAME).read_bytes())
     atomic_write_bytes(out / CONFIG_NAME, config.to_json(**meta).encode())
     return out
+
 
 def token_keep(layer, hidden_states: torch.Tensor, position_ids=None) -> torch.Tensor:
     """``(B, T)`` bool: which tokens of ``hidden_states`` (the layer's input) run the attention sublayer of ``layer``
