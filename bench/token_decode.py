@@ -16,7 +16,14 @@ greedy decode steps, after which a crop puts the cache back. The variants, each 
   layer (kept 0.5), and every token (kept 1.0: the cost of routing itself). Its routers have random weights; the bias
   of each (layer, step) is set by a calibration run to sit between the B/2-th and the next logit, and the timed runs
   replay those biases (decode is deterministic, so they make the same decisions; a replay checks it), one ``fill_``
-  per layer and step.
+  per layer and step;
+* ``hybrid``: the same token routers with ``token_layers`` set to one routed layer, the middle one (the later of
+  two: per-sequence layers come before it and after it), the others routed per sequence (kept 0.5): that layer keeps
+  exactly half of the rows' tokens at every step as the ``token`` variant's layers do (its biases calibrated in the
+  hybrid itself, whose per-sequence layers change its input), and the others keep the ``sequence`` variant's rows,
+  their cache holding only those rows (the token layer's slot holds every row). ``measured_kept`` is the replayed
+  share over every routed layer, ``token_layer_kept`` the token layer's; ``speedup_vs_sequence`` is against the
+  ``sequence`` variant on the same cache, paired per round (the cost of routing one layer per token instead).
 
 Prefill (rows ``prefill-layer`` and ``prefill-attention``, batch 1 at each prompt length): one token-routed decoder
 layer at kept 0.5 and 1.0 against the stock layer, and its attention sublayer alone at kept 0.5 against the stock
@@ -34,6 +41,7 @@ are paired per round (median, p20 and p80 over rounds).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 from dataclasses import dataclass, field
 
@@ -74,8 +82,10 @@ class Variant:
     provider: str
     cache: str
     kept: float | None
-    keeps: dict | None = None  # sequence level: the rows each layer keeps
-    biases: dict | None = None  # token level: layer -> the router bias of each step
+    keeps: dict | None = None  # per-sequence layers: the rows each layer keeps
+    biases: dict | None = None  # per-token layers: layer -> the router bias of each step
+    token_layers: list[int] | None = None  # token routers (token, hybrid): the config's token_layers
+    measured: dict | None = None  # replayed biases: layer -> the kept fraction of its decisions (_replayed_kept)
     built: object = None
     decode: list[float] = field(default_factory=list)
 
@@ -183,9 +193,11 @@ def _prefill_point(model, seqlen, params, reps, writer):
 
 @contextlib.contextmanager
 def _token_model(model, layer_ids, variant: Variant):
-    """``model`` converted to token-level MindSkip on ``layer_ids`` with random router weights, keeping every token
-    (no biases) or replaying ``variant.biases`` step by step (undone on exit)."""
-    wrapped = msk.get_mindskip_model(model, msk.MindSkipConfig(layers=layer_ids, routing="token"))
+    """``model`` converted to token routers on ``layer_ids`` with ``variant.token_layers`` (None: every layer per
+    token) and random router weights, keeping every token (no biases) or replaying ``variant.biases`` step by step
+    (undone on exit). A layer routed per sequence takes its decision from the cache (``variant.keeps``)."""
+    config = msk.MindSkipConfig(layers=layer_ids, routing="token", token_layers=variant.token_layers)
+    wrapped = msk.get_mindskip_model(model, config)
     gen = torch.Generator().manual_seed(1)
     hooks = []
     try:
@@ -193,9 +205,9 @@ def _token_model(model, layer_ids, variant: Variant):
             for router in wrapped.routers.values():
                 router.weight.copy_(torch.randn(router.weight.shape, generator=gen) / router.weight.shape[1] ** 0.5)
                 router.bias.fill_(KEEP_ALL_BIAS)
-        if variant.biases is not None:
-            for idx, layer in wrapped.mindskip_layers.items():
-                hooks.append(layer.register_forward_pre_hook(_replay(layer, variant.biases[idx])))
+        for idx, biases in (variant.biases or {}).items():  # the per-token layers
+            layer = wrapped.mindskip_layers[idx]
+            hooks.append(layer.register_forward_pre_hook(_replay(layer, biases)))
         yield wrapped
     finally:
         for hook in hooks:
@@ -213,10 +225,19 @@ def _replay(layer, biases: list[float]):
     return hook
 
 
-def _calibrate(model, layer_ids, dense, first, steps, kept: float, max_len: int) -> dict[int, list[float]]:
-    """Per token-routed layer, the router bias of each decode step that keeps exactly ``kept`` of the rows."""
-    biases = {idx: [] for idx in layer_ids}
-    with _token_model(model, layer_ids, Variant("token", "dynamic", 1.0)) as wrapped:
+def _per_token(wrapped) -> list:
+    """The MindSkip layers of ``wrapped`` that route per token."""
+    return [layer for layer in wrapped.mindskip_layers.values() if layer.routing == "token"]
+
+
+def _calibrate(model, layer_ids, variant: Variant, dense, first, steps, kept: float,
+               max_len: int) -> dict[int, list[float]]:
+    """Per layer that ``variant`` routes per token, the router bias of each decode step that keeps exactly ``kept``
+    of the rows, in ``variant``'s own model (its token layers, and its per-sequence layers keeping
+    ``variant.keeps``: they change the token layers' inputs)."""
+    with _token_model(model, layer_ids, dataclasses.replace(variant, biases=None)) as wrapped:
+        biases = {layer.layer_idx: [] for layer in _per_token(wrapped)}
+
         def calibrate(layer):
             def hook(module, args):
                 logits = token_logits(layer, layer._input_norm(args[0]))[:, -1] - layer.router.bias
@@ -228,34 +249,36 @@ def _calibrate(model, layer_ids, dense, first, steps, kept: float, max_len: int)
                 biases[layer.layer_idx].append(bias)
             return hook
 
-        hooks = [layer.register_forward_pre_hook(calibrate(layer)) for layer in wrapped.mindskip_layers.values()]
+        hooks = [layer.register_forward_pre_hook(calibrate(layer)) for layer in _per_token(wrapped)]
         try:
             with torch.no_grad():
-                _decode_steps(wrapped, _transplant(model, dense, "dynamic", None, max_len), first, steps)
+                _decode_steps(wrapped, _transplant(model, dense, "dynamic", variant.keeps, max_len), first, steps)
         finally:
             for hook in hooks:
                 hook.remove()
     return biases
 
 
-def _replayed_kept(model, layer_ids, variant: Variant, first, steps) -> float:
-    """The kept fraction of the (layer, step, row) decisions when ``variant`` decodes (an untimed run)."""
-    counts = []
+def _replayed_kept(model, layer_ids, variant: Variant, first, steps) -> dict[int, float]:
+    """Per routed layer, the kept fraction of its (step, row) decisions when ``variant`` decodes (an untimed run):
+    a per-token layer's from its router, a per-sequence layer's from its keep mask (its decision in the cache)."""
+    counts = {idx: [] for idx in layer_ids}
     with _token_model(model, layer_ids, variant) as wrapped:
-        hooks = [layer.register_forward_pre_hook(lambda m, args, layer=layer: counts.append(
-            token_keep(layer, args[0]).float().mean().item()), prepend=False)
-            for layer in wrapped.mindskip_layers.values()]
+        hooks = [layer.register_forward_pre_hook(lambda m, args, layer=layer: counts[layer.layer_idx].append(
+            token_keep(layer, args[0]).float().mean().item()), prepend=False) for layer in _per_token(wrapped)]
         try:
             with torch.no_grad():
                 _decode_steps(wrapped, variant.built, first, steps)
         finally:
             for hook in hooks:
                 hook.remove()
-    return sum(counts) / len(counts)
+    for idx, keep in (variant.keeps or {}).items():
+        counts[idx] = [keep.float().mean().item()]
+    return {idx: sum(c) / len(c) for idx, c in counts.items()}
 
 
 def _context(model, layer_ids, v: Variant):
-    if v.provider == "token":
+    if v.provider in ("token", "hybrid"):
         return _token_model(model, layer_ids, v)
     return _converted(model, layer_ids, v.keeps is not None)  # the sequence level's decisions are in its cache
 
@@ -266,11 +289,18 @@ def _run_point(model, ids, params, layer_ids, new_tokens, reps, writer):
     steps = new_tokens - 1
     max_len = seqlen + new_tokens + 8
     dense, first = _long_prefill(model, ids)
-    biases = _calibrate(model, layer_ids, dense, first, steps, 0.5, max_len)
+    keeps = _keeps(layer_ids, batch, 0.5)
+    # The hybrid: one layer per token, the others per sequence keeping the sequence variant's rows.
+    token_layers = [_hybrid_token_layer(layer_ids)]
+    hybrid_keeps = {idx: keep for idx, keep in keeps.items() if idx not in token_layers}
+    biases = _calibrate(model, layer_ids, Variant("token", "dynamic", 0.5), dense, first, steps, 0.5, max_len)
+    hybrid_biases = _calibrate(model, layer_ids, Variant("hybrid", "dynamic", 0.5, keeps=hybrid_keeps,
+                                                         token_layers=token_layers), dense, first, steps, 0.5, max_len)
     variants = []
     for kind in ("dynamic", "static"):
-        variants += [Variant("hf", kind, None), Variant("sequence", kind, 0.5, keeps=_keeps(layer_ids, batch, 0.5)),
-                     Variant("token", kind, 0.5, biases=biases), Variant("token", kind, 1.0)]
+        variants += [Variant("hf", kind, None), Variant("sequence", kind, 0.5, keeps=keeps),
+                     Variant("token", kind, 0.5, biases=biases), Variant("token", kind, 1.0),
+                     Variant("hybrid", kind, 0.5, keeps=hybrid_keeps, biases=hybrid_biases, token_layers=token_layers)]
     shared = {}  # the token variants of a cache kind share one cache: each sample's crop puts it back
     for v in variants:
         key = (v.cache, "token") if v.provider == "token" else id(v)
@@ -282,10 +312,9 @@ def _run_point(model, ids, params, layer_ids, new_tokens, reps, writer):
     share = _decode_attention_shares(model, layer_ids, [v for v in variants if v.provider == "hf"], first, steps, 2,
                                      device)
 
-    measured_kept = {}
     for v in variants:  # warm-up (a token layer's dynamic slot takes its buffers here), and the replay check
-        if v.provider == "token" and v.biases is not None:
-            measured_kept[v.cache] = _replayed_kept(model, layer_ids, v, first, steps)
+        if v.biases is not None:
+            v.measured = _replayed_kept(model, layer_ids, v, first, steps)
         with _context(model, layer_ids, v) as m, torch.no_grad():
             _decode_steps(m, v.built, first, steps)
     for r in range(reps):
@@ -298,9 +327,16 @@ def _run_point(model, ids, params, layer_ids, new_tokens, reps, writer):
     tokens = batch * steps
     dense = {v.cache: v for v in variants if v.provider == "hf"}
     fastest = min(dense.values(), key=lambda v: _median(v.decode))
+    sequence = {v.cache: v for v in variants if v.provider == "sequence"}
     for v in variants:
         base = dense[v.cache]
-        kept = measured_kept.get(v.cache, v.kept) if v.provider == "token" and v.biases is not None else v.kept
+        kept = sum(v.measured.values()) / len(v.measured) if v.measured else v.kept
+        extra = {}
+        if v.provider == "hybrid":  # against pure per-sequence routing of the same keeps, round by round
+            vs_sequence = _paired_speedup(sequence[v.cache].decode, v.decode)
+            extra = {"token_layer": v.token_layers[0], "token_layer_kept": v.measured[v.token_layers[0]],
+                     "speedup_vs_sequence": vs_sequence[0], "speedup_vs_sequence_p20": vs_sequence[1],
+                     "speedup_vs_sequence_p80": vs_sequence[2]}
         factor = 1 - (1 - kept) * share[v.cache] if kept is not None else 1.0
         factor_fastest = 1 - (1 - kept) * share[fastest.cache] if kept is not None else 1.0
         speedup, low, high = _paired_speedup(base.decode, v.decode)
@@ -311,5 +347,11 @@ def _run_point(model, ids, params, layer_ids, new_tokens, reps, writer):
                    speedup_vs_hf=speedup, speedup_p20=low, speedup_p80=high, ideal_speedup=1 / factor,
                    frac_of_ideal=speedup * factor,
                    fastest_dense=fastest.cache, speedup_vs_fastest=vs_fastest, ideal_vs_fastest=1 / factor_fastest,
-                   frac_of_ideal_vs_fastest=vs_fastest * factor_fastest)
+                   frac_of_ideal_vs_fastest=vs_fastest * factor_fastest, **extra)
         v.built = None
+
+
+def _hybrid_token_layer(layer_ids) -> int:
+    """The hybrid's one per-token layer: the middle routed layer (the later of two), so that per-sequence layers
+    come before it (its input depends on their keeps) and after it."""
+    return layer_ids[len(layer_ids) // 2]

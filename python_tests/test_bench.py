@@ -222,13 +222,22 @@ def test_decode_profile_rejects_bad_arguments(args, message, capsys):
 def test_token_decode_rows_cover_the_variants_at_exactly_the_kept_fraction(rows):
     token = {(r["provider"], r["params"]["cache"], r["params"].get("kept")): r["metrics"] for r in rows
              if r["section"] == "token_decode" and r["name"] == "decode"}
-    variants = {("hf", None), ("sequence", 0.5), ("token", 0.5), ("token", 1.0)}
+    variants = {("hf", None), ("sequence", 0.5), ("token", 0.5), ("token", 1.0), ("hybrid", 0.5)}
     assert set(token) == {(p, c, k) for p, k in variants for c in ("dynamic", "static")}
     for cache in ("dynamic", "static"):
         # The replayed router biases keep exactly half of the rows at every step of every layer.
         assert token[("token", cache, 0.5)]["measured_kept"] == 0.5
         assert 1.0 < token[("token", cache, 0.5)]["ideal_speedup"] < 2.0
         assert token[("hf", cache, None)]["fastest_dense"] in ("dynamic", "static")
+        # The hybrid: its one per-token layer (the middle of layers 3..6) calibrated in the hybrid itself keeps
+        # exactly half of the rows, as its per-sequence layers do; the same ideal as the other variants at 0.5, and
+        # its speed against the sequence variant paired per round.
+        hybrid = token[("hybrid", cache, 0.5)]
+        assert hybrid["token_layer"] == 5 and hybrid["token_layer_kept"] == 0.5 and hybrid["measured_kept"] == 0.5
+        assert hybrid["ideal_speedup"] == token[("token", cache, 0.5)]["ideal_speedup"]
+        low, mid, high = (hybrid[f"speedup_vs_sequence{end}"] for end in ("_p20", "", "_p80"))
+        assert 0 < low <= mid <= high
+    assert all("speedup_vs_sequence" not in m for (provider, _, _), m in token.items() if provider != "hybrid")
     assert all(m["tokens_per_s"] > 0 and m["frac_of_ideal_vs_fastest"] > 0 for m in token.values())
     prefill = {(r["name"], r["provider"], r["params"].get("kept")): r["metrics"] for r in rows
                if r["section"] == "token_decode" and r["name"] != "decode"}
