@@ -12,10 +12,12 @@ MindSkip architectures (``MindSkipLlamaForCausalLM`` and the Mistral, Qwen2, Qwe
 model is served with one of them through ``hf_overrides`` (:func:`hf_overrides` writes them), so the base
 checkpoint's files stay as they are. This package is not imported by ``import mindskip_ext``.
 
-A router directory is served in one of two modes (:func:`serving_mode`): **static** when its routers ignore their
+A router directory is served in one of three modes (:func:`serving_mode`): **static** when its routers ignore their
 input (``mindskip drop``, ``mindskip eval --save-static``): the always-skipped layers have no attention and no KV
-cache, under any vLLM setting; **dynamic** otherwise: each request is routed at its prefill, with chunked prefill
-and prefix caching off. Both run on vLLM's compiled path by default (``enforce_eager=True`` runs them eagerly).
+cache, under any vLLM setting; **dynamic** where a layer routes per sequence: each request is routed at its prefill,
+with chunked prefill and prefix caching off; **per-token** where every routed layer routes per token (token routers):
+under any vLLM setting. A hybrid's per-token layers (``token_layers``) are served beside its per-request ones, in
+dynamic mode. Every mode runs on vLLM's compiled path by default (``enforce_eager=True`` runs them eagerly).
 """
 
 from __future__ import annotations
@@ -41,9 +43,11 @@ BASE_CLASSES = {
     "gemma3_text": "Gemma3ForCausalLM",
 }
 # What a MindSkip model needs from the engine, by mode (see checks.serving_problems for why). Static mode is a
-# stock model with fewer attention layers: vLLM's defaults. Both modes run compiled unless enforce_eager is set.
+# stock model with fewer attention layers, and per-token mode one whose routed layers mask their attention output per
+# token: vLLM's defaults. Every mode runs compiled unless enforce_eager is set.
 ENGINE_DEFAULTS = {
     "static": {},
+    "per-token": {},
     "dynamic": {"enable_chunked_prefill": False, "enable_prefix_caching": False},
 }
 
@@ -86,7 +90,8 @@ def hf_overrides(base: str | os.PathLike, routers: str | os.PathLike) -> dict:
 
 def serving_mode(routers: str | os.PathLike) -> str:
     """How ``routers`` are served: ``"static"`` (every router ignores its input: ``mindskip drop`` and ``mindskip
-    eval --save-static`` output) or ``"dynamic"`` (per-request routing)."""
+    eval --save-static`` output), ``"dynamic"`` (some layer routes per request) or ``"per-token"`` (every routed layer
+    routes per token)."""
     from .checks import RoutingPlan
 
     return RoutingPlan.read(routers).mode

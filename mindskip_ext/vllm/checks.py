@@ -58,7 +58,9 @@ class RoutingPlan:
     ``keep`` is set when every router ignores its input (all-zero weights, as ``mindskip drop`` and ``mindskip
     eval --save-static`` write them): each layer then makes one decision for every request, and the model is
     served in **static** mode (:mod:`.static`: the always-skipped layers have no attention and no KV cache).
-    Otherwise it is served in **dynamic** mode (:mod:`.routing`: per-request decisions at each prefill).
+    Otherwise it is served in **dynamic** mode (:mod:`.routing`: per-request decisions at each prefill), or in
+    **per-token** mode where every routed layer routes per token (token routers; a hybrid's per-sequence layers route
+    per request, in dynamic mode).
     """
 
     directory: str
@@ -77,11 +79,6 @@ class RoutingPlan:
                 f"the routers in {directory} gate granularity {config.granularity!r}; the vLLM plugin serves "
                 "granularity 'attn' (MindSkip). Serve these with transformers (MindSkipModel.from_pretrained)"
             )
-        if config.routing != "sequence":
-            raise ValueError(
-                f"the routers in {directory} route per {config.routing}; the vLLM plugin serves sequence routing. "
-                "Serve these with transformers (MindSkipModel.from_pretrained)"
-            )
         layers = sorted(meta["layers"])
         keep = None
         weights = [state[f"layers.{idx}.router.weight"] for idx in layers]
@@ -94,26 +91,41 @@ class RoutingPlan:
 
     @property
     def mode(self) -> str:
-        return "dynamic" if self.keep is None else "static"
+        """``"static"``; ``"dynamic"`` where some layer routes per request; ``"per-token"`` where every routed layer
+        routes per token (token routers: the decisions need nothing from the engine)."""
+        if self.keep is not None:
+            return "static"
+        return "dynamic" if self.routed else "per-token"
 
     @property
     def dropped(self) -> list[int]:
-        """Static mode: the layers whose attention never runs (none in dynamic mode)."""
+        """Static mode: the layers whose attention never runs (none otherwise)."""
         return [idx for idx, kept in (self.keep or {}).items() if not kept]
+
+    def _routed_at(self, level: str) -> list[int]:
+        return [idx for idx in self.layers if self.config.routing_of(idx) == level] if self.keep is None else []
 
     @property
     def routed(self) -> list[int]:
-        """Dynamic mode: the layers with a router at run time (none in static mode)."""
-        return self.layers if self.keep is None else []
+        """The layers routed per request at run time (none in static mode)."""
+        return self._routed_at("sequence")
+
+    @property
+    def per_token(self) -> list[int]:
+        """The layers routed per token at run time (token routers; none in static mode)."""
+        return self._routed_at("token")
 
     def describe(self) -> str:
-        if self.keep is None:
-            return f"dynamic routing on layers {self.layers}"
-        return f"static: the attention of layers {self.dropped} is dropped (no KV cache)"
+        if self.keep is not None:
+            return f"static: the attention of layers {self.dropped} is dropped (no KV cache)"
+        levels = [f"layers {layers} per {level}" for layers, level in ((self.routed, "request"),
+                                                                     (self.per_token, "token")) if layers]
+        return f"{self.mode} routing on " + " and ".join(levels)
 
     def cache_key(self) -> dict:
         """What of the routers shapes the compiled model (it goes into vLLM's compile-cache key)."""
-        return {"mode": self.mode, "routed": self.routed, "dropped": self.dropped, "routers": self.weights_sha256}
+        return {"mode": self.mode, "routed": self.routed, "per_token": self.per_token, "dropped": self.dropped,
+                "routers": self.weights_sha256}
 
 
 def read_plan(hf_config) -> RoutingPlan:
@@ -139,10 +151,11 @@ def read_plan(hf_config) -> RoutingPlan:
 def serving_problems(vllm_config, mode: str) -> list[str]:
     """Every vLLM setting MindSkip cannot serve under in ``mode``, each with the setting to use instead.
 
-    Static mode is a smaller stock model: it runs under any setting. Dynamic mode decides per request at the
-    prefill and finds the decision again by the request's first KV block.
+    Static mode is a smaller stock model: it runs under any setting, and so does per-token mode, whose decisions
+    are each token's own. Dynamic mode decides per request at the prefill and finds the decision again by the
+    request's first KV block.
     """
-    if mode == "static":
+    if mode != "dynamic":
         return []
     problems = []
     if vllm_config.scheduler_config.enable_chunked_prefill:
@@ -194,6 +207,8 @@ def _execution(vllm_config, plan: RoutingPlan) -> str:
         return "eager (enforce_eager=True)"
     if plan.mode == "static":
         return "compiled as vLLM compiles the stock model"
+    if plan.mode == "per-token":
+        return "compiled: each per-token layer's decisions and output mask compile with the rest of the layer"
     return (f"compiled: the routed attention is the custom op {ROUTED_ATTENTION_OP}, a graph splitting op, and the "
             "rest of each layer compiles; if compilation fails for this model, enforce_eager=True (--enforce-eager) "
             "runs the same op eagerly")

@@ -1,15 +1,16 @@
 """MindSkip versions of vLLM's Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE and Gemma 3 causal LMs.
 
 Each is the stock vLLM class, built as usual; then :class:`MindSkipMixin` applies the router directory named in
-the model's config (``mindskip_routers``) to its decoder layers, in one of two modes (see
-:class:`~mindskip_ext.vllm.checks.RoutingPlan`):
+the model's config (``mindskip_routers``) to its decoder layers (see :class:`~mindskip_ext.vllm.checks.RoutingPlan`):
 
 * **static** (routers that ignore their input): the attention module of every always-skipped layer is replaced
   by :class:`~mindskip_ext.vllm.static.SkippedAttention`, and its attention layer gets no KV cache;
-* **dynamic**: the attention module of every MindSkip layer gets its router
-  (:func:`~mindskip_ext.vllm.routing.attach_router`) and runs as one custom op.
+* **routed per request**: the attention module of the layer gets its router
+  (:func:`~mindskip_ext.vllm.routing.attach_router`) and runs as one custom op;
+* **routed per token** (token routers): the attention module runs as usual and its output is masked per token
+  (:func:`~mindskip_ext.vllm.routing.attach_token_router`).
 
-Both work on any vLLM causal LM whose decoder is ``self.model`` with ``.layers`` of decoder layers that call
+All work on any vLLM causal LM whose decoder is ``self.model`` with ``.layers`` of decoder layers that call
 ``self.self_attn(positions=..., hidden_states=...)`` on the pre-attention norm's output (what the router pools)
 and add what it returns to the residual: a new model family gets both modes by mixing :class:`MindSkipMixin` into
 its stock class. Gemma 3 adds it through its attention-output norm, which keeps a skipped token's zeros zeros (its
@@ -32,7 +33,7 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from vllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
 
 from .checks import ROUTED_ATTENTION_OP, RoutingPlan, read_plan
-from .routing import LayerRouter, attach_router
+from .routing import LayerRouter, attach_router, attach_token_router
 from .static import drop_attention, without_dropped_weights
 
 
@@ -57,7 +58,7 @@ def apply_plan(decoder: nn.Module, plan: RoutingPlan, vllm_config) -> None:
     """Drop (static mode) or route (dynamic mode) the attention of ``decoder``'s MindSkip layers, in place."""
     hidden_size = int(vllm_config.model_config.hf_config.hidden_size)
     context = vllm_config.compilation_config.static_forward_context
-    for idx in plan.dropped + plan.routed:
+    for idx in plan.dropped + plan.routed + plan.per_token:
         if not decoder.start_layer <= idx < decoder.end_layer:
             continue  # held by another pipeline stage
         layer = decoder.layers[idx]
@@ -72,7 +73,10 @@ def apply_plan(decoder: nn.Module, plan: RoutingPlan, vllm_config) -> None:
         with torch.no_grad():
             router.weight.copy_(plan.state[f"layers.{idx}.router.weight"].reshape(-1))
             router.bias.copy_(plan.state[f"layers.{idx}.router.bias"].reshape(()))
-        attach_router(layer.self_attn, next(iter(attention.values())), router, context)
+        if idx in plan.per_token:
+            attach_token_router(layer.self_attn, router)
+        else:
+            attach_router(layer.self_attn, next(iter(attention.values())), router, context)
     # The piecewise path: vLLM splits its graph at its attention ops and captures the pieces between them as CUDA
     # graphs. The routed attention is split out the same way (done here, in the engine's process, once the config
     # is final; vLLM reads the list when it compiles the model, after building it).

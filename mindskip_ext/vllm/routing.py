@@ -144,6 +144,13 @@ class LayerRouter(nn.Module):
     def extra_repr(self) -> str:
         return f"hidden_size={self.weight.numel()}, threshold={self.threshold}"
 
+    def keep_tokens(self, normed: torch.Tensor) -> torch.Tensor:
+        """``(rows,)`` bool, per token of ``normed`` (the flat batch's normalised layer input): the decision of a
+        layer routed per token, each token's own fp32 logit as transformers' token routing computes it
+        (:func:`mindskip_ext.token_routing.token_logits`)."""
+        logits = (normed.to(torch.float32) * self.weight).sum(-1) + self.bias
+        return torch.sigmoid(logits) >= self.threshold
+
     def decide(self, normed: torch.Tensor, step: StepRouting) -> torch.Tensor:
         """``(num_reqs,)`` bool: made now for requests in prefill, read back for the others."""
         _, made, _, _ = ops.router_gate_varlen(normed, step.query_start_loc, self.weight, self.bias, self.threshold)
@@ -276,6 +283,26 @@ def attach_router(self_attn: nn.Module, attn: nn.Module, router: LayerRouter, st
     # that the compiled code of every routed layer is the same.
     self_attn.mindskip_layer_name = _encode_layer_name(attn.layer_name)
     self_attn.forward = types.MethodType(_routed_forward, self_attn)
+
+
+def _token_routed_forward(self_attn: nn.Module, positions: torch.Tensor, hidden_states: torch.Tensor, **kwargs
+                          ) -> torch.Tensor:
+    """A per-token routed attention module's forward: the stock module for every token (each token's key and value
+    are written, as a token-routed transformers layer computes them for every token), its output zeroed where the
+    token's router skips."""
+    keep = self_attn.mindskip_router.keep_tokens(hidden_states)
+    output = self_attn.mindskip_stock_forward(positions, hidden_states, **kwargs)
+    return output * keep.unsqueeze(-1).to(output.dtype)
+
+
+def attach_token_router(self_attn: nn.Module, router: LayerRouter) -> None:
+    """Route a stock vLLM attention module ``self_attn`` per token (an instance: no class is changed): a skipped
+    token's attention output is zeros, so the decoder's residual add leaves it unchanged. Every token still attends
+    (the saving of a per-token layer is in transformers' kernels, not here); the decisions are tensor ops without a
+    host sync, so the layer compiles and graphs like the stock one."""
+    self_attn.mindskip_router = router
+    self_attn.mindskip_stock_forward = types.MethodType(type(self_attn).forward, self_attn)
+    self_attn.forward = types.MethodType(_token_routed_forward, self_attn)
 
 
 @functools.cache

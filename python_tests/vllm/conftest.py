@@ -62,7 +62,8 @@ class Served:
     prompts: list[list[int]]
     expected: list[list[int]]  # greedy new tokens of each prompt, generated alone
     dense: list[list[int]]  # the same without the routers (the base model)
-    keep: dict[int, list[bool]]  # MindSkip layer -> which prompts it keeps
+    keep: dict[int, list[bool]]  # MindSkip layer -> which prompts it keeps (per token: keeps the prompt's last token)
+    token_layers: tuple[int, ...] = ()  # the MindSkip layers routed per token
 
 
 def _layer_inputs(model, layer, prompts: list[list[int]]) -> list[torch.Tensor]:
@@ -81,8 +82,9 @@ def _layer_inputs(model, layer, prompts: list[list[int]]) -> list[torch.Tensor]:
 
 def set_routers(model, prompts: list[list[int]], keep_counts: list[int], seed: int = 0) -> None:
     """Random router weights, and per layer the bias that keeps exactly ``keep_counts[i]`` of ``prompts`` (layer by
-    layer, since a layer's input depends on what the layers before it skipped). The bias sits halfway between two
-    logits that are at least 0.05 apart, so rounding differences between engines never flip a decision."""
+    layer, since a layer's input depends on what the layers before it skipped); a layer routed per token keeps about
+    half of the prompts' tokens instead. The bias sits halfway between two logits that are at least 0.05 apart, so
+    rounding differences between engines never flip a decision."""
     gen = torch.Generator().manual_seed(seed)
     layers = model.mindskip_layers
     for layer, count in zip(layers.values(), keep_counts, strict=True):
@@ -93,7 +95,11 @@ def set_routers(model, prompts: list[list[int]], keep_counts: list[int], seed: i
                 router.weight.copy_(weight)
                 router.bias.fill_(20.0)  # keep everything while measuring this layer's input
             inputs = _layer_inputs(model, layer, prompts)
-            logits = torch.stack([x.float().mean(0) @ weight.reshape(-1) for x in inputs])
+            if layer.routing == "token":
+                logits = torch.cat([x.float() @ weight.reshape(-1) for x in inputs])
+                count = len(logits) // 2
+            else:
+                logits = torch.stack([x.float().mean(0) @ weight.reshape(-1) for x in inputs])
             ordered = logits.sort(descending=True).values
             upper = ordered[count - 1].item() if count > 0 else ordered[0].item() + 1.0
             lower = ordered[count].item() if count < len(ordered) else ordered[-1].item() - 1.0
@@ -105,9 +111,23 @@ def set_routers(model, prompts: list[list[int]], keep_counts: list[int], seed: i
             router.bias.fill_(-(upper + lower) / 2)
 
 
-def serve_fixture(directory: Path, model, tokenizer, keep_counts: list[int], layers=None) -> Served:
-    """Save ``model`` (a stock HF causal LM) with ``tokenizer`` and routers that keep ``keep_counts`` of the prompts,
-    and run transformers MindSkip on each prompt (greedy) for the expected tokens."""
+def _check_token_margins(model, sequences: list[list[int]], margin: float = 0.002) -> None:
+    """Every token that a per-token layer of ``model`` decides on in ``sequences`` (prompts and their generated
+    tokens) has a router logit at least ``margin`` from the threshold (far above fp32 rounding differences between
+    engines, which could otherwise flip a decision and fail a test for no fault). The generated tokens are not
+    known when the biases are set, so this is checked after generating."""
+    for idx, layer in model.mindskip_layers.items():
+        if layer.routing != "token":
+            continue
+        weight, bias = layer.router.weight.reshape(-1), layer.router.bias.item()
+        closest = min((x.float() @ weight + bias).abs().min().item() for x in _layer_inputs(model, layer, sequences))
+        assert closest >= margin, f"layer {idx}: a token's router logit is {closest:.4f} from the threshold"
+
+
+def serve_fixture(directory: Path, model, tokenizer, keep_counts: list[int], layers=None, **config) -> Served:
+    """Save ``model`` (a stock HF causal LM) with ``tokenizer`` and routers (``MindSkipConfig(layers=layers,
+    **config)``) that keep ``keep_counts`` of the prompts (about half of the tokens at a layer routed per token), and
+    run transformers MindSkip on each prompt (greedy) for the expected tokens."""
     import mindskip_ext as msk
 
     base, routers = directory / "base", directory / "routers"
@@ -115,15 +135,19 @@ def serve_fixture(directory: Path, model, tokenizer, keep_counts: list[int], lay
     tokenizer.save_pretrained(base)
     prompts = [tokenizer(text)["input_ids"] for text in PROMPTS]
     dense = [_greedy(model, ids, tokenizer) for ids in prompts]
-    mindskip = msk.get_mindskip_model(model, msk.MindSkipConfig(layers=layers))
+    mindskip = msk.get_mindskip_model(model, msk.MindSkipConfig(layers=layers, **config))
     set_routers(mindskip, prompts, keep_counts)
     mindskip.save_pretrained(routers)
     expected, keep = [], {idx: [] for idx in mindskip.mindskip_layers}
     for ids in prompts:
         expected.append(_greedy(mindskip, ids, tokenizer))
         for idx, routing in mindskip.last_record.layers.items():
-            keep[idx].append(bool(routing.keep[0]))
-    return Served(base=base, routers=routers, prompts=prompts, expected=expected, dense=dense, keep=keep)
+            # A layer routed per token: whether the prompt's last token is kept (its decisions mix within prompts).
+            keep[idx].append(bool(routing.keep[0, -1] if routing.keep.dim() == 2 else routing.keep[0]))
+    _check_token_margins(mindskip, [ids + out[:-1] for ids, out in zip(prompts, expected)])
+    token_layers = tuple(idx for idx, layer in mindskip.mindskip_layers.items() if layer.routing == "token")
+    return Served(base=base, routers=routers, prompts=prompts, expected=expected, dense=dense, keep=keep,
+                  token_layers=token_layers)
 
 
 def static_fixture(directory: Path, served: Served, layers: list[int], dropped: list[int]) -> Served:
@@ -157,9 +181,10 @@ def _greedy(model, ids: list[int], tokenizer) -> list[int]:
     return out[0, len(ids) :].tolist()
 
 
-def tiny_fixture(directory: Path, model_type: str, seed: int, **config) -> Served:
+def tiny_fixture(directory: Path, model_type: str, seed: int, routers: dict | None = None, **config) -> Served:
     """A tiny random model of ``model_type`` (6 layers, hidden 128) with the test prompts' word tokenizer, served
-    with routers on layers 2, 3 and 4 that keep TINY_KEEP_COUNTS of the prompts (:func:`serve_fixture`)."""
+    with routers (``MindSkipConfig(**routers)``) on layers 2, 3 and 4 that keep TINY_KEEP_COUNTS of the prompts
+    (:func:`serve_fixture`)."""
     from mindskip_ext.testing import tiny_model, train_word_tokenizer
 
     tokenizer = train_word_tokenizer(PROMPTS, chat_template=False)
@@ -167,12 +192,25 @@ def tiny_fixture(directory: Path, model_type: str, seed: int, **config) -> Serve
         model_type, tokenizer=tokenizer, layers=6, hidden=128, heads=4, kv_heads=2, intermediate=256, seed=seed,
         max_position_embeddings=512, **config,
     )
-    return serve_fixture(directory, model, tokenizer, TINY_KEEP_COUNTS)
+    return serve_fixture(directory, model, tokenizer, TINY_KEEP_COUNTS, **(routers or {}))
 
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> Served:
     return tiny_fixture(tmp_path_factory.mktemp("tiny"), "llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_hybrid(tmp_path_factory) -> Served:
+    """The tiny Llama with token routers on layers 2-4: layer 3 routes per token, 2 and 4 per sequence."""
+    routers = {"routing": "token", "token_layers": [3]}
+    return tiny_fixture(tmp_path_factory.mktemp("tiny_hybrid"), "llama", seed=0, routers=routers)
+
+
+@pytest.fixture(scope="session")
+def tiny_token(tmp_path_factory) -> Served:
+    """The tiny Llama with token routers on layers 2-4, every one routed per token."""
+    return tiny_fixture(tmp_path_factory.mktemp("tiny_token"), "llama", seed=0, routers={"routing": "token"})
 
 
 @pytest.fixture(scope="session")

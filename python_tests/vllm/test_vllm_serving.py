@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import NEW_TOKENS, Served, generate, offline_engine, tiny_fixture
+from conftest import NEW_TOKENS, Served, generate, in_process_engine, offline_engine, tiny_fixture
 
 
 def check_fixture(served: Served) -> None:
@@ -62,11 +62,40 @@ def test_other_architectures_match_transformers(tmp_path, model_type):
         assert generate(engine, served) == served.expected
 
 
-def test_skipped_requests_write_no_kv(tiny):
+# Token routers: the hybrid (layer 3 per token, 2 and 4 per request) with one request per step and with all six at
+# once, eagerly and compiled.
+@pytest.mark.parametrize("max_num_seqs, compiled", [(1, False), (8, False), (8, True)])
+def test_tiny_hybrid_matches_transformers(tiny_hybrid, max_num_seqs, compiled):
+    from mindskip_ext.vllm import serving_mode
+
+    check_fixture(tiny_hybrid)
+    assert tiny_hybrid.token_layers == (3,) and serving_mode(tiny_hybrid.routers) == "dynamic"
+    with offline_engine(tiny_hybrid, max_num_seqs, compiled=compiled) as engine:
+        assert generate(engine, tiny_hybrid) == tiny_hybrid.expected
+
+
+def test_token_routers_serve_under_vllm_defaults(tiny_token):
+    """Every routed layer per token: each decision is the token's own, so the routers serve under vLLM's defaults
+    (chunked prefill, prefix caching, compiled) and generate what transformers MindSkip generates."""
+    from mindskip_ext.vllm import serving_mode
+
+    check_fixture(tiny_token)
+    assert serving_mode(tiny_token.routers) == "per-token"
+    with in_process_engine(tiny_token.base, tiny_token.routers, max_num_seqs=8) as engine:
+        config = engine.llm_engine.vllm_config
+        assert config.scheduler_config.enable_chunked_prefill and config.cache_config.enable_prefix_caching
+        assert not config.model_config.enforce_eager
+        assert generate(engine, tiny_token) == tiny_token.expected
+
+
+@pytest.mark.parametrize("fixture", ["tiny", "tiny_hybrid"])
+def test_skipped_requests_write_no_kv(request, fixture):
     """Fill every KV cache with a sentinel, generate, and count the written token slots of each layer: exactly the
-    tokens of the requests that layer keeps (every request at a layer without router). With all six requests in
-    flight at once, no KV block changes hands. (The sentinel is finite: the CPU kernel reads the unused slots of a
-    block and masks their scores, and a NaN value would survive the zero weight.)"""
+    tokens of the requests that layer keeps (every request at a layer without router, and at a layer routed per
+    token, where every token computes its key and value). With all six requests in flight at once, no KV block changes
+    hands. (The sentinel is finite: the CPU kernel reads the unused slots of a block and masks their scores, and a NaN
+    value would survive the zero weight.)"""
+    tiny = request.getfixturevalue(fixture)
     fed = [len(ids) + NEW_TOKENS - 1 for ids in tiny.prompts]  # the last new token is never fed back
 
     def layers_attention(model):
@@ -88,7 +117,7 @@ def test_skipped_requests_write_no_kv(tiny):
         assert generate(engine, tiny) == tiny.expected
         (written,) = engine.apply_model(written_slots)
     for idx, count in enumerate(written):
-        keep = tiny.keep.get(idx, [True] * len(fed))
+        keep = [True] * len(fed) if idx in tiny.token_layers else tiny.keep.get(idx, [True] * len(fed))
         assert count == sum(n for n, kept in zip(fed, keep) if kept), f"layer {idx}"
     assert written[2] < sum(fed)
 
