@@ -132,6 +132,7 @@ def test_eval_and_generate_route_the_chosen_token_layers_per_token(model_dir, tm
     from transformers import AutoModelForCausalLM
 
     import mindskip_ext as msk
+    from mindskip_ext.model import read_router_directory
 
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     model = msk.get_mindskip_model(base, msk.MindSkipConfig(routing="token"))
@@ -158,6 +159,18 @@ def test_eval_and_generate_route_the_chosen_token_layers_per_token(model_dir, tm
         routers = [] if message == "give --routers" else ["--routers", str(tmp_path / "token")]
         code, _, err = run_cli("eval", "--model", model_dir, *routers, *argv, *text)
         assert code == 1 and message in err, err
+    # The hybrid's routing report and static projection: kept fractions of tokens at its per-token layer, and a
+    # static drop of whole layers saved as `mindskip drop` saves one.
+    code, stdout, _ = run_cli("eval", "--model", model_dir, "--routers", str(tmp_path / "token"), "--token-layers",
+                              "4", "--static-projection", "--save-static", str(tmp_path / "static"), *text)
+    assert code == 0 and "of tokens decide otherwise" in stdout and "of sequences decide otherwise" in stdout
+    projected = last_json(stdout)
+    dropped = projected["routing"]["static_projection"]["dropped_layers"]
+    assert dropped and 4 in projected["routing"]["dynamic_layers"]
+    config, meta, _ = read_router_directory(tmp_path / "static")
+    assert config.routing == "sequence" and meta["layers"] == dropped
+    assert projected["capacity_per_layer"] == {k: float(int(k) not in dropped)
+                                               for k in projected["capacity_per_layer"]}
 
 
 def test_eval_scores_a_multi_domain_suite_and_compares_on_the_same_tokens(model_dir, data_file, trained, tmp_path):

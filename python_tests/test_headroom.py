@@ -123,7 +123,7 @@ def test_bad_inputs_are_refused(tok, examples, model):
     costs = SkipCosts([1, 2], torch.ones(3, 2, dtype=torch.float64), torch.ones(3, dtype=torch.long))
     with pytest.raises(ValueError, match="no skip costs for router layer 3"):
         headroom(costs, {1: torch.ones(3, dtype=torch.bool), 3: torch.ones(3, dtype=torch.bool)})
-    with pytest.raises(ValueError, match="decisions for 2 sequences, skip costs for 3"):
+    with pytest.raises(ValueError, match=r"decisions of layer 1 are \(2,\), skip costs are for 3 sequences"):
         headroom(costs, {1: torch.ones(2, dtype=torch.bool)})
 
 

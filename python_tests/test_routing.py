@@ -18,9 +18,10 @@ def examples(tok):
     return D.prepare_examples(tok, synthetic_instructions(60, seed=4), 128).examples
 
 
-def routed(tok):
+def routed(tok, **config):
     """Layers 1 and 2 route on the input (random weights), layer 3 always keeps and layer 4 always skips."""
-    model = msk.get_mindskip_model(tiny_model(tokenizer=tok, layers=6), msk.MindSkipConfig(layers=[1, 2, 3, 4]))
+    model = msk.get_mindskip_model(tiny_model(tokenizer=tok, layers=6), msk.MindSkipConfig(layers=[1, 2, 3, 4],
+                                                                                           **config))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for idx, router in model.routers.items():
@@ -69,3 +70,21 @@ def test_report_and_static_projection(tok, examples):
     least_kept = sorted(report["layers"], key=lambda i: report["layers"][i]["kept"])[:count]
     assert apply_static_projection(fresh, report, num_dropped=count) == sorted(int(i) for i in least_kept)
     assert "4" in least_kept
+
+
+def test_hybrid_decisions_report_and_static_projection(tok, examples):
+    """A hybrid (token routers, layer 2 per token): one decision per real token at that layer, one per sequence at
+    the others; the kept fractions are the evaluated capacities, and the static projection freezes every layer."""
+    pad = D.pad_token_id(tok)
+    model = routed(tok, routing="token", token_layers=[2])
+    decisions = routing_decisions(model, examples, pad, batch_size=7)
+    assert decisions[2].shape == (sum(len(e) for e in examples),)
+    assert all(decisions[i].shape == (len(examples),) for i in (1, 3, 4))
+    capacity = evaluate_examples(model, examples, pad)["capacity_per_layer"]
+    assert {str(i): float(d.float().mean()) for i, d in decisions.items()} == pytest.approx(capacity)
+    report = routing_report(decisions, num_layers=6)
+    assert 0.0 < report["layers"]["2"]["kept"] < 1.0 and 2 in report["dynamic_layers"]
+    dropped = apply_static_projection(model, report)
+    after = routing_report(routing_decisions(model, examples, pad), num_layers=6)
+    assert after["dynamic_layers"] == [] and {int(i) for i, v in after["layers"].items() if v["kept"] == 0} == set(
+        dropped)

@@ -40,8 +40,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-default-tasks", action="store_true", help="lm-eval: index only --include-path (faster).")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--routing-report", action="store_true",
-                   help="With --routers and --data: per layer, the kept fraction and the share of sequences whose "
-                   "decision differs from the layer's majority (is the routing dynamic?).")
+                   help="With --routers and --data: per layer, the kept fraction and the share of sequences (of "
+                   "tokens, at a layer routed per token) whose decision differs from the layer's majority (is the "
+                   "routing dynamic?).")
     p.add_argument("--static-projection", action="store_true",
                    help="With --routers and --data: evaluate the routers' static projection instead (every layer "
                    "frozen to its majority decision on --data), after the routing report.")
@@ -234,8 +235,9 @@ def report_routing(model, tokenizer, args, bf16: bool) -> dict:
     decisions = routing_decisions(model, examples, pad, args.batch_size, bf16)
     report = routing_report(decisions, model.config.num_hidden_layers)
     for idx, layer in report["layers"].items():
+        unit = "tokens" if model.mindskip_layers[int(idx)].routing == "token" else "sequences"
         say(f"  layer {idx:>3}: kept {layer['kept']:.3f}, majority {layer['majority']}, "
-            f"{100 * layer['disagreement']:.1f}% of sequences decide otherwise")
+            f"{100 * layer['disagreement']:.1f}% of {unit} decide otherwise")
     say(f"routing: {report['skipped_layers_per_sequence']:.2f} skipped layers per sequence "
         f"(skip ratio {100 * report['skip_ratio']:.1f}%), mean disagreement with the majority "
         f"{100 * report['mean_disagreement']:.1f}%; dynamic layers {report['dynamic_layers']}")

@@ -322,9 +322,12 @@ def headroom(costs: SkipCosts, decisions: dict[int, torch.Tensor], lengths: torc
     layers = sorted(decisions)
     columns = [costs.layers.index(i) for i in layers]
     cost = costs.marginal()[:, columns]
+    wrong = [i for i in layers if decisions[i].shape != cost.shape[:1]]
+    if wrong:
+        raise ValueError(f"decisions of layer {wrong[0]} are {tuple(decisions[wrong[0]].shape)}, skip costs are for "
+                         f"{cost.shape[0]} sequences: the per-sequence headroom needs one decision per sequence (a "
+                         "layer routed per token has none)")
     keep = torch.stack([decisions[i].to(torch.bool).cpu() for i in layers], dim=1)
-    if keep.shape != cost.shape:
-        raise ValueError(f"decisions for {keep.shape[0]} sequences, skip costs for {cost.shape[0]}")
     scored = costs.tokens > 0
     offset = float(_offset(costs, layers)[scored].sum())
     weights = _weights(costs, lengths)[scored]

@@ -1,7 +1,8 @@
 """Is the routing dynamic? Per-layer decisions of trained routers on held-out data, and their static projection.
 
-For each MindSkip layer: the kept fraction, the layer's majority decision, and the share of sequences whose
-decision differs from that majority (0 for a layer that always keeps or always skips: a static layer). The
+For each MindSkip layer: the kept fraction, the layer's majority decision, and the share of sequences (of tokens, for a
+layer routed per token) whose decision differs from that majority (0 for a layer that always keeps or always skips: a
+static layer). The
 *static projection* of a set of routers freezes every layer to its majority decision (or drops the layers it
 keeps least, as many as it skips per sequence). If a router-tuned model cannot beat its own static projection,
 its routing does no work beyond choosing which layers to drop.
@@ -19,16 +20,22 @@ from .perplexity import routed_forwards
 
 
 def routing_decisions(model, examples: Sequence[Example], pad_id: int, batch_size: int = 16, bf16: bool = False):
-    """Layer index -> ``(len(examples),)`` bool keep decisions, in the order of ``examples``."""
+    """Layer index -> bool keep decisions: ``(len(examples),)`` in the order of ``examples`` for a layer routed per
+    sequence; for a layer routed per token (token routers, a hybrid's ``token_layers``), one per real token of the
+    examples, in no particular order (what a kept fraction and a majority need; per position:
+    :func:`mindskip_ext.eval.headroom.token_decisions`)."""
     decisions: dict[int, torch.Tensor] = {}
+    per_token: dict[int, list[torch.Tensor]] = {}
     for index, _, _, record in routed_forwards(model, examples, pad_id, batch_size, bf16):
         rows = torch.tensor(index)
         for idx, routing in record.layers.items():
-            if routing.keep.dim() != 1:
-                raise ValueError("routing_decisions reads one decision per sequence; a token-routed model decides per "
-                                 "token (static projection: mindskip_ext.token_routing.set_static_token_fractions)")
+            if routing.keep.dim() == 2:
+                keep = routing.keep if routing.real is None else routing.keep[routing.real]
+                per_token.setdefault(idx, []).append(keep.flatten().cpu())
+                continue
             out = decisions.setdefault(idx, torch.zeros(len(examples), dtype=torch.bool))
             out[rows] = routing.keep.cpu()
+    decisions.update({idx: torch.cat(parts) for idx, parts in per_token.items()})
     return dict(sorted(decisions.items()))
 
 
