@@ -190,9 +190,11 @@ def varying_layers(kept: dict[int, float], tolerance: float = 0.02) -> list[int]
 
 
 def save_hybrid(router_directory, output, token_layers) -> Path:
-    """Write token routers saved in ``router_directory`` to ``output`` with ``token_layers`` set: loaded, only those
-    layers route per token and the others per sequence (the hybrid). The router weights are copied unchanged; the
-    source is read and checked before anything is written."""
+    """Write token routers saved in ``router_directory`` to ``output`` (it may be the same directory) with
+    ``token_layers`` set: loaded, only those layers route per token and the others per sequence (the hybrid). With no
+    token layers every layer routes per sequence, written as sequence routers (the same decisions: a linear router's
+    logit of the pooled input is its mean token logit). The router weights are copied unchanged; the source is read
+    and checked before anything is written."""
     from ._io import atomic_write_bytes
     from .config import check_token_layers
     from .model import CONFIG_NAME, WEIGHTS_NAME, read_router_directory
@@ -201,7 +203,10 @@ def save_hybrid(router_directory, output, token_layers) -> Path:
     if config.routing != "token":
         raise ValueError(f"{router_directory} holds {config.routing} routers: a hybrid needs token routers")
     check_token_layers(token_layers, meta["layers"])
-    config = dataclasses.replace(config, token_layers=list(token_layers))
+    if token_layers:
+        config = dataclasses.replace(config, token_layers=list(token_layers))
+    else:
+        config = dataclasses.replace(config, routing="sequence", token_layers=None)
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} exists and is not a directory")

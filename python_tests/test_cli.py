@@ -127,6 +127,33 @@ def test_train_token_routers_names_the_layers_worth_routing_per_token(model_dir,
     assert not (tmp_path / "sequence").exists()
 
 
+def test_the_hybrid_recipe_writes_token_routers_with_the_varying_layers_per_token(model_dir, data_file, tmp_path):
+    from mindskip_ext.model import read_router_directory
+    from mindskip_ext.token_routing import varying_layers
+
+    train = ("train", "--model", model_dir, "--data", data_file, "--target-capacity", "0.5", "--recipe", "hybrid",
+             "--max-steps", "12", "--batch-size", "16", "--heldout-fraction", "0.3", "--no-progress")
+    code, stdout, _ = run_cli(*train, "--output", str(tmp_path / "hybrid"))
+    assert code == 0
+    result = last_json(stdout)
+    layers = varying_layers({int(k): v for k, v in result["capacity_per_layer"].items()})
+    assert result["recipe"] == "hybrid" and result["varying_token_layers"] == layers
+    assert result["hybrid_dir"] == result["router_dir"] == str(tmp_path / "hybrid")
+    # This tiny run's routers decide alike for every token of a sequence (kd-joint's static start), so every layer
+    # routes per sequence; with varying layers the same save_hybrid writes them (see the --hybrid-output test).
+    config, meta, _ = read_router_directory(tmp_path / "hybrid")
+    assert (config.routing, config.token_layers) == (("token", layers) if layers else ("sequence", None))
+    assert meta["layers"] == list(range(1, 7))
+    summary = json.loads((tmp_path / "hybrid" / "training_summary.json").read_text())
+    assert (summary["config"]["loss"], summary["config"]["router_init"]) == ("kd", "joint")
+    assert summary["mindskip_config"]["routing"] == "token"
+    for extra, message in ((("--routing", "sequence"), "recipe hybrid trains token routers and writes the hybrid"),
+                           (("--hybrid-output", str(tmp_path / "h2")), "writes the hybrid to --output itself")):
+        code, _, err = run_cli(*train, "--output", str(tmp_path / "bad"), *extra)
+        assert code != 0 and message in err, err
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "h2").exists()
+
+
 def test_eval_and_generate_route_the_chosen_token_layers_per_token(model_dir, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM

@@ -373,6 +373,14 @@ def test_save_hybrid_writes_the_token_routers_with_the_chosen_token_layers(tmp_p
     hybrid = msk.MindSkipModel.from_pretrained(tiny_lm(), out)
     assert hybrid.mindskip_config.token_layers == [2]
     assert torch.equal(logits_of(hybrid, ids), expected)
+    # No layer per token, written over the source: sequence routers with the same weights and decisions.
+    every_sequence = logits_of(msk.MindSkipModel.from_pretrained(tiny_lm(), out, routing="sequence",
+                                                                 token_layers=None), ids)
+    assert tr.save_hybrid(out, out, []) == out
+    config = msk.MindSkipModel.from_pretrained(tiny_lm(), out).mindskip_config
+    assert (config.routing, config.token_layers) == ("sequence", None)
+    assert torch.equal(logits_of(msk.MindSkipModel.from_pretrained(tiny_lm(), out), ids), every_sequence)
+    assert (out / WEIGHTS_NAME).read_bytes() == (tmp_path / "token" / WEIGHTS_NAME).read_bytes()
     with pytest.raises(ValueError, match=r"token_layers \[4\] are not routed layers"):
         tr.save_hybrid(tmp_path / "token", tmp_path / "bad", [2, 4])
     sequence = msk.get_mindskip_model(tiny_lm(), msk.MindSkipConfig(layers=[1, 2, 3]))

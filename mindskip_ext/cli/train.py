@@ -31,7 +31,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--hybrid-output", default=None,
                    help="With --routing token: also write the routers to this directory with token_layers set to the "
                    "layers that vary per token on the held-out set (the others route per sequence and store no KV "
-                   "cache for a skipped sequence; docs/token-routing.md).")
+                   "cache for a skipped sequence; docs/token-routing.md). The recipe hybrid writes that to --output.")
     p.add_argument("--resume", action="store_true", help="Continue from --output/checkpoints/latest when present.")
     p.add_argument("--fsdp", action="store_true",
                    help="Under torchrun: shard the frozen weights over the processes with FSDP2 (routers replicated).")
@@ -78,7 +78,12 @@ def _train(args, device, world) -> int:
     show = say if world.is_main else (lambda *parts: None)
     recipe = RECIPES[args.recipe]
     config = from_options(RouterTuningConfig, args, defaults=recipe.tuning)
-    ms_config = from_options(MindSkipConfig, args)
+    ms_config = from_options(MindSkipConfig, args, defaults={"routing": "token"} if recipe.hybrid else None)
+    if recipe.hybrid and ms_config.routing != "token":
+        raise ValueError(f"recipe {args.recipe} trains token routers and writes the hybrid: drop --routing "
+                         f"{ms_config.routing}, or use --recipe kd-joint for routers trained per sequence")
+    if recipe.hybrid and args.hybrid_output:
+        raise ValueError(f"recipe {args.recipe} writes the hybrid to --output itself: drop --hybrid-output")
     if args.hybrid_output and ms_config.routing != "token":
         raise ValueError("--hybrid-output chooses the layers that route per token: it needs --routing token")
     if args.fsdp and not world.active:
@@ -132,16 +137,16 @@ def _train(args, device, world) -> int:
 
         token_layers = varying_layers({int(k): v for k, v in held["capacity_per_layer"].items()})
         alike = sorted(set(map(int, held["capacity_per_layer"])) - set(token_layers))
-        if token_layers and alike:
+        target = args.output if recipe.hybrid else args.hybrid_output
+        if token_layers and alike and not target:
             say(f"layers {alike} keep or skip at least 98% of the held-out tokens alike: routed per sequence they "
                 f"store no KV cache for a skipped sequence (mindskip eval/generate --token-layers "
                 f"{','.join(map(str, token_layers))}; docs/token-routing.md)")
-        if args.hybrid_output and token_layers:
-            hybrid_dir = str(save_hybrid(args.output, args.hybrid_output, token_layers))
-            say(f"hybrid routers (layers {token_layers} per token, the others per sequence): {hybrid_dir}")
-        elif args.hybrid_output:
-            say(f"no layer varies per token on the held-out set: {args.hybrid_output} not written (route every "
-                "layer per sequence instead: mindskip train without --routing token)")
+        if target:
+            hybrid_dir = str(save_hybrid(args.output, target, token_layers))
+            say(f"hybrid routers (layers {token_layers} per token, the others per sequence): {hybrid_dir}"
+                if token_layers else f"no layer varies per token on the held-out set: every layer routes per "
+                f"sequence in {hybrid_dir}")
     emit_json(
         {
             "command": "train",

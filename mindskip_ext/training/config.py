@@ -245,13 +245,18 @@ class RouterTuningConfig:
 @dataclass(frozen=True)
 class Recipe:
     """A named Router-Tuning setup: values for :class:`RouterTuningConfig` fields (the rest keep their defaults;
-    settings given explicitly win) and the router layers for a model with a given number of decoder layers."""
+    settings given explicitly win) and the router layers for a model with a given number of decoder layers.
+    ``hybrid``: token routers are trained, and the router directory written routes per token only the layers whose
+    decisions vary per token on the held-out set, the others per sequence (``MindSkipConfig.token_layers``)."""
 
     description: str
     tuning: dict[str, object]
     layers: Callable[[int], list[int]]
+    hybrid: bool = False
 
 
+KD_JOINT = {"loss": "kd", "router_init": "joint", "router_init_margin": True, "router_init_sequences": 32,
+            "centre_router_inputs": True, "initial_multiplier": 1.0, "learning_rate": 5e-4}
 RECIPES = {
     "paper": Recipe("the paper's: cross-entropy, zero-initialised routers on the last half of the layers but the "
                     "last", {}, default_layers),
@@ -273,9 +278,19 @@ RECIPES = {
         "kd-wide's, started from the greedy joint-cost search with the next-ranked layer at the threshold "
         "(--router-init joint --router-init-margin, on 32 sequences: about as many times the forwards of one "
         "layer-cost pass as layers start skipped) and centred router inputs",
-        {"loss": "kd", "router_init": "joint", "router_init_margin": True, "router_init_sequences": 32,
-         "centre_router_inputs": True, "initial_multiplier": 1.0, "learning_rate": 5e-4},
+        KD_JOINT,
         wide_layers,
+    ),
+    # kd-joint's training on token routers, written as the hybrid: on the multi-domain suite (SmolLM2-135M,
+    # docs/routing-quality.md) 3.1% and 3.8% below its own static projection at 25% and 37.5% of the attention
+    # skipped, where kd-joint's routers are within noise of theirs, and 3.3% / 3.0% below kd-joint's projection.
+    "hybrid": Recipe(
+        "kd-joint's, training token routers; the router directory routes per token only the layers whose "
+        "decisions vary per token on the held-out set (--routing token, then token_layers), the others per "
+        "sequence with no KV cache for a skipped sequence",
+        KD_JOINT,
+        wide_layers,
+        hybrid=True,
     ),
 }
 # What `mindskip train` runs without --recipe.
