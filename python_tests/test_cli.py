@@ -34,8 +34,8 @@ def data_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(model_dir, data_file, tmp_path_factory):
-    """`mindskip train` with the default recipe (kd-joint: routers on 1..6, the joint-cost start) and
-    --target-capacity 0.5: (router dir, its final JSON line)."""
+    """`mindskip train` with the default recipe (hybrid: kd-joint's training of token routers on 1..6 from the
+    joint-cost start, written as the hybrid) and --target-capacity 0.5: (router dir, its final JSON line)."""
     out = tmp_path_factory.mktemp("routers")
     code, stdout, _ = run_cli(
         "train", "--model", model_dir, "--data", data_file, "--target-capacity", "0.5", "--output", str(out),
@@ -64,7 +64,7 @@ def last_json(stdout: str) -> dict:
 
 def test_train_lands_on_the_target_capacity_on_heldout_data(trained):
     out, result = trained
-    assert result["command"] == "train" and result["target_capacity"] == 0.5 and result["recipe"] == "kd-joint"
+    assert result["command"] == "train" and result["target_capacity"] == 0.5 and result["recipe"] == "hybrid"
     config = json.loads((out / "training_summary.json").read_text())["config"]
     assert (config["loss"], config["router_init"], config["router_init_margin"], config["centre_router_inputs"]) == (
         "kd", "joint", True, True)
@@ -107,7 +107,6 @@ def test_train_token_routers_names_the_layers_worth_routing_per_token(model_dir,
     from mindskip_ext.model import read_router_directory
     from mindskip_ext.token_routing import varying_layers
 
-    assert trained[1]["varying_token_layers"] is None  # sequence routers
     code, stdout, _ = run_cli(
         "train", "--model", model_dir, "--data", data_file, "--target-capacity", "0.5", "--recipe", "paper",
         "--routing", "token", "--output", str(tmp_path / "token"), "--max-steps", "12", "--batch-size", "16",
@@ -122,31 +121,28 @@ def test_train_token_routers_names_the_layers_worth_routing_per_token(model_dir,
     config, _, _ = read_router_directory(tmp_path / "hybrid")
     assert config.routing == "token" and config.token_layers == layers
     code, _, stderr = run_cli("train", "--model", model_dir, "--data", data_file, "--target-capacity", "0.5",
-                              "--output", str(tmp_path / "sequence"), "--hybrid-output", str(tmp_path / "h2"))
+                              "--recipe", "kd-joint", "--output", str(tmp_path / "sequence"), "--hybrid-output",
+                              str(tmp_path / "h2"))
     assert code != 0 and "--hybrid-output chooses the layers that route per token: it needs --routing token" in stderr
     assert not (tmp_path / "sequence").exists()
 
 
-def test_the_hybrid_recipe_writes_token_routers_with_the_varying_layers_per_token(model_dir, data_file, tmp_path):
+def test_the_hybrid_recipe_writes_token_routers_with_the_varying_layers_per_token(model_dir, data_file, trained,
+                                                                                  tmp_path):
     from mindskip_ext.model import read_router_directory
     from mindskip_ext.token_routing import varying_layers
 
+    out, result = trained  # the default recipe
+    layers = varying_layers({int(k): v for k, v in result["capacity_per_layer"].items()})
+    assert result["recipe"] == "hybrid" and result["varying_token_layers"] == layers and layers
+    assert result["hybrid_dir"] == result["router_dir"] == str(out)
+    config, meta, _ = read_router_directory(out)
+    assert (config.routing, config.token_layers) == ("token", layers)
+    assert meta["layers"] == list(range(1, 7))
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["mindskip_config"]["routing"] == "token"
     train = ("train", "--model", model_dir, "--data", data_file, "--target-capacity", "0.5", "--recipe", "hybrid",
              "--max-steps", "12", "--batch-size", "16", "--heldout-fraction", "0.3", "--no-progress")
-    code, stdout, _ = run_cli(*train, "--output", str(tmp_path / "hybrid"))
-    assert code == 0
-    result = last_json(stdout)
-    layers = varying_layers({int(k): v for k, v in result["capacity_per_layer"].items()})
-    assert result["recipe"] == "hybrid" and result["varying_token_layers"] == layers
-    assert result["hybrid_dir"] == result["router_dir"] == str(tmp_path / "hybrid")
-    # This tiny run's routers decide alike for every token of a sequence (kd-joint's static start), so every layer
-    # routes per sequence; with varying layers the same save_hybrid writes them (see the --hybrid-output test).
-    config, meta, _ = read_router_directory(tmp_path / "hybrid")
-    assert (config.routing, config.token_layers) == (("token", layers) if layers else ("sequence", None))
-    assert meta["layers"] == list(range(1, 7))
-    summary = json.loads((tmp_path / "hybrid" / "training_summary.json").read_text())
-    assert (summary["config"]["loss"], summary["config"]["router_init"]) == ("kd", "joint")
-    assert summary["mindskip_config"]["routing"] == "token"
     for extra, message in ((("--routing", "sequence"), "recipe hybrid trains token routers and writes the hybrid"),
                            (("--hybrid-output", str(tmp_path / "h2")), "writes the hybrid to --output itself")):
         code, _, err = run_cli(*train, "--output", str(tmp_path / "bad"), *extra)
@@ -377,9 +373,21 @@ def test_eval_routing_report_and_static_projection(model_dir, data_file, trained
     assert (out / WEIGHTS_NAME).read_bytes() == before
     code, _, err = run_cli("eval", "--model", model_dir, "--data", data_file, "--static-projection")
     assert code == 1 and "need --routers and --data" in err
+    # The per-sequence headroom: of sequence routers (kd-joint's); the default recipe's hybrid here routes some
+    # layers per token, which have no per-sequence decisions.
+    assert json.loads((out / CONFIG_NAME).read_text())["mindskip_config"]["token_layers"]
+    code, _, err = run_cli(*common[:-3], "--max-records", "40", "--no-progress", "--headroom")
+    assert code == 1 and "needs one decision per sequence (a layer routed per token has none)" in err
+    sequence = tmp_path / "sequence"
+    code, _, _ = run_cli("train", "--model", model_dir, "--data", data_file, "--target-capacity", "0.5", "--recipe",
+                         "kd-joint", "--output", str(sequence), "--max-steps", "40", "--batch-size", "16",
+                         "--heldout-fraction", "0.3", "--no-progress")
+    assert code == 0
+    common[4] = str(sequence)
     code, stdout, _ = run_cli(*common[:-3], "--max-records", "40", "--no-progress", "--headroom")
     assert code == 0
-    headroom = last_json(stdout)["routing"]["headroom"]
+    report = last_json(stdout)["routing"]
+    headroom = report["headroom"]
     assert headroom["layers"] == [int(i) for i in report["layers"]] and "per-sequence oracle" in stdout
     assert headroom["oracle"] <= headroom["static"] + 1e-6 and headroom["oracle"] <= headroom["routers"] + 1e-6
 
@@ -575,9 +583,9 @@ def test_train_options_come_from_the_config_fields():
         target_capacity=0.4, learning_rate=0.002, bf16=False, calibrate=False)
     assert from_options(MindSkipConfig, args) == MindSkipConfig(
         granularity="mlp", layers=[2, 3, 4, 6], train_all_sequences=False)
-    # Nothing given: the dataclasses' own defaults, and the kd-joint recipe (the best measured one) over them.
+    # Nothing given: the dataclasses' own defaults, and the hybrid recipe (the best measured one) over them.
     args = parser.parse_args(base + ["--l1-lambda", "0.1"])
-    assert args.recipe == "kd-joint"
+    assert args.recipe == "hybrid"
     assert from_options(RouterTuningConfig, args) == RouterTuningConfig(l1_lambda=0.1)
     assert from_options(MindSkipConfig, args) == MindSkipConfig()
 

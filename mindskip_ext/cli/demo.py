@@ -1,10 +1,11 @@
 """``mindskip demo``: what MindSkip is for, measured in one run on one device, offline.
 
-The dense model, static Attention-Drop and MindSkip router-tuned with a recipe (default: ``kd-joint``, the default of
-``mindskip train``, with a small search and few steps) skip the same number of attention sublayers; each is evaluated
-on held-out text of two kinds. Then: which layers MindSkip skipped for which prompt, and the decode speed of the static
-compact KV cache at a long prompt and batch > 1, against the dense model and against the ideal measured from the
-dense model's attention share (the timing code of ``bench/e2e.py``, :mod:`mindskip_ext.timing`).
+The dense model, static Attention-Drop and MindSkip router-tuned with a recipe (default: ``kd-joint``, the sequence
+routers of ``mindskip train``'s default recipe ``hybrid``, with a small search and few steps) skip the same number of
+attention sublayers; each is evaluated on held-out text of two kinds. Then: which layers MindSkip skipped for which
+prompt, and the decode speed of the static compact KV cache at a long prompt and batch > 1, against the dense model and
+against the ideal measured from the dense model's attention share (the timing code of ``bench/e2e.py``,
+:mod:`mindskip_ext.timing`).
 """
 
 from __future__ import annotations
@@ -58,19 +59,21 @@ def add_parser(subparsers) -> None:
         "demo",
         help="Dense vs Attention-Drop vs MindSkip at the same skip ratio, offline: held-out perplexity on two kinds "
              "of text, the layers each prompt skips, and decode speed against the ideal.",
-        description="Router-tunes a model's routers with a recipe (default: kd-joint, the default of mindskip train, "
-        "with a small joint-cost search and few steps), calibrates static Attention-Drop on the same training text "
-        "to skip as many attention sublayers, and prints the held-out perplexity of the dense model, Attention-Drop "
-        "and MindSkip on two kinds of text, the layers MindSkip skipped for some prompts, and the decode speed of the "
-        "static compact KV cache at a long prompt against the dense model and the ideal. Text: built into Python "
-        "(its reference documentation and its standard library's code), or --data. Default model: "
+        description="Router-tunes a model's sequence routers with a recipe (default: kd-joint, the sequence-level "
+        "training of mindskip train's default recipe hybrid, with a small joint-cost search and few steps), "
+        "calibrates static Attention-Drop on the same training text to skip as many attention sublayers, and prints "
+        "the held-out perplexity of the dense model, Attention-Drop and MindSkip on two kinds of text, the layers "
+        "MindSkip skipped for some prompts, and the decode speed of the static compact KV cache at a long prompt "
+        "against the dense model and the ideal. Text: built into Python (its reference documentation and its "
+        "standard library's code), or --data. Default model: "
         f"{DEMO_DEFAULT_MODEL!r} ('tiny' is built from a config and first trained for a few seconds on the built-in "
         "word and number tasks, which are then its two kinds of text).",
     )
     add_model_args(p, required=False)
     p.set_defaults(model=DEMO_DEFAULT_MODEL)
-    p.add_argument("--recipe", default=DEMO_RECIPE, choices=sorted(RECIPES),
-                   help=f"Router-Tuning recipe (default {DEMO_RECIPE}; 'paper' is the paper's setup).")
+    p.add_argument("--recipe", default=DEMO_RECIPE, choices=sorted(n for n, r in RECIPES.items() if not r.hybrid),
+                   help=f"Router-Tuning recipe of sequence routers (default {DEMO_RECIPE}; 'paper' is the paper's "
+                   "setup).")
     p.add_argument("--skip-ratio", type=float, default=0.2,
                    help="Share of all attention sublayers to skip, rounded to whole layers (default 0.2).")
     p.add_argument("--data", action="append", default=None,

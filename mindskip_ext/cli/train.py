@@ -38,7 +38,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--recipe", choices=list(RECIPES), default=DEFAULT_RECIPE,
                    help="Defaults of the settings below and of --layers; options given explicitly win. "
                    f"Default {DEFAULT_RECIPE}, the best measured (SmolLM2-135M, 12.5%%-37.5%% of the attention "
-                   "skipped); kd-wide starts cheaper (no joint-cost search). "
+                   "skipped, docs/routing-quality.md); kd-joint trains sequence routers with the same settings; "
+                   "kd-wide starts cheaper (no joint-cost search). "
                    + "; ".join(f"{name}: {r.description}" for name, r in RECIPES.items())
                    + ". --target-capacity is the kept fraction over the router layers either way; --skip-ratio "
                    "means the same speed whatever the layers.")

@@ -269,7 +269,7 @@ RECIPES = {
         {"loss": "kd", "router_init": "redundancy", "initial_multiplier": 1.0, "learning_rate": 5e-4},
         wide_layers,
     ),
-    # The default of `mindskip train` (DEFAULT_RECIPE): the best at 12.5%, 25% and 37.5% on SmolLM2-135M
+    # The default of `mindskip train` before the hybrid: the best at 12.5%, 25% and 37.5% on SmolLM2-135M
     # (bench/results/pareto.md): WikiText-2 24.39, 29.32 and 44.67 (kd-wide: 25.06, 33.62, 60.42), 0.052, 0.110 and
     # 0.412 nats below Attention-Drop (kd-wide: 0.038, 0.052, 0.093). Its start costs about a layer-cost pass per
     # layer that starts skipped (minutes per search step on a CPU for a real model); `mindskip demo` searches on few
@@ -281,9 +281,11 @@ RECIPES = {
         KD_JOINT,
         wide_layers,
     ),
-    # kd-joint's training on token routers, written as the hybrid: on the multi-domain suite (SmolLM2-135M,
-    # docs/routing-quality.md) 3.1% and 3.8% below its own static projection at 25% and 37.5% of the attention
-    # skipped, where kd-joint's routers are within noise of theirs, and 3.3% / 3.0% below kd-joint's projection.
+    # The default of `mindskip train` (DEFAULT_RECIPE): kd-joint's training on token routers, written as the
+    # hybrid. On the multi-domain suite (SmolLM2-135M, docs/routing-quality.md) 3.1% and 3.8% below its own static
+    # projection at 25% and 37.5% of the attention skipped, where kd-joint's routers are within noise of theirs;
+    # 3.3% / 3.0% below kd-joint's projection (the best static drop found), and equal to (25%) or 1.9% below
+    # (37.5%) kd-joint's routers, with about their KV cache.
     "hybrid": Recipe(
         "kd-joint's, training token routers; the router directory routes per token only the layers whose "
         "decisions vary per token on the held-out set (--routing token, then token_layers), the others per "
@@ -294,4 +296,4 @@ RECIPES = {
     ),
 }
 # What `mindskip train` runs without --recipe.
-DEFAULT_RECIPE = "kd-joint"
+DEFAULT_RECIPE = "hybrid"
