@@ -588,6 +588,12 @@ def test_train_options_come_from_the_config_fields():
     assert args.recipe == "hybrid"
     assert from_options(RouterTuningConfig, args) == RouterTuningConfig(l1_lambda=0.1)
     assert from_options(MindSkipConfig, args) == MindSkipConfig()
+    # A boolean a recipe sets can be turned off: --no-<flag> wins over the recipe, as any explicit option.
+    recipe = {"router_init_margin": True, "centre_router_inputs": True}
+    args = parser.parse_args(base + ["--l1-lambda", "0.1", "--no-router-init-margin", "--router-init", "zero",
+                                     "--centre-router-inputs"])
+    assert from_options(RouterTuningConfig, args, defaults=recipe) == RouterTuningConfig(
+        l1_lambda=0.1, router_init="zero", router_init_margin=False, centre_router_inputs=True)
 
 
 # ----------------------------------------------------------------------------------- fetch-model

@@ -2,7 +2,8 @@
 is written once, on the field (``metadata={"help": ...}``).
 
 A field's ``metadata`` may also give ``flag`` (default ``--field-name``), ``choices``, and ``negated`` for a
-boolean that defaults to True and is turned off by its flag (e.g. ``--no-bf16``, ``--kept-only``). A
+boolean that defaults to True and is turned off by its flag (e.g. ``--no-bf16``, ``--kept-only``); any other boolean
+has its flag and ``--no-`` its flag (a recipe that sets it can be overruled either way). A
 ``list[int]`` field takes one or more values, each a number, a range such as ``14-28``, or a comma list.
 Unset options stay ``None`` in the parsed arguments, so the dataclass's own default applies.
 """
@@ -56,8 +57,10 @@ def add_options(parser, cls, *, exclude=(), exclusive_required=()) -> None:
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = meta.get("help", "")
         kwargs: dict[str, Any] = {"dest": _dest(cls, f.name), "default": None}
-        if kind is bool:
-            kwargs.update(action="store_const", const=not meta.get("negated", False))
+        if kind is bool and meta.get("negated", False):
+            kwargs.update(action="store_const", const=False)
+        elif kind is bool:  # --flag and --no-flag: a recipe's True can be turned off
+            kwargs.update(action=argparse.BooleanOptionalAction)
         elif kind is list:
             kwargs.update(nargs="+", metavar="LAYERS")
         else:
