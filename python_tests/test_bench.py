@@ -245,4 +245,4 @@ def test_token_decode_rows_cover_the_variants_at_exactly_the_kept_fraction(rows)
                             ("prefill-layer", "token", 1.0), ("prefill-attention", "hf", None),
                             ("prefill-attention", "token", 0.5)}
     for key in (("prefill-layer", "token", 0.5), ("prefill-attention", "token", 0.5)):
-        assert 1.0 < prefill[key]["ideal_speedup"] < 2.0 and prefill[key]["frac_of_ideal"] > 0
+        assert 1.0 <= prefill[key]["ideal_speedup"] <= 2.0 and prefill[key]["frac_of_ideal"] > 0
