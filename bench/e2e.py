@@ -111,12 +111,12 @@ def _median(values):
     return statistics.median(values)
 
 
-def _estimate_bytes(cfg, batch, seqlen, new_tokens, dtype_bytes):
-    """Rough peak beyond the weights: the dense KV cache plus the largest prefill activations."""
+def _estimate_bytes(cfg, batch, seqlen, new_tokens, dtype_bytes, caches=1):
+    """Rough peak beyond the weights: ``caches`` dense KV caches plus the largest prefill activations."""
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * batch * (seqlen + new_tokens) * dtype_bytes
     acts = batch * seqlen * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * dtype_bytes
-    return kv + acts
+    return caches * kv + acts
 
 
 def run(args, writer):

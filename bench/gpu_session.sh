@@ -2,8 +2,8 @@
 # A GPU session in one 10-minute command on a lent GPU (H100/H200 with python3, torch, transformers, pytest and
 # ninja, no network): build for the local GPU, the throw probe, the CUDA tests, compute-sanitizer over every op, the
 # compiled static-cache decode step at the Llama-3-8B shape (dense vs MindSkip vs Attention-Drop of the same share),
-# the eager decode step and the first e2e point, the micro section against the device's copy bandwidth, and the
-# second e2e point; then a two-line summary. The steps run in that order, by value: a session cut short loses the
+# the eager decode step and the first e2e point, the micro section against the device's copy bandwidth, token-level
+# decode (token routers on every routed layer, and the hybrid) and the second e2e point; then a two-line summary. The steps run in that order, by value: a session cut short loses the
 # last. Every step runs under a time limit cut to what is left of the session's budget, so that a hanging step cannot
 # eat the others, and a failing step is reported in the summary while the next one still runs.
 #
@@ -15,10 +15,11 @@
 #   bash bench/gpu_session.sh micro [ARGS]        # bench.run --only micro (ARGS go to bench.run)
 #   bash bench/gpu_session.sh e2e B T [ARGS]      # one e2e point: batch B x prompt T (comma lists: their grid)
 #   bash bench/gpu_session.sh profile             # bench.decode_profile: a decode step op by op, compiled and eager
+#   bash bench/gpu_session.sh token [ARGS]        # bench.run --only token_decode at one point (ARGS go to bench.run)
 #
 # --dry-run rehearses a step on a machine without a GPU: it checks that the existing build loads instead of
 # building, lists the tests that -m cuda selects, runs the op script on the CPU without compute-sanitizer, runs
-# micro with --quick, the e2e points and the profile at a small shape (cpu-small, B 2 and 1), all on the CPU.
+# micro with --quick, the e2e points, the profile and token decode at a small shape (cpu-small), all on the CPU.
 #
 # Writes under $OUT (default build/gpu-session): session.log (every step's output), summary.txt (the two lines),
 # decode_profile.md and decode_profile_static.md (the profile steps' reports) and the device's bench rows
@@ -28,7 +29,7 @@
 # 10-minute command time to return), E2E_REPS (timed rounds per e2e point, default 3).
 set -uo pipefail
 
-usage="usage: gpu_session.sh all|build|probe|test|sanitize|micro [ARGS]|e2e B T [ARGS]|profile [--dry-run]"
+usage="usage: gpu_session.sh all|build|probe|test|sanitize|micro [ARGS]|e2e B T [ARGS]|profile|token [ARGS] [--dry-run]"
 repo=$(cd "$(dirname "$0")/.." && pwd)
 out=$(realpath -m "${OUT:-$repo/build/gpu-session}")
 cd "$repo"
@@ -42,7 +43,7 @@ set -- "${args[@]}"
 step="${1:-}"
 shift || true
 case "$step" in
-  all|build|probe|test|sanitize|micro|profile) ;;
+  all|build|probe|test|sanitize|micro|profile|token) ;;
   e2e) [ $# -ge 2 ] || { echo "e2e needs B and T; $usage" >&2; exit 2; } ;;
   *) echo "$usage" >&2; exit 2 ;;
 esac
@@ -59,6 +60,7 @@ if [ -n "$dry" ]; then
   profile_args=(--batch 2 --prompt 16 --steps 2 --kept 0.5,1.0)
   static_args=(--batch 2 --prompt 8 --steps 1 --layers 6 --kept 0.5,1.0 --cache static --compile
                --compile-backend eager)
+  token_args=(--token-shape cpu-small --token-lengths 32 --token-batches 2 --token-reps 2 --new-tokens 3)
 else
   export device=cuda results=bench/results
   points="32x2048 8x8192"  # the Llama-3-8B points: pairs, not their grid
@@ -69,6 +71,9 @@ else
   # Attention-Drop of the 0.5 share, each compiled; on 16 of the 32 layers to bound the compile time of four models.
   static_args=(--shape llama3-8b --layers 16 --batch 32 --prompt 2048 --steps 8 --kept 0.5,1.0 --cache static
                --compile)
+  # Token-level decode at one point (its nine KV caches fit an H100): dense, sequence, token at kept 0.5 and 1.0 and
+  # the hybrid, each eager on the dynamic and the static cache; and one token-routed layer's prefill at T 4096.
+  token_args=(--token-shape llama3-8b --token-lengths 4096 --token-batches 8 --token-reps 3 --new-tokens 16)
 fi
 export out
 export stamp_file=build/gpu-session.stamp
@@ -216,6 +221,11 @@ micro() {
   collect
 }
 
+token() {
+  run_step token 150 step_bench --only token_decode "${token_args[@]}" "$@"
+  collect
+}
+
 e2e() {
   local batch=$1 length=$2
   shift 2
@@ -235,7 +245,7 @@ case "$step" in
   all)
     # By value (issue 38): the tests and the throw probe; the compiled static-cache decode step (dense, MindSkip and
     # Attention-Drop of the same share); the eager decode step (op by op, then generate() at the first e2e point);
-    # micro; the second e2e point last.
+    # micro; token-level decode; the second e2e point last.
     run_step probe 100 step_probe
     run_step test 150 step_test
     run_step sanitize 150 step_sanitize
@@ -244,6 +254,7 @@ case "$step" in
     first=${points%% *} second=${points#* }
     e2e "${first%x*}" "${first#*x}"
     micro
+    token
     e2e "${second%x*}" "${second#*x}"
     ;;
   probe) run_step probe 100 step_probe ;;
@@ -251,6 +262,7 @@ case "$step" in
   sanitize) run_step sanitize 150 step_sanitize ;;
   micro) micro "$@" ;;
   e2e) e2e "$@" ;;
+  token) token "$@" ;;
   profile)
     run_step profile-static 270 step_profile decode_profile_static "${static_args[@]}"
     run_step profile 90 step_profile decode_profile "${profile_args[@]}"

@@ -8,8 +8,9 @@ Line 1: whether bad inputs raise or crash (bench.gpu_throw_probe), the tests pas
 count, the build time and every step that failed, timed out or was skipped. Line 2: the GB/s of router_gate,
 gather+scatter and pack+unpack at the largest shape each ran, as a share of the device's copy bandwidth (measured in
 the same micro run); per e2e point, MindSkip's speedup over the unconverted model against the ideal one, and its
-decode speed as a share of Attention-Drop's at the same kept share; and the decode step time of each variant the
-profile steps timed (compiled first), MindSkip's again as a share of Attention-Drop's.
+decode speed as a share of Attention-Drop's at the same kept share; the decode step time of each variant the
+profile steps timed (compiled first), MindSkip's again as a share of Attention-Drop's; and per token_decode point each
+routed variant's decode speedup over the faster dense cache against its ideal, with one token-routed layer's prefill.
 
     python -m bench.gpu_summary --log OUT/session.log --rows OUT/<device>.jsonl [--dry-run]
 """
@@ -216,6 +217,36 @@ def e2e_text(rows: list[dict]) -> str:
     return "e2e speedup measured/ideal: " + "; ".join(parts)
 
 
+def token_text(rows: list[dict]) -> str | None:
+    """Per point of the token_decode section: each routed variant's decode speedup over the faster dense cache against
+    its ideal, on the variant's faster cache (kept 0.5; the token variant at kept 1.0 too: the cost of routing), and
+    the prefill of one token-routed layer at kept 0.5 against the stock layer; None when the section wrote no rows."""
+    best: dict[tuple, dict[str, dict]] = {}  # (shape, B, T) -> label -> the row on the faster cache
+    prefill = {}
+    for row in rows:
+        if row["section"] != "token_decode" or row["provider"] == "hf":
+            continue
+        params, metrics = row["params"], row["metrics"]
+        if row["name"] == "prefill-layer" and params["kept"] == 0.5:
+            prefill[params["T"]] = metrics
+        elif row["name"] == "decode":
+            label = row["provider"] + ("@1.0" if params["kept"] == 1.0 else "")
+            point = best.setdefault((params["shape"], params["B"], params["T"]), {})
+            if label not in point or metrics["speedup_vs_fastest"] > point[label]["speedup_vs_fastest"]:
+                point[label] = dict(metrics, cache=params["cache"])
+    if not best and not prefill:
+        return None
+    parts = []
+    for (shape, batch, seqlen), variants in best.items():
+        shown = ", ".join(f"{label} {m['speedup_vs_fastest']:.2f}" + (f"/{m['ideal_vs_fastest']:.2f}x"
+                                                                        if not label.endswith("@1.0") else "x")
+                          + f" {m['cache']}" for label, m in variants.items())
+        parts.append(f"{shape} B={batch} T={seqlen}: {shown}")
+    parts += [f"prefill layer T={seqlen} kept 0.5: {m['speedup_vs_hf']:.2f}/{m['ideal_speedup']:.2f}x"
+              for seqlen, m in prefill.items()]
+    return "token decode vs the faster dense cache, measured/ideal: " + "; ".join(parts)
+
+
 # The profile steps (bench/decode_profile.py's tables in the log) and what the summary calls them.
 PROFILES = {"profile-static": "decode step, static cache compiled", "profile": "decode step, eager"}
 # decode_profile's line comparing a MindSkip variant with Attention-Drop of its share.
@@ -258,7 +289,7 @@ def summarize(log: str, rows: list[dict], dry_run: bool = False) -> tuple[str, s
     problems = [f"{step.name} {problem}" for step in steps.values() if (problem := step.problem())]
     first.append("problems: " + ", ".join(problems) if problems else "every step exited 0")
     rows = latest(rows)
-    second = [bandwidth_text(rows), e2e_text(rows), profile_text(steps)]
+    second = [bandwidth_text(rows), e2e_text(rows), profile_text(steps), token_text(rows)]
     return " | ".join(first), " | ".join(part for part in second if part)
 
 

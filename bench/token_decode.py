@@ -55,6 +55,7 @@ from .e2e import (
     _converted,
     _decode_attention_shares,
     _decode_steps,
+    _estimate_bytes,
     _ints,
     _keeps,
     _long_prefill,
@@ -67,6 +68,9 @@ from .routing import build_model
 DEFAULTS = {"lengths": (2048, 4096), "batches": (4, 8)}
 QUICK = {"lengths": (128,), "batches": (4,)}
 KEEP_ALL_BIAS = 1.0e4  # sigmoid(1e4) = 1.0: every token kept
+# The KV caches a point holds at once, each at most the dense one: the dense prefill's, and per cache kind (dynamic,
+# static) hf's, sequence's, the token variants' (one, shared) and the hybrid's.
+POINT_CACHES = 9
 
 
 def add_arguments(parser):
@@ -102,14 +106,23 @@ def run(args, writer):
     dtype = torch.bfloat16 if on_gpu else torch.float32
     model = build_model(shape, device, dtype, max_len=max(lengths) + new_tokens + 8)
     layer_ids = msk.MindSkipConfig().resolve_layers(model.config.num_hidden_layers)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     gen = torch.Generator().manual_seed(0)
     for seqlen in lengths:
         _prefill_point(model, seqlen, {"shape": shape, "B": 1, "T": seqlen}, reps, writer)
         for batch in batches:
+            if on_gpu:  # e2e's rule (--mem-fraction), for the caches a point holds at once
+                need = weight_bytes + _estimate_bytes(model.config, batch, seqlen, new_tokens, 2, POINT_CACHES)
+                total = torch.cuda.get_device_properties(device).total_memory
+                if need > args.mem_fraction * total:
+                    print(f"skip B={batch} T={seqlen}: needs ~{need / 2**30:.0f} GiB of {total / 2**30:.0f} GiB")
+                    continue
             ids = torch.randint(1, model.config.vocab_size, (batch, seqlen), generator=gen).to(device)
             params = {"shape": shape, "B": batch, "T": seqlen, "new_tokens": new_tokens}
             _run_point(model, ids, params, layer_ids, new_tokens, reps, writer)
             gc.collect()
+            if on_gpu:
+                torch.cuda.empty_cache()
     del model
 
 

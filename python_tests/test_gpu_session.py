@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import e2e, gpu_sanitize, gpu_summary, routing
+from bench import e2e, gpu_sanitize, gpu_summary, routing, token_decode
 from bench.common import RESULTS_DIR
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,15 +41,16 @@ def test_rehearsal_writes_the_session_files(tmp_path):
     (jsonl,) = tmp_path.glob("cpu-*.jsonl")  # the rows are named after the device, as in bench/results/
     assert {f.name for f in files} == {"session.log", "summary.txt", "decode_profile.md", "decode_profile_static.md",
                                        jsonl.name, f"{jsonl.stem}.md"}
-    assert {json.loads(line)["section"] for line in jsonl.read_text().splitlines()} == {"micro", "e2e"}
+    assert {json.loads(line)["section"] for line in jsonl.read_text().splitlines()} == {"micro", "e2e", "token_decode"}
     # A rehearsal leaves the repository's results as they were.
     assert {p: p.stat().st_mtime_ns for p in RESULTS_DIR.glob("*.*")} == results_before
 
     log = (tmp_path / "session.log").read_text()
     steps = gpu_summary.read_steps(log)
-    # By value (issue 38): tests, compiled static-cache decode, eager decode, micro, the second e2e point last.
+    # By value (issue 38): tests, compiled static-cache decode, eager decode, micro, token-level decode, the second
+    # e2e point last.
     assert list(steps) == ["build", "probe", "test", "sanitize", "profile-static", "profile", "e2e-2x16", "micro",
-                           "e2e-1x32"]
+                           "token", "e2e-1x32"]
     assert all(step.rc == 0 for step in steps.values())
     assert "test_cache.py::test_cuda_identity_skipping_and_compact_kv" in steps["test"].text  # what -m cuda selects
     assert "pip install -q --no-build-isolation --no-deps -e ." in steps["build"].text  # what a GPU would run
@@ -66,6 +67,10 @@ def test_rehearsal_writes_the_session_files(tmp_path):
     assert "e2e speedup measured/ideal: cpu-small B=2 T=16 kept 0.5: prefill " in line2
     assert "; cpu-small B=1 T=32 kept 0.5: " in line2
     assert " | decode step, eager: hf " in line2 and " | decode step, static cache compiled: hf " in line2
+    assert re.search(r" \| token decode vs the faster dense cache, measured/ideal: cpu-small B=2 T=32: "
+                     r"sequence [\d.]+/[\d.]+x (dynamic|static), token [\d.]+/[\d.]+x (dynamic|static), "
+                     r"token@1\.0 [\d.]+x (dynamic|static), hybrid [\d.]+/[\d.]+x (dynamic|static); "
+                     r"prefill layer T=32 kept 0\.5: [\d.]+/[\d.]+x$", line2)
 
 
 @pytest.mark.parametrize("args", [(), ("bogus",), ("e2e", "8")])
@@ -89,6 +94,12 @@ def test_the_e2e_points_are_built_on_the_device_and_fit_an_h100():
     for batch, length in batch_lengths:
         need = weight_bytes + e2e._estimate_bytes(model.config, batch, length, 64, 2)
         assert need < 0.85 * H100_BYTES  # e2e's --mem-fraction default
+    # The token step's point, with the caches it holds at once, under the same rule (the section skips it otherwise).
+    token_args = re.search(r'^\s*token_args=\((--token-shape llama3-8b [^)]+)\)', SCRIPT.read_text(), re.MULTILINE)[1]
+    options = dict(zip(token_args.split()[::2], token_args.split()[1::2], strict=True))
+    batch, length, new = (int(options[o]) for o in ("--token-batches", "--token-lengths", "--new-tokens"))
+    need = weight_bytes + e2e._estimate_bytes(model.config, batch, length, new, 2, token_decode.POINT_CACHES)
+    assert 0.6 * H100_BYTES < need < 0.85 * H100_BYTES  # a point that fills the GPU, and still runs
 
 
 def test_sanitize_script_reports_wrong_results_and_ops_it_does_not_call(monkeypatch, capsys):
@@ -272,3 +283,29 @@ def test_summary_gives_the_decode_step_of_each_profiled_variant():
     )
     # A profile step that printed no table (cut off, or failed) adds nothing.
     assert gpu_summary.profile_text(gpu_summary.read_steps("### step profile (limit 90 s)\nTraceback\n")) is None
+
+
+def token_row(name, provider, cache, kept, **metrics):
+    params = {"shape": "llama3-8b", "B": 8, "T": 4096} | ({"kept": kept} if kept is not None else {})
+    if name == "decode":
+        params |= {"new_tokens": 16, "cache": cache}
+    return {"section": "token_decode", "name": name, "provider": provider, "params": params, "device": "cuda",
+            "metrics": metrics}
+
+
+def test_summary_gives_each_token_variant_on_its_faster_cache():
+    rows = [token_row("decode", "hf", "static", None, speedup_vs_fastest=1.0, ideal_vs_fastest=1.0)]
+    for cache, gain in (("dynamic", 0.9), ("static", 1.0)):
+        rows += [token_row("decode", "sequence", cache, 0.5, speedup_vs_fastest=1.1 * gain, ideal_vs_fastest=1.2),
+                 token_row("decode", "token", cache, 0.5, speedup_vs_fastest=1.15 - gain / 10, ideal_vs_fastest=1.2),
+                 token_row("decode", "token", cache, 1.0, speedup_vs_fastest=0.97 * gain, ideal_vs_fastest=1.0),
+                 token_row("decode", "hybrid", cache, 0.5, speedup_vs_fastest=1.08 * gain, ideal_vs_fastest=1.2)]
+    rows += [token_row("prefill-layer", "hf", None, None),
+             token_row("prefill-layer", "token", None, 0.5, speedup_vs_hf=1.1, ideal_speedup=1.25),
+             token_row("prefill-layer", "token", None, 1.0, speedup_vs_hf=0.99, ideal_speedup=1.0)]
+    assert gpu_summary.token_text(rows) == (
+        "token decode vs the faster dense cache, measured/ideal: llama3-8b B=8 T=4096: sequence 1.10/1.20x static, "
+        "token 1.06/1.20x dynamic, token@1.0 0.97x static, hybrid 1.08/1.20x static; prefill layer T=4096 kept 0.5: "
+        "1.10/1.25x"
+    )
+    assert gpu_summary.token_text(rows[:1]) is None  # no routed variant: nothing to say
