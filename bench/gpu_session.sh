@@ -2,10 +2,12 @@
 # A GPU session in one 10-minute command on a lent GPU (H100/H200 with python3, torch, transformers, pytest and
 # ninja, no network): build for the local GPU, the throw probe, the CUDA tests, compute-sanitizer over every op, the
 # compiled static-cache decode step at the Llama-3-8B shape (dense vs MindSkip vs Attention-Drop of the same share),
-# the eager decode step and the first e2e point, the micro section against the device's copy bandwidth, token-level
-# decode (token routers on every routed layer, and the hybrid) and the second e2e point; then a two-line summary. The steps run in that order, by value: a session cut short loses the
-# last. Every step runs under a time limit cut to what is left of the session's budget, so that a hanging step cannot
-# eat the others, and a failing step is reported in the summary while the next one still runs.
+# the eager decode step, the micro section against the device's copy bandwidth, token-level decode (token routers on
+# every routed layer, and the hybrid) and the two e2e points; then a two-line summary. The steps run in that order, by
+# value: a session cut short loses the last (their limits add up to more than the budget; on the H200's timings the
+# e2e points are the ones at risk, and no goal of issue 38 rests on them alone). Every step runs under a time limit
+# cut to what is left of the session's budget, so that a hanging step cannot eat the others, and a failing step is
+# reported in the summary while the next one still runs.
 #
 #   bash bench/gpu_session.sh all [--dry-run]     # every step below, in the order above (about 9 minutes on an H100)
 #   bash bench/gpu_session.sh build               # only the build (the other steps build first when needed)
@@ -244,17 +246,17 @@ build
 case "$step" in
   all)
     # By value (issue 38): the tests and the throw probe; the compiled static-cache decode step (dense, MindSkip and
-    # Attention-Drop of the same share); the eager decode step (op by op, then generate() at the first e2e point);
-    # micro; token-level decode; the second e2e point last.
+    # Attention-Drop of the same share); the eager decode step op by op (at the first e2e point's shape, kept 1.0
+    # too); micro; token-level decode (never run on a GPU); generate() at the two e2e points, the second last.
     run_step probe 100 step_probe
     run_step test 150 step_test
     run_step sanitize 150 step_sanitize
     run_step profile-static 270 step_profile decode_profile_static "${static_args[@]}"
     run_step profile 90 step_profile decode_profile "${profile_args[@]}"
-    first=${points%% *} second=${points#* }
-    e2e "${first%x*}" "${first#*x}"
     micro
     token
+    first=${points%% *} second=${points#* }
+    e2e "${first%x*}" "${first#*x}"
     e2e "${second%x*}" "${second#*x}"
     ;;
   probe) run_step probe 100 step_probe ;;

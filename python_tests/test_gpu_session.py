@@ -47,10 +47,10 @@ def test_rehearsal_writes_the_session_files(tmp_path):
 
     log = (tmp_path / "session.log").read_text()
     steps = gpu_summary.read_steps(log)
-    # By value (issue 38): tests, compiled static-cache decode, eager decode, micro, token-level decode, the second
-    # e2e point last.
-    assert list(steps) == ["build", "probe", "test", "sanitize", "profile-static", "profile", "e2e-2x16", "micro",
-                           "token", "e2e-1x32"]
+    # By value (issue 38): tests, compiled static-cache decode, eager decode, micro, token-level decode, the e2e
+    # points last.
+    assert list(steps) == ["build", "probe", "test", "sanitize", "profile-static", "profile", "micro", "token",
+                           "e2e-2x16", "e2e-1x32"]
     assert all(step.rc == 0 for step in steps.values())
     assert "test_cache.py::test_cuda_identity_skipping_and_compact_kv" in steps["test"].text  # what -m cuda selects
     assert "pip install -q --no-build-isolation --no-deps -e ." in steps["build"].text  # what a GPU would run
