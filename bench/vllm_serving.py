@@ -1,7 +1,8 @@
 """Serving speed of the vLLM plugin (mindskip_ext.vllm) on the CPU, with trained routers: SmolLM2-135M and the
 default recipe's routers at a 25% skip ratio, in static and dynamic mode, against plain vLLM, all in one run.
 
-    python -m bench.vllm_serving [--concurrency 1,8,32] [--rounds 2] [--variants ...]   # from the root, in .venv
+    python -m bench.vllm_serving [--concurrency 1,8,32] [--rounds 2] [--variants ...] [--output-name NAME]
+    # from the root, in .venv
 
 Variants, each vLLM 0.32 (CPU build) on its default compiled path, with chunked prefill and prefix caching off for
 all (dynamic routing needs them off), fp32, greedy, one thread:
@@ -11,6 +12,18 @@ all (dynamic routing needs them off), fp32, greedy, one thread:
   training instruction records, none of them a benchmark prompt): its dropped layers have no attention and no KV;
 * ``dynamic``: the routers themselves, each request routed at its prefill (the routed-attention op);
 * ``dynamic-eager``: the same with ``enforce_eager`` (the eager fallback);
+* ``hybrid``: the default recipe's (``mindskip train --recipe hybrid``) 25% routers as a hybrid, served in dynamic
+  mode: the token routers ``--token-routers`` (``bench/results/token_routers/default/token@0.25``) written with
+  ``token_routing.save_hybrid`` into the work folder, their ``token_layers`` routed per token and the others per
+  request. The token layers are derived as the suite derived the hybrid it scored (``bench/results/suite_token``):
+  ``token_routing.varying_layers`` of the kept fractions on the recipe's training sequences that suite.json
+  records for these routers (layer 17 for token@0.25); ``--token-layers`` overrides. (``mindskip train`` applies
+  the same rule to its held-out set, whose fractions ``training_summary.json`` holds; the table prints what that
+  gives too: for token@0.25 also layer 27, which keeps 97.9% of the held-out tokens.) A per-token layer runs its
+  stock attention for every token and masks the output (``mindskip_ext/vllm/routing.py``), so it **saves no
+  compute under vLLM**: the hybrid's skipped sublayers per request are its per-request layers' skips, realised in
+  vLLM as for ``dynamic``; the per-token layer's kept share of each prompt's tokens (transformers MindSkip on the
+  prompt alone: the decisions the plugin makes, tested equal in python_tests/vllm) is reported beside them;
 * ``floor``: plain vLLM without the attention of 29 of its 30 layers (static mode), which prices one attention
   sublayer in this very run: ``(vllm - floor) / 29``. The **ideal** time of a variant that skips ``s`` attention
   sublayers per request is ``vllm - s * (vllm - floor) / 29``.
@@ -28,9 +41,10 @@ printed per prompt set and compared with transformers MindSkip's on the same pro
 Rounds interleave the variants (one engine process per variant and round, in a rotated order), and the ratios
 against ``vllm`` are taken within a round, then the median over rounds. The engines run in .venv-vllm
 (scripts/install_vllm_env.sh): this file as a script, from a temporary folder, so that it imports the mindskip_ext
-installed there. Rows of the bench schema (bench/common.py) go to bench/results/vllm_serving.jsonl, the table to
-bench/results/vllm_serving.md. Each finished engine run is kept in ``<work>/vllm_serving.partial.json`` as it ends;
-``--resume`` continues an interrupted run from there (same workload, concurrencies, variants and routers).
+installed there. Rows of the bench schema (bench/common.py) go to bench/results/<NAME>.jsonl (appended), the table
+to bench/results/<NAME>.md, the runs to <NAME>_runs.json (``--output-name``, default ``vllm_serving``). Each
+finished engine run is kept in ``<work>/<NAME>.partial.json`` as it ends; ``--resume`` continues an interrupted run
+from there (same workload, concurrencies, variants and routers).
 """
 
 from __future__ import annotations
@@ -45,12 +59,15 @@ import sys
 import time
 from pathlib import Path
 
-VARIANTS = ("vllm", "static", "dynamic", "dynamic-eager", "floor")
+VARIANTS = ("vllm", "static", "dynamic", "dynamic-eager", "hybrid", "floor")
+ROUTED = {"dynamic": "dynamic", "dynamic-eager": "dynamic", "hybrid": "hybrid"}  # variant -> whose decisions it makes
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 ALPACA = DATA / "instruct" / "alpaca_en_demo.json"
 CODE = DATA / "text" / "code-python-test.jsonl"
 ROUTERS = ROOT / "bench" / "results" / "pareto_routers" / "default" / "kd+joint+wide+hold+slow+mix+margin+centre@0.25"
+TOKEN_ROUTERS = ROOT / "bench" / "results" / "token_routers" / "default" / "token@0.25"
+SUITE_TOKEN = ROOT / "bench" / "results" / "suite_token" / "suite.json"  # the kept fractions the hybrid came from
 HELDOUT_FRACTION, SEED = 0.05, 0  # bench/pareto.py's default preset
 REQUESTS = {1: 8, 8: 32, 32: 96}  # per concurrency (others: 3 x concurrency)
 MAX_MODEL_LEN = 1024
@@ -125,16 +142,18 @@ def _kv_layout(engine) -> dict:
 
 
 def _realised_skips(engine, prompts: list[list[int]]) -> list[dict[str, bool]]:
-    """Each prompt alone (one new token): the decision each router made at its prefill, read from the routers."""
+    """Each prompt alone (one new token): the decision each router routed per request made at its prefill, read
+    from the routers (a hybrid's per-token layers make no such decision: they run for every token)."""
     from vllm import SamplingParams
 
     log: dict[str, list[bool]] = {}
 
     def install(model) -> int:
         count = 0
+        per_token = set(model.mindskip_plan.per_token)
         for idx, layer in enumerate(model.model.layers):
             router = getattr(layer.self_attn, "mindskip_router", None)
-            if router is None:
+            if router is None or idx in per_token:
                 continue
             decide = router.decide
 
@@ -161,7 +180,10 @@ def _realised_skips(engine, prompts: list[list[int]]) -> list[dict[str, bool]]:
 def transformers_reference(spec: dict) -> dict:
     """Greedy CHECK_TOKENS new tokens of each prompt of ``spec`` (transformers MindSkip, alone, in the vLLM
     environment's torch), with the gap between the two best logits at each position (a near tie may go either way
-    between engines), and the routers' decisions on ``spec["decisions_of"]`` (layer -> keep per prompt)."""
+    between engines), and the routers' decisions on ``spec["decisions_of"]`` (layer -> keep per prompt). With
+    ``spec["token_layers"]`` (a hybrid) each prompt is routed alone: the per-request layers' decisions as above, and
+    the kept and all tokens of each prompt at each per-token layer (``token_kept``: per prompt, layer -> [kept,
+    tokens])."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -183,11 +205,20 @@ def transformers_reference(spec: dict) -> dict:
                                  pad_token_id=spec["pad"], output_scores=True, return_dict_in_generate=True)
             tokens.append(out.sequences[0, len(ids):].tolist())
             gaps.append([float(top[0] - top[1]) for top in (score[0].topk(2).values for score in out.scores)])
-    decisions = None
-    if spec["decisions_of"] is not None:
+    decisions = token_kept = None
+    token_layers = spec.get("token_layers")
+    if spec["decisions_of"] is not None and token_layers:
+        decisions, token_kept = {}, []
+        for ids in spec["decisions_of"]:
+            made = routing_decisions(model, [Example(input_ids=ids, labels=ids)], spec["pad"])
+            token_kept.append({str(i): [int(made[i].sum()), made[i].numel()] for i in token_layers})
+            for i, keep in made.items():
+                if i not in token_layers:
+                    decisions.setdefault(str(i), []).append(bool(keep[0]))
+    elif spec["decisions_of"] is not None:
         examples = [Example(input_ids=ids, labels=ids) for ids in spec["decisions_of"]]
         decisions = {str(i): keep.tolist() for i, keep in routing_decisions(model, examples, spec["pad"]).items()}
-    return {"tokens": tokens, "gaps": gaps, "decisions": decisions}
+    return {"tokens": tokens, "gaps": gaps, "decisions": decisions, "token_kept": token_kept}
 
 
 def worker(spec: dict) -> dict:
@@ -232,12 +263,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--python", type=Path, default=ROOT / ".venv-vllm" / "bin" / "python",
                         help="the vLLM environment's interpreter")
     parser.add_argument("--routers", type=Path, default=ROUTERS, help="the dynamic routers (SmolLM2-135M)")
+    parser.add_argument("--token-routers", type=Path, default=TOKEN_ROUTERS,
+                        help="the token routers the hybrid is made of (SmolLM2-135M)")
+    parser.add_argument("--token-layers", type=_ints, default=None,
+                        help="the hybrid's per-token layers (default: varying_layers of the kept fractions on the "
+                        "recipe's training sequences that bench/results/suite_token/suite.json records)")
+    parser.add_argument("--output-name", default="vllm_serving",
+                        help="results go to <results-dir>/<NAME>.md, .jsonl and _runs.json")
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "mindskip_ext" / "vllm-bench",
-                        help="where the static projection and the floor's router directory are made")
+                        help="where the static projection, the hybrid and the floor's router directory are made")
     parser.add_argument("--results-dir", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--resume", action="store_true",
                         help="take the references and engine runs an interrupted run finished from "
-                        "<work>/vllm_serving.partial.json")
+                        "<work>/<NAME>.partial.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -301,6 +339,45 @@ def floor_routers(base: Path, work: Path, num_layers: int) -> Path:
     return out
 
 
+def hybrid_token_layers(token_routers: Path, suite: Path = SUITE_TOKEN) -> list[int]:
+    """The per-token layers of the hybrid of ``token_routers`` as bench.suite chose them for the hybrid it scored:
+    ``varying_layers`` of the kept fractions on the recipe's training sequences that ``suite`` records for these
+    routers."""
+    from mindskip_ext.token_routing import varying_layers
+
+    target = Path(token_routers).resolve()
+    models = json.loads(suite.read_text())["models"] if suite.is_file() else {}
+    for entry in models.values():
+        router_dir = entry.get("router_dir")
+        if "kept_train" in entry and router_dir and (ROOT / router_dir).resolve() == target:
+            return varying_layers({int(i): f for i, f in entry["kept_train"].items()})
+    raise SystemExit(f"{suite} records no kept fractions of {token_routers}: pass --token-layers")
+
+
+def recipe_token_layers(token_routers: Path) -> list[int] | None:
+    """The per-token layers ``mindskip train --recipe hybrid`` chooses: ``varying_layers`` of the held-out kept
+    fractions its training_summary.json holds (None without them)."""
+    from mindskip_ext.token_routing import varying_layers
+
+    summary = Path(token_routers) / "training_summary.json"
+    held = json.loads(summary.read_text()).get("heldout", {}) if summary.is_file() else {}
+    kept = held.get("capacity_per_layer")
+    return None if kept is None else varying_layers({int(i): f for i, f in kept.items()})
+
+
+def hybrid_routers(token_routers: Path, token_layers: list[int], work: Path) -> Path:
+    """``token_routers`` with ``token_layers`` routed per token and the others per sequence
+    (``token_routing.save_hybrid``), in ``work`` (made once per routers and layers)."""
+    from mindskip_ext.model import read_router_directory
+    from mindskip_ext.token_routing import save_hybrid
+
+    _, meta, _ = read_router_directory(token_routers)
+    out = work / f"hybrid-{meta['weights_sha256'][:12]}-layers-{'-'.join(map(str, token_layers)) or 'none'}"
+    if not (out / "mindskip_config.json").is_file():
+        save_hybrid(token_routers, out, token_layers)
+    return out
+
+
 def _measure(python: Path, spec: dict) -> dict:
     from bench.vllm_load import run_script
 
@@ -342,14 +419,24 @@ class Partial:
         tmp.replace(self.path)
 
 
-def skipped_per_request(variant: str, dropped: dict[str, list[int]], skips: list[dict] | None, count: int
+def skipped_per_request(variant: str, dropped: dict[str, list[int]], skips: dict[str, list[dict]], count: int
                         ) -> list[int]:
-    """Attention sublayers each of the first ``count`` requests skips (dynamic: as realised in vLLM)."""
-    if variant in ("dynamic", "dynamic-eager"):
-        if skips is None:
-            raise ValueError("the dynamic variants need the realised decisions (the dynamic run of round 0)")
-        return [sum(not keep for keep in decisions.values()) for decisions in skips[:count]]
+    """Attention sublayers each of the first ``count`` requests skips (dynamic and hybrid: as realised in vLLM, from
+    ``skips``, variant -> the decisions of its run of round 0; a hybrid's per-token layers skip no sublayer there)."""
+    source = ROUTED.get(variant)
+    if source is not None:
+        if skips.get(source) is None:
+            raise ValueError(f"the {variant} rows need the realised decisions (the {source} run of round 0)")
+        return [sum(not keep for keep in decisions.values()) for decisions in skips[source][:count]]
     return [len(dropped.get(variant, []))] * count
+
+
+def token_layer_skipped(token_kept: list[dict[str, list[int]]], count: int) -> float:
+    """A hybrid's per-token layers: their skipped sublayers per prompt token over the first ``count`` requests
+    (``token_kept``: per request, layer -> [kept tokens, tokens] of its prompt)."""
+    skipped = sum(tokens - kept for per_layer in token_kept[:count] for kept, tokens in per_layer.values())
+    tokens = sum(next(iter(per_layer.values()))[1] for per_layer in token_kept[:count] if per_layer)
+    return skipped / tokens if tokens else 0.0
 
 
 def _median(values: list[float]) -> float | None:
@@ -358,16 +445,18 @@ def _median(values: list[float]) -> float | None:
     return common.quantile(values, 0.5) if values else None
 
 
-def summarise(results: list[dict], requests: list[list], dropped: dict[str, list[int]], num_layers: int
-              ) -> list[dict]:
+def summarise(results: list[dict], requests: list[list], dropped: dict[str, list[int]], num_layers: int,
+              token_kept: list[dict] | None = None) -> list[dict]:
     """One row per (variant, concurrency): the rounds' medians and pooled latencies, the speed-up over plain vLLM
-    and the ideal speed-up (both within each round, then the median over rounds)."""
+    and the ideal speed-up (both within each round, then the median over rounds). The ideal counts the attention
+    sublayers vLLM skips; the hybrid's rows add its per-token layers' skipped share of the prompt tokens
+    (``token_kept``, per request, from transformers), which vLLM computes all the same."""
     from bench import common
 
     by = {(r["variant"], r["round"]): r for r in results}
     variants = list(dict.fromkeys(r["variant"] for r in results))
     rounds = sorted({r["round"] for r in results})
-    skips = next((r["skips"] for r in results if r["skips"] is not None), None)
+    skips = {r["variant"]: r["skips"] for r in results if r["skips"] is not None}
     latest = max(results, key=lambda r: r["round"])
     rows = []
     for variant in variants:
@@ -404,13 +493,17 @@ def summarise(results: list[dict], requests: list[list], dropped: dict[str, list
             cpu = [run["points"][point]["cpu_s"] for r in rounds if (run := by.get((variant, r)))]
             wall_ms = [w * 1000 for w in walls]
             kv = next(r["kv"] for r in results if r["variant"] == variant)
+            params = {"concurrency": concurrency, "requests": count, "new_tokens": tokens,
+                      "prompts": "held-out instructions and code, alternating",
+                      "skipped_layers": round(mean_skipped, 4), "num_layers": num_layers}
+            if variant == "hybrid" and token_kept is not None:
+                params["token_layers"] = sorted(int(i) for i in token_kept[0])
+                params["token_layers_skipped_per_prompt_token"] = round(token_layer_skipped(token_kept, count), 4)
             rows.append({
                 "section": "vllm_serving",
                 "name": f"c{concurrency}",
                 "provider": variant,
-                "params": {"concurrency": concurrency, "requests": count, "new_tokens": tokens,
-                           "prompts": "held-out instructions and code, alternating",
-                           "skipped_layers": round(mean_skipped, 4), "num_layers": num_layers},
+                "params": params,
                 "median_ms": _median(wall_ms), "p20_ms": common.quantile(wall_ms, 0.2),
                 "p80_ms": common.quantile(wall_ms, 0.8),
                 "metrics": {
@@ -453,6 +546,18 @@ def skip_distribution(skips: list[dict], sets: dict[str, list[list[int]]], reque
     return out
 
 
+def token_kept_per_set(token_kept: list[dict], sets: dict[str, list[list[int]]], requests: list[list]
+                       ) -> dict[str, float]:
+    """A hybrid's per-token layers: their kept share of the prompt tokens per prompt set (all per-token layers'
+    decisions pooled; ``token_kept`` per request, layer -> [kept, tokens])."""
+    index = {tuple(ids): i for i, (ids, _) in enumerate(requests)}
+    out = {}
+    for name, prompts in sets.items():
+        counts = [c for ids in prompts if tuple(ids) in index for c in token_kept[index[tuple(ids)]].values()]
+        out[name] = sum(k for k, _ in counts) / sum(t for _, t in counts) if counts else None
+    return out
+
+
 def _fmt(value, spec: str = ".1f", suffix: str = "") -> str:
     return "" if value is None else f"{value:{spec}}{suffix}"
 
@@ -461,19 +566,36 @@ def _table(rows: list[dict], about: dict) -> str:
     from bench import common
 
     latest = max(rows, key=lambda r: r["timestamp"])
+    hybrid = about.get("hybrid")
+    name = about.get("name", "vllm_serving")
     lines = [
-        "# vLLM serving, SmolLM2-135M, the default recipe's routers at 25%: static and dynamic mode",
+        "# vLLM serving, SmolLM2-135M, the default recipe's routers at 25%: static and dynamic mode"
+        + (", and the hybrid" if hybrid else ""),
         "",
         f"{latest['device_name']}; vLLM {latest['metrics']['vllm']} (CPU build, compiled: torch.compile with "
         f"inductor), torch {latest['torch']}, transformers {latest['transformers']}, commit {latest['git_commit']}, "
         f"run finished {latest['timestamp']}; {latest['metrics']['rounds']} rounds, variants interleaved; load "
-        "average {:.1f}-{:.1f} on 2 cores during the run. Written by `python -m bench.vllm_serving`; rows in "
-        "vllm_serving.jsonl.".format(*latest["metrics"]["load_average"]),
+        "average {:.1f}-{:.1f} on 2 cores during the run. Written by `{}`; rows in {}.jsonl.".format(
+            *latest["metrics"]["load_average"], about.get("command", "python -m bench.vllm_serving"), name),
         "",
         f"Routers: `{about['routers']}`. Static projection (`mindskip eval --static-projection --save-static`, "
         f"256 training instruction records): layers {about['dropped']['static']} dropped. Workload: "
         f"{latest['params']['prompts']}; closed loop of `c` clients.",
         "",
+    ]
+    if hybrid:
+        kept = ", ".join(f"{k} {_fmt(v, '.3f')}" for k, v in (hybrid.get("token_kept") or {}).items())
+        recipe = hybrid["recipe_layers"] if hybrid["recipe_layers"] is not None else "nothing (no held-out fractions)"
+        lines += [
+            f"Hybrid: `{hybrid['routers']}` with layers {hybrid['token_layers']} per token and the others per request "
+            f"(`token_routing.save_hybrid`; {hybrid['source']}; `mindskip train`'s rule on these routers' held-out "
+            f"fractions, training_summary.json, gives {recipe}). Served in dynamic mode: a per-token "
+            "layer runs its stock attention for every token and masks the output, so it **saves no compute in vLLM**; "
+            "its skipped / 30 counts the per-request layers' skips (realised in vLLM) only. The per-token layers' "
+            "kept share of the prompt tokens (transformers MindSkip, each prompt alone): " + kept + ".",
+            "",
+        ]
+    lines += [
         "The engine runs in the measuring process on one thread, so its **CPU time** is the work of serving the "
         "workload, which other jobs on the machine hardly change; wall time, TTFT and TPOT include the waits for a "
         "core on a busy machine. x plain: speed-up over plain vLLM (within a round, median over rounds); ideal x: "
@@ -507,15 +629,23 @@ def _table(rows: list[dict], about: dict) -> str:
                   "p100")), ", ".join(f"{k}: {v}" for k, v in d["histogram"].items())]
                  for name, d in about["skips"].items()]
         lines += common.markdown_table(head, table)
+    if hybrid and hybrid.get("skips"):
+        lines += ["", "Realised skip ratio per request (hybrid; its per-request layers' skipped attention sublayers / "
+                  "30, each prompt alone through vLLM, decisions read from the routers):", ""]
+        head = ["prompts", "requests", "mean", "min", "p10", "p50", "p90", "max", "histogram (ratio: requests)"]
+        table = [[name, str(d["requests"]), f"{d['mean']:.3f}", *(f"{d[k]:.3f}" for k in ("p0", "p10", "p50", "p90",
+                  "p100")), ", ".join(f"{k}: {v}" for k, v in d["histogram"].items())]
+                 for name, d in hybrid["skips"].items()]
+        lines += common.markdown_table(head, table)
     if about.get("checks"):
         lines += ["", "Checks: " + "; ".join(about["checks"]) + "."]
     return "\n".join(lines) + "\n"
 
 
-def checks(results: list[dict], references: dict[str, dict], skips: list[dict] | None,
-           reference_decisions: dict | None) -> list[str]:
+def checks(results: list[dict], references: dict[str, dict], realised: dict[str, list[dict]]) -> list[str]:
     """Token agreement with transformers (first prompts, alone), across concurrencies and rounds, and the realised
-    decisions against transformers MindSkip's."""
+    decisions (``realised``: variant -> per request, layer -> keep) against transformers MindSkip's (the
+    ``decisions`` of the variant's reference)."""
     lines = []
     for variant, reference in references.items():
         runs = [r for r in results if r["variant"] == variant]
@@ -544,9 +674,13 @@ def checks(results: list[dict], references: dict[str, dict], skips: list[dict] |
                         differ += 1
         lines.append(f"{variant}: {total - differ}/{total} completions equal to the same request's other runs "
                      "(concurrencies and rounds)")
-    if skips is not None and reference_decisions is not None:
-        agree = sum(all(d[idx] == reference_decisions[idx][i] for idx in d) for i, d in enumerate(skips))
-        lines.append(f"realised decisions: {agree}/{len(skips)} prompts decided as transformers MindSkip decides")
+    for variant, skips in realised.items():
+        decided = (references.get(variant) or {}).get("decisions")
+        if skips is None or decided is None:
+            continue
+        agree = sum(all(d[idx] == decided[idx][i] for idx in d) for i, d in enumerate(skips))
+        lines.append(f"{variant}: realised decisions of {agree}/{len(skips)} prompts as transformers MindSkip "
+                     "decides them")
     return lines
 
 
@@ -560,20 +694,36 @@ def main(argv=None) -> int:
     from mindskip_ext.data import pad_token_id
     from mindskip_ext.offline_models import fetch_model
 
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     base = fetch_model("smollm2")
     num_layers = AutoConfig.from_pretrained(base).num_hidden_layers
     tokenizer = AutoTokenizer.from_pretrained(base)
     sets, requests, records = workload(tokenizer)
-    variants = args.variants.split(",")
     static_dir, static_dropped = static_projection(base, args.routers, records, args.work)
     routers = {"vllm": None, "static": static_dir, "dynamic": args.routers, "dynamic-eager": args.routers,
                "floor": floor_routers(base, args.work, num_layers)}
     dropped = {"static": static_dropped, "floor": list(range(1, num_layers))}
     print(f"static projection: layers {static_dropped}", flush=True)
-    partial = Partial(args.work / "vllm_serving.partial.json", {
+    hybrid = None
+    if "hybrid" in variants:
+        if args.token_layers is not None:
+            token_layers, source = sorted(args.token_layers), "--token-layers"
+        else:
+            token_layers = hybrid_token_layers(args.token_routers)
+            source = ("`varying_layers` of the kept fractions on the recipe's training sequences recorded in "
+                      f"{os.path.relpath(SUITE_TOKEN, ROOT)}, as the suite's hybrid")
+        routers["hybrid"] = hybrid_routers(args.token_routers, token_layers, args.work)
+        hybrid = {"routers": os.path.relpath(args.token_routers, ROOT), "token_layers": token_layers,
+                  "source": source, "recipe_layers": recipe_token_layers(args.token_routers)}
+        print(f"hybrid: layers {token_layers} per token ({source}): {routers['hybrid']}", flush=True)
+    partial = Partial(args.work / f"{args.output_name}.partial.json", {
         "requests": requests, "concurrency": args.concurrency, "variants": variants,
         "routers": {k: None if v is None else str(v) for k, v in routers.items()}}, args.resume)
-    for variant in ("vllm", "static", "dynamic"):
+    # A reference per variant measured (dynamic-eager shares dynamic's; the floor has none).
+    for variant in dict.fromkeys(ROUTED.get(v, v) for v in variants if v != "floor"):
         if variant in partial.references:
             continue
         print(f"transformers reference: {variant}", flush=True)
@@ -581,9 +731,12 @@ def main(argv=None) -> int:
             "task": "reference", "variant": variant, "base": str(base),
             "routers": None if routers[variant] is None else str(routers[variant]),
             "prompts": [ids for ids, _ in requests[:CHECK_PROMPTS]], "pad": pad_token_id(tokenizer),
-            "decisions_of": [ids for ids, _ in requests] if variant == "dynamic" else None})
+            "decisions_of": [ids for ids, _ in requests] if variant in ROUTED else None,
+            "token_layers": hybrid["token_layers"] if variant == "hybrid" else None})
         partial.save()
-    references = {**partial.references, "dynamic-eager": partial.references["dynamic"]}
+    references = dict(partial.references)
+    if "dynamic" in references:
+        references["dynamic-eager"] = references["dynamic"]
     for round_index in range(args.rounds):
         shift = round_index % len(variants)
         for variant in variants[shift:] + variants[:shift]:
@@ -592,24 +745,32 @@ def main(argv=None) -> int:
             spec = {"variant": variant, "round": round_index, "base": str(base),
                     "routers": None if routers[variant] is None else str(routers[variant]),
                     "concurrency": args.concurrency, "requests": requests,
-                    "skip_prompts": [ids for ids, _ in requests] if variant == "dynamic" and round_index == 0 else
-                    None}
+                    "skip_prompts": [ids for ids, _ in requests] if ROUTED.get(variant) == variant and
+                    round_index == 0 else None}
             print(f"round {round_index}: {variant} (load average {os.getloadavg()[0]:.1f})", flush=True)
             partial.results.append(_measure(args.python, spec))
             partial.save()
     results = partial.results
-    skips = next((r["skips"] for r in results if r["skips"] is not None), None)
-    rows = summarise(results, requests, dropped, num_layers)
+    realised = {r["variant"]: r["skips"] for r in results if r["skips"] is not None}
+    token_kept = references["hybrid"]["token_kept"] if "hybrid" in references else None
+    rows = summarise(results, requests, dropped, num_layers, token_kept)
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    with (args.results_dir / "vllm_serving.jsonl").open("a") as f:
+    with (args.results_dir / f"{args.output_name}.jsonl").open("a") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    about = {"routers": os.path.relpath(args.routers, ROOT), "dropped": dropped,
-             "skips": skip_distribution(skips, sets, requests, num_layers) if skips else None,
-             "checks": checks(results, references, skips, references["dynamic"]["decisions"])}
+    if hybrid is not None:
+        hybrid["skips"] = (skip_distribution(realised["hybrid"], sets, requests, num_layers)
+                           if "hybrid" in realised else None)
+        hybrid["token_kept"] = token_kept_per_set(token_kept, sets, requests) if token_kept else None
+    command = " ".join(["python -m bench.vllm_serving", *(argv if argv is not None else sys.argv[1:])])
+    about = {"routers": os.path.relpath(args.routers, ROOT), "dropped": dropped, "name": args.output_name,
+             "command": command,
+             "skips": skip_distribution(realised["dynamic"], sets, requests, num_layers) if "dynamic" in realised
+             else None,
+             "hybrid": hybrid, "checks": checks(results, references, realised)}
     table = _table(rows, about)
-    (args.results_dir / "vllm_serving.md").write_text(table)
-    (args.results_dir / "vllm_serving_runs.json").write_text(json.dumps(
+    (args.results_dir / f"{args.output_name}.md").write_text(table)
+    (args.results_dir / f"{args.output_name}_runs.json").write_text(json.dumps(
         {"results": [{k: v for k, v in r.items() if k != "points"} | {"points": {
             c: {"wall_s": p["wall_s"], "requests": [{k: q[k] for k in ("ttft", "tpot")} for q in p["requests"]]}
             for c, p in r["points"].items()}} for r in results], "about": about}, indent=1))
