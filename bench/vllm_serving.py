@@ -621,21 +621,17 @@ def _table(rows: list[dict], about: dict) -> str:
             f"{m['kv_blocks']} ({m['kv_tokens']})",
         ])
     lines += common.markdown_table(head, table)
-    if about.get("skips"):
-        lines += ["", "Realised skip ratio per request (dynamic; skipped attention sublayers / 30, each prompt alone "
-                  "through vLLM, decisions read from the routers):", ""]
+    sections = [("dynamic; skipped attention sublayers", about.get("skips")),
+                ("hybrid; its per-request layers' skipped attention sublayers", (hybrid or {}).get("skips"))]
+    for what, skips in sections:
+        if not skips:
+            continue
+        lines += ["", f"Realised skip ratio per request ({what} / 30, each prompt alone through vLLM, decisions read "
+                  "from the routers):", ""]
         head = ["prompts", "requests", "mean", "min", "p10", "p50", "p90", "max", "histogram (ratio: requests)"]
         table = [[name, str(d["requests"]), f"{d['mean']:.3f}", *(f"{d[k]:.3f}" for k in ("p0", "p10", "p50", "p90",
                   "p100")), ", ".join(f"{k}: {v}" for k, v in d["histogram"].items())]
-                 for name, d in about["skips"].items()]
-        lines += common.markdown_table(head, table)
-    if hybrid and hybrid.get("skips"):
-        lines += ["", "Realised skip ratio per request (hybrid; its per-request layers' skipped attention sublayers / "
-                  "30, each prompt alone through vLLM, decisions read from the routers):", ""]
-        head = ["prompts", "requests", "mean", "min", "p10", "p50", "p90", "max", "histogram (ratio: requests)"]
-        table = [[name, str(d["requests"]), f"{d['mean']:.3f}", *(f"{d[k]:.3f}" for k in ("p0", "p10", "p50", "p90",
-                  "p100")), ", ".join(f"{k}: {v}" for k, v in d["histogram"].items())]
-                 for name, d in hybrid["skips"].items()]
+                 for name, d in skips.items()]
         lines += common.markdown_table(head, table)
     if about.get("checks"):
         lines += ["", "Checks: " + "; ".join(about["checks"]) + "."]
