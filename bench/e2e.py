@@ -119,6 +119,17 @@ def _estimate_bytes(cfg, batch, seqlen, new_tokens, dtype_bytes, caches=1):
     return caches * kv + acts
 
 
+def _does_not_fit(model, device, batch, seqlen, new_tokens, mem_fraction, caches=1) -> str | None:
+    """Why a GPU point would exceed ``mem_fraction`` (``--mem-fraction``) of the device's memory with ``caches``
+    dense KV caches held at once, or None when it fits (or ``device`` is no GPU)."""
+    if device.type != "cuda":
+        return None
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    need = weight_bytes + _estimate_bytes(model.config, batch, seqlen, new_tokens, 2, caches)
+    total = torch.cuda.get_device_properties(device).total_memory
+    return f"needs ~{need / 2**30:.0f} GiB of {total / 2**30:.0f} GiB" if need > mem_fraction * total else None
+
+
 def run(args, writer):
     device = writer.device
     on_gpu = device.type == "cuda"
@@ -135,7 +146,6 @@ def run(args, writer):
         lengths = ()
     model = build_model(shape, device, dtype, max_len=max(lengths + long_lengths) + new_tokens + 8)
     cfg = model.config
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     layer_ids = msk.MindSkipConfig().resolve_layers(cfg.num_hidden_layers)
     gen = torch.Generator().manual_seed(0)
     skipped = []
@@ -143,14 +153,10 @@ def run(args, writer):
     for seqlen in lengths:
         for batch in batches:
             params = {"shape": shape, "B": batch, "T": seqlen, "new_tokens": new_tokens}
-            if on_gpu:
-                need = weight_bytes + _estimate_bytes(cfg, batch, seqlen, new_tokens, 2)
-                total = torch.cuda.get_device_properties(device).total_memory
-                if need > args.mem_fraction * total:
-                    reason = f"needs ~{need / 2**30:.0f} GiB of {total / 2**30:.0f} GiB"
-                    skipped.append((batch, seqlen, reason))
-                    print(f"skip B={batch} T={seqlen}: {reason}")
-                    continue
+            if reason := _does_not_fit(model, device, batch, seqlen, new_tokens, args.mem_fraction):
+                skipped.append((batch, seqlen, reason))
+                print(f"skip B={batch} T={seqlen}: {reason}")
+                continue
             ids = torch.randint(1, cfg.vocab_size, (batch, seqlen), generator=gen).to(device)
             _run_point(model, ids, params, layer_ids, fractions, new_tokens, reps, writer)
             gc.collect()

@@ -55,7 +55,7 @@ from .e2e import (
     _converted,
     _decode_attention_shares,
     _decode_steps,
-    _estimate_bytes,
+    _does_not_fit,
     _ints,
     _keeps,
     _long_prefill,
@@ -106,17 +106,13 @@ def run(args, writer):
     dtype = torch.bfloat16 if on_gpu else torch.float32
     model = build_model(shape, device, dtype, max_len=max(lengths) + new_tokens + 8)
     layer_ids = msk.MindSkipConfig().resolve_layers(model.config.num_hidden_layers)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     gen = torch.Generator().manual_seed(0)
     for seqlen in lengths:
         _prefill_point(model, seqlen, {"shape": shape, "B": 1, "T": seqlen}, reps, writer)
         for batch in batches:
-            if on_gpu:  # e2e's rule (--mem-fraction), for the caches a point holds at once
-                need = weight_bytes + _estimate_bytes(model.config, batch, seqlen, new_tokens, 2, POINT_CACHES)
-                total = torch.cuda.get_device_properties(device).total_memory
-                if need > args.mem_fraction * total:
-                    print(f"skip B={batch} T={seqlen}: needs ~{need / 2**30:.0f} GiB of {total / 2**30:.0f} GiB")
-                    continue
+            if reason := _does_not_fit(model, device, batch, seqlen, new_tokens, args.mem_fraction, POINT_CACHES):
+                print(f"skip B={batch} T={seqlen}: {reason}")
+                continue
             ids = torch.randint(1, model.config.vocab_size, (batch, seqlen), generator=gen).to(device)
             params = {"shape": shape, "B": batch, "T": seqlen, "new_tokens": new_tokens}
             _run_point(model, ids, params, layer_ids, new_tokens, reps, writer)

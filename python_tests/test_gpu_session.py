@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -80,26 +81,29 @@ def test_bad_arguments_print_the_usage(tmp_path, args):
     assert not any(tmp_path.iterdir())
 
 
-def test_the_e2e_points_are_built_on_the_device_and_fit_an_h100():
+def test_the_e2e_points_are_built_on_the_device_and_fit_an_h100(monkeypatch):
     """The Llama-3-8B model is created on the target device in bf16 (here the meta device: no parameter is ever
-    on the CPU), and e2e's own memory rule keeps both session points on an H100 rather than skipping them."""
+    on the CPU), and the sections' own memory rule (e2e._does_not_fit, on an H100's memory) keeps both e2e points and
+    the token step's point on an H100 rather than skipping them."""
     points = re.search(r'^\s*points="([^"]+)"  # the Llama-3-8B points', SCRIPT.read_text(), re.MULTILINE)[1]
     batch_lengths = [tuple(int(v) for v in point.split("x")) for point in points.split()]
     assert batch_lengths == [(32, 2048), (8, 8192)]
     model = routing.build_model("llama3-8b", torch.device("meta"), torch.bfloat16, max_len=8192 + 64 + 8)
     params = list(model.parameters())
     assert {(p.device.type, p.dtype) for p in params} == {("meta", torch.bfloat16)}
-    weight_bytes = sum(p.numel() * p.element_size() for p in params)
-    assert weight_bytes == pytest.approx(16.06e9, rel=0.01)
+    assert sum(p.numel() * p.element_size() for p in params) == pytest.approx(16.06e9, rel=0.01)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=H100_BYTES))
+    cuda = torch.device("cuda")
     for batch, length in batch_lengths:
-        need = weight_bytes + e2e._estimate_bytes(model.config, batch, length, 64, 2)
-        assert need < 0.85 * H100_BYTES  # e2e's --mem-fraction default
+        assert e2e._does_not_fit(model, cuda, batch, length, 64, 0.85) is None  # e2e's --mem-fraction default
     # The token step's point, with the caches it holds at once, under the same rule (the section skips it otherwise).
     token_args = re.search(r'^\s*token_args=\((--token-shape llama3-8b [^)]+)\)', SCRIPT.read_text(), re.MULTILINE)[1]
     options = dict(zip(token_args.split()[::2], token_args.split()[1::2], strict=True))
     batch, length, new = (int(options[o]) for o in ("--token-batches", "--token-lengths", "--new-tokens"))
-    need = weight_bytes + e2e._estimate_bytes(model.config, batch, length, new, 2, token_decode.POINT_CACHES)
-    assert 0.6 * H100_BYTES < need < 0.85 * H100_BYTES  # a point that fills the GPU, and still runs
+    caches = token_decode.POINT_CACHES
+    assert e2e._does_not_fit(model, cuda, batch, length, new, 0.85, caches) is None  # it still runs
+    assert re.fullmatch(r"needs ~\d+ GiB of 80 GiB", e2e._does_not_fit(model, cuda, batch, length, new, 0.6, caches))
+    assert e2e._does_not_fit(model, torch.device("cpu"), batch, length, new, 0.0, caches) is None  # GPUs only
 
 
 def test_sanitize_script_reports_wrong_results_and_ops_it_does_not_call(monkeypatch, capsys):
